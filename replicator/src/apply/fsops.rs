@@ -1,0 +1,307 @@
+//! Filesystem operations relative to directory handles, never following symlinks.
+//!
+//! The receiver never joins a peer-supplied path onto the volume path. It opens the volume root
+//! once and walks to a parent directory one component at a time with
+//! `openat(O_DIRECTORY | O_NOFOLLOW)`, then acts on the last component with the `*at` calls and
+//! their no-follow flags. A symlink planted anywhere along a path therefore makes the operation
+//! fail instead of escaping the volume.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+
+use crate::manifest::{Meta, RelPath};
+
+/// Name used for a file while it is being written: hidden, in the same directory as the final
+/// name (so the rename is atomic), and deterministic (so a rerun finds and resumes it).
+pub fn temp_name(name: &[u8]) -> Vec<u8> {
+    let h = blake3::hash(name);
+    format!(".rpl-{}.tmp", &h.to_hex()[..16]).into_bytes()
+}
+
+/// True for names [`temp_name`] produces.
+pub fn is_temp_name(name: &[u8]) -> bool {
+    name.len() == 25 && name.starts_with(b".rpl-") && name.ends_with(b".tmp")
+}
+
+pub fn os(name: &[u8]) -> &OsStr {
+    OsStr::from_bytes(name)
+}
+
+/// A destination volume root and a cache of the last directory opened under it.
+pub struct VolumeDir {
+    root_path: PathBuf,
+    root: OwnedFd,
+    cached: Option<(RelPath, OwnedFd)>,
+}
+
+impl VolumeDir {
+    pub fn open(root: &Path) -> io::Result<Self> {
+        let fd = rfs::open(
+            root,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(VolumeDir {
+            root_path: root.to_path_buf(),
+            root: fd,
+            cached: None,
+        })
+    }
+
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// Opens directory `dir` (relative to the root) without following symlinks.
+    pub fn dir(&mut self, dir: &RelPath) -> io::Result<&OwnedFd> {
+        if dir.is_root() {
+            return Ok(&self.root);
+        }
+        let hit = matches!(&self.cached, Some((p, _)) if p == dir);
+        if !hit {
+            let mut fd = open_dir_at(&self.root, dir.components().next().unwrap_or(b"."))?;
+            for comp in dir.components().skip(1) {
+                fd = open_dir_at(&fd, comp)?;
+            }
+            self.cached = Some((dir.clone(), fd));
+        }
+        match &self.cached {
+            Some((_, fd)) => Ok(fd),
+            None => unreachable!("cache filled above"),
+        }
+    }
+
+    /// Forgets the cached handle (after the directory may have been replaced).
+    pub fn invalidate(&mut self) {
+        self.cached = None;
+    }
+
+    /// Opens a regular file for reading, refusing symlinks.
+    pub fn open_read(&mut self, dir: &RelPath, name: &[u8]) -> io::Result<File> {
+        let d = self.dir(dir)?;
+        let fd = rfs::openat(
+            d,
+            os(name),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(File::from(fd))
+    }
+}
+
+fn open_dir_at(parent: &OwnedFd, name: &[u8]) -> io::Result<OwnedFd> {
+    Ok(rfs::openat(
+        parent,
+        os(name),
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Creates (or, with `resume`, reopens) a temp file for writing.
+pub fn create_temp(dir: &OwnedFd, name: &[u8], resume: bool) -> io::Result<File> {
+    let mut flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    if !resume {
+        flags |= OFlags::TRUNC;
+    }
+    let fd = rfs::openat(dir, os(name), flags, Mode::from_raw_mode(0o600))?;
+    Ok(File::from(fd))
+}
+
+/// Removes `name` in `dir` whatever it is (a directory is removed with its contents).
+pub fn remove_any(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    match rfs::unlinkat(dir, os(name), AtFlags::empty()) {
+        Ok(()) => Ok(()),
+        Err(Errno::NOENT) => Ok(()),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => remove_tree(dir, name),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn remove_tree(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    let sub = match open_dir_at(dir, name) {
+        Ok(fd) => fd,
+        Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut names = Vec::new();
+    for item in rfs::Dir::read_from(&sub)? {
+        let item = item?;
+        let n = item.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            names.push(n.to_vec());
+        }
+    }
+    for n in names {
+        remove_any(&sub, &n)?;
+    }
+    match rfs::unlinkat(dir, os(name), AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn stat_at(dir: &OwnedFd, name: &[u8]) -> io::Result<Option<rfs::Stat>> {
+    match rfs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(s) => Ok(Some(s)),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn timestamps(meta: &Meta) -> Timestamps {
+    let t = Timespec {
+        tv_sec: meta.mtime_sec,
+        tv_nsec: meta.mtime_nsec.into(),
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Sets owner, mode, xattrs and mtime on an open file or directory, in the order that keeps
+/// setuid/setgid bits (chown clears them, so mode comes after owner).
+pub fn apply_meta_fd<Fd: AsFd>(fd: Fd, meta: &Meta) -> io::Result<()> {
+    set_owner(rfs::fchown(
+        &fd,
+        Some(rfs::Uid::from_raw(meta.uid)),
+        Some(rfs::Gid::from_raw(meta.gid)),
+    ))?;
+    rfs::fchmod(&fd, Mode::from_raw_mode(meta.perm))?;
+    sync_xattrs_fd(&fd, &meta.xattrs)?;
+    rfs::futimens(&fd, &timestamps(meta))?;
+    Ok(())
+}
+
+/// Sets metadata on a symlink or special file without following it.
+pub fn apply_meta_at(dir: &OwnedFd, name: &[u8], meta: &Meta, is_symlink: bool) -> io::Result<()> {
+    set_owner(rfs::chownat(
+        dir,
+        os(name),
+        Some(rfs::Uid::from_raw(meta.uid)),
+        Some(rfs::Gid::from_raw(meta.gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    ))?;
+    if !is_symlink {
+        rfs::chmodat(
+            dir,
+            os(name),
+            Mode::from_raw_mode(meta.perm),
+            AtFlags::empty(),
+        )?;
+    }
+    if !meta.xattrs.is_empty() || !is_symlink {
+        let proc_path = proc_fd_path(dir, name);
+        sync_xattrs_path(&proc_path, &meta.xattrs)?;
+    }
+    rfs::utimensat(dir, os(name), &timestamps(meta), AtFlags::SYMLINK_NOFOLLOW)?;
+    Ok(())
+}
+
+/// `chown` may only fail with EPERM when we are not root and the owner is not ours; that is
+/// reported (the final digest check then fails) rather than silently ignored.
+fn set_owner(r: rustix::io::Result<()>) -> io::Result<()> {
+    r.map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("cannot set owner: {e}")))
+}
+
+/// A path that reaches `name` inside an open directory without resolving the volume path
+/// again (used for the xattr calls that have no `*at` form).
+fn proc_fd_path(dir: &OwnedFd, name: &[u8]) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    let mut p = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    p.push(os(name));
+    p
+}
+
+fn sync_xattrs_fd<Fd: AsFd>(fd: Fd, want: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+    let have = match list_fd(&fd) {
+        Ok(h) => h,
+        Err(Errno::NOTSUP) if want.is_empty() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for name in have.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if !want.iter().any(|(n, _)| n == name) {
+            match rfs::fremovexattr(&fd, os(name)) {
+                Ok(()) | Err(Errno::NODATA) => {}
+                // Some system attributes cannot be removed; leave them.
+                Err(Errno::PERM) | Err(Errno::NOTSUP) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    for (name, value) in want {
+        rfs::fsetxattr(&fd, os(name), value, rfs::XattrFlags::empty()).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot set xattr {}: {e}", String::from_utf8_lossy(name)),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+fn sync_xattrs_path(path: &Path, want: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> {
+    let have = match crate::volume::xattr::read_all(path) {
+        Ok(h) => h,
+        Err(_) if want.is_empty() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for (name, _) in &have {
+        if !want.iter().any(|(n, _)| n == name) {
+            let _ = rfs::lremovexattr(path, os(name));
+        }
+    }
+    for (name, value) in want {
+        if have.iter().any(|(n, v)| n == name && v == value) {
+            continue;
+        }
+        rfs::lsetxattr(path, os(name), value, rfs::XattrFlags::empty())?;
+    }
+    Ok(())
+}
+
+fn list_fd<Fd: AsFd>(fd: Fd) -> Result<Vec<u8>, Errno> {
+    loop {
+        let size = rfs::flistxattr(&fd, &mut [0u8; 0][..])?;
+        let mut buf = vec![0u8; size];
+        match rfs::flistxattr(&fd, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(Errno::RANGE) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Flushes everything written on the filesystem holding `fd`.
+pub fn syncfs<Fd: AsFd>(fd: Fd) -> io::Result<()> {
+    Ok(rfs::syncfs(fd)?)
+}
+
+/// Deallocates `[offset, offset+len)` of a regular file, or writes zeros where that is not
+/// supported (block devices, some filesystems).
+pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let flags = rfs::FallocateFlags::PUNCH_HOLE | rfs::FallocateFlags::KEEP_SIZE;
+    if rfs::fallocate(file, flags, offset, len).is_ok() {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

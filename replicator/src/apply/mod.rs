@@ -1,0 +1,922 @@
+//! The receiver's side: turning a manifest plus chunks into a durable, verified destination.
+//!
+//! Phases, each finishing before the next starts:
+//! 1. **prepare** — walk the destination (`stat` only) and load the receiver index; mark the
+//!    destination *incomplete* in its state file.
+//! 2. **plan** — for each incoming entry decide what to do ([`plan::Plan`]) and which chunks
+//!    must come from the sender (the want list).
+//! 3. **write** — build every new file under a temp name in its final directory, from local
+//!    copies and received chunks (each verified against its name), set its metadata.
+//! 4. **commit** — `syncfs` the temp files, rename them into place, remove what the source no
+//!    longer has, set directory metadata deepest first, `syncfs` again.
+//! 5. **verify** — walk the result and compute its root digest; only if it equals the sender's
+//!    is the state file switched to *complete, root R*.
+//!
+//! Nothing under a final name changes before phase 4, so an abort in phases 1–3 leaves the
+//! destination as it was (temp files are removed on a clean abort, kept for resume if the
+//! connection broke). See docs/architecture.md for the crash-safety argument.
+
+pub mod fsops;
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
+
+use crate::chunk::{ChunkId, ChunkerParams, Segment};
+use crate::index::{FileIndex, now_ns};
+use crate::manifest::{DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode};
+use crate::progress::Progress;
+use crate::snapshot::entry_of;
+use crate::state::TargetState;
+use crate::volume::walk::{Scanned, WalkOptions, scan_one, walk};
+use fsops::{VolumeDir, os, temp_name};
+use plan::{Loc, Plan, Src, WantList, offsets};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("destination {0} is not a directory but the source is a tree")]
+    NotADirectory(PathBuf),
+    #[error("destination {0} is a directory but the source is a block volume")]
+    IsADirectory(PathBuf),
+    #[error("destination device {path} holds {have} bytes, the source {need}")]
+    DeviceTooSmall { path: PathBuf, have: u64, need: u64 },
+    #[error(
+        "destination changed during the sync: {0} no longer holds the expected data; run the sync again"
+    )]
+    LocalChanged(String),
+    #[error("received chunk {got} where {want} was expected")]
+    UnexpectedChunk { got: ChunkId, want: ChunkId },
+    #[error("{0}")]
+    Chunk(#[from] crate::protocol::message::ChunkError),
+    #[error("the sender stopped before sending every wanted chunk")]
+    MissingChunks,
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("after applying, the destination digest is {got} but the source's is {want}")]
+    DigestMismatch { got: RootDigest, want: RootDigest },
+}
+
+fn io_err(
+    what: &'static str,
+    path: &dyn std::fmt::Display,
+) -> impl FnOnce(io::Error) -> ApplyError {
+    let path = path.to_string();
+    move |source| ApplyError::Io { what, path, source }
+}
+
+/// Supplies received chunks, in want order, already verified.
+pub trait ChunkFeed {
+    fn next_chunk(&mut self, expect: ChunkId) -> Result<Bytes, ApplyError>;
+}
+
+/// Counters of the receiving side.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyStats {
+    pub entries: u64,
+    pub files: u64,
+    pub bytes_total: u64,
+    pub chunks_total: u64,
+    pub chunks_wanted: u64,
+    pub bytes_wanted: u64,
+    pub bytes_copied_locally: u64,
+    pub files_written: u64,
+    pub deleted: u64,
+}
+
+/// One destination volume being brought to match a manifest.
+pub struct Destination {
+    path: PathBuf,
+    header: Header,
+    state: TargetState,
+    vol: Option<VolumeDir>,
+    existing: HashMap<RelPath, Scanned>,
+    index: FileIndex,
+    /// Chunks available somewhere in the destination (trusted by index, or planned this run).
+    local: HashMap<ChunkId, Loc>,
+    entries: Vec<(Entry, Plan)>,
+    want: WantList,
+    wanted: HashSet<ChunkId>,
+    digest: DigestBuilder,
+    /// Created in this run; removed again on a clean abort.
+    created_temps: Vec<(RelPath, Vec<u8>)>,
+    created_dirs: Vec<RelPath>,
+    kept_inodes: HashSet<(u64, u64)>,
+    pub stats: ApplyStats,
+}
+
+impl Destination {
+    /// Phase 1: look at the destination and mark it incomplete.
+    pub fn prepare(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
+        let index = FileIndex::load(&state.index_file(), header.chunker);
+        let mut existing = HashMap::new();
+        let mut vol = None;
+        match header.mode {
+            VolumeMode::Tree => {
+                match std::fs::symlink_metadata(path) {
+                    Ok(m) if !m.is_dir() => {
+                        return Err(ApplyError::NotADirectory(path.to_path_buf()));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        std::fs::create_dir_all(path)
+                            .map_err(io_err("cannot create", &path.display()))?;
+                    }
+                    Err(e) => return Err(io_err("cannot stat", &path.display())(e)),
+                }
+                walk(path, WalkOptions::default(), &mut |s| {
+                    existing.insert(s.path.clone(), s);
+                    Ok(())
+                })
+                .map_err(|e| ApplyError::Manifest(e.to_string()))?;
+                vol = Some(VolumeDir::open(path).map_err(io_err("cannot open", &path.display()))?);
+            }
+            VolumeMode::Block => {
+                if let Ok(m) = std::fs::metadata(path)
+                    && m.is_dir()
+                {
+                    return Err(ApplyError::IsADirectory(path.to_path_buf()));
+                }
+                if let Some(s) = scan_one(path, &RelPath::root(), WalkOptions { xattrs: false })
+                    .map_err(|e| ApplyError::Manifest(e.to_string()))?
+                {
+                    existing.insert(RelPath::root(), s);
+                }
+            }
+        }
+        state
+            .mark_incomplete(path)
+            .map_err(io_err("cannot write state of", &path.display()))?;
+        // Chunks of files the index vouches for (stat unchanged since we wrote or read them).
+        let mut local = HashMap::new();
+        if header.mode == VolumeMode::Tree {
+            for (p, e) in &index.entries {
+                let Some(have) = existing.get(p) else {
+                    continue;
+                };
+                if !have.stat.is_file() || index.lookup(p, &have.stat).is_none() {
+                    continue;
+                }
+                let Some((dir, name)) = p.split_last() else {
+                    continue;
+                };
+                for (off, seg) in offsets(&e.segments) {
+                    if let Segment::Chunk { id, .. } = seg {
+                        local.entry(*id).or_insert_with(|| Loc {
+                            dir: dir.clone(),
+                            name: name.to_vec(),
+                            offset: off,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Destination {
+            path: path.to_path_buf(),
+            digest: DigestBuilder::new(&header),
+            header,
+            state,
+            vol,
+            existing,
+            index,
+            local,
+            entries: Vec::new(),
+            want: WantList::default(),
+            wanted: HashSet::new(),
+            created_temps: Vec::new(),
+            created_dirs: Vec::new(),
+            kept_inodes: HashSet::new(),
+            stats: ApplyStats::default(),
+        })
+    }
+
+    /// Phase 2: plan one manifest entry (entries arrive in volume order).
+    pub fn plan(&mut self, entry: Entry) -> Result<(), ApplyError> {
+        self.digest
+            .add(&entry)
+            .map_err(|e| ApplyError::Manifest(e.to_string()))?;
+        if self.header.mode == VolumeMode::Block && !entry.path.is_root() {
+            return Err(ApplyError::Manifest(
+                "a block manifest has a single root entry".into(),
+            ));
+        }
+        if let EntryKind::HardLink { target } = &entry.kind {
+            let ok = self
+                .entries
+                .iter()
+                .rev()
+                .find(|(e, _)| e.path == *target)
+                .is_some_and(|(e, _)| matches!(e.kind, EntryKind::File { .. }));
+            if !ok {
+                return Err(ApplyError::Manifest(format!(
+                    "hard link {} points to {}, which is not an earlier regular file",
+                    entry.path, target
+                )));
+            }
+        }
+        if let Some((parent, _)) = entry.path.split_last() {
+            let parent_ok = self
+                .entries
+                .iter()
+                .rev()
+                .find(|(e, _)| e.path == parent)
+                .is_some_and(|(e, _)| matches!(e.kind, EntryKind::Dir));
+            if !parent_ok {
+                return Err(ApplyError::Manifest(format!(
+                    "entry {} has no parent directory before it",
+                    entry.path
+                )));
+            }
+        }
+        let plan = self.plan_entry(&entry)?;
+        self.stats.entries += 1;
+        if let EntryKind::File { size, segments } = &entry.kind {
+            self.stats.files += 1;
+            self.stats.bytes_total += size;
+            self.stats.chunks_total += segments
+                .iter()
+                .filter(|s| matches!(s, Segment::Chunk { .. }))
+                .count() as u64;
+        }
+        self.entries.push((entry, plan));
+        Ok(())
+    }
+
+    fn plan_entry(&mut self, e: &Entry) -> Result<Plan, ApplyError> {
+        let have = self.existing.get(&e.path);
+        Ok(match &e.kind {
+            EntryKind::Dir => match have {
+                Some(h) if h.stat.is_dir() => Plan::Dir {
+                    create: false,
+                    replace: false,
+                },
+                Some(_) => Plan::Dir {
+                    create: true,
+                    replace: true,
+                },
+                None => Plan::Dir {
+                    create: true,
+                    replace: false,
+                },
+            },
+            EntryKind::File { segments, .. } => {
+                if let Some(h) = have
+                    && h.stat.is_file()
+                    && self.index.lookup(&e.path, &h.stat) == Some(&segments[..])
+                    // Two names of one destination inode cannot both stay if the source has
+                    // two separate files: the second one is rebuilt.
+                    && (h.stat.nlink == 1 || self.kept_inodes.insert((h.stat.dev, h.stat.ino)))
+                {
+                    return Ok(Plan::Keep {
+                        meta: self.header.mode == VolumeMode::Tree
+                            && plan::meta_differs(h, &e.meta, false),
+                    });
+                }
+                self.plan_build(e, segments)?
+            }
+            EntryKind::HardLink { target } => {
+                let target_kept = self
+                    .entries
+                    .iter()
+                    .rev()
+                    .find(|(t, _)| t.path == *target)
+                    .is_some_and(|(_, p)| matches!(p, Plan::Keep { .. }));
+                let same_inode = match (have, self.existing.get(target)) {
+                    (Some(a), Some(b)) => {
+                        a.stat.is_file() && a.stat.ino == b.stat.ino && a.stat.dev == b.stat.dev
+                    }
+                    _ => false,
+                };
+                if target_kept && same_inode {
+                    Plan::Keep { meta: false }
+                } else {
+                    Plan::Link
+                }
+            }
+            kind => match have {
+                Some(h) if plan::same_special(h, kind) => Plan::Keep {
+                    meta: plan::meta_differs(h, &e.meta, matches!(kind, EntryKind::Symlink { .. })),
+                },
+                _ => Plan::Special,
+            },
+        })
+    }
+
+    /// Picks a source for every segment of a file to build.
+    fn plan_build(&mut self, e: &Entry, segments: &[Segment]) -> Result<Plan, ApplyError> {
+        let block = self.header.mode == VolumeMode::Block;
+        let (dir, name) = match e.path.split_last() {
+            Some((d, n)) => (d, n.to_vec()),
+            None => (RelPath::root(), Vec::new()),
+        };
+        let temp = temp_name(&name);
+        let temp_path = (!block).then(|| dir.join(&temp).ok()).flatten();
+        // A partial temp file from an interrupted run (tree), or the device/image itself (block).
+        let partial: Option<File> = if block {
+            self.existing
+                .get(&e.path)
+                .and_then(|_| File::open(&self.path).ok())
+        } else {
+            match &temp_path {
+                Some(tp) if self.existing.get(tp).is_some_and(|s| s.stat.is_file()) => {
+                    self.vol_mut().open_read(&dir, &temp).ok()
+                }
+                _ => None,
+            }
+        };
+        // The old file at this path, when the index cannot vouch for it: check it by hash.
+        let old: Option<File> = match self.existing.get(&e.path) {
+            Some(h) if !block && h.stat.is_file() => self.vol_mut().open_read(&dir, &name).ok(),
+            _ => None,
+        };
+        let mut sources = Vec::with_capacity(segments.len());
+        let mut resume = false;
+        let mut buf = Vec::new();
+        for (off, seg) in offsets(segments) {
+            let Segment::Chunk { id, len } = *seg else {
+                sources.push(Src::Zero);
+                continue;
+            };
+            let src = if partial
+                .as_ref()
+                .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
+            {
+                resume = true;
+                Src::InPlace
+            } else if let Some(loc) = self.local.get(&id) {
+                Src::Local(loc.clone())
+            } else if old
+                .as_ref()
+                .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
+            {
+                Src::Local(Loc {
+                    dir: dir.clone(),
+                    name: name.clone(),
+                    offset: off,
+                })
+            } else {
+                if self.wanted.insert(id) {
+                    self.want.push(id, u64::from(len));
+                }
+                Src::Wire
+            };
+            if !matches!(src, Src::Local(_)) {
+                // Later occurrences copy it from here (in block mode: from the volume itself,
+                // at an offset that is written once and never again).
+                self.local.entry(id).or_insert_with(|| Loc {
+                    dir: dir.clone(),
+                    name: if block { Vec::new() } else { temp.clone() },
+                    offset: off,
+                });
+            }
+            sources.push(src);
+        }
+        Ok(Plan::Build { sources, resume })
+    }
+
+    fn vol_mut(&mut self) -> &mut VolumeDir {
+        self.vol
+            .as_mut()
+            .expect("tree destinations have a volume handle")
+    }
+
+    /// The digest of the manifest received so far.
+    pub fn manifest_digest(&self) -> RootDigest {
+        self.digest.finish()
+    }
+
+    /// The ordered list of chunks to request from the sender.
+    pub fn take_wants(&mut self) -> Vec<ChunkId> {
+        self.stats.chunks_wanted = self.want.order.len() as u64;
+        self.stats.bytes_wanted = self.want.bytes;
+        std::mem::take(&mut self.want.order)
+    }
+
+    /// Total bytes the progress bar covers.
+    pub fn progress_total(&self) -> u64 {
+        self.entries.iter().map(|(e, _)| e.size()).sum()
+    }
+
+    /// Phase 3: build temp files from local copies and the feed.
+    pub fn write(
+        &mut self,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        progress.phase("writing");
+        if self.header.mode == VolumeMode::Block {
+            return self.write_block(feed, progress);
+        }
+        let entries = std::mem::take(&mut self.entries);
+        let result = (|| {
+            for (e, p) in &entries {
+                self.write_entry(e, p, feed, progress)?;
+            }
+            Ok(())
+        })();
+        self.entries = entries;
+        result
+    }
+
+    fn write_entry(
+        &mut self,
+        e: &Entry,
+        p: &Plan,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        let shown = e.path.to_string();
+        match (p, &e.kind) {
+            (
+                Plan::Dir {
+                    create: true,
+                    replace,
+                },
+                _,
+            ) if !e.path.is_root() => {
+                let (parent, name) = split(&e.path);
+                let vol = self.vol_mut();
+                let d = vol
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                if *replace {
+                    fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
+                }
+                rfs::mkdirat(d, os(&name), Mode::from_raw_mode(0o700))
+                    .map_err(|e| io_err("cannot create directory", &shown)(e.into()))?;
+                self.created_dirs.push(e.path.clone());
+            }
+            (Plan::Build { sources, resume }, EntryKind::File { size, segments }) => {
+                let (parent, name) = split(&e.path);
+                let temp = temp_name(&name);
+                let vol = self.vol.as_mut().expect("tree");
+                let d = vol
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                let file = fsops::create_temp(d, &temp, *resume)
+                    .map_err(io_err("cannot create", &shown))?;
+                self.created_temps.push((parent.clone(), temp.clone()));
+                let mut reader = LocalReader::default();
+                for ((off, seg), src) in offsets(segments).zip(sources) {
+                    let Segment::Chunk { id, len } = *seg else {
+                        continue;
+                    };
+                    let data = match src {
+                        Src::Zero | Src::InPlace => None,
+                        Src::Local(loc) => {
+                            let vol = self.vol.as_mut().expect("tree");
+                            let d = reader.read(vol, loc, len, &id)?;
+                            self.stats.bytes_copied_locally += u64::from(len);
+                            Some(d)
+                        }
+                        Src::Wire => Some(feed.next_chunk(id)?),
+                    };
+                    if let Some(data) = data {
+                        file.write_all_at(&data, off)
+                            .map_err(io_err("cannot write", &shown))?;
+                    }
+                    progress.advance(u64::from(len));
+                }
+                file.set_len(*size).map_err(io_err("cannot size", &shown))?;
+                progress.advance(
+                    segments
+                        .iter()
+                        .filter(|s| matches!(s, Segment::Zero { .. }))
+                        .map(Segment::len)
+                        .sum(),
+                );
+                fsops::apply_meta_fd(&file, &e.meta)
+                    .map_err(io_err("cannot set attributes of", &shown))?;
+                self.stats.files_written += 1;
+            }
+            (Plan::Special, kind) => {
+                let (parent, name) = split(&e.path);
+                let temp = temp_name(&name);
+                let vol = self.vol_mut();
+                let d = vol
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                fsops::remove_any(d, &temp).map_err(io_err("cannot clear", &shown))?;
+                let perm = Mode::from_raw_mode(e.meta.perm);
+                let made = match kind {
+                    EntryKind::Symlink { target } => rfs::symlinkat(os(target), d, os(&temp)),
+                    EntryKind::Fifo => rfs::mknodat(d, os(&temp), FileType::Fifo, perm, 0),
+                    EntryKind::Socket => rfs::mknodat(d, os(&temp), FileType::Socket, perm, 0),
+                    EntryKind::CharDevice { rdev } => {
+                        rfs::mknodat(d, os(&temp), FileType::CharacterDevice, perm, *rdev)
+                    }
+                    EntryKind::BlockDevice { rdev } => {
+                        rfs::mknodat(d, os(&temp), FileType::BlockDevice, perm, *rdev)
+                    }
+                    _ => unreachable!("special plans are only made for special kinds"),
+                };
+                made.map_err(|err| io_err("cannot create", &shown)(err.into()))?;
+                let d = self
+                    .vol_mut()
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                fsops::apply_meta_at(d, &temp, &e.meta, matches!(kind, EntryKind::Symlink { .. }))
+                    .map_err(io_err("cannot set attributes of", &shown))?;
+                self.created_temps.push((parent, temp));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn write_block(
+        &mut self,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        let (e, p) = self
+            .entries
+            .first()
+            .cloned()
+            .ok_or_else(|| ApplyError::Manifest("empty block manifest".into()))?;
+        let shown = self.path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)
+            .map_err(io_err("cannot open", &shown))?;
+        let is_device = file
+            .metadata()
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        let have = crate::volume::volume_size(&file).map_err(io_err("cannot size", &shown))?;
+        let size = e.size();
+        if is_device && have < size {
+            return Err(ApplyError::DeviceTooSmall {
+                path: self.path.clone(),
+                have,
+                need: size,
+            });
+        }
+        if let Plan::Build { sources, .. } = &p {
+            if !is_device && have > size {
+                file.set_len(size).map_err(io_err("cannot size", &shown))?;
+            }
+            let mut buf = Vec::new();
+            for ((off, seg), src) in offsets(e.segments()).zip(sources) {
+                match (*seg, src) {
+                    (Segment::Chunk { id, .. }, Src::Wire) => {
+                        let data = feed.next_chunk(id)?;
+                        file.write_all_at(&data, off)
+                            .map_err(io_err("cannot write", &shown))?;
+                        self.stats.files_written = 1;
+                    }
+                    (Segment::Chunk { id, len }, Src::Local(loc)) => {
+                        if !range_has(&file, loc.offset, len, &id, &mut buf) {
+                            return Err(ApplyError::LocalChanged(shown.clone()));
+                        }
+                        file.write_all_at(&buf, off)
+                            .map_err(io_err("cannot write", &shown))?;
+                        self.stats.bytes_copied_locally += u64::from(len);
+                    }
+                    (Segment::Zero { len }, _) if off < have => {
+                        // Only punch where the old content may hold data.
+                        let end = (off + len).min(have);
+                        if !range_is_zero(&file, off, end - off, &mut buf) {
+                            fsops::zero_range(&file, off, end - off)
+                                .map_err(io_err("cannot zero", &shown))?;
+                        }
+                    }
+                    _ => {}
+                }
+                progress.advance(seg.len());
+            }
+            if !is_device {
+                file.set_len(size).map_err(io_err("cannot size", &shown))?;
+            }
+        }
+        file.sync_all().map_err(io_err("cannot sync", &shown))?;
+        Ok(())
+    }
+
+    /// Removes what this run created; used when the sync is abandoned on purpose.
+    pub fn discard(&mut self) {
+        let Some(vol) = self.vol.as_mut() else { return };
+        for (dir, temp) in self.created_temps.drain(..).rev() {
+            if let Ok(d) = vol.dir(&dir) {
+                let _ = fsops::remove_any(d, &temp);
+            }
+        }
+        for dir in self.created_dirs.drain(..).rev() {
+            let (parent, name) = split(&dir);
+            vol.invalidate();
+            if let Ok(d) = vol.dir(&parent) {
+                let _ = rfs::unlinkat(d, os(&name), AtFlags::REMOVEDIR);
+            }
+        }
+    }
+
+    /// Phases 4 and 5: make everything durable and visible, then verify and record.
+    pub fn commit(
+        mut self,
+        expected: RootDigest,
+        progress: &dyn Progress,
+    ) -> Result<(RootDigest, ApplyStats), ApplyError> {
+        progress.phase("committing");
+        if self.header.mode == VolumeMode::Tree {
+            self.commit_tree()?;
+        }
+        progress.phase("verifying");
+        let (root, index) = self.verify()?;
+        if root != expected {
+            return Err(ApplyError::DigestMismatch {
+                got: root,
+                want: expected,
+            });
+        }
+        index
+            .save(&self.state.index_file())
+            .map_err(io_err("cannot save index of", &self.path.display()))?;
+        self.state
+            .mark_complete(&self.path, root)
+            .map_err(io_err("cannot write state of", &self.path.display()))?;
+        Ok((root, self.stats))
+    }
+
+    fn commit_tree(&mut self) -> Result<(), ApplyError> {
+        let vol = self.vol.as_mut().expect("tree");
+        let root_shown = vol.root_path().display().to_string();
+        let changed = !self.created_temps.is_empty() || !self.created_dirs.is_empty();
+        if changed {
+            // Temp file data must be durable before any rename makes it visible.
+            fsops::syncfs(
+                vol.dir(&RelPath::root())
+                    .map_err(io_err("cannot open", &root_shown))?,
+            )
+            .map_err(io_err("cannot sync", &root_shown))?;
+        }
+        let mut touched = changed;
+        for (e, p) in &self.entries {
+            let shown = e.path.to_string();
+            let Some((parent, name)) = e.path.split_last() else {
+                continue;
+            };
+            let name = name.to_vec();
+            let was_dir = self.existing.get(&e.path).is_some_and(|s| s.stat.is_dir());
+            match p {
+                Plan::Build { .. } | Plan::Special => {
+                    let d = vol
+                        .dir(&parent)
+                        .map_err(io_err("cannot open directory", &parent))?;
+                    if was_dir {
+                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
+                    }
+                    rfs::renameat(d, os(&temp_name(&name)), d, os(&name))
+                        .map_err(|err| io_err("cannot rename into place", &shown)(err.into()))?;
+                    touched = true;
+                }
+                Plan::Link => {
+                    let EntryKind::HardLink { target } = &e.kind else {
+                        continue;
+                    };
+                    let (tparent, tname) = split(target);
+                    let temp = temp_name(&name);
+                    let td = vol
+                        .dir(&tparent)
+                        .map_err(io_err("cannot open directory", &tparent))?;
+                    let td = td
+                        .try_clone()
+                        .map_err(io_err("cannot open directory", &tparent))?;
+                    let d = vol
+                        .dir(&parent)
+                        .map_err(io_err("cannot open directory", &parent))?;
+                    if was_dir {
+                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
+                    }
+                    fsops::remove_any(d, &temp).map_err(io_err("cannot clear", &shown))?;
+                    rfs::linkat(&td, os(&tname), d, os(&temp), AtFlags::empty())
+                        .map_err(|err| io_err("cannot link", &shown)(err.into()))?;
+                    rfs::renameat(d, os(&temp), d, os(&name))
+                        .map_err(|err| io_err("cannot rename into place", &shown)(err.into()))?;
+                    touched = true;
+                }
+                Plan::Keep { meta: true } if !matches!(e.kind, EntryKind::Dir) => {
+                    let d = vol
+                        .dir(&parent)
+                        .map_err(io_err("cannot open directory", &parent))?;
+                    if let EntryKind::File { .. } = e.kind {
+                        let f = rfs::openat(
+                            d,
+                            os(&name),
+                            rfs::OFlags::RDONLY | rfs::OFlags::NOFOLLOW | rfs::OFlags::CLOEXEC,
+                            Mode::empty(),
+                        )
+                        .map_err(|err| io_err("cannot open", &shown)(err.into()))?;
+                        fsops::apply_meta_fd(&f, &e.meta)
+                            .map_err(io_err("cannot set attributes of", &shown))?;
+                    } else {
+                        let symlink = matches!(e.kind, EntryKind::Symlink { .. });
+                        fsops::apply_meta_at(d, &name, &e.meta, symlink)
+                            .map_err(io_err("cannot set attributes of", &shown))?;
+                    }
+                    touched = true;
+                }
+                _ => {}
+            }
+        }
+        // Remove what the source no longer has, children before parents.
+        let wanted: HashSet<&RelPath> = self.entries.iter().map(|(e, _)| &e.path).collect();
+        let mut extra: Vec<&RelPath> = self
+            .existing
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .collect();
+        extra.sort();
+        vol.invalidate();
+        for p in extra.into_iter().rev() {
+            let (parent, name) = split(p);
+            let Ok(d) = vol.dir(&parent) else { continue }; // parent already gone or replaced
+            fsops::remove_any(d, &name).map_err(io_err("cannot delete", p))?;
+            self.stats.deleted += 1;
+            touched = true;
+        }
+        // Directory attributes last, deepest first: creating children changed their mtimes.
+        let mut dirs: Vec<&(Entry, Plan)> = self
+            .entries
+            .iter()
+            .filter(|(e, _)| matches!(e.kind, EntryKind::Dir))
+            .collect();
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.0.path.depth()));
+        for (e, _) in dirs {
+            let shown = e.path.to_string();
+            let d = vol
+                .dir(&e.path)
+                .map_err(io_err("cannot open directory", &shown))?;
+            let have = self.existing.get(&e.path);
+            if touched || have.is_none_or(|h| plan::meta_differs(h, &e.meta, false)) {
+                fsops::apply_meta_fd(d, &e.meta)
+                    .map_err(io_err("cannot set attributes of", &shown))?;
+                touched = true;
+            }
+        }
+        if touched {
+            fsops::syncfs(
+                vol.dir(&RelPath::root())
+                    .map_err(io_err("cannot open", &root_shown))?,
+            )
+            .map_err(io_err("cannot sync", &root_shown))?;
+        }
+        Ok(())
+    }
+
+    /// Walks the result and recomputes its digest, using the chunk lists just written or
+    /// verified for file contents and what is on disk for everything else.
+    fn verify(&self) -> Result<(RootDigest, FileIndex), ApplyError> {
+        let scan_start = now_ns();
+        let mut index = FileIndex::new(self.header.chunker);
+        let mut digest = DigestBuilder::new(&self.header);
+        if self.header.mode == VolumeMode::Block {
+            let (e, _) = &self.entries[0];
+            let s = scan_one(&self.path, &RelPath::root(), WalkOptions { xattrs: false })
+                .map_err(|err| ApplyError::Manifest(err.to_string()))?
+                .ok_or_else(|| ApplyError::Manifest("destination vanished".into()))?;
+            let size = if s.stat.is_file() {
+                s.stat.size
+            } else {
+                e.size()
+            };
+            let got = Entry {
+                path: RelPath::root(),
+                kind: EntryKind::File {
+                    size,
+                    segments: e.segments().to_vec(),
+                },
+                meta: Default::default(),
+            };
+            digest
+                .add(&got)
+                .map_err(|err| ApplyError::Manifest(err.to_string()))?;
+            if s.stat.is_file() {
+                index.record(RelPath::root(), &s.stat, e.segments().to_vec(), scan_start);
+            }
+            return Ok((digest.finish(), index));
+        }
+        let by_path: HashMap<&RelPath, &Entry> =
+            self.entries.iter().map(|(e, _)| (&e.path, e)).collect();
+        let mut links: HashMap<(u64, u64), RelPath> = HashMap::new();
+        walk(&self.path, WalkOptions::default(), &mut |s| {
+            let want = by_path.get(&s.path);
+            let entry = if s.stat.is_file()
+                && s.stat.nlink > 1
+                && links.contains_key(&(s.stat.dev, s.stat.ino))
+            {
+                Entry {
+                    path: s.path.clone(),
+                    kind: EntryKind::HardLink {
+                        target: links[&(s.stat.dev, s.stat.ino)].clone(),
+                    },
+                    meta: Default::default(),
+                }
+            } else {
+                if s.stat.is_file() && s.stat.nlink > 1 {
+                    links.insert((s.stat.dev, s.stat.ino), s.path.clone());
+                }
+                // Content is what we wrote (verified chunk by chunk) if the size agrees.
+                let segments = match want.map(|w| &w.kind) {
+                    Some(EntryKind::File { size, segments }) if *size == s.stat.size => {
+                        segments.clone()
+                    }
+                    _ => Vec::new(),
+                };
+                let size = segments.iter().map(Segment::len).sum();
+                if s.stat.is_file() && size == s.stat.size {
+                    index.record(s.path.clone(), &s.stat, segments.clone(), scan_start);
+                }
+                entry_of(&s, &self.path, Some((size, segments)))
+                    .map_err(|err| crate::volume::walk::WalkError::Stopped(err.to_string()))?
+            };
+            digest
+                .add(&entry)
+                .map_err(|err| crate::volume::walk::WalkError::Stopped(err.to_string()))
+        })
+        .map_err(|err| ApplyError::Manifest(err.to_string()))?;
+        Ok((digest.finish(), index))
+    }
+}
+
+fn split(p: &RelPath) -> (RelPath, Vec<u8>) {
+    match p.split_last() {
+        Some((d, n)) => (d, n.to_vec()),
+        None => (RelPath::root(), Vec::new()),
+    }
+}
+
+/// True if `file[off..off+len]` hashes to `id`.
+fn range_has(file: &File, off: u64, len: u32, id: &ChunkId, buf: &mut Vec<u8>) -> bool {
+    buf.resize(len as usize, 0);
+    file.read_exact_at(buf, off).is_ok() && ChunkId::of(buf) == *id
+}
+
+fn range_is_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool {
+    buf.resize(1 << 20, 0);
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        if file.read_exact_at(&mut buf[..n], off + done).is_err()
+            || !crate::chunk::is_zero(&buf[..n])
+        {
+            return false;
+        }
+        done += n as u64;
+    }
+    true
+}
+
+/// Reads chunks back from the destination, keeping the last file open.
+#[derive(Default)]
+struct LocalReader {
+    open: Option<(RelPath, Vec<u8>, File)>,
+}
+
+impl LocalReader {
+    fn read(
+        &mut self,
+        vol: &mut VolumeDir,
+        loc: &Loc,
+        len: u32,
+        id: &ChunkId,
+    ) -> Result<Bytes, ApplyError> {
+        let hit = matches!(&self.open, Some((d, n, _)) if *d == loc.dir && *n == loc.name);
+        let shown = || format!("{}/{}", loc.dir, String::from_utf8_lossy(&loc.name));
+        if !hit {
+            let f = vol
+                .open_read(&loc.dir, &loc.name)
+                .map_err(|_| ApplyError::LocalChanged(shown()))?;
+            self.open = Some((loc.dir.clone(), loc.name.clone(), f));
+        }
+        let Some((_, _, f)) = &self.open else {
+            unreachable!("opened above")
+        };
+        let mut buf = vec![0u8; len as usize];
+        if f.read_exact_at(&mut buf, loc.offset).is_err() || ChunkId::of(&buf) != *id {
+            return Err(ApplyError::LocalChanged(shown()));
+        }
+        Ok(Bytes::from(buf))
+    }
+}
+
+/// The chunk parameters a destination's index was built with, for the CLI's diagnostics.
+pub fn index_params(state: &TargetState) -> Option<ChunkerParams> {
+    FileIndex::decode(&std::fs::read(state.index_file()).ok()?)
+        .ok()?
+        .params
+}

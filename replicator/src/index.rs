@@ -1,0 +1,265 @@
+//! The quick-check index: what each file's chunk list was when it was last read or written.
+//!
+//! Both ends keep one, outside the volume (in the state directory). The sender uses it to skip
+//! re-reading source files whose size, mtime, ctime and inode are unchanged; the receiver uses
+//! it to know which destination files already hold which chunks without reading them.
+//!
+//! Racy entries (trap: a file modified in the same timestamp tick as the scan that read it) are
+//! never recorded: an entry whose ctime or mtime is not older than the scan start minus
+//! [`RACY_MARGIN_NS`] is dropped when the index is saved, so the next sync reads it again.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::Path;
+
+use crate::chunk::{ChunkerParams, Segment};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::manifest::{self, Entry, EntryKind, Limits, Meta, RelPath};
+use crate::volume::StatInfo;
+
+/// Timestamps within this much of the scan start are not trusted (covers coarse clocks).
+pub const RACY_MARGIN_NS: i128 = 1_000_000_000;
+
+const MAGIC: &[u8; 4] = b"RPLI";
+const VERSION: u64 = 1;
+
+/// The stat fields that must be unchanged for a file's chunk list to be reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub ctime_sec: i64,
+    pub ctime_nsec: u32,
+    pub ino: u64,
+}
+
+impl From<&StatInfo> for Fingerprint {
+    fn from(s: &StatInfo) -> Self {
+        Fingerprint {
+            size: s.size,
+            mtime_sec: s.mtime_sec,
+            mtime_nsec: s.mtime_nsec,
+            ctime_sec: s.ctime_sec,
+            ctime_nsec: s.ctime_nsec,
+            ino: s.ino,
+        }
+    }
+}
+
+impl Fingerprint {
+    fn newest_ns(&self) -> i128 {
+        let ns = |s: i64, n: u32| i128::from(s) * 1_000_000_000 + i128::from(n);
+        ns(self.mtime_sec, self.mtime_nsec).max(ns(self.ctime_sec, self.ctime_nsec))
+    }
+
+    /// True if this stat was taken too close to the file's last change to be trusted later.
+    pub fn is_racy(&self, scan_start_ns: i128) -> bool {
+        self.newest_ns() >= scan_start_ns - RACY_MARGIN_NS
+    }
+}
+
+/// Nanoseconds since the epoch, for racy checks.
+pub fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub fingerprint: Fingerprint,
+    pub segments: Vec<Segment>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FileIndex {
+    pub params: Option<ChunkerParams>,
+    pub entries: HashMap<RelPath, IndexEntry>,
+}
+
+impl FileIndex {
+    pub fn new(params: ChunkerParams) -> Self {
+        FileIndex {
+            params: Some(params),
+            entries: HashMap::new(),
+        }
+    }
+
+    /// The recorded chunk list of `path` if `stat` shows the file unchanged since.
+    pub fn lookup(&self, path: &RelPath, stat: &StatInfo) -> Option<&[Segment]> {
+        let e = self.entries.get(path)?;
+        (e.fingerprint == Fingerprint::from(stat)).then_some(&e.segments[..])
+    }
+
+    /// Records a file unless its stat is racy relative to `scan_start_ns`.
+    pub fn record(
+        &mut self,
+        path: RelPath,
+        stat: &StatInfo,
+        segments: Vec<Segment>,
+        scan_start_ns: i128,
+    ) {
+        let fingerprint = Fingerprint::from(stat);
+        if fingerprint.is_racy(scan_start_ns) {
+            self.entries.remove(&path);
+            return;
+        }
+        self.entries.insert(
+            path,
+            IndexEntry {
+                fingerprint,
+                segments,
+            },
+        );
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.raw(MAGIC);
+        w.varint(VERSION);
+        let p = self.params.unwrap_or_default();
+        w.varint(u64::from(p.min));
+        w.varint(u64::from(p.avg));
+        w.varint(u64::from(p.max));
+        let mut paths: Vec<&RelPath> = self.entries.keys().collect();
+        paths.sort();
+        w.varint(paths.len() as u64);
+        for path in paths {
+            let e = &self.entries[path];
+            let f = &e.fingerprint;
+            w.varint(f.size);
+            w.varint_signed(f.mtime_sec);
+            w.varint(u64::from(f.mtime_nsec));
+            w.varint_signed(f.ctime_sec);
+            w.varint(u64::from(f.ctime_nsec));
+            w.varint(f.ino);
+            // Reuse the manifest's file encoding for path + segments.
+            w.raw(&manifest::encode_entry(&Entry {
+                path: path.clone(),
+                kind: EntryKind::File {
+                    size: f.size,
+                    segments: e.segments.clone(),
+                },
+                meta: Meta::default(),
+            }));
+        }
+        w.buf
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        if r.take(4)? != MAGIC || r.varint()? != VERSION {
+            return Err(DecodeError::Invalid {
+                what: "index",
+                why: "unknown format",
+            });
+        }
+        let params = ChunkerParams {
+            min: r.u32("chunk min")?,
+            avg: r.u32("chunk avg")?,
+            max: r.u32("chunk max")?,
+        };
+        let n = r.varint()?;
+        let mut entries = HashMap::new();
+        for _ in 0..n {
+            let size = r.varint()?;
+            let mtime_sec = r.varint_signed()?;
+            let mtime_nsec = r.u32("mtime nsec")?;
+            let ctime_sec = r.varint_signed()?;
+            let ctime_nsec = r.u32("ctime nsec")?;
+            let ino = r.varint()?;
+            let entry = manifest::decode_entry(&mut r, &Limits::default())?;
+            let EntryKind::File { segments, .. } = entry.kind else {
+                return Err(DecodeError::Invalid {
+                    what: "index",
+                    why: "entry is not a file",
+                });
+            };
+            entries.insert(
+                entry.path,
+                IndexEntry {
+                    fingerprint: Fingerprint {
+                        size,
+                        mtime_sec,
+                        mtime_nsec,
+                        ctime_sec,
+                        ctime_nsec,
+                        ino,
+                    },
+                    segments,
+                },
+            );
+        }
+        r.finish()?;
+        Ok(FileIndex {
+            params: Some(params),
+            entries,
+        })
+    }
+
+    /// Loads an index; a missing, corrupt or differently-chunked index is an empty one.
+    pub fn load(path: &Path, params: ChunkerParams) -> Self {
+        let loaded = std::fs::read(path)
+            .ok()
+            .and_then(|bytes| FileIndex::decode(&bytes).ok());
+        match loaded {
+            Some(idx) if idx.params == Some(params) => idx,
+            Some(_) => {
+                tracing::info!(path = %path.display(), "index was built with other chunk sizes; ignoring it");
+                FileIndex::new(params)
+            }
+            None => FileIndex::new(params),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> io::Result<()> {
+        crate::state::write_atomic(path, &self.encode())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::ChunkId;
+
+    fn stat(ctime: i64) -> StatInfo {
+        StatInfo {
+            size: 5,
+            mtime_sec: ctime - 10,
+            ctime_sec: ctime,
+            ino: 42,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn racy_entries_are_not_recorded() {
+        let mut idx = FileIndex::new(ChunkerParams::default());
+        let p = RelPath::new(b"f".to_vec()).unwrap();
+        let now = 1_000 * 1_000_000_000i128;
+        idx.record(p.clone(), &stat(1_000), vec![], now);
+        assert!(idx.lookup(&p, &stat(1_000)).is_none());
+        idx.record(p.clone(), &stat(990), vec![], now);
+        assert!(idx.lookup(&p, &stat(990)).is_some());
+        assert!(idx.lookup(&p, &stat(991)).is_none());
+    }
+
+    #[test]
+    fn round_trip() {
+        let mut idx = FileIndex::new(ChunkerParams::default());
+        let segs = vec![Segment::Chunk {
+            id: ChunkId([3; 32]),
+            len: 5,
+        }];
+        idx.record(
+            RelPath::new(b"a/b".to_vec()).unwrap(),
+            &stat(10),
+            segs,
+            i128::MAX / 2,
+        );
+        let back = FileIndex::decode(&idx.encode()).unwrap();
+        assert_eq!(back.entries, idx.entries);
+    }
+}

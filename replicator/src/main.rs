@@ -1,0 +1,373 @@
+//! The `replicator` command line: argument parsing, progress display, summaries, exit codes.
+//!
+//! Exit codes: 0 success, 1 the sync (or digest) failed, 2 usage error.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use replicator::chunk::ChunkerParams;
+use replicator::progress::{NoProgress, Progress};
+use replicator::state::StateDir;
+use replicator::sync::{Summary, SyncError, SyncOptions, sync_local};
+
+#[derive(Parser)]
+#[command(
+    name = "replicator",
+    version,
+    about = "Replicate a volume (directory tree or block image) with verified, content-defined chunks"
+)]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Make DST mirror SRC (a directory tree, a disk image or a block device).
+    Sync(SyncArgs),
+    /// Print the root digest of a volume: equal digests mean the volumes mirror each other.
+    Digest(DigestArgs),
+    /// Build a small sample tree and sync it, printing the summary (a first run to try).
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Clone)]
+struct ChunkArgs {
+    /// Smallest chunk in bytes.
+    #[arg(long, default_value_t = ChunkerParams::default().min)]
+    chunk_min: u32,
+    /// Average chunk in bytes.
+    #[arg(long, default_value_t = ChunkerParams::default().avg)]
+    chunk_avg: u32,
+    /// Largest chunk in bytes.
+    #[arg(long, default_value_t = ChunkerParams::default().max)]
+    chunk_max: u32,
+}
+
+impl ChunkArgs {
+    fn params(&self) -> ChunkerParams {
+        ChunkerParams {
+            min: self.chunk_min,
+            avg: self.chunk_avg,
+            max: self.chunk_max,
+        }
+    }
+}
+
+#[derive(Args)]
+struct SyncArgs {
+    /// Source volume: a directory, a disk image file or a block device.
+    src: PathBuf,
+    /// Destination; created if absent.
+    dst: PathBuf,
+    #[command(flatten)]
+    chunks: ChunkArgs,
+    /// Re-read every source file even when size, times and inode are unchanged.
+    #[arg(long)]
+    checksum: bool,
+    /// Compress chunks on the wire: never, always, or auto (local syncs: never).
+    #[arg(long, default_value = "auto", value_parser = ["never", "always", "auto"])]
+    compress: String,
+    /// Print one JSON summary object on stdout at the end.
+    #[arg(long)]
+    json: bool,
+    /// Where sync state and indexes live (default: $REPLICATOR_STATE_DIR, else the XDG state dir).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Hashing threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct DigestArgs {
+    path: PathBuf,
+    #[command(flatten)]
+    chunks: ChunkArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Directory to work in (default: a new temporary directory, removed afterwards).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_logging(&cli.log);
+    let result = match cli.command {
+        Command::Sync(a) => run_sync(a),
+        Command::Digest(a) => run_digest(a),
+        Command::Demo(a) => run_demo(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(msg)) => {
+            eprintln!("replicator: {msg}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(err)) => {
+            eprintln!("replicator: {}", error_chain(&*err));
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum Failure {
+    Usage(String),
+    Failed(Box<dyn std::error::Error>),
+}
+
+impl From<SyncError> for Failure {
+    fn from(e: SyncError) -> Self {
+        match e {
+            SyncError::Usage(m) => Failure::Usage(m),
+            SyncError::Nested(_) => Failure::Usage(e.to_string()),
+            other => Failure::Failed(Box::new(other)),
+        }
+    }
+}
+
+/// One line: the error and its causes, without repeating a cause already in the message.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+/// Renders progress with indicatif when stderr is a terminal.
+struct Bar(ProgressBar);
+
+impl Bar {
+    fn new() -> Self {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Bar(bar)
+    }
+}
+
+impl Progress for Bar {
+    fn set_total(&self, bytes: u64) {
+        self.0.set_length(bytes);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn phase(&self, name: &str) {
+        self.0.set_message(name.to_string());
+    }
+}
+
+fn run_sync(a: SyncArgs) -> Result<(), Failure> {
+    let chunker = a.chunks.params();
+    chunker.validate().map_err(Failure::Usage)?;
+    let mut opts = SyncOptions {
+        chunker,
+        checksum: a.checksum,
+        compress: a.compress == "always",
+        ..SyncOptions::default()
+    };
+    if let Some(dir) = a.state_dir {
+        opts.state_dir = dir;
+    }
+    if let Some(t) = a.threads {
+        opts.threads = t.max(1);
+    }
+    let summary = with_progress(|p| sync_local(&a.src, &a.dst, &opts, p))?;
+    print_summary(&summary, a.json);
+    Ok(())
+}
+
+fn with_progress<T>(f: impl FnOnce(&dyn Progress) -> Result<T, SyncError>) -> Result<T, SyncError> {
+    if std::io::stderr().is_terminal() {
+        let bar = Bar::new();
+        let r = f(&bar);
+        bar.0.finish_and_clear();
+        r
+    } else {
+        f(&NoProgress)
+    }
+}
+
+fn print_summary(s: &Summary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(s).unwrap_or_default());
+        return;
+    }
+    if !std::io::stdout().is_terminal() && !std::io::stderr().is_terminal() {
+        return;
+    }
+    println!(
+        "synced {} ({}): {} files, {} total, {} read, {} chunks sent of {} ({} on the wire), {} copied locally, {} deleted, {:.2}s\nroot {}",
+        s.destination,
+        s.mode,
+        s.files,
+        human(s.bytes_total),
+        human(s.bytes_read),
+        s.chunks_sent,
+        s.chunks_total,
+        human(s.bytes_sent_wire),
+        human(s.bytes_copied_locally),
+        s.deleted,
+        s.duration_ms as f64 / 1000.0,
+        s.root
+    );
+}
+
+fn human(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn run_digest(a: DigestArgs) -> Result<(), Failure> {
+    let chunker = a.chunks.params();
+    chunker.validate().map_err(Failure::Usage)?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let (root, stats) = replicator::digest::digest_volume(&a.path, chunker, threads)
+        .map_err(|e| Failure::Failed(Box::new(e)))?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"path": a.path, "root": root.to_hex(), "entries": stats.entries, "bytes_total": stats.bytes_total})
+        );
+    } else {
+        println!("{root}  {}", a.path.display());
+    }
+    Ok(())
+}
+
+fn run_demo(a: DemoArgs) -> Result<(), Failure> {
+    let tmp;
+    let dir = match a.dir {
+        Some(d) => d,
+        None => {
+            tmp = std::env::temp_dir().join(format!("replicator-demo-{}", std::process::id()));
+            tmp
+        }
+    };
+    let cleanup = |d: &PathBuf| {
+        let _ = std::fs::remove_dir_all(d);
+    };
+    let src = dir.join("source");
+    let dst = dir.join("replica");
+    let result = (|| -> Result<(), Failure> {
+        let files =
+            replicator::demo::make_sample_tree(&src).map_err(|e| Failure::Failed(Box::new(e)))?;
+        let opts = SyncOptions {
+            state_dir: StateDir::new(dir.join("state")).root().to_path_buf(),
+            ..SyncOptions::default()
+        };
+        if !a.json {
+            println!("sample tree: {} ({files} files)", src.display());
+        }
+        let first = with_progress(|p| sync_local(&src, &dst, &opts, p))?;
+        replicator::demo::edit_sample_tree(&src).map_err(|e| Failure::Failed(Box::new(e)))?;
+        let second = with_progress(|p| sync_local(&src, &dst, &opts, p))?;
+        let (a_root, _) = replicator::digest::digest_volume(&src, opts.chunker, opts.threads)
+            .map_err(|e| Failure::Failed(Box::new(e)))?;
+        let (b_root, _) = replicator::digest::digest_volume(&dst, opts.chunker, opts.threads)
+            .map_err(|e| Failure::Failed(Box::new(e)))?;
+        if a.json {
+            println!(
+                "{}",
+                serde_json::json!({"full": first, "incremental": second, "mirrors": a_root == b_root})
+            );
+        } else {
+            for (name, s) in [
+                ("full sync", &first),
+                ("incremental sync after edits", &second),
+            ] {
+                println!(
+                    "{name:>29}: {} files, {} total, {} read, {}/{} chunks sent ({}), {} copied locally, {} deleted, {} ms",
+                    s.files,
+                    human(s.bytes_total),
+                    human(s.bytes_read),
+                    s.chunks_sent,
+                    s.chunks_total,
+                    human(s.bytes_sent_wire),
+                    human(s.bytes_copied_locally),
+                    s.deleted,
+                    s.duration_ms
+                );
+            }
+            println!(
+                "source digest  {a_root}\nreplica digest {b_root}\n{}",
+                if a_root == b_root {
+                    "replica mirrors the source"
+                } else {
+                    "MISMATCH"
+                }
+            );
+        }
+        if a_root != b_root {
+            return Err(Failure::Failed(
+                "replica digest differs from the source".into(),
+            ));
+        }
+        Ok(())
+    })();
+    if tmp_owned(&dir) {
+        cleanup(&dir);
+    }
+    result
+}
+
+fn tmp_owned(dir: &std::path::Path) -> bool {
+    dir.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("replicator-demo-"))
+}

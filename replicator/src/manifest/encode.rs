@@ -1,0 +1,401 @@
+//! The deterministic, versioned binary encoding of manifest headers and entries.
+//!
+//! Layout (all integers LEB128 varints unless noted, strings length-prefixed):
+//! header = "RPLM" version:u32 mode:u8 chunk_min chunk_avg chunk_max
+//! entry  = kind:u8 path [meta] body
+//! meta   = perm uid gid mtime_sec:zigzag mtime_nsec xattr_count (name value)*
+//! body   = file: size seg_count (0 id:32B len | 1 len)*; symlink: target;
+//!          char/block device: rdev; hard link: target path (no meta); others: empty.
+//! Decoding validates everything a peer could abuse: path safety, size limits, and that a
+//! file's segments add up to its size.
+
+use super::{Entry, EntryKind, Header, MAX_NAME, MAX_PATH, Meta, RelPath, VolumeMode};
+use crate::chunk::{ChunkId, ChunkerParams, Segment, push_segment};
+use crate::codec::{DecodeError, Reader, Writer};
+
+const MAGIC: &[u8; 4] = b"RPLM";
+
+/// Decoder limits; the defaults are generous for real volumes and small enough to stop abuse.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_xattrs: usize,
+    pub max_xattr_value: usize,
+    pub max_segments: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_xattrs: 1024,
+            max_xattr_value: 64 * 1024,
+            max_segments: 1 << 24,
+        }
+    }
+}
+
+mod tag {
+    pub const DIR: u8 = 0;
+    pub const FILE: u8 = 1;
+    pub const SYMLINK: u8 = 2;
+    pub const FIFO: u8 = 3;
+    pub const SOCKET: u8 = 4;
+    pub const CHAR: u8 = 5;
+    pub const BLOCK: u8 = 6;
+    pub const HARDLINK: u8 = 7;
+    pub const SEG_CHUNK: u8 = 0;
+    pub const SEG_ZERO: u8 = 1;
+}
+
+pub fn encode_header(h: &Header) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.raw(MAGIC);
+    w.varint(u64::from(h.version));
+    w.u8(match h.mode {
+        VolumeMode::Tree => 0,
+        VolumeMode::Block => 1,
+    });
+    w.varint(u64::from(h.chunker.min));
+    w.varint(u64::from(h.chunker.avg));
+    w.varint(u64::from(h.chunker.max));
+    w.buf
+}
+
+pub fn decode_header(r: &mut Reader<'_>) -> Result<Header, DecodeError> {
+    if r.take(4)? != MAGIC {
+        return Err(DecodeError::Invalid {
+            what: "manifest header",
+            why: "bad magic",
+        });
+    }
+    let version = r.u32("manifest version")?;
+    let mode = match r.u8()? {
+        0 => VolumeMode::Tree,
+        1 => VolumeMode::Block,
+        t => {
+            return Err(DecodeError::UnknownTag {
+                what: "volume mode",
+                tag: u64::from(t),
+            });
+        }
+    };
+    let chunker = ChunkerParams {
+        min: r.u32("chunk min")?,
+        avg: r.u32("chunk avg")?,
+        max: r.u32("chunk max")?,
+    };
+    if chunker.validate().is_err() {
+        return Err(DecodeError::Invalid {
+            what: "manifest header",
+            why: "chunk sizes out of range",
+        });
+    }
+    Ok(Header {
+        version,
+        mode,
+        chunker,
+    })
+}
+
+pub fn encode_entry(e: &Entry) -> Vec<u8> {
+    let mut w = Writer::new();
+    let t = match &e.kind {
+        EntryKind::Dir => tag::DIR,
+        EntryKind::File { .. } => tag::FILE,
+        EntryKind::Symlink { .. } => tag::SYMLINK,
+        EntryKind::Fifo => tag::FIFO,
+        EntryKind::Socket => tag::SOCKET,
+        EntryKind::CharDevice { .. } => tag::CHAR,
+        EntryKind::BlockDevice { .. } => tag::BLOCK,
+        EntryKind::HardLink { .. } => tag::HARDLINK,
+    };
+    w.u8(t);
+    w.bytes(e.path.as_bytes());
+    if !matches!(e.kind, EntryKind::HardLink { .. }) {
+        let m = &e.meta;
+        w.varint(u64::from(m.perm));
+        w.varint(u64::from(m.uid));
+        w.varint(u64::from(m.gid));
+        w.varint_signed(m.mtime_sec);
+        w.varint(u64::from(m.mtime_nsec));
+        w.varint(m.xattrs.len() as u64);
+        for (name, value) in &m.xattrs {
+            w.bytes(name);
+            w.bytes(value);
+        }
+    }
+    match &e.kind {
+        EntryKind::File { size, segments } => {
+            w.varint(*size);
+            w.varint(segments.len() as u64);
+            for s in segments {
+                match s {
+                    Segment::Chunk { id, len } => {
+                        w.u8(tag::SEG_CHUNK);
+                        w.hash(&id.0);
+                        w.varint(u64::from(*len));
+                    }
+                    Segment::Zero { len } => {
+                        w.u8(tag::SEG_ZERO);
+                        w.varint(*len);
+                    }
+                }
+            }
+        }
+        EntryKind::Symlink { target } => w.bytes(target),
+        EntryKind::CharDevice { rdev } | EntryKind::BlockDevice { rdev } => w.varint(*rdev),
+        EntryKind::HardLink { target } => w.bytes(target.as_bytes()),
+        EntryKind::Dir | EntryKind::Fifo | EntryKind::Socket => {}
+    }
+    w.buf
+}
+
+fn rel_path(r: &mut Reader<'_>, what: &'static str) -> Result<RelPath, DecodeError> {
+    let bytes = r.bytes(what, MAX_PATH)?;
+    RelPath::new(bytes.to_vec()).map_err(|e| DecodeError::Invalid { what, why: e.why })
+}
+
+/// Decodes one entry from the front of `r`.
+pub fn decode_entry(r: &mut Reader<'_>, limits: &Limits) -> Result<Entry, DecodeError> {
+    let t = r.u8()?;
+    if t > tag::HARDLINK {
+        return Err(DecodeError::UnknownTag {
+            what: "entry kind",
+            tag: u64::from(t),
+        });
+    }
+    let path = rel_path(r, "entry path")?;
+    let mut meta = Meta::default();
+    if t != tag::HARDLINK {
+        meta.perm = r.varint_max("permission bits", 0o7777)? as u32;
+        meta.uid = r.u32("uid")?;
+        meta.gid = r.u32("gid")?;
+        meta.mtime_sec = r.varint_signed()?;
+        meta.mtime_nsec = r.varint_max("mtime nanoseconds", 999_999_999)? as u32;
+        let n = r.varint_max("xattr count", limits.max_xattrs as u64)? as usize;
+        let mut last: Option<&[u8]> = None;
+        for _ in 0..n {
+            let name = r.bytes("xattr name", MAX_NAME)?;
+            let value = r.bytes("xattr value", limits.max_xattr_value)?;
+            if name.is_empty() || name.contains(&0) || last.is_some_and(|l| l >= name) {
+                return Err(DecodeError::Invalid {
+                    what: "xattr list",
+                    why: "names must be non-empty, without NUL, sorted and unique",
+                });
+            }
+            last = Some(name);
+            meta.xattrs.push((name.to_vec(), value.to_vec()));
+        }
+    }
+    let kind = match t {
+        tag::DIR => EntryKind::Dir,
+        tag::FIFO => EntryKind::Fifo,
+        tag::SOCKET => EntryKind::Socket,
+        tag::CHAR => EntryKind::CharDevice { rdev: r.varint()? },
+        tag::BLOCK => EntryKind::BlockDevice { rdev: r.varint()? },
+        tag::SYMLINK => {
+            let target = r.bytes("symlink target", MAX_PATH)?;
+            if target.is_empty() || target.contains(&0) {
+                return Err(DecodeError::Invalid {
+                    what: "symlink target",
+                    why: "empty or contains NUL",
+                });
+            }
+            EntryKind::Symlink {
+                target: target.to_vec(),
+            }
+        }
+        tag::HARDLINK => EntryKind::HardLink {
+            target: rel_path(r, "hard link target")?,
+        },
+        _ => decode_file(r, limits)?,
+    };
+    if path.is_root() && !matches!(kind, EntryKind::Dir | EntryKind::File { .. }) {
+        return Err(DecodeError::Invalid {
+            what: "root entry",
+            why: "must be a directory or a file",
+        });
+    }
+    Ok(Entry { path, kind, meta })
+}
+
+fn decode_file(r: &mut Reader<'_>, limits: &Limits) -> Result<EntryKind, DecodeError> {
+    let size = r.varint()?;
+    let n = r.varint_max("segment count", limits.max_segments as u64)? as usize;
+    let mut segments = Vec::with_capacity(n.min(1024));
+    let mut total = 0u64;
+    for _ in 0..n {
+        let seg = match r.u8()? {
+            tag::SEG_CHUNK => {
+                let id = ChunkId(r.hash()?);
+                let len = r.varint_max("chunk length", u64::from(u32::MAX))? as u32;
+                Segment::Chunk { id, len }
+            }
+            tag::SEG_ZERO => Segment::Zero { len: r.varint()? },
+            t => {
+                return Err(DecodeError::UnknownTag {
+                    what: "segment",
+                    tag: u64::from(t),
+                });
+            }
+        };
+        if seg.is_empty() {
+            return Err(DecodeError::Invalid {
+                what: "segment",
+                why: "empty",
+            });
+        }
+        total = total.checked_add(seg.len()).ok_or(DecodeError::Invalid {
+            what: "file",
+            why: "segment lengths overflow",
+        })?;
+        let before = segments.len();
+        push_segment(&mut segments, seg);
+        if segments.len() == before {
+            return Err(DecodeError::Invalid {
+                what: "file",
+                why: "adjacent zero segments must be merged",
+            });
+        }
+    }
+    if total != size {
+        return Err(DecodeError::Invalid {
+            what: "file",
+            why: "segments do not add up to the size",
+        });
+    }
+    Ok(EntryKind::File { size, segments })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_name() -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(1u8..=255, 1..12).prop_filter("valid component", |n| {
+            !n.contains(&b'/') && n != b"." && n != b".."
+        })
+    }
+
+    pub fn arb_path() -> impl Strategy<Value = RelPath> {
+        proptest::collection::vec(arb_name(), 0..4)
+            .prop_map(|comps| RelPath::new(comps.join(&b'/')).expect("generated path is valid"))
+    }
+
+    fn arb_segments() -> impl Strategy<Value = Vec<Segment>> {
+        proptest::collection::vec(
+            prop_oneof![
+                (any::<[u8; 32]>(), 1u32..100_000).prop_map(|(h, len)| Segment::Chunk {
+                    id: ChunkId(h),
+                    len
+                }),
+                (1u64..1 << 40).prop_map(|len| Segment::Zero { len }),
+            ],
+            0..8,
+        )
+        .prop_map(|segs| {
+            let mut out = Vec::new();
+            for s in segs {
+                push_segment(&mut out, s);
+            }
+            out
+        })
+    }
+
+    fn arb_meta() -> impl Strategy<Value = Meta> {
+        (
+            0u32..=0o7777,
+            any::<u32>(),
+            any::<u32>(),
+            any::<i64>(),
+            0u32..1_000_000_000,
+            proptest::collection::btree_map(
+                arb_name(),
+                proptest::collection::vec(any::<u8>(), 0..20),
+                0..3,
+            ),
+        )
+            .prop_map(|(perm, uid, gid, mtime_sec, mtime_nsec, x)| Meta {
+                perm,
+                uid,
+                gid,
+                mtime_sec,
+                mtime_nsec,
+                xattrs: x.into_iter().collect(),
+            })
+    }
+
+    pub fn arb_entry() -> impl Strategy<Value = Entry> {
+        let kind = prop_oneof![
+            Just(EntryKind::Dir),
+            arb_segments().prop_map(|segments| EntryKind::File {
+                size: segments.iter().map(Segment::len).sum(),
+                segments
+            }),
+            arb_name().prop_map(|target| EntryKind::Symlink { target }),
+            Just(EntryKind::Fifo),
+            Just(EntryKind::Socket),
+            any::<u64>().prop_map(|rdev| EntryKind::CharDevice { rdev }),
+            any::<u64>().prop_map(|rdev| EntryKind::BlockDevice { rdev }),
+            arb_path().prop_map(|target| EntryKind::HardLink { target }),
+        ];
+        (arb_path(), kind, arb_meta()).prop_map(|(path, kind, meta)| {
+            let meta = if matches!(kind, EntryKind::HardLink { .. }) {
+                Meta::default()
+            } else {
+                meta
+            };
+            let kind = if path.is_root() { EntryKind::Dir } else { kind };
+            Entry { path, kind, meta }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn entries_round_trip(e in arb_entry()) {
+            let bytes = encode_entry(&e);
+            let mut r = Reader::new(&bytes);
+            let back = decode_entry(&mut r, &Limits::default()).unwrap();
+            prop_assert!(r.finish().is_ok());
+            prop_assert_eq!(back, e);
+        }
+
+        #[test]
+        fn decoding_garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_entry(&mut Reader::new(&data), &Limits::default());
+            let _ = decode_header(&mut Reader::new(&data));
+        }
+    }
+
+    #[test]
+    fn traversal_paths_are_rejected() {
+        let mut e = Entry {
+            path: RelPath::new(b"ok".to_vec()).unwrap(),
+            kind: EntryKind::Dir,
+            meta: Meta::default(),
+        };
+        let mut bytes = encode_entry(&e);
+        // Patch the path bytes "ok" into "..": same length, so the framing stays valid.
+        let pos = bytes.windows(2).position(|w| w == b"ok").unwrap();
+        bytes[pos..pos + 2].copy_from_slice(b"..");
+        assert!(decode_entry(&mut Reader::new(&bytes), &Limits::default()).is_err());
+        e.kind = EntryKind::File {
+            size: 10,
+            segments: vec![Segment::Zero { len: 9 }],
+        };
+        let bytes = encode_entry(&e);
+        let err = decode_entry(&mut Reader::new(&bytes), &Limits::default()).unwrap_err();
+        assert!(err.to_string().contains("add up"), "{err}");
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let h = Header {
+            version: 1,
+            mode: VolumeMode::Block,
+            chunker: ChunkerParams::default(),
+        };
+        let bytes = encode_header(&h);
+        assert_eq!(decode_header(&mut Reader::new(&bytes)).unwrap(), h);
+    }
+}

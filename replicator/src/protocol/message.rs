@@ -1,0 +1,410 @@
+//! Wire messages of a sync session and their framing.
+//!
+//! A frame is `len:u32 (big endian) | type:u8 | payload`, `len` counting type and payload.
+//! Payloads use the [`crate::codec`] primitives; entries use the manifest encoding. Every
+//! decoder enforces [`MAX_FRAME`] and per-field limits before allocating. See docs/protocol.md.
+
+use bytes::Bytes;
+
+use crate::chunk::{ChunkId, ChunkerParams};
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::manifest::{self, Entry, Limits, RootDigest, VolumeMode};
+
+/// Version of the session protocol (also carried in the QUIC ALPN).
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame either side accepts (a maximal chunk plus headers fits comfortably).
+pub const MAX_FRAME: usize = 17 << 20;
+/// Most chunk ids in one `Want` message.
+pub const MAX_WANT: usize = 16_384;
+/// Longest error text.
+pub const MAX_ERROR: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u32,
+    pub mode: VolumeMode,
+    pub chunker: ChunkerParams,
+    /// The sender may compress chunk payloads with zstd.
+    pub compress: bool,
+}
+
+/// How a chunk's payload is encoded on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoding {
+    Raw = 0,
+    Zstd = 1,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkData {
+    pub id: ChunkId,
+    pub encoding: Encoding,
+    /// Length of the chunk once decoded.
+    pub raw_len: u32,
+    pub payload: Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Both sides, first: versions and what is about to be synced.
+    Hello(Hello),
+    /// Sender: one manifest entry, in volume order.
+    Entry(Entry),
+    /// Sender: the manifest is complete; its digest and entry count.
+    ManifestEnd { entries: u64, root: RootDigest },
+    /// Receiver: chunks it lacks, in the order it will consume them.
+    Want(Vec<ChunkId>),
+    /// Receiver: no more wants.
+    WantEnd,
+    /// Sender: one chunk's data.
+    Chunk(ChunkData),
+    /// Sender: every wanted chunk was sent.
+    ChunksEnd,
+    /// Receiver: the volume is durable and its digest is `root`.
+    Done { root: RootDigest },
+    /// Either side: the session failed; the text says why.
+    Error { message: String },
+}
+
+mod ty {
+    pub const HELLO: u8 = 1;
+    pub const ENTRY: u8 = 2;
+    pub const MANIFEST_END: u8 = 3;
+    pub const WANT: u8 = 4;
+    pub const WANT_END: u8 = 5;
+    pub const CHUNK: u8 = 6;
+    pub const CHUNKS_END: u8 = 7;
+    pub const DONE: u8 = 8;
+    pub const ERROR: u8 = 9;
+}
+
+impl Message {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Entry(_) => "entry",
+            Message::ManifestEnd { .. } => "manifest-end",
+            Message::Want(_) => "want",
+            Message::WantEnd => "want-end",
+            Message::Chunk(_) => "chunk",
+            Message::ChunksEnd => "chunks-end",
+            Message::Done { .. } => "done",
+            Message::Error { .. } => "error",
+        }
+    }
+
+    /// Bytes this message occupies on the wire (frame header included).
+    pub fn wire_len(&self) -> usize {
+        match self {
+            // Avoid copying chunk payloads just to measure them.
+            Message::Chunk(c) => 4 + 1 + 32 + 1 + 5 + 5 + c.payload.len(),
+            other => 4 + other.encode_body().len(),
+        }
+    }
+
+    /// Type byte and payload (without the length prefix).
+    pub fn encode_body(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        match self {
+            Message::Hello(h) => {
+                w.u8(ty::HELLO);
+                w.varint(u64::from(h.version));
+                w.u8(match h.mode {
+                    VolumeMode::Tree => 0,
+                    VolumeMode::Block => 1,
+                });
+                w.varint(u64::from(h.chunker.min));
+                w.varint(u64::from(h.chunker.avg));
+                w.varint(u64::from(h.chunker.max));
+                w.u8(u8::from(h.compress));
+            }
+            Message::Entry(e) => {
+                w.u8(ty::ENTRY);
+                w.raw(&manifest::encode_entry(e));
+            }
+            Message::ManifestEnd { entries, root } => {
+                w.u8(ty::MANIFEST_END);
+                w.varint(*entries);
+                w.hash(&root.0);
+            }
+            Message::Want(ids) => {
+                w.u8(ty::WANT);
+                w.varint(ids.len() as u64);
+                for id in ids {
+                    w.hash(&id.0);
+                }
+            }
+            Message::WantEnd => w.u8(ty::WANT_END),
+            Message::Chunk(c) => {
+                w.u8(ty::CHUNK);
+                w.hash(&c.id.0);
+                w.u8(c.encoding as u8);
+                w.varint(u64::from(c.raw_len));
+                w.bytes(&c.payload);
+            }
+            Message::ChunksEnd => w.u8(ty::CHUNKS_END),
+            Message::Done { root } => {
+                w.u8(ty::DONE);
+                w.hash(&root.0);
+            }
+            Message::Error { message } => {
+                w.u8(ty::ERROR);
+                let m = message.as_bytes();
+                w.bytes(&m[..m.len().min(MAX_ERROR)]);
+            }
+        }
+        w.buf
+    }
+
+    /// The full frame: length prefix, type and payload.
+    pub fn encode_frame(&self) -> Vec<u8> {
+        let body = self.encode_body();
+        let mut out = Vec::with_capacity(4 + body.len());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a frame body (type + payload) received from a peer.
+    pub fn decode_body(body: &[u8], limits: &Limits) -> Result<Message, DecodeError> {
+        if body.len() > MAX_FRAME {
+            return Err(DecodeError::TooLong {
+                what: "frame",
+                len: body.len() as u64,
+                limit: MAX_FRAME as u64,
+            });
+        }
+        let mut r = Reader::new(body);
+        let msg = match r.u8()? {
+            ty::HELLO => {
+                let version = r.u32("version")?;
+                let mode = match r.u8()? {
+                    0 => VolumeMode::Tree,
+                    1 => VolumeMode::Block,
+                    t => {
+                        return Err(DecodeError::UnknownTag {
+                            what: "volume mode",
+                            tag: u64::from(t),
+                        });
+                    }
+                };
+                let chunker = ChunkerParams {
+                    min: r.u32("chunk min")?,
+                    avg: r.u32("chunk avg")?,
+                    max: r.u32("chunk max")?,
+                };
+                if chunker.validate().is_err() {
+                    return Err(DecodeError::Invalid {
+                        what: "hello",
+                        why: "chunk sizes out of range",
+                    });
+                }
+                let compress = r.u8()? != 0;
+                Message::Hello(Hello {
+                    version,
+                    mode,
+                    chunker,
+                    compress,
+                })
+            }
+            ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
+            ty::MANIFEST_END => Message::ManifestEnd {
+                entries: r.varint()?,
+                root: RootDigest(r.hash()?),
+            },
+            ty::WANT => {
+                let n = r.varint_max("want count", MAX_WANT as u64)? as usize;
+                let mut ids = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ids.push(ChunkId(r.hash()?));
+                }
+                Message::Want(ids)
+            }
+            ty::WANT_END => Message::WantEnd,
+            ty::CHUNK => {
+                let id = ChunkId(r.hash()?);
+                let encoding = match r.u8()? {
+                    0 => Encoding::Raw,
+                    1 => Encoding::Zstd,
+                    t => {
+                        return Err(DecodeError::UnknownTag {
+                            what: "chunk encoding",
+                            tag: u64::from(t),
+                        });
+                    }
+                };
+                let raw_len =
+                    r.varint_max("chunk length", fastcdc::v2020::MAXIMUM_MAX as u64)? as u32;
+                let payload = Bytes::copy_from_slice(r.bytes("chunk payload", MAX_FRAME)?);
+                if encoding == Encoding::Raw && payload.len() != raw_len as usize {
+                    return Err(DecodeError::Invalid {
+                        what: "chunk",
+                        why: "raw payload length differs from the chunk length",
+                    });
+                }
+                Message::Chunk(ChunkData {
+                    id,
+                    encoding,
+                    raw_len,
+                    payload,
+                })
+            }
+            ty::CHUNKS_END => Message::ChunksEnd,
+            ty::DONE => Message::Done {
+                root: RootDigest(r.hash()?),
+            },
+            ty::ERROR => Message::Error {
+                message: String::from_utf8_lossy(r.bytes("error text", MAX_ERROR)?).into_owned(),
+            },
+            t => {
+                return Err(DecodeError::UnknownTag {
+                    what: "message type",
+                    tag: u64::from(t),
+                });
+            }
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("chunk {id}: payload does not decompress: {why}")]
+    Decompress { id: ChunkId, why: String },
+    #[error("chunk {id}: decoded length {got} differs from announced {want}")]
+    Length { id: ChunkId, got: usize, want: u32 },
+    #[error("chunk {id}: data hashes to {got}; rejected")]
+    Hash { id: ChunkId, got: ChunkId },
+}
+
+impl ChunkData {
+    /// Encodes a chunk, compressing it when asked and when that makes it smaller.
+    pub fn encode(id: ChunkId, data: &[u8], compress: bool) -> ChunkData {
+        if compress
+            && let Ok(z) = zstd::bulk::compress(data, 1)
+            && z.len() < data.len()
+        {
+            return ChunkData {
+                id,
+                encoding: Encoding::Zstd,
+                raw_len: data.len() as u32,
+                payload: Bytes::from(z),
+            };
+        }
+        ChunkData {
+            id,
+            encoding: Encoding::Raw,
+            raw_len: data.len() as u32,
+            payload: Bytes::copy_from_slice(data),
+        }
+    }
+
+    /// Decodes the payload and checks it against the chunk's name.
+    pub fn decode_verified(&self) -> Result<Bytes, ChunkError> {
+        let data = match self.encoding {
+            Encoding::Raw => self.payload.clone(),
+            Encoding::Zstd => {
+                let v =
+                    zstd::bulk::decompress(&self.payload, self.raw_len as usize).map_err(|e| {
+                        ChunkError::Decompress {
+                            id: self.id,
+                            why: e.to_string(),
+                        }
+                    })?;
+                Bytes::from(v)
+            }
+        };
+        if data.len() != self.raw_len as usize {
+            return Err(ChunkError::Length {
+                id: self.id,
+                got: data.len(),
+                want: self.raw_len,
+            });
+        }
+        let got = ChunkId::of(&data);
+        if got != self.id {
+            return Err(ChunkError::Hash { id: self.id, got });
+        }
+        Ok(data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::encode_tests::arb_entry;
+    use proptest::prelude::*;
+
+    fn round_trip(m: &Message) -> Message {
+        let frame = m.encode_frame();
+        let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+        assert_eq!(len + 4, frame.len());
+        Message::decode_body(&frame[4..], &Limits::default()).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn entries_round_trip(e in arb_entry()) {
+            let m = Message::Entry(e);
+            prop_assert_eq!(round_trip(&m), m);
+        }
+
+        #[test]
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Message::decode_body(&data, &Limits::default());
+        }
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let data = vec![5u8; 10_000];
+        let id = ChunkId::of(&data);
+        let msgs = vec![
+            Message::Hello(Hello {
+                version: 1,
+                mode: VolumeMode::Tree,
+                chunker: ChunkerParams::default(),
+                compress: true,
+            }),
+            Message::ManifestEnd {
+                entries: 7,
+                root: RootDigest([9; 32]),
+            },
+            Message::Want(vec![id, ChunkId([1; 32])]),
+            Message::WantEnd,
+            Message::Chunk(ChunkData::encode(id, &data, true)),
+            Message::Chunk(ChunkData::encode(id, &data, false)),
+            Message::ChunksEnd,
+            Message::Done {
+                root: RootDigest([2; 32]),
+            },
+            Message::Error {
+                message: "boom".into(),
+            },
+        ];
+        for m in msgs {
+            assert_eq!(round_trip(&m), m);
+            assert!(m.wire_len().abs_diff(m.encode_frame().len()) <= 12);
+        }
+    }
+
+    #[test]
+    fn compression_is_used_only_when_it_shrinks() {
+        let zeros = vec![1u8; 65536];
+        let c = ChunkData::encode(ChunkId::of(&zeros), &zeros, true);
+        assert_eq!(c.encoding, Encoding::Zstd);
+        assert_eq!(c.decode_verified().unwrap(), zeros);
+        let noise = crate::demo::seeded_bytes(5, 65536);
+        let c = ChunkData::encode(ChunkId::of(&noise), &noise, true);
+        assert_eq!(c.encoding, Encoding::Raw);
+    }
+
+    #[test]
+    fn a_chunk_with_the_wrong_hash_is_rejected() {
+        let data = vec![1u8; 1000];
+        let mut c = ChunkData::encode(ChunkId::of(&data), &data, false);
+        c.id = ChunkId([0; 32]);
+        assert!(matches!(c.decode_verified(), Err(ChunkError::Hash { .. })));
+    }
+}

@@ -1,0 +1,115 @@
+//! Which message may come next, as a pure state machine for each role.
+//!
+//! The session drivers feed every received message through [`ReceiverPhase::accept`] or
+//! [`SenderPhase::accept`] before acting on it, so an out-of-order or unexpected message from a
+//! peer (buggy or hostile) is a clear protocol error, never a confused state. These machines do
+//! no I/O and are tested exhaustively below.
+
+use super::message::Message;
+
+/// What the receiving side expects next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReceiverPhase {
+    Hello,
+    Manifest,
+    Chunks,
+    Finished,
+}
+
+/// What the sending side expects next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SenderPhase {
+    Hello,
+    Wants,
+    Outcome,
+    Finished,
+}
+
+fn unexpected(phase: impl std::fmt::Debug, msg: &Message) -> String {
+    format!(
+        "unexpected {} message while expecting {phase:?}",
+        msg.name()
+    )
+}
+
+impl ReceiverPhase {
+    /// Checks `msg` against the current phase and returns the next phase.
+    pub fn accept(self, msg: &Message) -> Result<ReceiverPhase, String> {
+        use ReceiverPhase::*;
+        match (self, msg) {
+            (_, Message::Error { .. }) => Ok(Finished),
+            (Hello, Message::Hello(_)) => Ok(Manifest),
+            (Manifest, Message::Entry(_)) => Ok(Manifest),
+            (Manifest, Message::ManifestEnd { .. }) => Ok(Chunks),
+            (Chunks, Message::Chunk(_)) => Ok(Chunks),
+            (Chunks, Message::ChunksEnd) => Ok(Finished),
+            (phase, msg) => Err(unexpected(phase, msg)),
+        }
+    }
+}
+
+impl SenderPhase {
+    pub fn accept(self, msg: &Message) -> Result<SenderPhase, String> {
+        use SenderPhase::*;
+        match (self, msg) {
+            (_, Message::Error { .. }) => Ok(Finished),
+            (Hello, Message::Hello(_)) => Ok(Wants),
+            (Wants, Message::Want(_)) => Ok(Wants),
+            (Wants, Message::WantEnd) => Ok(Outcome),
+            (Outcome, Message::Done { .. }) => Ok(Finished),
+            (phase, msg) => Err(unexpected(phase, msg)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::RootDigest;
+
+    #[test]
+    fn receiver_accepts_only_the_session_order() {
+        let end = Message::ManifestEnd {
+            entries: 0,
+            root: RootDigest([0; 32]),
+        };
+        let mut p = ReceiverPhase::Hello;
+        assert!(p.accept(&end).is_err());
+        assert!(p.accept(&Message::ChunksEnd).is_err());
+        p = ReceiverPhase::Manifest;
+        assert!(p.accept(&Message::ChunksEnd).is_err());
+        p = p.accept(&end).unwrap();
+        assert_eq!(p, ReceiverPhase::Chunks);
+        assert!(p.accept(&end).is_err(), "a second manifest is refused");
+        assert_eq!(
+            p.accept(&Message::ChunksEnd).unwrap(),
+            ReceiverPhase::Finished
+        );
+        assert!(ReceiverPhase::Finished.accept(&Message::ChunksEnd).is_err());
+    }
+
+    #[test]
+    fn sender_accepts_only_the_session_order() {
+        let mut p = SenderPhase::Hello;
+        assert!(p.accept(&Message::WantEnd).is_err());
+        p = SenderPhase::Wants;
+        assert_eq!(
+            p.accept(&Message::Want(vec![])).unwrap(),
+            SenderPhase::Wants
+        );
+        assert!(
+            p.accept(&Message::Done {
+                root: RootDigest([0; 32])
+            })
+            .is_err()
+        );
+        p = p.accept(&Message::WantEnd).unwrap();
+        assert_eq!(
+            p.accept(&Message::Error {
+                message: "x".into()
+            })
+            .unwrap(),
+            SenderPhase::Finished
+        );
+    }
+}

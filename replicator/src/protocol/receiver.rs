@@ -1,0 +1,186 @@
+//! Driving the receiving side of a session over a transport.
+
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::SessionError;
+use super::message::{Hello, MAX_WANT, Message, PROTOCOL_VERSION};
+use super::phase::ReceiverPhase;
+use super::sender::header;
+use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Destination};
+use crate::chunk::ChunkId;
+use crate::manifest::RootDigest;
+use crate::progress::Progress;
+use crate::state::TargetState;
+use crate::transport::{MessageRx, MessageTx};
+
+#[derive(Clone, Copy, Debug)]
+pub struct ReceiverReport {
+    pub root: RootDigest,
+    pub stats: ApplyStats,
+}
+
+/// Runs a whole session as the receiver into `dst`.
+pub fn run_receiver(
+    dst: &Path,
+    state: TargetState,
+    tx: &mut dyn MessageTx,
+    rx: &mut dyn MessageRx,
+    progress: &dyn Progress,
+) -> Result<ReceiverReport, SessionError> {
+    let mut dest: Option<Destination> = None;
+    let result = session(dst, state, tx, rx, progress, &mut dest);
+    if let Err(e) = &result {
+        if !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)) {
+            let _ = tx.send(Message::Error {
+                message: e.to_string(),
+            });
+        }
+        // A failure on purpose (source error, bad data) leaves the destination as it was; a
+        // broken connection keeps partial files so the rerun resumes.
+        if let Some(d) = dest.as_mut()
+            && !e.is_disconnect()
+        {
+            d.discard();
+        }
+    }
+    result
+}
+
+struct Feed<'a> {
+    rx: &'a mut dyn MessageRx,
+    phase: ReceiverPhase,
+}
+
+impl Feed<'_> {
+    fn next(&mut self) -> Result<Message, SessionError> {
+        let msg = self.rx.recv()?;
+        self.phase = self.phase.accept(&msg).map_err(SessionError::Protocol)?;
+        if let Message::Error { message } = msg {
+            return Err(SessionError::Peer(message));
+        }
+        Ok(msg)
+    }
+}
+
+/// Adapts the session's message stream to the apply engine, remembering a session error so it
+/// is reported as such (not as a generic apply failure).
+struct ChunkStream<'a, 'b> {
+    feed: &'a mut Feed<'b>,
+    error: Option<SessionError>,
+}
+
+impl ChunkFeed for ChunkStream<'_, '_> {
+    fn next_chunk(&mut self, expect: ChunkId) -> Result<Bytes, ApplyError> {
+        match self.feed.next() {
+            Ok(Message::Chunk(c)) if c.id == expect => Ok(c.decode_verified()?),
+            Ok(Message::Chunk(c)) => Err(ApplyError::UnexpectedChunk {
+                got: c.id,
+                want: expect,
+            }),
+            Ok(_) => Err(ApplyError::MissingChunks),
+            Err(e) => {
+                self.error = Some(e);
+                Err(ApplyError::MissingChunks)
+            }
+        }
+    }
+}
+
+fn session(
+    dst: &Path,
+    state: TargetState,
+    tx: &mut dyn MessageTx,
+    rx: &mut dyn MessageRx,
+    progress: &dyn Progress,
+    slot: &mut Option<Destination>,
+) -> Result<ReceiverReport, SessionError> {
+    let mut feed = Feed {
+        rx,
+        phase: ReceiverPhase::Hello,
+    };
+    let Message::Hello(hello) = feed.next()? else {
+        unreachable!("the phase machine admits only hello first")
+    };
+    tx.send(Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        ..hello.clone()
+    }))?;
+    if hello.version != PROTOCOL_VERSION {
+        return Err(SessionError::Version {
+            ours: PROTOCOL_VERSION,
+            theirs: hello.version,
+        });
+    }
+    if let Err(why) = hello.chunker.validate() {
+        return Err(SessionError::Protocol(why));
+    }
+    progress.phase("scanning");
+    let dest = slot.insert(Destination::prepare(
+        dst,
+        header(hello.mode, hello.chunker),
+        state,
+    )?);
+    let (count, root) = loop {
+        match feed.next()? {
+            Message::Entry(e) => dest.plan(e)?,
+            Message::ManifestEnd { entries, root } => break (entries, root),
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {}",
+                    other.name()
+                )));
+            }
+        }
+    };
+    if dest.manifest_digest() != root || dest.stats.entries != count {
+        return Err(SessionError::Protocol(format!(
+            "manifest digest or entry count does not match what was announced ({count} entries, root {root})"
+        )));
+    }
+    progress.set_total(dest.progress_total());
+    let wants = dest.take_wants();
+    let mut chunks = ChunkStream {
+        feed: &mut feed,
+        error: None,
+    };
+    let (sent, written) = std::thread::scope(|s| {
+        let sender = s.spawn(|| -> Result<(), SessionError> {
+            for batch in wants.chunks(MAX_WANT) {
+                tx.send(Message::Want(batch.to_vec()))?;
+            }
+            tx.send(Message::WantEnd)?;
+            Ok(())
+        });
+        let written = dest.write(&mut chunks, progress);
+        if written.is_err() && chunks.error.is_none() {
+            // Keep reading so the sender can finish and the want thread is not left blocked.
+            while !matches!(chunks.feed.phase, ReceiverPhase::Finished)
+                && chunks.feed.next().is_ok()
+            {}
+        }
+        let sent = sender
+            .join()
+            .unwrap_or_else(|_| Err(SessionError::Protocol("want sender panicked".into())));
+        (sent, written)
+    });
+    if let Some(e) = chunks.error.take() {
+        return Err(e);
+    }
+    written?;
+    sent?;
+    match feed.next()? {
+        Message::ChunksEnd => {}
+        other => {
+            return Err(SessionError::Protocol(format!(
+                "unexpected {} after the last chunk",
+                other.name()
+            )));
+        }
+    }
+    let dest = slot.take().expect("destination prepared above");
+    let (got, stats) = dest.commit(root, progress)?;
+    tx.send(Message::Done { root: got })?;
+    Ok(ReceiverReport { root: got, stats })
+}

@@ -1,0 +1,152 @@
+//! Driving the sending side of a session over a transport.
+
+use std::path::Path;
+
+use super::SessionError;
+use super::message::{ChunkData, Hello, Message, PROTOCOL_VERSION};
+use super::phase::SenderPhase;
+use crate::chunk::ChunkerParams;
+use crate::index::FileIndex;
+use crate::manifest::{
+    DigestBuilder, Header, MANIFEST_VERSION, RootDigest, VolumeMode, encode_entry,
+};
+use crate::snapshot::{ScanStats, SnapshotOptions, scan_block, scan_tree};
+use crate::transport::{MessageRx, MessageTx};
+
+#[derive(Clone, Copy, Debug)]
+pub struct SenderOptions {
+    pub mode: VolumeMode,
+    pub snapshot: SnapshotOptions,
+    /// Compress chunk payloads with zstd when that shrinks them.
+    pub compress: bool,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct SenderReport {
+    pub root: RootDigest,
+    pub scan: ScanStats,
+    pub chunks_sent: u64,
+    pub bytes_sent_raw: u64,
+}
+
+pub fn header(mode: VolumeMode, chunker: ChunkerParams) -> Header {
+    Header {
+        version: MANIFEST_VERSION,
+        mode,
+        chunker,
+    }
+}
+
+/// Runs a whole session as the sender of `src`. `index` is read and refreshed.
+pub fn run_sender(
+    src: &Path,
+    opts: SenderOptions,
+    index: &mut FileIndex,
+    scan_start_ns: i128,
+    tx: &mut dyn MessageTx,
+    rx: &mut dyn MessageRx,
+) -> Result<SenderReport, SessionError> {
+    let result = session(src, opts, index, scan_start_ns, tx, rx);
+    if let Err(e) = &result
+        && !matches!(e, SessionError::Peer(_) | SessionError::Transport(_))
+    {
+        let _ = tx.send(Message::Error {
+            message: e.to_string(),
+        });
+    }
+    result
+}
+
+fn session(
+    src: &Path,
+    opts: SenderOptions,
+    index: &mut FileIndex,
+    scan_start_ns: i128,
+    tx: &mut dyn MessageTx,
+    rx: &mut dyn MessageRx,
+) -> Result<SenderReport, SessionError> {
+    let chunker = opts.snapshot.chunker;
+    tx.send(Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        mode: opts.mode,
+        chunker,
+        compress: opts.compress,
+    }))?;
+    let mut phase = SenderPhase::Hello;
+    let next = |phase: &mut SenderPhase, rx: &mut dyn MessageRx| -> Result<Message, SessionError> {
+        let msg = rx.recv()?;
+        *phase = phase.accept(&msg).map_err(SessionError::Protocol)?;
+        if let Message::Error { message } = msg {
+            return Err(SessionError::Peer(message));
+        }
+        Ok(msg)
+    };
+    match next(&mut phase, rx)? {
+        Message::Hello(h) if h.version != PROTOCOL_VERSION => {
+            return Err(SessionError::Version {
+                ours: PROTOCOL_VERSION,
+                theirs: h.version,
+            });
+        }
+        _ => {}
+    }
+
+    let mut digest = DigestBuilder::new(&header(opts.mode, chunker));
+    let (mut map, scan) = match opts.mode {
+        VolumeMode::Tree => scan_tree(src, opts.snapshot, index, scan_start_ns, &mut |entry| {
+            let encoded = encode_entry(&entry);
+            digest
+                .add_encoded(&entry, &encoded)
+                .map_err(|e| e.to_string())?;
+            tx.send(Message::Entry(entry)).map_err(|e| e.to_string())
+        })?,
+        VolumeMode::Block => {
+            let (entry, map, stats) = scan_block(src, opts.snapshot, index, scan_start_ns)?;
+            digest
+                .add(&entry)
+                .map_err(|e| SessionError::Protocol(e.to_string()))?;
+            tx.send(Message::Entry(entry))?;
+            (map, stats)
+        }
+    };
+    let root = digest.finish();
+    tx.send(Message::ManifestEnd {
+        entries: digest.entries(),
+        root,
+    })?;
+
+    let mut report = SenderReport {
+        root,
+        scan,
+        chunks_sent: 0,
+        bytes_sent_raw: 0,
+    };
+    loop {
+        match next(&mut phase, rx)? {
+            Message::Want(ids) => {
+                for id in ids {
+                    let data = map.read(&id)?;
+                    report.chunks_sent += 1;
+                    report.bytes_sent_raw += data.len() as u64;
+                    tx.send(Message::Chunk(ChunkData::encode(id, &data, opts.compress)))?;
+                }
+            }
+            Message::WantEnd => break,
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {}",
+                    other.name()
+                )));
+            }
+        }
+    }
+    tx.send(Message::ChunksEnd)?;
+    match next(&mut phase, rx)? {
+        Message::Done { root: got } if got == root => Ok(report),
+        Message::Done { root: got } => Err(SessionError::DigestMismatch { got, want: root }),
+        other => Err(SessionError::Protocol(format!(
+            "unexpected {}",
+            other.name()
+        ))),
+    }
+}

@@ -1,0 +1,218 @@
+//! One sync between two local paths: the sender and receiver sessions joined in-process.
+//!
+//! This is what `replicator sync SRC DST` runs when both ends are local. The sender scans on
+//! this thread (with hash workers), the receiver applies on another, and they talk through the
+//! same messages a network sync uses.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::chunk::ChunkerParams;
+use crate::index::{FileIndex, now_ns};
+use crate::manifest::VolumeMode;
+use crate::progress::Progress;
+use crate::protocol::SessionError;
+use crate::protocol::receiver::{ReceiverReport, run_receiver};
+use crate::protocol::sender::{SenderOptions, run_sender};
+use crate::snapshot::SnapshotOptions;
+use crate::state::StateDir;
+use crate::transport::{MessageTx, inproc};
+use crate::volume;
+
+/// Options shared by the CLI and library users.
+#[derive(Clone, Debug)]
+pub struct SyncOptions {
+    pub chunker: ChunkerParams,
+    /// Re-read every source file instead of trusting the index (`--checksum`).
+    pub checksum: bool,
+    /// Compress chunks on the wire; pointless in-process, so off by default for local syncs.
+    pub compress: bool,
+    pub state_dir: PathBuf,
+    pub threads: usize,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        SyncOptions {
+            chunker: ChunkerParams::default(),
+            checksum: false,
+            compress: false,
+            state_dir: StateDir::default_location(),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        }
+    }
+}
+
+/// The `--json` summary: one object per sync.
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub mode: VolumeMode,
+    pub source: String,
+    pub destination: String,
+    pub files: u64,
+    pub entries: u64,
+    pub bytes_total: u64,
+    pub bytes_read: u64,
+    pub chunks_total: u64,
+    pub chunks_sent: u64,
+    pub bytes_sent_raw: u64,
+    pub bytes_sent_wire: u64,
+    pub bytes_received_wire: u64,
+    pub bytes_copied_locally: u64,
+    pub files_written: u64,
+    pub deleted: u64,
+    pub duration_ms: u64,
+    pub root: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{path}: {source}")]
+    Source {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("refusing to sync: {0}")]
+    Nested(String),
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Canonical form of a path that may not exist yet (its parent must, or be creatable).
+pub fn canonical_target(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    match (abs.parent(), abs.file_name()) {
+        (Some(parent), Some(name)) => canonical_target(parent).join(name),
+        _ => abs,
+    }
+}
+
+/// Refuses SRC inside DST or DST inside SRC (a sync would chase its own output).
+pub fn check_not_nested(src: &Path, dst: &Path) -> Result<(), SyncError> {
+    if src == dst {
+        return Err(SyncError::Nested(format!(
+            "{} is both source and destination",
+            src.display()
+        )));
+    }
+    if dst.starts_with(src) {
+        return Err(SyncError::Nested(format!(
+            "destination {} is inside source {}",
+            dst.display(),
+            src.display()
+        )));
+    }
+    if src.starts_with(dst) {
+        return Err(SyncError::Nested(format!(
+            "source {} is inside destination {}",
+            src.display(),
+            dst.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Syncs `src` to `dst` on this machine.
+pub fn sync_local(
+    src: &Path,
+    dst: &Path,
+    opts: &SyncOptions,
+    progress: &dyn Progress,
+) -> Result<Summary, SyncError> {
+    opts.chunker.validate().map_err(SyncError::Usage)?;
+    let started = Instant::now();
+    let src = src.canonicalize().map_err(|source| SyncError::Source {
+        path: src.to_path_buf(),
+        source,
+    })?;
+    let dst = canonical_target(dst);
+    check_not_nested(&src, &dst)?;
+    let mode = volume::detect_mode(&src).map_err(|source| SyncError::Source {
+        path: src.clone(),
+        source,
+    })?;
+    let states = StateDir::new(opts.state_dir.clone());
+    let index_path = states.source_index(&src);
+    let mut index = FileIndex::load(&index_path, opts.chunker);
+    let sender_opts = SenderOptions {
+        mode,
+        snapshot: SnapshotOptions {
+            chunker: opts.chunker,
+            checksum: opts.checksum,
+            threads: opts.threads,
+        },
+        compress: opts.compress,
+    };
+    let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
+    let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
+    let target = states.target(&dst);
+    let scan_start = now_ns();
+    let (sent, received) = std::thread::scope(|s| {
+        let receiver = s.spawn(|| -> Result<(ReceiverReport, u64), SessionError> {
+            let report = run_receiver(&dst, target, &mut r_tx, &mut r_rx, progress)?;
+            Ok((report, r_tx.wire_bytes()))
+        });
+        let sent = run_sender(
+            &src,
+            sender_opts,
+            &mut index,
+            scan_start,
+            &mut s_tx,
+            &mut s_rx,
+        );
+        let wire = s_tx.wire_bytes();
+        drop(s_tx);
+        drop(s_rx);
+        let received = receiver
+            .join()
+            .unwrap_or_else(|_| Err(SessionError::Protocol("receiver thread panicked".into())));
+        (sent.map(|r| (r, wire)), received)
+    });
+    // The receiver's error says more (it knows what it could not apply), unless the sender's
+    // is the cause (a source read error is reported to the receiver as a peer error).
+    let ((report, wire_sent), (rep, wire_back)) = match (sent, received) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), Ok(_)) => return Err(e.into()),
+        (Ok(_), Err(e)) => return Err(e.into()),
+        (Err(se), Err(re)) => {
+            return Err(match re {
+                SessionError::Peer(_) | SessionError::Transport(_) => se.into(),
+                re => re.into(),
+            });
+        }
+    };
+    if let Err(e) = index.save(&index_path) {
+        tracing::warn!(path = %index_path.display(), "cannot save the source index: {e}");
+    }
+    Ok(Summary {
+        mode,
+        source: src.display().to_string(),
+        destination: dst.display().to_string(),
+        files: report.scan.files,
+        entries: report.scan.entries,
+        bytes_total: report.scan.bytes_total,
+        bytes_read: report.scan.bytes_read,
+        chunks_total: report.scan.chunks_total,
+        chunks_sent: report.chunks_sent,
+        bytes_sent_raw: report.bytes_sent_raw,
+        bytes_sent_wire: wire_sent,
+        bytes_received_wire: wire_back,
+        bytes_copied_locally: rep.stats.bytes_copied_locally,
+        files_written: rep.stats.files_written,
+        deleted: rep.stats.deleted,
+        duration_ms: started.elapsed().as_millis() as u64,
+        root: report.root.to_hex(),
+    })
+}

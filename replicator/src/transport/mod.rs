@@ -1,0 +1,30 @@
+//! How session messages travel: a pair of one-way message pipes.
+//!
+//! The sync sessions in [`crate::protocol`] only see [`MessageTx`] and [`MessageRx`]. Local
+//! sync plugs in an in-process pair ([`inproc`]); the network transport plugs in QUIC streams.
+//! Both ends count the bytes a message takes on the wire, so summaries report the same figure
+//! whatever the transport.
+
+pub mod inproc;
+
+use crate::protocol::message::Message;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("transport: {0}")]
+    Other(String),
+}
+
+/// Sends messages to the peer. Blocks while the peer is not keeping up (backpressure).
+pub trait MessageTx: Send {
+    fn send(&mut self, msg: Message) -> Result<(), TransportError>;
+    /// Bytes sent so far, counted as framed on the wire.
+    fn wire_bytes(&self) -> u64;
+}
+
+/// Receives messages from the peer, in the order they were sent.
+pub trait MessageRx: Send {
+    fn recv(&mut self) -> Result<Message, TransportError>;
+}
