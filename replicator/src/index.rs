@@ -5,8 +5,10 @@
 //! it to know which destination files already hold which chunks without reading them.
 //!
 //! Racy entries (trap: a file modified in the same timestamp tick as the scan that read it) are
-//! never recorded: an entry whose ctime or mtime is not older than the scan start minus
-//! [`RACY_MARGIN_NS`] is dropped when the index is saved, so the next sync reads it again.
+//! never trusted: an entry whose ctime or mtime is not older than the scan start minus
+//! [`RACY_MARGIN_NS`] is recorded as *racy*. [`FileIndex::lookup`] ignores racy entries, so the
+//! next sync reads such a file again; [`FileIndex::locate`] still offers them as places where a
+//! chunk may be found, which is safe because every chunk read from such a place is verified.
 
 use std::collections::HashMap;
 use std::io;
@@ -71,6 +73,8 @@ pub fn now_ns() -> i128 {
 pub struct IndexEntry {
     pub fingerprint: Fingerprint,
     pub segments: Vec<Segment>,
+    /// Recorded too close to the file's last change to vouch for its content.
+    pub racy: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -87,13 +91,20 @@ impl FileIndex {
         }
     }
 
-    /// The recorded chunk list of `path` if `stat` shows the file unchanged since.
+    /// The recorded chunk list of `path` if `stat` shows the file unchanged since and the
+    /// record is not racy: the content may be trusted without reading it.
     pub fn lookup(&self, path: &RelPath, stat: &StatInfo) -> Option<&[Segment]> {
+        self.locate(path, stat).filter(|_| !self.entries[path].racy)
+    }
+
+    /// The recorded chunk list of `path` if `stat` is unchanged, racy or not: where chunks
+    /// probably are (callers verify what they read).
+    pub fn locate(&self, path: &RelPath, stat: &StatInfo) -> Option<&[Segment]> {
         let e = self.entries.get(path)?;
         (e.fingerprint == Fingerprint::from(stat)).then_some(&e.segments[..])
     }
 
-    /// Records a file unless its stat is racy relative to `scan_start_ns`.
+    /// Records a file; marks it racy if its stat is too close to `scan_start_ns`.
     pub fn record(
         &mut self,
         path: RelPath,
@@ -102,15 +113,13 @@ impl FileIndex {
         scan_start_ns: i128,
     ) {
         let fingerprint = Fingerprint::from(stat);
-        if fingerprint.is_racy(scan_start_ns) {
-            self.entries.remove(&path);
-            return;
-        }
+        let racy = fingerprint.is_racy(scan_start_ns);
         self.entries.insert(
             path,
             IndexEntry {
                 fingerprint,
                 segments,
+                racy,
             },
         );
     }
@@ -135,6 +144,7 @@ impl FileIndex {
             w.varint_signed(f.ctime_sec);
             w.varint(u64::from(f.ctime_nsec));
             w.varint(f.ino);
+            w.u8(u8::from(e.racy));
             // Reuse the manifest's file encoding for path + segments.
             w.raw(&manifest::encode_entry(&Entry {
                 path: path.clone(),
@@ -170,6 +180,7 @@ impl FileIndex {
             let ctime_sec = r.varint_signed()?;
             let ctime_nsec = r.u32("ctime nsec")?;
             let ino = r.varint()?;
+            let racy = r.u8()? != 0;
             let entry = manifest::decode_entry(&mut r, &Limits::default())?;
             let EntryKind::File { segments, .. } = entry.kind else {
                 return Err(DecodeError::Invalid {
@@ -189,6 +200,7 @@ impl FileIndex {
                         ino,
                     },
                     segments,
+                    racy,
                 },
             );
         }
@@ -241,6 +253,10 @@ mod tests {
         let now = 1_000 * 1_000_000_000i128;
         idx.record(p.clone(), &stat(1_000), vec![], now);
         assert!(idx.lookup(&p, &stat(1_000)).is_none());
+        assert!(
+            idx.locate(&p, &stat(1_000)).is_some(),
+            "racy entries still locate chunks"
+        );
         idx.record(p.clone(), &stat(990), vec![], now);
         assert!(idx.lookup(&p, &stat(990)).is_some());
         assert!(idx.lookup(&p, &stat(991)).is_none());

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod chunk;
 pub mod codec;
+pub mod crashpoint;
 pub mod demo;
 pub mod digest;
 pub mod index;

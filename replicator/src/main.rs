@@ -315,6 +315,9 @@ fn run_demo(a: DemoArgs) -> Result<(), Failure> {
         if !a.json {
             println!("sample tree: {} ({files} files)", src.display());
         }
+        // Timestamps within a second of a scan are not trusted by the quick check (a write in
+        // the same clock tick would go unnoticed); let the fresh tree age past that.
+        std::thread::sleep(Duration::from_millis(1100));
         let first = with_progress(|p| sync_local(&src, &dst, &opts, p))?;
         replicator::demo::edit_sample_tree(&src).map_err(|e| Failure::Failed(Box::new(e)))?;
         let second = with_progress(|p| sync_local(&src, &dst, &opts, p))?;

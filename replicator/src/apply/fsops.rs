@@ -270,7 +270,7 @@ fn sync_xattrs_path(path: &Path, want: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> 
 
 fn list_fd<Fd: AsFd>(fd: Fd) -> Result<Vec<u8>, Errno> {
     loop {
-        let size = rfs::flistxattr(&fd, &mut [0u8; 0][..])?;
+        let size = rfs::flistxattr_query(&fd)?;
         let mut buf = vec![0u8; size];
         match rfs::flistxattr(&fd, &mut buf[..]) {
             Ok(n) => {

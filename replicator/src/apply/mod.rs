@@ -159,14 +159,15 @@ impl Destination {
         state
             .mark_incomplete(path)
             .map_err(io_err("cannot write state of", &path.display()))?;
-        // Chunks of files the index vouches for (stat unchanged since we wrote or read them).
+        // Where chunks probably are: files whose stat is unchanged since the index recorded
+        // them. Every chunk read from these is verified, so racy records may be used too.
         let mut local = HashMap::new();
         if header.mode == VolumeMode::Tree {
             for (p, e) in &index.entries {
                 let Some(have) = existing.get(p) else {
                     continue;
                 };
-                if !have.stat.is_file() || index.lookup(p, &have.stat).is_none() {
+                if !have.stat.is_file() || index.locate(p, &have.stat).is_none() {
                     continue;
                 }
                 let Some((dir, name)) = p.split_last() else {
@@ -355,8 +356,6 @@ impl Destination {
             {
                 resume = true;
                 Src::InPlace
-            } else if let Some(loc) = self.local.get(&id) {
-                Src::Local(loc.clone())
             } else if old
                 .as_ref()
                 .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
@@ -366,6 +365,8 @@ impl Destination {
                     name: name.clone(),
                     offset: off,
                 })
+            } else if let Some(loc) = self.local.get(&id) {
+                Src::Local(loc.clone())
             } else {
                 if self.wanted.insert(id) {
                     self.want.push(id, u64::from(len));
@@ -382,6 +383,26 @@ impl Destination {
                 });
             }
             sources.push(src);
+        }
+        // An existing file that already holds exactly this content (the index could not vouch
+        // for it, but every chunk checked out) is kept rather than rewritten.
+        if let Some(f) = &old
+            && self
+                .existing
+                .get(&e.path)
+                .is_some_and(|h| h.stat.size == e.size() && h.stat.nlink == 1)
+            && offsets(segments)
+                .zip(&sources)
+                .all(|((off, seg), src)| match src {
+                    Src::Local(l) => l.dir == dir && l.name == name && l.offset == off,
+                    Src::Zero => range_is_zero(f, off, seg.len(), &mut buf),
+                    _ => false,
+                })
+        {
+            let have = &self.existing[&e.path];
+            return Ok(Plan::Keep {
+                meta: plan::meta_differs(have, &e.meta, false),
+            });
         }
         Ok(Plan::Build { sources, resume })
     }
@@ -486,6 +507,9 @@ impl Destination {
                     if let Some(data) = data {
                         file.write_all_at(&data, off)
                             .map_err(io_err("cannot write", &shown))?;
+                        if *src == Src::Wire {
+                            crate::crashpoint::reached("chunk");
+                        }
                     }
                     progress.advance(u64::from(len));
                 }
@@ -578,6 +602,7 @@ impl Destination {
                         let data = feed.next_chunk(id)?;
                         file.write_all_at(&data, off)
                             .map_err(io_err("cannot write", &shown))?;
+                        crate::crashpoint::reached("chunk");
                         self.stats.files_written = 1;
                     }
                     (Segment::Chunk { id, len }, Src::Local(loc)) => {
@@ -682,6 +707,7 @@ impl Destination {
                     }
                     rfs::renameat(d, os(&temp_name(&name)), d, os(&name))
                         .map_err(|err| io_err("cannot rename into place", &shown)(err.into()))?;
+                    crate::crashpoint::reached("rename");
                     touched = true;
                 }
                 Plan::Link => {
@@ -768,6 +794,7 @@ impl Destination {
                 touched = true;
             }
         }
+        crate::crashpoint::reached("commit-sync");
         if touched {
             fsops::syncfs(
                 vol.dir(&RelPath::root())

@@ -37,7 +37,7 @@ fn unsupported(e: Errno) -> bool {
 
 fn list(path: &Path) -> Result<Vec<u8>, Errno> {
     loop {
-        let size = rustix::fs::llistxattr(path, &mut [0u8; 0][..])?;
+        let size = rustix::fs::llistxattr_query(path)?;
         if size == 0 {
             return Ok(Vec::new());
         }
@@ -56,7 +56,7 @@ fn list(path: &Path) -> Result<Vec<u8>, Errno> {
 fn get(path: &Path, name: &[u8]) -> Result<Vec<u8>, Errno> {
     let name = OsStr::from_bytes(name);
     loop {
-        let size = rustix::fs::lgetxattr(path, name, &mut [0u8; 0][..])?;
+        let size = rustix::fs::lgetxattr_query(path, name)?;
         let mut buf = vec![0u8; size];
         match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
             Ok(n) => {

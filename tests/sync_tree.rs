@@ -1,0 +1,324 @@
+//! Tree mode end to end: every awkward case of a real volume, through the real binary.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::ffi::OsStr;
+use std::fs::{self, File, FileTimes};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, PermissionsExt, symlink};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, UNIX_EPOCH};
+
+use integration_tests::*;
+use rustix::fs::{self as rfs, FileType, Mode};
+
+fn set_mtime(path: &Path, secs: u64, nanos: u32) {
+    let t = UNIX_EPOCH + Duration::new(secs, nanos);
+    let f = File::options()
+        .read(true)
+        .open(path)
+        .expect("open for times");
+    f.set_times(FileTimes::new().set_modified(t).set_accessed(t))
+        .expect("set times");
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    rfs::lsetxattr(path, name, value, rfs::XattrFlags::empty())
+        .expect("setxattr (does the filesystem support user xattrs?)");
+}
+
+fn build_awkward_tree(src: &Path) {
+    fs::create_dir_all(src.join("dir/nested/deeper")).unwrap();
+    fs::write(src.join("plain.txt"), b"hello\n").unwrap();
+    set_mtime(&src.join("plain.txt"), 1_600_000_000, 123_456_789);
+    for (name, mode) in [("setuid", 0o4755), ("setgid", 0o2750), ("private", 0o600)] {
+        fs::write(src.join(name), name.as_bytes()).unwrap();
+        fs::set_permissions(src.join(name), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    fs::create_dir(src.join("sticky")).unwrap();
+    fs::set_permissions(src.join("sticky"), fs::Permissions::from_mode(0o1777)).unwrap();
+    set_xattr(&src.join("plain.txt"), "user.color", b"blue");
+    set_xattr(&src.join("dir"), "user.dirattr", b"\x00\x01binary");
+    // Hard links: a pair and a triple.
+    fs::write(src.join("pair-a"), bytes(1, 50_000)).unwrap();
+    fs::hard_link(src.join("pair-a"), src.join("dir/pair-b")).unwrap();
+    fs::write(src.join("triple-1"), b"three names").unwrap();
+    fs::hard_link(src.join("triple-1"), src.join("triple-2")).unwrap();
+    fs::hard_link(src.join("triple-1"), src.join("dir/nested/triple-3")).unwrap();
+    // Sparse: 32 MiB with 100 KB of data in the middle and at the end.
+    let f = File::create(src.join("sparse.img")).unwrap();
+    f.set_len(32 << 20).unwrap();
+    f.write_all_at(&bytes(2, 100_000), 16 << 20).unwrap();
+    f.write_all_at(&bytes(3, 4096), (32 << 20) - 4096).unwrap();
+    drop(f);
+    // Symlinks: relative, dangling, absolute.
+    symlink("plain.txt", src.join("link-rel")).unwrap();
+    symlink("does/not/exist", src.join("link-dangling")).unwrap();
+    symlink("/etc/passwd", src.join("link-abs")).unwrap();
+    // Odd names: spaces, newline, invalid UTF-8.
+    fs::write(src.join("a name with spaces"), b"1").unwrap();
+    fs::write(src.join("new\nline"), b"2").unwrap();
+    fs::write(src.join(OsStr::from_bytes(b"bad-\xff\xfe-utf8")), b"3").unwrap();
+    // A FIFO, and device nodes and foreign owners when we may create them.
+    let d = rfs::open(src, rfs::OFlags::DIRECTORY, Mode::empty()).unwrap();
+    rfs::mknodat(&d, "fifo", FileType::Fifo, Mode::from_raw_mode(0o640), 0).unwrap();
+    if is_root() {
+        rfs::mknodat(
+            &d,
+            "null-dev",
+            FileType::CharacterDevice,
+            Mode::from_raw_mode(0o666),
+            rfs::makedev(1, 3),
+        )
+        .unwrap();
+        rfs::chownat(
+            &d,
+            "private",
+            Some(rfs::Uid::from_raw(1234)),
+            Some(rfs::Gid::from_raw(5678)),
+            rfs::AtFlags::empty(),
+        )
+        .unwrap();
+        rfs::chownat(
+            &d,
+            "link-rel",
+            Some(rfs::Uid::from_raw(42)),
+            Some(rfs::Gid::from_raw(43)),
+            rfs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        // chown clears setuid: set it again, as a real tree would have it.
+        rfs::chownat(
+            &d,
+            "setuid",
+            Some(rfs::Uid::from_raw(7)),
+            None,
+            rfs::AtFlags::empty(),
+        )
+        .unwrap();
+        fs::set_permissions(src.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    } else {
+        eprintln!("not root: skipping device nodes and foreign owners");
+    }
+    // Directory times last (creating children changes them).
+    set_mtime(&src.join("dir/nested/deeper"), 1_500_000_000, 1);
+    set_mtime(&src.join("dir/nested"), 1_500_000_001, 999_999_999);
+    set_mtime(&src.join("dir"), 1_500_000_002, 5);
+}
+
+#[test]
+fn every_awkward_case_is_mirrored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("src"),
+        tmp.path().join("dst"),
+        tmp.path().join("state"),
+    );
+    build_awkward_tree(&src);
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+    assert_eq!(s["mode"], "tree");
+    // Holes were neither sent nor written.
+    assert!(
+        allocated(&dst.join("sparse.img")) < 1 << 20,
+        "sparse file was filled in"
+    );
+    assert!(s["bytes_sent_raw"].as_u64().unwrap() < 1 << 20);
+    // Digests agree, computed independently on each side.
+    let digest = |p: &Path| {
+        let out = Command::new(replicator_bin())
+            .arg("digest")
+            .arg(p)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(digest(&src), digest(&dst));
+    assert_eq!(digest(&dst), s["root"].as_str().unwrap());
+    // No bookkeeping of ours is left inside the destination.
+    let leftovers: Vec<_> = describe(&dst)
+        .into_keys()
+        .filter(|p| p.windows(5).any(|w| w == b".rpl-"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn deletions_renames_and_type_changes_are_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("src"),
+        tmp.path().join("dst"),
+        tmp.path().join("state"),
+    );
+    fs::create_dir_all(src.join("will-be-file/sub")).unwrap();
+    fs::write(src.join("will-be-file/sub/x"), b"x").unwrap();
+    fs::write(src.join("will-be-dir"), b"file").unwrap();
+    symlink("target", src.join("will-be-regular")).unwrap();
+    fs::write(src.join("deleted"), b"gone soon").unwrap();
+    fs::write(src.join("moved"), bytes(9, 200_000)).unwrap();
+    fs::write(src.join("linked"), b"shared").unwrap();
+    fs::hard_link(src.join("linked"), src.join("linked-2")).unwrap();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+
+    fs::remove_dir_all(src.join("will-be-file")).unwrap();
+    fs::write(src.join("will-be-file"), b"now a file").unwrap();
+    fs::remove_file(src.join("will-be-dir")).unwrap();
+    fs::create_dir(src.join("will-be-dir")).unwrap();
+    fs::write(src.join("will-be-dir/inner"), b"inner").unwrap();
+    fs::remove_file(src.join("will-be-regular")).unwrap();
+    fs::write(src.join("will-be-regular"), b"regular").unwrap();
+    fs::remove_file(src.join("deleted")).unwrap();
+    fs::create_dir(src.join("new-home")).unwrap();
+    fs::rename(src.join("moved"), src.join("new-home/moved")).unwrap();
+    // Break the hard link: linked-2 becomes its own file with the same content.
+    fs::remove_file(src.join("linked-2")).unwrap();
+    fs::write(src.join("linked-2"), b"shared").unwrap();
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+    assert!(s["deleted"].as_u64().unwrap() >= 2);
+    // The renamed file's data came from the destination itself, not over the wire.
+    assert!(s["bytes_copied_locally"].as_u64().unwrap() >= 200_000);
+    assert!(s["bytes_sent_raw"].as_u64().unwrap() < 1000, "{s}");
+}
+
+#[test]
+fn incremental_sync_reads_and_sends_only_what_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("src"),
+        tmp.path().join("dst"),
+        tmp.path().join("state"),
+    );
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("big"), bytes(1, 8 << 20)).unwrap();
+    for i in 0..50 {
+        fs::write(src.join(format!("small-{i}")), bytes(100 + i, 3000)).unwrap();
+    }
+    settle();
+    let first = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_eq!(first["chunks_sent"], first["chunks_total"]);
+    settle();
+    let nothing = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_eq!(nothing["chunks_sent"], 0);
+    assert_eq!(nothing["bytes_read"], 0, "unchanged files were re-read");
+    assert_eq!(nothing["files_written"], 0);
+
+    let f = File::options()
+        .append(true)
+        .open(src.join("small-7"))
+        .unwrap();
+    f.write_all_at(b"appended", 3000).unwrap();
+    let big = File::options().write(true).open(src.join("big")).unwrap();
+    big.write_all_at(&bytes(77, 1000), 4 << 20).unwrap();
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+    assert!(s["chunks_sent"].as_u64().unwrap() <= 3, "{s}");
+    assert!(s["bytes_read"].as_u64().unwrap() <= (8 << 20) + 3008, "{s}");
+    // --checksum re-reads everything but still sends nothing new.
+    let c = summary(&run_sync(&src, &dst, &state, &["--checksum"]));
+    assert_eq!(
+        c["bytes_read"].as_u64().unwrap(),
+        (8 << 20) + 49 * 3000 + 3008
+    );
+    assert_eq!(c["chunks_sent"], 0);
+}
+
+#[test]
+fn a_source_read_error_aborts_before_touching_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path();
+    fs::set_permissions(base, fs::Permissions::from_mode(0o777)).unwrap();
+    let (src, dst, state) = (base.join("src"), base.join("dst"), base.join("state"));
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("keep"), b"v1").unwrap();
+    fs::write(src.join("old"), b"will be deleted in the source").unwrap();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    fs::remove_file(src.join("old")).unwrap();
+    fs::write(src.join("keep"), b"v2").unwrap();
+    fs::create_dir(src.join("newdir")).unwrap();
+    fs::write(src.join("newdir/unreadable"), b"secret").unwrap();
+    fs::set_permissions(
+        src.join("newdir/unreadable"),
+        fs::Permissions::from_mode(0o000),
+    )
+    .unwrap();
+    let before = describe(&dst);
+
+    let mut cmd = if is_root() {
+        // Root reads anything: run the sync as nobody, owning everything but that one file.
+        for p in [&src, &dst, &state] {
+            Command::new("chown")
+                .args(["-R", "65534:65534"])
+                .arg(p)
+                .status()
+                .unwrap();
+        }
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        Command::new("chown")
+            .arg("0:0")
+            .arg(src.join("newdir/unreadable"))
+            .status()
+            .unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(replicator_bin());
+        c
+    } else {
+        Command::new(replicator_bin())
+    };
+    let before = if is_root() { describe(&dst) } else { before };
+    let out = cmd
+        .arg("sync")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("unreadable") && stderr.contains("ermission denied"),
+        "{stderr}"
+    );
+    assert_eq!(
+        describe(&dst),
+        before,
+        "destination changed after a failed sync"
+    );
+}
+
+#[test]
+fn nested_source_and_destination_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let out = run_sync(&src, &src.join("inside"), &tmp.path().join("state"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inside source"));
+    let out = run_sync(&src, tmp.path(), &tmp.path().join("state"), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!src.join("inside").exists());
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = run_sync(
+        tmp.path(),
+        &tmp.path().join("x"),
+        tmp.path(),
+        &["--chunk-min", "1"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(replicator_bin()).arg("sync").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
