@@ -3,7 +3,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use replicator::codec::Reader;
-use replicator::manifest::{decode_entry, decode_header, encode_entry, Limits};
+use replicator::manifest::{Limits, decode_entry, decode_header, encode_entry};
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_header(&mut Reader::new(data));

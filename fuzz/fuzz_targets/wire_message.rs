@@ -8,7 +8,8 @@ use replicator::protocol::message::Message;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(msg) = Message::decode_body(data, &Limits::default()) {
-        let again = Message::decode_body(&msg.encode_body(), &Limits::default()).expect("re-decode");
+        let again =
+            Message::decode_body(&msg.encode_body(), &Limits::default()).expect("re-decode");
         assert_eq!(again, msg);
     }
 });
