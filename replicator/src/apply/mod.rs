@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 
-use crate::chunk::{ChunkId, ChunkerParams, Segment};
+use crate::chunk::{ChunkId, Segment};
 use crate::index::{FileIndex, now_ns};
 use crate::manifest::{DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode};
 use crate::progress::Progress;
@@ -939,11 +939,4 @@ impl LocalReader {
         }
         Ok(Bytes::from(buf))
     }
-}
-
-/// The chunk parameters a destination's index was built with, for the CLI's diagnostics.
-pub fn index_params(state: &TargetState) -> Option<ChunkerParams> {
-    FileIndex::decode(&std::fs::read(state.index_file()).ok()?)
-        .ok()?
-        .params
 }
