@@ -15,6 +15,7 @@ pub mod demo;
 pub mod digest;
 pub mod index;
 pub mod manifest;
+pub mod net;
 pub mod progress;
 pub mod protocol;
 pub mod snapshot;

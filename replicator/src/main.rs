@@ -1,6 +1,8 @@
 //! The `replicator` command line: argument parsing, progress display, summaries, exit codes.
 //!
-//! Exit codes: 0 success, 1 the sync (or digest) failed, 2 usage error.
+//! Exit codes: 0 success, 1 the sync (or digest) failed, 2 usage error, 3 the peer refused
+//! (identity not trusted, version mismatch, volume busy), 4 the connection failed or broke
+//! (rerunning resumes).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -11,7 +13,14 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use replicator::chunk::ChunkerParams;
+use replicator::net::client::{ClientOptions, pull, push};
+use replicator::net::endpoint::NetOptions;
+use replicator::net::identity::{Fingerprint, Identity, TrustList};
+use replicator::net::open::{MAX_LANES, RemoteSpec, resolve};
+use replicator::net::server::{ServeOptions, Server};
 use replicator::progress::{NoProgress, Progress};
+use replicator::protocol::message::PROTOCOL_VERSION;
+use replicator::protocol::receiver::DEFAULT_MAX_ENTRIES;
 use replicator::state::StateDir;
 use replicator::sync::{Summary, SyncError, SyncOptions, sync_local};
 
@@ -37,6 +46,94 @@ enum Command {
     Digest(DigestArgs),
     /// Build a small sample tree and sync it, printing the summary (a first run to try).
     Demo(DemoArgs),
+    /// Print this host's identity fingerprint, creating the identity on first use.
+    Id(IdArgs),
+    /// Offer the volumes under --root to authorized clients over QUIC.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Clone)]
+struct IdentityArgs {
+    /// Identity directory (default: $REPLICATOR_IDENTITY_DIR, else ~/.config/replicator/identity).
+    #[arg(long)]
+    identity: Option<PathBuf>,
+}
+
+impl IdentityArgs {
+    fn dir(&self) -> PathBuf {
+        self.identity.clone().unwrap_or_else(Identity::default_dir)
+    }
+
+    fn load(&self) -> Result<Identity, Failure> {
+        let dir = self.dir();
+        let (id, created) =
+            Identity::load_or_create(&dir).map_err(|e| Failure::Failed(Box::new(e)))?;
+        if created {
+            eprintln!(
+                "replicator: created a new identity in {} (fingerprint {})",
+                dir.display(),
+                id.fingerprint
+            );
+        }
+        Ok(id)
+    }
+}
+
+#[derive(Args, Clone)]
+struct NetArgs {
+    /// Seconds without a sign of life from the peer before the connection is declared lost.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Protocol version to announce (testing only).
+    #[arg(long, hide = true, default_value_t = PROTOCOL_VERSION)]
+    protocol_version: u32,
+}
+
+impl NetArgs {
+    fn options(&self) -> Result<NetOptions, Failure> {
+        if !(self.timeout.is_finite() && self.timeout >= 0.5) {
+            return Err(Failure::Usage(
+                "--timeout must be at least 0.5 seconds".into(),
+            ));
+        }
+        Ok(NetOptions {
+            idle_timeout: Duration::from_secs_f64(self.timeout),
+        })
+    }
+}
+
+#[derive(Args)]
+struct IdArgs {
+    #[command(flatten)]
+    identity: IdentityArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address and UDP port to listen on.
+    #[arg(long, default_value = "0.0.0.0:7700")]
+    listen: String,
+    /// Directory holding the volumes (one subdirectory or image file per volume name).
+    #[arg(long)]
+    root: PathBuf,
+    /// File of client fingerprints allowed in, one per line (default: IDENTITY/authorized_clients).
+    #[arg(long)]
+    authorized: Option<PathBuf>,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    #[command(flatten)]
+    net: NetArgs,
+    /// Most manifest entries accepted in one push.
+    #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES)]
+    max_entries: u64,
+    /// Hours after which the partial files of an abandoned sync are removed.
+    #[arg(long, default_value_t = 168.0)]
+    staging_max_age_hours: f64,
+    /// Hashing threads when sending (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -64,9 +161,9 @@ impl ChunkArgs {
 
 #[derive(Args)]
 struct SyncArgs {
-    /// Source volume: a directory, a disk image file or a block device.
+    /// Source volume: a directory, a disk image file or a block device; or HOST:PORT/VOLUME.
     src: PathBuf,
-    /// Destination; created if absent.
+    /// Destination; created if absent. Or HOST:PORT/VOLUME on a `replicator serve`.
     dst: PathBuf,
     #[command(flatten)]
     chunks: ChunkArgs,
@@ -85,6 +182,20 @@ struct SyncArgs {
     /// Hashing threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Fingerprint of the server to trust (repeatable); see `replicator id` on the server.
+    #[arg(long = "peer-id")]
+    peer_id: Vec<String>,
+    /// File of trusted server fingerprints, "FINGERPRINT [HOST:PORT...]" per line
+    /// (default: IDENTITY/known_peers).
+    #[arg(long)]
+    known_peers: Option<PathBuf>,
+    /// Parallel QUIC streams carrying the session.
+    #[arg(long, default_value_t = 4)]
+    lanes: u8,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    #[command(flatten)]
+    net: NetArgs,
 }
 
 #[derive(Args)]
@@ -119,6 +230,8 @@ fn main() -> ExitCode {
         Command::Sync(a) => run_sync(a),
         Command::Digest(a) => run_digest(a),
         Command::Demo(a) => run_demo(a),
+        Command::Id(a) => run_id(a),
+        Command::Serve(a) => run_serve(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -130,12 +243,22 @@ fn main() -> ExitCode {
             eprintln!("replicator: {}", error_chain(&*err));
             ExitCode::from(1)
         }
+        Err(Failure::Refused(msg)) => {
+            eprintln!("replicator: refused: {msg}");
+            ExitCode::from(3)
+        }
+        Err(Failure::Connection(msg)) => {
+            eprintln!("replicator: {msg}");
+            ExitCode::from(4)
+        }
     }
 }
 
 enum Failure {
     Usage(String),
     Failed(Box<dyn std::error::Error>),
+    Refused(String),
+    Connection(String),
 }
 
 impl From<SyncError> for Failure {
@@ -143,6 +266,8 @@ impl From<SyncError> for Failure {
         match e {
             SyncError::Usage(m) => Failure::Usage(m),
             SyncError::Nested(_) => Failure::Usage(e.to_string()),
+            SyncError::Refused { message, .. } => Failure::Refused(message),
+            SyncError::Connection(m) => Failure::Connection(m),
             other => Failure::Failed(Box::new(other)),
         }
     }
@@ -170,6 +295,7 @@ fn init_logging(level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -206,21 +332,140 @@ impl Progress for Bar {
 fn run_sync(a: SyncArgs) -> Result<(), Failure> {
     let chunker = a.chunks.params();
     chunker.validate().map_err(Failure::Usage)?;
+    let remote_src = remote_spec(&a.src)?;
+    let remote_dst = remote_spec(&a.dst)?;
     let mut opts = SyncOptions {
         chunker,
         checksum: a.checksum,
-        compress: a.compress == "always",
+        // On a network link compression pays; in-process it only costs CPU.
+        compress: match a.compress.as_str() {
+            "always" => true,
+            "never" => false,
+            _ => remote_src.is_some() || remote_dst.is_some(),
+        },
         ..SyncOptions::default()
     };
-    if let Some(dir) = a.state_dir {
-        opts.state_dir = dir;
+    if let Some(dir) = &a.state_dir {
+        opts.state_dir = dir.clone();
     }
     if let Some(t) = a.threads {
         opts.threads = t.max(1);
     }
-    let summary = with_progress(|p| sync_local(&a.src, &a.dst, &opts, p))?;
+    let summary = match (remote_src, remote_dst) {
+        (None, None) => with_progress(|p| sync_local(&a.src, &a.dst, &opts, p))?,
+        (Some(_), Some(_)) => {
+            return Err(Failure::Usage(
+                "both ends are remote; run the sync on one of the hosts".into(),
+            ));
+        }
+        (None, Some(remote)) => {
+            let client = client_options(&a)?;
+            with_progress(|_| push(&a.src, &remote, &opts, &client))?
+        }
+        (Some(remote), None) => {
+            let client = client_options(&a)?;
+            with_progress(|p| pull(&remote, &a.dst, &opts, &client, p))?
+        }
+    };
     print_summary(&summary, a.json);
     Ok(())
+}
+
+fn remote_spec(p: &std::path::Path) -> Result<Option<RemoteSpec>, Failure> {
+    let Some(s) = p.to_str() else {
+        return Ok(None);
+    };
+    RemoteSpec::parse(s).transpose().map_err(Failure::Usage)
+}
+
+fn client_options(a: &SyncArgs) -> Result<ClientOptions, Failure> {
+    let identity = a.identity.load()?;
+    let known_peers = a
+        .known_peers
+        .clone()
+        .unwrap_or_else(|| a.identity.dir().join("known_peers"));
+    let mut trusted = TrustList::load(&known_peers).map_err(|e| Failure::Usage(e.to_string()))?;
+    for p in &a.peer_id {
+        trusted.add(Fingerprint::parse(p).map_err(|e| Failure::Usage(format!("--peer-id: {e}")))?);
+    }
+    let mut client = ClientOptions::new(identity, trusted, known_peers);
+    client.net = a.net.options()?;
+    client.version = a.net.protocol_version;
+    client.lanes = a.lanes.clamp(1, MAX_LANES);
+    Ok(client)
+}
+
+fn run_id(a: IdArgs) -> Result<(), Failure> {
+    let id = a.identity.load()?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"fingerprint": id.fingerprint.to_string(), "dir": id.dir})
+        );
+    } else {
+        println!("{}", id.fingerprint);
+    }
+    Ok(())
+}
+
+fn run_serve(a: ServeArgs) -> Result<(), Failure> {
+    let identity = a.identity.load()?;
+    let listen = resolve(&a.listen).map_err(Failure::Usage)?;
+    if !(a.staging_max_age_hours.is_finite() && a.staging_max_age_hours >= 0.0) {
+        return Err(Failure::Usage(
+            "--staging-max-age-hours must be >= 0".into(),
+        ));
+    }
+    let opts = ServeOptions {
+        listen,
+        root: a.root.clone(),
+        authorized: a
+            .authorized
+            .clone()
+            .unwrap_or_else(|| a.identity.dir().join("authorized_clients")),
+        identity,
+        net: a.net.options()?,
+        version: a.net.protocol_version,
+        max_entries: a.max_entries.max(1),
+        threads: a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1),
+        staging_max_age: Duration::from_secs_f64(a.staging_max_age_hours * 3600.0),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Failed(Box::new(e)))?;
+    runtime.block_on(async {
+        let authorized = opts.authorized.clone();
+        let fingerprint = opts.identity.fingerprint;
+        let server = Server::bind(opts).map_err(|e| Failure::Failed(Box::new(e)))?;
+        let addr = server
+            .local_addr()
+            .map_err(|e| Failure::Failed(Box::new(e)))?;
+        // One line on stdout that scripts can read: where, and who we are.
+        println!("listening on {addr} fingerprint {fingerprint}");
+        tracing::info!(authorized = %authorized.display(), "serving");
+        server.run(shutdown_signal()).await;
+        Ok(())
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
 }
 
 fn with_progress<T>(f: impl FnOnce(&dyn Progress) -> Result<T, SyncError>) -> Result<T, SyncError> {

@@ -14,11 +14,11 @@ use crate::index::{FileIndex, now_ns};
 use crate::manifest::VolumeMode;
 use crate::progress::Progress;
 use crate::protocol::SessionError;
-use crate::protocol::receiver::{ReceiverReport, run_receiver};
-use crate::protocol::sender::{SenderOptions, run_sender};
+use crate::protocol::receiver::{DEFAULT_MAX_ENTRIES, ReceiverReport, run_receiver};
+use crate::protocol::sender::{SenderOptions, SenderReport, run_sender};
 use crate::snapshot::SnapshotOptions;
 use crate::state::StateDir;
-use crate::transport::{MessageTx, inproc};
+use crate::transport::{MessageRx, MessageTx, inproc};
 use crate::volume;
 
 /// Options shared by the CLI and library users.
@@ -81,6 +81,15 @@ pub enum SyncError {
     Session(#[from] SessionError),
     #[error("{0}")]
     Usage(String),
+    /// The peer refused the session (identity, version, busy volume, bad request).
+    #[error("{message}")]
+    Refused {
+        code: crate::net::open::CloseCode,
+        message: String,
+    },
+    /// The connection failed or broke; rerunning resumes.
+    #[error("{0}")]
+    Connection(String),
 }
 
 /// Canonical form of a path that may not exist yet (its parent must, or be creatable).
@@ -144,34 +153,22 @@ pub fn sync_local(
         source,
     })?;
     let states = StateDir::new(opts.state_dir.clone());
-    let index_path = states.source_index(&src);
-    let mut index = FileIndex::load(&index_path, opts.chunker);
-    let sender_opts = SenderOptions {
-        mode,
-        snapshot: SnapshotOptions {
-            chunker: opts.chunker,
-            checksum: opts.checksum,
-            threads: opts.threads,
-        },
-        compress: opts.compress,
-    };
     let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
     let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
     let target = states.target(&dst);
-    let scan_start = now_ns();
     let (sent, received) = std::thread::scope(|s| {
         let receiver = s.spawn(|| -> Result<(ReceiverReport, u64), SessionError> {
-            let report = run_receiver(&dst, target, &mut r_tx, &mut r_rx, progress)?;
+            let report = run_receiver(
+                &dst,
+                target,
+                &mut r_tx,
+                &mut r_rx,
+                progress,
+                DEFAULT_MAX_ENTRIES,
+            )?;
             Ok((report, r_tx.wire_bytes()))
         });
-        let sent = run_sender(
-            &src,
-            sender_opts,
-            &mut index,
-            scan_start,
-            &mut s_tx,
-            &mut s_rx,
-        );
+        let sent = run_source(&src, mode, opts, &mut s_tx, &mut s_rx);
         let wire = s_tx.wire_bytes();
         drop(s_tx);
         drop(s_rx);
@@ -182,7 +179,7 @@ pub fn sync_local(
     });
     // The receiver's error says more (it knows what it could not apply), unless the sender's
     // is the cause (a source read error is reported to the receiver as a peer error).
-    let ((report, wire_sent), (rep, wire_back)) = match (sent, received) {
+    let ((report, wire_sent), (_, wire_back)) = match (sent, received) {
         (Ok(s), Ok(r)) => (s, r),
         (Err(e), Ok(_)) => return Err(e.into()),
         (Ok(_), Err(e)) => return Err(e.into()),
@@ -193,26 +190,96 @@ pub fn sync_local(
             });
         }
     };
-    if let Err(e) = index.save(&index_path) {
-        tracing::warn!(path = %index_path.display(), "cannot save the source index: {e}");
-    }
-    Ok(Summary {
+    let ends = Ends {
         mode,
         source: src.display().to_string(),
         destination: dst.display().to_string(),
-        files: report.scan.files,
-        entries: report.scan.entries,
-        bytes_total: report.scan.bytes_total,
-        bytes_read: report.scan.bytes_read,
-        chunks_total: report.scan.chunks_total,
-        chunks_sent: report.chunks_sent,
-        bytes_sent_raw: report.bytes_sent_raw,
-        bytes_sent_wire: wire_sent,
-        bytes_received_wire: wire_back,
-        bytes_copied_locally: rep.stats.bytes_copied_locally,
-        files_written: rep.stats.files_written,
-        deleted: rep.stats.deleted,
-        duration_ms: started.elapsed().as_millis() as u64,
-        root: report.root.to_hex(),
-    })
+        started,
+    };
+    Ok(ends.seen_by_sender(&report, wire_sent, wire_back))
+}
+
+/// The sending half of any sync: scans `src` (trusting its quick-check index unless
+/// `--checksum`), streams it over `tx`/`rx`, and saves the refreshed index.
+pub fn run_source(
+    src: &Path,
+    mode: VolumeMode,
+    opts: &SyncOptions,
+    tx: &mut dyn MessageTx,
+    rx: &mut dyn MessageRx,
+) -> Result<SenderReport, SessionError> {
+    let states = StateDir::new(opts.state_dir.clone());
+    let index_path = states.source_index(src);
+    let mut index = FileIndex::load(&index_path, opts.chunker);
+    let sender_opts = SenderOptions {
+        mode,
+        snapshot: SnapshotOptions {
+            chunker: opts.chunker,
+            checksum: opts.checksum,
+            threads: opts.threads,
+        },
+        compress: opts.compress,
+    };
+    let report = run_sender(src, sender_opts, &mut index, now_ns(), tx, rx)?;
+    if let Err(e) = index.save(&index_path) {
+        tracing::warn!(path = %index_path.display(), "cannot save the source index: {e}");
+    }
+    Ok(report)
+}
+
+/// What a summary says about the two ends, whichever side this process played.
+pub struct Ends {
+    pub mode: VolumeMode,
+    pub source: String,
+    pub destination: String,
+    pub started: Instant,
+}
+
+impl Ends {
+    /// Summary as seen by the sending side (the receiver's figures come with `Done`).
+    pub fn seen_by_sender(self, r: &SenderReport, wire_sent: u64, wire_back: u64) -> Summary {
+        Summary {
+            mode: self.mode,
+            source: self.source,
+            destination: self.destination,
+            files: r.scan.files,
+            entries: r.scan.entries,
+            bytes_total: r.scan.bytes_total,
+            bytes_read: r.scan.bytes_read,
+            chunks_total: r.scan.chunks_total,
+            chunks_sent: r.chunks_sent,
+            bytes_sent_raw: r.bytes_sent_raw,
+            bytes_sent_wire: wire_sent,
+            bytes_received_wire: wire_back,
+            bytes_copied_locally: r.receiver.bytes_copied_locally,
+            files_written: r.receiver.files_written,
+            deleted: r.receiver.deleted,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            root: r.root.to_hex(),
+        }
+    }
+
+    /// Summary as seen by the receiving side (the sender's read figure comes with
+    /// `ChunksEnd`). `wire_sent` is what the source sent, `wire_back` what went back to it.
+    pub fn seen_by_receiver(self, r: &ReceiverReport, wire_sent: u64, wire_back: u64) -> Summary {
+        Summary {
+            mode: self.mode,
+            source: self.source,
+            destination: self.destination,
+            files: r.stats.files,
+            entries: r.stats.entries,
+            bytes_total: r.stats.bytes_total,
+            bytes_read: r.sender_bytes_read,
+            chunks_total: r.stats.chunks_total,
+            chunks_sent: r.stats.chunks_wanted,
+            bytes_sent_raw: r.stats.bytes_wanted,
+            bytes_sent_wire: wire_sent,
+            bytes_received_wire: wire_back,
+            bytes_copied_locally: r.stats.bytes_copied_locally,
+            files_written: r.stats.files_written,
+            deleted: r.stats.deleted,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            root: r.root.to_hex(),
+        }
+    }
 }

@@ -9,6 +9,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod net;
+
 /// Everything `rsync -aHAXS` mirrors about one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desc {
@@ -170,6 +172,25 @@ pub fn replicator_bin() -> PathBuf {
     BUILT.call_once(|| {
         let mut cmd = Command::new(env!("CARGO"));
         cmd.args(["build", "-q", "-p", "replicator", "--bin", "replicator"]);
+        // Cargo sets these for the test process; build scripts (ring's) watch some of them,
+        // so passing them on would make every build rebuild the TLS stack.
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if [
+                "CARGO_PKG_",
+                "CARGO_MANIFEST_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+                "CARGO_PRIMARY_",
+            ]
+            .iter()
+            .any(|p| k.starts_with(p))
+                || k == "CARGO_TARGET_TMPDIR"
+                || k == "OUT_DIR"
+            {
+                cmd.env_remove(&key);
+            }
+        }
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }

@@ -305,3 +305,25 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Removes the temp files an abandoned sync left anywhere under `volume` (without following
+/// symlinks). Returns how many files and bytes went.
+pub fn remove_stale_temps(volume: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let (mut files, mut bytes) = (0, 0);
+    let mut dirs = vec![volume.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                dirs.push(entry.path());
+            } else if ft.is_file() && is_temp_name(entry.file_name().as_bytes()) {
+                bytes += entry.metadata().map_or(0, |m| m.len());
+                std::fs::remove_file(entry.path())?;
+                files += 1;
+            }
+        }
+    }
+    Ok((files, bytes))
+}

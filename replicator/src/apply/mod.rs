@@ -215,11 +215,8 @@ impl Destination {
         }
         if let EntryKind::HardLink { target } = &entry.kind {
             let ok = self
-                .entries
-                .iter()
-                .rev()
-                .find(|(e, _)| e.path == *target)
-                .is_some_and(|(e, _)| matches!(e.kind, EntryKind::File { .. }));
+                .earlier(target)
+                .is_some_and(|e| matches!(e.kind, EntryKind::File { .. }));
             if !ok {
                 return Err(ApplyError::Manifest(format!(
                     "hard link {} points to {}, which is not an earlier regular file",
@@ -229,11 +226,8 @@ impl Destination {
         }
         if let Some((parent, _)) = entry.path.split_last() {
             let parent_ok = self
-                .entries
-                .iter()
-                .rev()
-                .find(|(e, _)| e.path == parent)
-                .is_some_and(|(e, _)| matches!(e.kind, EntryKind::Dir));
+                .earlier(&parent)
+                .is_some_and(|e| matches!(e.kind, EntryKind::Dir));
             if !parent_ok {
                 return Err(ApplyError::Manifest(format!(
                     "entry {} has no parent directory before it",
@@ -253,6 +247,15 @@ impl Destination {
         }
         self.entries.push((entry, plan));
         Ok(())
+    }
+
+    /// An entry planned earlier, found by binary search (entries arrive in volume order, which
+    /// the digest builder enforces before anything else looks at an entry).
+    fn earlier(&self, path: &RelPath) -> Option<&Entry> {
+        self.entries
+            .binary_search_by(|(e, _)| e.path.cmp(path))
+            .ok()
+            .map(|i| &self.entries[i].0)
     }
 
     fn plan_entry(&mut self, e: &Entry) -> Result<Plan, ApplyError> {
@@ -290,10 +293,8 @@ impl Destination {
             EntryKind::HardLink { target } => {
                 let target_kept = self
                     .entries
-                    .iter()
-                    .rev()
-                    .find(|(t, _)| t.path == *target)
-                    .is_some_and(|(_, p)| matches!(p, Plan::Keep { .. }));
+                    .binary_search_by(|(t, _)| t.path.cmp(target))
+                    .is_ok_and(|i| matches!(self.entries[i].1, Plan::Keep { .. }));
                 let same_inode = match (have, self.existing.get(target)) {
                     (Some(a), Some(b)) => {
                         a.stat.is_file() && a.stat.ino == b.stat.ino && a.stat.dev == b.stat.dev
@@ -386,11 +387,12 @@ impl Destination {
         }
         // An existing file that already holds exactly this content (the index could not vouch
         // for it, but every chunk checked out) is kept rather than rewritten.
+        // A hard-linked inode can stay under its first name only (see `plan_entry`).
         if let Some(f) = &old
-            && self
-                .existing
-                .get(&e.path)
-                .is_some_and(|h| h.stat.size == e.size() && h.stat.nlink == 1)
+            && self.existing.get(&e.path).is_some_and(|h| {
+                h.stat.size == e.size()
+                    && (h.stat.nlink == 1 || !self.kept_inodes.contains(&(h.stat.dev, h.stat.ino)))
+            })
             && offsets(segments)
                 .zip(&sources)
                 .all(|((off, seg), src)| match src {
@@ -400,6 +402,9 @@ impl Destination {
                 })
         {
             let have = &self.existing[&e.path];
+            if have.stat.nlink > 1 {
+                self.kept_inodes.insert((have.stat.dev, have.stat.ino));
+            }
             return Ok(Plan::Keep {
                 meta: plan::meta_differs(have, &e.meta, false),
             });

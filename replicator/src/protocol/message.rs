@@ -44,6 +44,14 @@ pub struct ChunkData {
     pub payload: Bytes,
 }
 
+/// What the receiver reports with `Done`, so both ends can print the same summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DoneStats {
+    pub files_written: u64,
+    pub deleted: u64,
+    pub bytes_copied_locally: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Both sides, first: versions and what is about to be synced.
@@ -58,10 +66,10 @@ pub enum Message {
     WantEnd,
     /// Sender: one chunk's data.
     Chunk(ChunkData),
-    /// Sender: every wanted chunk was sent.
-    ChunksEnd,
-    /// Receiver: the volume is durable and its digest is `root`.
-    Done { root: RootDigest },
+    /// Sender: every wanted chunk was sent; how many source bytes it had to read.
+    ChunksEnd { bytes_read: u64 },
+    /// Receiver: the volume is durable and its digest is `root`; what applying it took.
+    Done { root: RootDigest, stats: DoneStats },
     /// Either side: the session failed; the text says why.
     Error { message: String },
 }
@@ -87,7 +95,7 @@ impl Message {
             Message::Want(_) => "want",
             Message::WantEnd => "want-end",
             Message::Chunk(_) => "chunk",
-            Message::ChunksEnd => "chunks-end",
+            Message::ChunksEnd { .. } => "chunks-end",
             Message::Done { .. } => "done",
             Message::Error { .. } => "error",
         }
@@ -142,10 +150,16 @@ impl Message {
                 w.varint(u64::from(c.raw_len));
                 w.bytes(&c.payload);
             }
-            Message::ChunksEnd => w.u8(ty::CHUNKS_END),
-            Message::Done { root } => {
+            Message::ChunksEnd { bytes_read } => {
+                w.u8(ty::CHUNKS_END);
+                w.varint(*bytes_read);
+            }
+            Message::Done { root, stats } => {
                 w.u8(ty::DONE);
                 w.hash(&root.0);
+                w.varint(stats.files_written);
+                w.varint(stats.deleted);
+                w.varint(stats.bytes_copied_locally);
             }
             Message::Error { message } => {
                 w.u8(ty::ERROR);
@@ -249,9 +263,16 @@ impl Message {
                     payload,
                 })
             }
-            ty::CHUNKS_END => Message::ChunksEnd,
+            ty::CHUNKS_END => Message::ChunksEnd {
+                bytes_read: r.varint()?,
+            },
             ty::DONE => Message::Done {
                 root: RootDigest(r.hash()?),
+                stats: DoneStats {
+                    files_written: r.varint()?,
+                    deleted: r.varint()?,
+                    bytes_copied_locally: r.varint()?,
+                },
             },
             ty::ERROR => Message::Error {
                 message: String::from_utf8_lossy(r.bytes("error text", MAX_ERROR)?).into_owned(),
@@ -375,9 +396,16 @@ mod tests {
             Message::WantEnd,
             Message::Chunk(ChunkData::encode(id, &data, true)),
             Message::Chunk(ChunkData::encode(id, &data, false)),
-            Message::ChunksEnd,
+            Message::ChunksEnd {
+                bytes_read: 1 << 40,
+            },
             Message::Done {
                 root: RootDigest([2; 32]),
+                stats: DoneStats {
+                    files_written: 3,
+                    deleted: 1,
+                    bytes_copied_locally: 99,
+                },
             },
             Message::Error {
                 message: "boom".into(),

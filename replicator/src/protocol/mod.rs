@@ -47,6 +47,9 @@ impl SessionError {
     /// True when the session broke (connection lost) rather than failed on purpose: partial
     /// data is then kept so a rerun resumes.
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, SessionError::Transport(_))
+        matches!(
+            self,
+            SessionError::Transport(TransportError::Closed | TransportError::Other(_))
+        )
     }
 }

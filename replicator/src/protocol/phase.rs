@@ -42,7 +42,7 @@ impl ReceiverPhase {
             (Manifest, Message::Entry(_)) => Ok(Manifest),
             (Manifest, Message::ManifestEnd { .. }) => Ok(Chunks),
             (Chunks, Message::Chunk(_)) => Ok(Chunks),
-            (Chunks, Message::ChunksEnd) => Ok(Finished),
+            (Chunks, Message::ChunksEnd { .. }) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),
         }
     }
@@ -75,17 +75,21 @@ mod tests {
         };
         let mut p = ReceiverPhase::Hello;
         assert!(p.accept(&end).is_err());
-        assert!(p.accept(&Message::ChunksEnd).is_err());
+        assert!(p.accept(&Message::ChunksEnd { bytes_read: 0 }).is_err());
         p = ReceiverPhase::Manifest;
-        assert!(p.accept(&Message::ChunksEnd).is_err());
+        assert!(p.accept(&Message::ChunksEnd { bytes_read: 0 }).is_err());
         p = p.accept(&end).unwrap();
         assert_eq!(p, ReceiverPhase::Chunks);
         assert!(p.accept(&end).is_err(), "a second manifest is refused");
         assert_eq!(
-            p.accept(&Message::ChunksEnd).unwrap(),
+            p.accept(&Message::ChunksEnd { bytes_read: 0 }).unwrap(),
             ReceiverPhase::Finished
         );
-        assert!(ReceiverPhase::Finished.accept(&Message::ChunksEnd).is_err());
+        assert!(
+            ReceiverPhase::Finished
+                .accept(&Message::ChunksEnd { bytes_read: 0 })
+                .is_err()
+        );
     }
 
     #[test]
@@ -99,7 +103,8 @@ mod tests {
         );
         assert!(
             p.accept(&Message::Done {
-                root: RootDigest([0; 32])
+                root: RootDigest([0; 32]),
+                stats: Default::default(),
             })
             .is_err()
         );

@@ -5,32 +5,40 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::SessionError;
-use super::message::{Hello, MAX_WANT, Message, PROTOCOL_VERSION};
+use super::message::{DoneStats, Hello, MAX_WANT, Message, PROTOCOL_VERSION};
 use super::phase::ReceiverPhase;
 use super::sender::header;
 use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Destination};
 use crate::chunk::ChunkId;
-use crate::manifest::RootDigest;
+use crate::manifest::{RootDigest, VolumeMode};
 use crate::progress::Progress;
 use crate::state::TargetState;
 use crate::transport::{MessageRx, MessageTx};
 
 #[derive(Clone, Copy, Debug)]
 pub struct ReceiverReport {
+    pub mode: VolumeMode,
     pub root: RootDigest,
     pub stats: ApplyStats,
+    /// Source bytes the sender had to read (from `ChunksEnd`).
+    pub sender_bytes_read: u64,
 }
 
-/// Runs a whole session as the receiver into `dst`.
+/// Most manifest entries a receiver accepts unless told otherwise: a peer cannot make it
+/// plan an endless manifest.
+pub const DEFAULT_MAX_ENTRIES: u64 = 100_000_000;
+
+/// Runs a whole session as the receiver into `dst`, accepting at most `max_entries` entries.
 pub fn run_receiver(
     dst: &Path,
     state: TargetState,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
     progress: &dyn Progress,
+    max_entries: u64,
 ) -> Result<ReceiverReport, SessionError> {
     let mut dest: Option<Destination> = None;
-    let result = session(dst, state, tx, rx, progress, &mut dest);
+    let result = session(dst, state, tx, rx, progress, max_entries, &mut dest);
     if let Err(e) = &result {
         if !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)) {
             let _ = tx.send(Message::Error {
@@ -94,6 +102,7 @@ fn session(
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
     progress: &dyn Progress,
+    max_entries: u64,
     slot: &mut Option<Destination>,
 ) -> Result<ReceiverReport, SessionError> {
     let mut feed = Feed {
@@ -124,6 +133,11 @@ fn session(
     )?);
     let (count, root) = loop {
         match feed.next()? {
+            Message::Entry(_) if dest.stats.entries >= max_entries => {
+                return Err(SessionError::Protocol(format!(
+                    "the manifest has more than {max_entries} entries, this receiver's limit"
+                )));
+            }
             Message::Entry(e) => dest.plan(e)?,
             Message::ManifestEnd { entries, root } => break (entries, root),
             other => {
@@ -170,17 +184,29 @@ fn session(
     }
     written?;
     sent?;
-    match feed.next()? {
-        Message::ChunksEnd => {}
+    let sender_bytes_read = match feed.next()? {
+        Message::ChunksEnd { bytes_read } => bytes_read,
         other => {
             return Err(SessionError::Protocol(format!(
                 "unexpected {} after the last chunk",
                 other.name()
             )));
         }
-    }
+    };
     let dest = slot.take().expect("destination prepared above");
     let (got, stats) = dest.commit(root, progress)?;
-    tx.send(Message::Done { root: got })?;
-    Ok(ReceiverReport { root: got, stats })
+    tx.send(Message::Done {
+        root: got,
+        stats: DoneStats {
+            files_written: stats.files_written,
+            deleted: stats.deleted,
+            bytes_copied_locally: stats.bytes_copied_locally,
+        },
+    })?;
+    Ok(ReceiverReport {
+        mode: hello.mode,
+        root: got,
+        stats,
+        sender_bytes_read,
+    })
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use super::SessionError;
-use super::message::{ChunkData, Hello, Message, PROTOCOL_VERSION};
+use super::message::{ChunkData, DoneStats, Hello, Message, PROTOCOL_VERSION};
 use super::phase::SenderPhase;
 use crate::chunk::ChunkerParams;
 use crate::index::FileIndex;
@@ -27,6 +27,8 @@ pub struct SenderReport {
     pub scan: ScanStats,
     pub chunks_sent: u64,
     pub bytes_sent_raw: u64,
+    /// What the receiver reported with `Done`.
+    pub receiver: DoneStats,
 }
 
 pub fn header(mode: VolumeMode, chunker: ChunkerParams) -> Header {
@@ -120,6 +122,7 @@ fn session(
         scan,
         chunks_sent: 0,
         bytes_sent_raw: 0,
+        receiver: DoneStats::default(),
     };
     loop {
         match next(&mut phase, rx)? {
@@ -140,10 +143,15 @@ fn session(
             }
         }
     }
-    tx.send(Message::ChunksEnd)?;
+    tx.send(Message::ChunksEnd {
+        bytes_read: report.scan.bytes_read,
+    })?;
     match next(&mut phase, rx)? {
-        Message::Done { root: got } if got == root => Ok(report),
-        Message::Done { root: got } => Err(SessionError::DigestMismatch { got, want: root }),
+        Message::Done { root: got, stats } if got == root => Ok(SenderReport {
+            receiver: stats,
+            ..report
+        }),
+        Message::Done { root: got, .. } => Err(SessionError::DigestMismatch { got, want: root }),
         other => Err(SessionError::Protocol(format!(
             "unexpected {}",
             other.name()

@@ -1,7 +1,8 @@
 //! How session messages travel: a pair of one-way message pipes.
 //!
 //! The sync sessions in [`crate::protocol`] only see [`MessageTx`] and [`MessageRx`]. Local
-//! sync plugs in an in-process pair ([`inproc`]); the network transport plugs in QUIC streams.
+//! sync plugs in an in-process pair ([`inproc`]); the network plugs in QUIC streams
+//! ([`crate::net::lanes`]).
 //! Both ends count the bytes a message takes on the wire, so summaries report the same figure
 //! whatever the transport.
 
@@ -13,6 +14,9 @@ use crate::protocol::message::Message;
 pub enum TransportError {
     #[error("connection closed by peer")]
     Closed,
+    /// The peer sent bytes that are not a valid frame: not a broken link but a bad peer.
+    #[error("malformed data from peer: {0}")]
+    Malformed(String),
     #[error("transport: {0}")]
     Other(String),
 }

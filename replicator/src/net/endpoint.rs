@@ -1,0 +1,129 @@
+//! QUIC endpoints tuned for bulk transfer.
+//!
+//! Defaults that matter on real hosts: UDP socket buffers of a few MiB (the kernel's default
+//! ~200 KiB drops bursts even on loopback, which QUIC reads as congestion), flow-control
+//! windows large enough for a fast link with some latency, GSO on (quinn's default, kept
+//! explicit), keep-alives well inside the idle timeout so a quiet but healthy peer is never
+//! dropped while a vanished one is noticed within the timeout.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+
+use super::identity::Identity;
+use super::tls;
+
+/// UDP socket buffer size asked for (the kernel may cap it without privileges).
+const SOCKET_BUFFER: usize = 8 << 20;
+/// Flow-control window of one stream (lane).
+const STREAM_WINDOW: u32 = 16 << 20;
+/// Flow-control window of a connection (all lanes).
+const CONNECTION_WINDOW: u32 = 64 << 20;
+
+/// Connection settings shared by client and server.
+#[derive(Clone, Copy, Debug)]
+pub struct NetOptions {
+    /// A peer silent for this long is gone (`--timeout`).
+    pub idle_timeout: Duration,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        NetOptions {
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+pub fn transport_config(opts: &NetOptions) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    let idle = IdleTimeout::try_from(opts.idle_timeout)
+        .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(10_000)));
+    t.max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(
+            (opts.idle_timeout / 3).max(Duration::from_millis(100)),
+        ))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .max_concurrent_bidi_streams(VarInt::from_u32(64))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .enable_segmentation_offload(true);
+    Arc::new(t)
+}
+
+/// A UDP socket with large buffers. Root may exceed the sysctl caps (`*BUFFORCE`).
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use rustix::net::sockopt;
+    let socket = UdpSocket::bind(addr)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER);
+    }
+    if sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER);
+    }
+    tracing::debug!(
+        recv = sockopt::socket_recv_buffer_size(&socket).unwrap_or(0),
+        send = sockopt::socket_send_buffer_size(&socket).unwrap_or(0),
+        "UDP socket buffers"
+    );
+    Ok(socket)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<Endpoint, EndpointError> {
+    let bind = |source| EndpointError::Bind { addr, source };
+    let socket = udp_socket(addr).map_err(bind)?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
+    Endpoint::new(EndpointConfig::default(), server, socket, runtime).map_err(bind)
+}
+
+/// A listening endpoint presenting `id`, speaking protocol `version`.
+pub fn server(
+    id: &Identity,
+    addr: SocketAddr,
+    opts: &NetOptions,
+    version: u32,
+) -> Result<Endpoint, EndpointError> {
+    let crypto = tls::server_config(id, tls::alpn_for(version))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport_config(opts));
+    endpoint(addr, Some(cfg))
+}
+
+/// A client endpoint on an ephemeral port of the family of `peer`.
+pub fn client(
+    id: &Identity,
+    peer: SocketAddr,
+    opts: &NetOptions,
+    version: u32,
+) -> Result<Endpoint, EndpointError> {
+    let local: SocketAddr = if peer.is_ipv6() {
+        "[::]:0".parse().expect("literal address")
+    } else {
+        "0.0.0.0:0".parse().expect("literal address")
+    };
+    let crypto = tls::client_config(id, tls::alpn_for(version))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport_config(opts));
+    let mut ep = endpoint(local, None)?;
+    ep.set_default_client_config(cfg);
+    Ok(ep)
+}

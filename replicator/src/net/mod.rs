@@ -1,0 +1,19 @@
+//! Syncing between hosts: QUIC (quinn + rustls TLS 1.3), mutual authentication by pinned
+//! fingerprints, and `replicator serve`.
+//!
+//! - [`identity`]: key pairs, fingerprints, trust lists.
+//! - [`tls`]: TLS configurations (signatures checked in the handshake, identities right after).
+//! - [`endpoint`]: tuned QUIC endpoints (socket buffers, windows, keep-alive, idle timeout).
+//! - [`open`]: the session request, volume names, `HOST:PORT/VOLUME` specs, close codes.
+//! - [`lanes`]: a session's messages striped over several streams, as the engine's transport.
+//! - [`conn`]: peer identity and orderly session end, shared by both sides.
+//! - [`client`] and [`server`]: the two ends.
+
+pub mod client;
+pub mod conn;
+pub mod endpoint;
+pub mod identity;
+pub mod lanes;
+pub mod open;
+pub mod server;
+pub mod tls;

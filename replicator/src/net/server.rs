@@ -1,0 +1,490 @@
+//! `replicator serve`: volumes under a root directory, offered to authorized clients.
+//!
+//! Each connection is one session: the client is checked against the authorized file
+//! (re-read for every connection, so edits apply at once), asks for a volume and a direction,
+//! and the server runs the same engine as a local sync on a blocking thread. One writer per
+//! volume, and no reader while it is written: a second session gets "volume busy" and the
+//! first goes on unaffected. Server-side state (indexes, sync state) lives in
+//! `ROOT/.replicator/`, which no volume name can reach (names never start with `.`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+
+use super::conn::{end_session, peer_fingerprint, versions_differ};
+use super::endpoint::{self, NetOptions};
+use super::identity::{Identity, TrustList};
+use super::lanes::{self, FirstError, describe};
+use super::open::{CloseCode, Direction, MAX_LANES, Open, VolumeName, encode_accept};
+use crate::apply::fsops::remove_stale_temps;
+use crate::manifest::Limits;
+use crate::progress::NoProgress;
+use crate::protocol::SessionError;
+use crate::protocol::message::{DoneStats, Message};
+use crate::protocol::receiver::run_receiver;
+use crate::state::{StateDir, SyncStatus, unix_now};
+use crate::sync::{SyncOptions, run_source};
+use crate::transport::{MessageRx, MessageTx};
+use crate::volume;
+
+/// Time a client has, after the handshake, to say what it wants and open its lanes.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `Open` frame.
+const MAX_OPEN: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub listen: SocketAddr,
+    /// Volumes live in `root/NAME`.
+    pub root: PathBuf,
+    /// Fingerprints of the clients allowed in.
+    pub authorized: PathBuf,
+    pub identity: Identity,
+    pub net: NetOptions,
+    pub version: u32,
+    /// Most manifest entries accepted in a push.
+    pub max_entries: u64,
+    /// Hash threads when sending (pull).
+    pub threads: usize,
+    /// Partial files of a sync abandoned this long ago are removed.
+    pub staging_max_age: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{path}: {source}")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Endpoint(#[from] endpoint::EndpointError),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hold {
+    Writer,
+    Readers(usize),
+}
+
+/// Who holds which volume.
+#[derive(Default)]
+struct Locks(Mutex<HashMap<String, Hold>>);
+
+struct LockGuard {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        let Ok(mut held) = self.shared.locks.0.lock() else {
+            return;
+        };
+        match held.get(&self.name).copied() {
+            Some(Hold::Readers(n)) if n > 1 => {
+                held.insert(self.name.clone(), Hold::Readers(n - 1));
+            }
+            _ => {
+                held.remove(&self.name);
+            }
+        }
+    }
+}
+
+fn try_lock(shared: &Arc<Shared>, name: &str, write: bool) -> Result<LockGuard, String> {
+    let mut held = shared
+        .locks
+        .0
+        .lock()
+        .map_err(|_| "lock table poisoned".to_string())?;
+    match (held.get(name).copied(), write) {
+        (None, true) => held.insert(name.to_string(), Hold::Writer),
+        (None, false) => held.insert(name.to_string(), Hold::Readers(1)),
+        (Some(Hold::Readers(n)), false) => held.insert(name.to_string(), Hold::Readers(n + 1)),
+        (Some(Hold::Writer), _) => {
+            return Err(format!(
+                "volume {name} is busy: another session is writing it"
+            ));
+        }
+        (Some(Hold::Readers(_)), true) => {
+            return Err(format!(
+                "volume {name} is busy: another session is reading it"
+            ));
+        }
+    };
+    Ok(LockGuard {
+        shared: shared.clone(),
+        name: name.to_string(),
+    })
+}
+
+struct Shared {
+    opts: ServeOptions,
+    root: PathBuf,
+    states: StateDir,
+    locks: Locks,
+}
+
+/// A bound server, ready to [`Server::run`].
+pub struct Server {
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds the endpoint. Call inside a tokio runtime.
+    pub fn bind(opts: ServeOptions) -> Result<Server, ServeError> {
+        let root_err = |source| ServeError::Root {
+            path: opts.root.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&opts.root).map_err(root_err)?;
+        let root = opts.root.canonicalize().map_err(root_err)?;
+        let states = StateDir::new(root.join(".replicator").join("state"));
+        let endpoint = endpoint::server(&opts.identity, opts.listen, &opts.net, opts.version)?;
+        Ok(Server {
+            endpoint,
+            shared: Arc::new(Shared {
+                opts,
+                root,
+                states,
+                locks: Locks::default(),
+            }),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves until `shutdown` completes, then closes every connection.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let shared = self.shared.clone();
+        let sweeper = tokio::spawn(sweep_loop(shared.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(handle(shared.clone(), incoming));
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        sweeper.abort();
+        self.endpoint
+            .close(CloseCode::Shutdown.varint(), b"server shutting down");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// Removes staging (partial files) of syncs abandoned longer than the configured age, at
+/// start and then hourly. Volumes in use are skipped.
+async fn sweep_loop(shared: Arc<Shared>) {
+    loop {
+        let s = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || sweep_once(&s)).await;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+fn sweep_once(shared: &Arc<Shared>) {
+    let Ok(dir) = std::fs::read_dir(&shared.root) else {
+        return;
+    };
+    let max_age = shared.opts.staging_max_age.as_secs();
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if VolumeName::new(&name).is_err() {
+            continue;
+        }
+        let path = shared.root.join(&name);
+        let Some(state) = shared.states.target(&path).read() else {
+            continue;
+        };
+        let SyncStatus::Incomplete { started_unix } = state.status else {
+            continue;
+        };
+        if unix_now().saturating_sub(started_unix) < max_age {
+            continue;
+        }
+        let Ok(_guard) = try_lock(shared, &name, true) else {
+            continue;
+        };
+        match remove_stale_temps(&path) {
+            Ok((files, bytes)) if files > 0 => {
+                tracing::info!(volume = %name, files, bytes, "removed abandoned staging");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(volume = %name, "cannot remove abandoned staging: {e}"),
+        }
+    }
+}
+
+fn refuse(conn: &Connection, code: CloseCode, why: &str) {
+    conn.close(code.varint(), why.as_bytes());
+}
+
+async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, "handshake failed: {}", describe(&e));
+            return;
+        }
+    };
+    let Some(fp) = peer_fingerprint(&conn) else {
+        refuse(&conn, CloseCode::Unauthorized, "no client certificate");
+        return;
+    };
+    let authorized_file = &shared.opts.authorized;
+    let authorized = TrustList::load(authorized_file).unwrap_or_else(|e| {
+        tracing::error!("cannot read the authorized clients: {e}");
+        TrustList::new()
+    });
+    if !authorized.trusts(&fp, None) {
+        tracing::warn!(
+            %remote,
+            client = %fp,
+            "refused an unknown client; to allow it, add the line \"{fp}\" to {}",
+            authorized_file.display()
+        );
+        refuse(
+            &conn,
+            CloseCode::Unauthorized,
+            &format!(
+                "the server does not know this client (fingerprint {fp}); its operator must \
+                 add \"{fp}\" to the server's authorized file"
+            ),
+        );
+        return;
+    }
+    let setup = tokio::time::timeout(SETUP_TIMEOUT, accept_session(&shared, &conn)).await;
+    let (open, sends, recvs, guard) = match setup {
+        Ok(Ok(s)) => s,
+        Ok(Err((code, why))) => {
+            tracing::warn!(%remote, client = %fp, "refused: {why}");
+            refuse(&conn, code, &why);
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%remote, client = %fp, "client did not open its session in time");
+            refuse(&conn, CloseCode::BadRequest, "session setup timed out");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let error = FirstError::default();
+    let (mut tx, mut rx, tasks) = lanes::start(sends, recvs, Limits::default(), error);
+    let s = shared.clone();
+    let o = open.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let result = run_session(&s, &o, &mut tx, &mut rx);
+        let bytes = (rx.wire_bytes(), tx.wire_bytes());
+        drop(tx);
+        (result, bytes)
+    })
+    .await;
+    let (result, (bytes_in, bytes_out)) = match outcome {
+        Ok(r) => r,
+        Err(_) => (
+            Err(SessionError::Protocol("session thread panicked".into())),
+            (0, 0),
+        ),
+    };
+    // The volume is committed (or left as it was): free it now, not after the goodbye.
+    drop(guard);
+    let spoke_last = match &result {
+        Ok(spoke_last) => *spoke_last,
+        Err(e) => !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)),
+    };
+    end_session(&conn, tasks, spoke_last, result.is_ok()).await;
+    let verdict = match &result {
+        Ok(_) => "ok".to_string(),
+        Err(SessionError::Transport(_)) => match conn.close_reason() {
+            Some(reason) => format!("failed: {}", describe(&reason)),
+            None => format!(
+                "failed: {}",
+                result
+                    .as_ref()
+                    .err()
+                    .map_or(String::new(), |e| e.to_string())
+            ),
+        },
+        Err(e) => format!("failed: {e}"),
+    };
+    tracing::info!(
+        client = %fp,
+        %remote,
+        volume = %open.volume,
+        direction = %open.direction,
+        bytes_in,
+        bytes_out,
+        duration_ms = started.elapsed().as_millis() as u64,
+        result = %verdict,
+        "session"
+    );
+}
+
+type Accepted = (Open, Vec<SendStream>, Vec<RecvStream>, Option<LockGuard>);
+
+async fn accept_session(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+) -> Result<Accepted, (CloseCode, String)> {
+    let lost = |e: quinn::ConnectionError| (CloseCode::BadRequest, describe(&e));
+    let (send0, mut recv0) = conn.accept_bi().await.map_err(lost)?;
+    let open = read_open(&mut recv0).await?;
+    let ours = shared.opts.version;
+    if versions_differ(conn) || open.version != ours {
+        return Err((
+            CloseCode::Version,
+            format!(
+                "protocol version mismatch: the server speaks version {ours}, the client \
+                 speaks version {}",
+                open.version
+            ),
+        ));
+    }
+    let bad = |why: String| (CloseCode::BadRequest, why);
+    if open.lanes == 0 || open.lanes > MAX_LANES {
+        return Err(bad(format!(
+            "{} lanes asked for (1 to {MAX_LANES})",
+            open.lanes
+        )));
+    }
+    let guard = match open.direction {
+        Direction::Bench => None,
+        Direction::Push | Direction::Pull => {
+            let name = VolumeName::new(&open.volume).map_err(bad)?;
+            if open.direction == Direction::Pull {
+                open.chunker.validate().map_err(bad)?;
+                if !shared.root.join(name.as_str()).exists() {
+                    return Err(bad(format!("no volume named {name} on this server")));
+                }
+            }
+            let write = open.direction == Direction::Push;
+            Some(try_lock(shared, name.as_str(), write).map_err(|why| (CloseCode::Busy, why))?)
+        }
+    };
+    let mut sends = vec![Some(send0)];
+    let mut recvs = vec![Some(recv0)];
+    sends.resize_with(open.lanes as usize, || None);
+    recvs.resize_with(open.lanes as usize, || None);
+    for _ in 1..open.lanes {
+        let (s, mut r) = conn.accept_bi().await.map_err(lost)?;
+        let mut lane = [0u8; 1];
+        r.read_exact(&mut lane)
+            .await
+            .map_err(|e| bad(format!("lane header: {e}")))?;
+        let i = lane[0] as usize;
+        if i == 0 || i >= open.lanes as usize || sends[i].is_some() {
+            return Err(bad(format!("bad lane number {i}")));
+        }
+        sends[i] = Some(s);
+        recvs[i] = Some(r);
+    }
+    let mut sends: Vec<SendStream> = sends.into_iter().flatten().collect();
+    let recvs: Vec<RecvStream> = recvs.into_iter().flatten().collect();
+    sends[0]
+        .write_all(&encode_accept(open.lanes))
+        .await
+        .map_err(|e| bad(format!("cannot answer: {e}")))?;
+    Ok((open, sends, recvs, guard))
+}
+
+async fn read_open(stream: &mut RecvStream) -> Result<Open, (CloseCode, String)> {
+    let bad = |why: String| (CloseCode::BadRequest, why);
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .await
+        .map_err(|e| bad(format!("no session request: {e}")))?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n == 0 || n > MAX_OPEN {
+        return Err(bad(format!("session request of {n} bytes")));
+    }
+    let mut body = vec![0u8; n];
+    stream
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| bad(format!("session request: {e}")))?;
+    Open::decode(&body).map_err(|e| bad(format!("bad session request: {e}")))
+}
+
+/// Runs the engine for one session. `Ok(true)` when this side sent the last message.
+fn run_session(
+    shared: &Shared,
+    open: &Open,
+    tx: &mut dyn MessageTx,
+    rx: &mut dyn MessageRx,
+) -> Result<bool, SessionError> {
+    let path = shared.root.join(&open.volume);
+    match open.direction {
+        Direction::Push => {
+            run_receiver(
+                &path,
+                shared.states.target(&path),
+                tx,
+                rx,
+                &NoProgress,
+                shared.opts.max_entries,
+            )?;
+            Ok(true)
+        }
+        Direction::Pull => {
+            let mode = volume::detect_mode(&path).map_err(|e| {
+                let e = SessionError::Protocol(format!("volume {}: {e}", open.volume));
+                let _ = tx.send(Message::Error {
+                    message: e.to_string(),
+                });
+                e
+            })?;
+            let opts = SyncOptions {
+                chunker: open.chunker,
+                checksum: open.checksum,
+                compress: open.compress,
+                state_dir: shared.states.root().to_path_buf(),
+                threads: shared.opts.threads,
+            };
+            run_source(&path, mode, &opts, tx, rx)?;
+            Ok(false)
+        }
+        Direction::Bench => bench_sink(tx, rx).map(|_| true),
+    }
+}
+
+/// The receiving end of `replicator bench`: verifies every chunk, keeps nothing.
+fn bench_sink(tx: &mut dyn MessageTx, rx: &mut dyn MessageRx) -> Result<(), SessionError> {
+    let mut stats = DoneStats::default();
+    loop {
+        match rx.recv()? {
+            Message::Chunk(c) => {
+                let data = c
+                    .decode_verified()
+                    .map_err(|e| SessionError::Protocol(e.to_string()))?;
+                stats.bytes_copied_locally += data.len() as u64;
+            }
+            Message::ChunksEnd { .. } => break,
+            Message::Error { message } => return Err(SessionError::Peer(message)),
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {} in a bench session",
+                    other.name()
+                )));
+            }
+        }
+    }
+    tx.send(Message::Done {
+        root: crate::manifest::RootDigest([0; 32]),
+        stats,
+    })
+    .map_err(SessionError::Transport)
+}

@@ -1,0 +1,363 @@
+//! Remote sync over real QUIC sockets on loopback, between real processes: push and pull,
+//! incremental runs, refusals, busy volumes, a lossy link, and interruptions that resume.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use integration_tests::net::*;
+use integration_tests::*;
+use replicator::demo::{edit_sample_tree, make_sample_tree};
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    client: Ident,
+    server: ServerProc,
+    state: PathBuf,
+}
+
+impl Setup {
+    fn new(server_args: &[&str]) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let server_id = Ident::create(&tmp.path().join("server-id"));
+        let client = Ident::create(&tmp.path().join("client-id"));
+        let server = ServerProc::start(
+            &server_id,
+            &tmp.path().join("volumes"),
+            &[&client],
+            server_args,
+        );
+        let state = tmp.path().join("client-state");
+        Setup {
+            tmp,
+            client,
+            server,
+            state,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn remote(&self, volume: &str) -> String {
+        format!("{}/{volume}", self.server.addr)
+    }
+
+    fn volume(&self, name: &str) -> PathBuf {
+        self.server.root.join(name)
+    }
+
+    fn sync(&self, src: &str, dst: &str, extra: &[&str]) -> Output {
+        client_sync(
+            &self.client,
+            &self.server.ident.fingerprint,
+            src,
+            dst,
+            &self.state,
+            extra,
+        )
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn no_staging_left(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with(".rpl-"), "staging left behind: {name}");
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+}
+
+#[test]
+fn push_and_pull_a_tree_full_then_incremental() {
+    let t = Setup::new(&[]);
+    let src = t.path("src");
+    make_sample_tree(&src).unwrap();
+    settle();
+    let full = summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    assert_mirrors(&src, &t.volume("data"));
+    assert_eq!(full["chunks_sent"], full["chunks_total"]);
+    assert_eq!(full["destination"], t.remote("data"));
+    no_staging_left(&t.volume("data"));
+
+    edit_sample_tree(&src).unwrap();
+    settle();
+    let inc = summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    assert_mirrors(&src, &t.volume("data"));
+    let (sent, total) = (
+        inc["chunks_sent"].as_u64().unwrap(),
+        inc["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(
+        sent > 0 && sent * 4 < total,
+        "incremental sent {sent} of {total}"
+    );
+
+    // Pull it back, then pull again after another push: only the change moves, and the
+    // server re-reads only what the push changed (once its writes are past the racy window).
+    settle();
+    let back = t.path("back");
+    let pulled = summary(&t.sync(&t.remote("data"), s(&back), &[]));
+    assert_mirrors(&src, &back);
+    assert_eq!(pulled["root"], inc["root"]);
+    fs::write(src.join("dir3/sub0/new-file"), bytes(77, 50_000)).unwrap();
+    settle();
+    summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    let again = summary(&t.sync(&t.remote("data"), s(&back), &[]));
+    assert_mirrors(&src, &back);
+    assert!(again["chunks_sent"].as_u64().unwrap() <= 3, "{again}");
+    assert!(again["bytes_read"].as_u64().unwrap() < 200_000, "{again}");
+    let log = t.server.log();
+    assert!(log.contains("direction=push"), "{log}");
+    assert!(log.contains("direction=pull"), "{log}");
+    assert!(log.contains(&t.client.fingerprint), "{log}");
+}
+
+#[test]
+fn push_and_pull_a_block_image() {
+    let t = Setup::new(&[]);
+    let img = t.path("disk.img");
+    let f = fs::File::create(&img).unwrap();
+    f.set_len(64 << 20).unwrap();
+    for (i, off) in [0u64, 10 << 20, 63 << 20].into_iter().enumerate() {
+        f.write_all_at(&bytes(i as u64, 500_000), off).unwrap();
+    }
+    drop(f);
+    settle();
+    let full = summary(&t.sync(s(&img), &t.remote("disk"), &[]));
+    assert_eq!(full["mode"], "block");
+    assert_eq!(fs::read(&img).unwrap(), fs::read(t.volume("disk")).unwrap());
+    assert!(allocated(&t.volume("disk")) < 8 << 20, "holes were written");
+
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&bytes(9, 65_536), 30 << 20).unwrap();
+    drop(f);
+    settle();
+    let inc = summary(&t.sync(s(&img), &t.remote("disk"), &[]));
+    assert!(inc["chunks_sent"].as_u64().unwrap() <= 3, "{inc}");
+    assert_eq!(fs::read(&img).unwrap(), fs::read(t.volume("disk")).unwrap());
+
+    let back = t.path("back.img");
+    let pulled = summary(&t.sync(&t.remote("disk"), s(&back), &[]));
+    assert_eq!(pulled["mode"], "block");
+    assert_eq!(fs::read(&img).unwrap(), fs::read(&back).unwrap());
+}
+
+#[test]
+fn refusals_name_the_fingerprints_and_versions() {
+    let t = Setup::new(&[]);
+    let src = t.path("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("f"), b"x").unwrap();
+
+    // The client has not pinned this server.
+    let wrong = "ab".repeat(32);
+    let out = client_sync(&t.client, &wrong, s(&src), &t.remote("v"), &t.state, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let fp = &t.server.ident.fingerprint;
+    assert!(
+        stderr(&out).contains(&format!("--peer-id {fp}")),
+        "{}",
+        stderr(&out)
+    );
+    t.server
+        .wait_log("does not trust this server's fingerprint");
+
+    // The server does not know this client.
+    let stranger = Ident::create(&t.path("stranger"));
+    let out = client_sync(&stranger, fp, s(&src), &t.remote("v"), &t.state, &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&stranger.fingerprint),
+        "{}",
+        stderr(&out)
+    );
+    let log = t
+        .server
+        .wait_log(&format!("add the line \"{}\"", stranger.fingerprint));
+    assert!(log.contains("refused an unknown client"), "{log}");
+
+    // Another protocol version.
+    let out = t.sync(s(&src), &t.remote("v"), &["--protocol-version", "2"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let msg = "the server speaks version 1, the client speaks version 2";
+    assert!(stderr(&out).contains(msg), "{}", stderr(&out));
+    t.server.wait_log(msg);
+
+    // Bad volume names never reach the server; unknown volumes are refused by it.
+    let out = t.sync(s(&src), &format!("{}/..", t.server.addr), &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let out = t.sync(&t.remote("nothing-here"), s(&t.path("x")), &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no volume named nothing-here"));
+    assert!(!t.volume("v").exists(), "a refused session wrote something");
+}
+
+/// A push through `relay`, stalled by a blackhole once `after` bytes went through.
+fn stalled_push(
+    t: &Setup,
+    relay: &Relay,
+    src: &Path,
+    volume: &str,
+    extra: &[&str],
+) -> std::process::Child {
+    let remote = format!("{}/{volume}", relay.addr);
+    let child = client_command(
+        &t.client,
+        &t.server.ident.fingerprint,
+        s(src),
+        &remote,
+        &t.state,
+        extra,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.upstream_bytes.load(Ordering::Relaxed) < 6 << 20 {
+        assert!(Instant::now() < deadline, "push never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    relay.faults.blackhole.store(true, Ordering::Relaxed);
+    child
+}
+
+fn big_source(t: &Setup) -> PathBuf {
+    let src = t.path("big");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("blob"), bytes(5, 24 << 20)).unwrap();
+    fs::write(src.join("small"), b"hello").unwrap();
+    settle();
+    src
+}
+
+#[test]
+fn second_writer_and_reader_get_volume_busy_first_is_unaffected() {
+    let t = Setup::new(&["--timeout", "30"]);
+    let src = big_source(&t);
+    let relay = Relay::start(t.server.addr);
+    let first = stalled_push(&t, &relay, &src, "busy", &["--timeout", "30"]);
+    // The first session holds the volume while its link is stalled.
+    let other = t.path("other");
+    fs::create_dir(&other).unwrap();
+    let out = t.sync(s(&other), &t.remote("busy"), &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("volume busy is busy"),
+        "{}",
+        stderr(&out)
+    );
+    let out = t.sync(&t.remote("busy"), s(&t.path("reader")), &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("busy"), "{}", stderr(&out));
+    // Other volumes are served meanwhile.
+    summary(&t.sync(s(&other), &t.remote("free"), &[]));
+    relay.faults.blackhole.store(false, Ordering::Relaxed);
+    let out = first.wait_with_output().unwrap();
+    summary(&out);
+    assert_mirrors(&src, &t.volume("busy"));
+}
+
+#[test]
+fn lossy_reordering_duplicating_link_stays_correct() {
+    let t = Setup::new(&[]);
+    let src = t.path("src");
+    make_sample_tree(&src).unwrap();
+    fs::write(src.join("blob"), bytes(8, 2 << 20)).unwrap();
+    settle();
+    let relay = Relay::start(t.server.addr);
+    relay.faults.drop_per_mille.store(100, Ordering::Relaxed);
+    relay.faults.reorder_per_mille.store(50, Ordering::Relaxed);
+    relay
+        .faults
+        .duplicate_per_mille
+        .store(50, Ordering::Relaxed);
+    let remote = format!("{}/lossy", relay.addr);
+    summary(&t.sync(s(&src), &remote, &[]));
+    assert_mirrors(&src, &t.volume("lossy"));
+    let back = t.path("back");
+    summary(&t.sync(&remote, s(&back), &[]));
+    assert_mirrors(&src, &back);
+}
+
+/// After an interruption, the rerun moves only what the server lacks, and finishes.
+fn rerun_resumes(t: &Setup, src: &Path, volume: &str) {
+    let out = t.sync(s(src), &t.remote(volume), &[]);
+    let again = summary(&out);
+    let (sent, total) = (
+        again["chunks_sent"].as_u64().unwrap(),
+        again["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(
+        sent * 10 < total * 9,
+        "rerun sent {sent} of {total} chunks: no resume"
+    );
+    let raw = again["bytes_sent_raw"].as_u64().unwrap();
+    let total_bytes = again["bytes_total"].as_u64().unwrap();
+    assert!(
+        raw + (4 << 20) < total_bytes,
+        "rerun resent {raw} of {total_bytes} bytes"
+    );
+    assert_mirrors(src, &t.volume(volume));
+    no_staging_left(&t.volume(volume));
+}
+
+#[test]
+fn blackholed_link_times_out_and_the_rerun_resumes() {
+    let t = Setup::new(&["--timeout", "2"]);
+    let src = big_source(&t);
+    let relay = Relay::start(t.server.addr);
+    let child = stalled_push(&t, &relay, &src, "cut", &["--timeout", "2"]);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("timed out"), "{}", stderr(&out));
+    t.server.wait_log("result=failed");
+    rerun_resumes(&t, &src, "cut");
+}
+
+#[test]
+fn killed_client_then_the_rerun_resumes() {
+    let t = Setup::new(&["--timeout", "2"]);
+    let src = big_source(&t);
+    let relay = Relay::start(t.server.addr);
+    let mut child = stalled_push(&t, &relay, &src, "kc", &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    t.server.wait_log("result=failed");
+    rerun_resumes(&t, &src, "kc");
+}
+
+#[test]
+fn killed_server_fails_the_client_cleanly_and_the_rerun_resumes() {
+    let mut t = Setup::new(&[]);
+    let src = big_source(&t);
+    let relay = Relay::start(t.server.addr);
+    let child = stalled_push(&t, &relay, &src, "ks", &["--timeout", "2"]);
+    t.server.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // Same identity, same root, same port: as after a restart.
+    let addr = t.server.addr.to_string();
+    let ident = t.server.ident.clone();
+    let root = t.server.root.clone();
+    t.server = ServerProc::start_on(&ident, &root, &[&t.client], &addr, &[]);
+    rerun_resumes(&t, &src, "ks");
+}
