@@ -167,6 +167,22 @@ fn timestamps(meta: &Meta) -> Timestamps {
     }
 }
 
+/// Puts back a directory's mtime (after removing what an aborted sync created in it).
+pub fn set_mtime_fd<Fd: AsFd>(fd: Fd, sec: i64, nsec: u32) -> io::Result<()> {
+    let t = Timespec {
+        tv_sec: sec,
+        tv_nsec: nsec.into(),
+    };
+    rfs::futimens(
+        &fd,
+        &Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+    )?;
+    Ok(())
+}
+
 /// Sets owner, mode, xattrs and mtime on an open file or directory, in the order that keeps
 /// setuid/setgid bits (chown clears them, so mode comes after owner).
 pub fn apply_meta_fd<Fd: AsFd>(fd: Fd, meta: &Meta) -> io::Result<()> {

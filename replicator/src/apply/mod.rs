@@ -641,16 +641,30 @@ impl Destination {
     /// Removes what this run created; used when the sync is abandoned on purpose.
     pub fn discard(&mut self) {
         let Some(vol) = self.vol.as_mut() else { return };
+        // Directories whose entries we touch; their mtimes are put back afterwards.
+        let mut touched: Vec<RelPath> = Vec::new();
         for (dir, temp) in self.created_temps.drain(..).rev() {
             if let Ok(d) = vol.dir(&dir) {
                 let _ = fsops::remove_any(d, &temp);
             }
+            touched.push(dir);
         }
         for dir in self.created_dirs.drain(..).rev() {
             let (parent, name) = split(&dir);
             vol.invalidate();
             if let Ok(d) = vol.dir(&parent) {
                 let _ = rfs::unlinkat(d, os(&name), AtFlags::REMOVEDIR);
+            }
+            touched.push(parent);
+        }
+        touched.sort();
+        touched.dedup();
+        for dir in touched {
+            if let Some(had) = self.existing.get(&dir)
+                && had.stat.is_dir()
+                && let Ok(d) = vol.dir(&dir)
+            {
+                let _ = fsops::set_mtime_fd(d, had.stat.mtime_sec, had.stat.mtime_nsec);
             }
         }
     }

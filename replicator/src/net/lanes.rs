@@ -97,6 +97,17 @@ impl LaneRx {
     }
 }
 
+impl LaneTx {
+    /// Sends `frame` as it is, as the next message. Only a misbehaving peer needs this: the
+    /// hostile-peer tests use it to send frames no honest encoder produces.
+    pub fn send_raw(&mut self, frame: Bytes) -> Result<(), TransportError> {
+        let lane = &self.lanes[self.next];
+        self.next = (self.next + 1) % self.lanes.len();
+        lane.blocking_send(frame)
+            .map_err(|_| self.error.to_transport())
+    }
+}
+
 impl MessageTx for LaneTx {
     fn send(&mut self, msg: Message) -> Result<(), TransportError> {
         let frame = Bytes::from(msg.encode_frame());

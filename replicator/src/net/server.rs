@@ -28,7 +28,7 @@ use crate::protocol::message::{DoneStats, Message};
 use crate::protocol::receiver::run_receiver;
 use crate::state::{StateDir, SyncStatus, unix_now};
 use crate::sync::{SyncOptions, run_source};
-use crate::transport::{MessageRx, MessageTx};
+use crate::transport::{MessageRx, MessageTx, TransportError};
 use crate::volume;
 
 /// Time a client has, after the handshake, to say what it wants and open its lanes.
@@ -305,21 +305,16 @@ async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(spoke_last) => *spoke_last,
         Err(e) => !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)),
     };
-    end_session(&conn, tasks, spoke_last, result.is_ok()).await;
     let verdict = match &result {
         Ok(_) => "ok".to_string(),
-        Err(SessionError::Transport(_)) => match conn.close_reason() {
+        Err(e @ SessionError::Transport(TransportError::Malformed(_))) => format!("failed: {e}"),
+        Err(e @ SessionError::Transport(_)) => match conn.close_reason() {
             Some(reason) => format!("failed: {}", describe(&reason)),
-            None => format!(
-                "failed: {}",
-                result
-                    .as_ref()
-                    .err()
-                    .map_or(String::new(), |e| e.to_string())
-            ),
+            None => format!("failed: {e}"),
         },
         Err(e) => format!("failed: {e}"),
     };
+    end_session(&conn, tasks, spoke_last, result.is_ok()).await;
     tracing::info!(
         client = %fp,
         %remote,
@@ -339,27 +334,8 @@ async fn accept_session(
     shared: &Arc<Shared>,
     conn: &Connection,
 ) -> Result<Accepted, (CloseCode, String)> {
-    let lost = |e: quinn::ConnectionError| (CloseCode::BadRequest, describe(&e));
-    let (send0, mut recv0) = conn.accept_bi().await.map_err(lost)?;
-    let open = read_open(&mut recv0).await?;
-    let ours = shared.opts.version;
-    if versions_differ(conn) || open.version != ours {
-        return Err((
-            CloseCode::Version,
-            format!(
-                "protocol version mismatch: the server speaks version {ours}, the client \
-                 speaks version {}",
-                open.version
-            ),
-        ));
-    }
+    let (open, first) = receive_open(conn, shared.opts.version).await?;
     let bad = |why: String| (CloseCode::BadRequest, why);
-    if open.lanes == 0 || open.lanes > MAX_LANES {
-        return Err(bad(format!(
-            "{} lanes asked for (1 to {MAX_LANES})",
-            open.lanes
-        )));
-    }
     let guard = match open.direction {
         Direction::Bench => None,
         Direction::Push | Direction::Pull => {
@@ -374,18 +350,58 @@ async fn accept_session(
             Some(try_lock(shared, name.as_str(), write).map_err(|why| (CloseCode::Busy, why))?)
         }
     };
-    let mut sends = vec![Some(send0)];
-    let mut recvs = vec![Some(recv0)];
-    sends.resize_with(open.lanes as usize, || None);
-    recvs.resize_with(open.lanes as usize, || None);
-    for _ in 1..open.lanes {
-        let (s, mut r) = conn.accept_bi().await.map_err(lost)?;
+    let (sends, recvs) = accept_lanes(conn, first, open.lanes).await?;
+    Ok((open, sends, recvs, guard))
+}
+
+/// Server side of session setup, step 1: the client's `Open` on the first stream, checked
+/// for version and lane count. Returns it with the first stream.
+pub async fn receive_open(
+    conn: &Connection,
+    version: u32,
+) -> Result<(Open, (SendStream, RecvStream)), (CloseCode, String)> {
+    let lost = |e: quinn::ConnectionError| (CloseCode::BadRequest, describe(&e));
+    let (send0, mut recv0) = conn.accept_bi().await.map_err(lost)?;
+    let open = read_open(&mut recv0).await?;
+    if versions_differ(conn) || open.version != version {
+        return Err((
+            CloseCode::Version,
+            format!(
+                "protocol version mismatch: the server speaks version {version}, the client \
+                 speaks version {}",
+                open.version
+            ),
+        ));
+    }
+    if open.lanes == 0 || open.lanes > MAX_LANES {
+        return Err((
+            CloseCode::BadRequest,
+            format!("{} lanes asked for (1 to {MAX_LANES})", open.lanes),
+        ));
+    }
+    Ok((open, (send0, recv0)))
+}
+
+/// Server side of session setup, step 2: the client's other lanes, in lane order, then the
+/// `Accept` answer on the first.
+pub async fn accept_lanes(
+    conn: &Connection,
+    first: (SendStream, RecvStream),
+    lanes: u8,
+) -> Result<(Vec<SendStream>, Vec<RecvStream>), (CloseCode, String)> {
+    let bad = |why: String| (CloseCode::BadRequest, why);
+    let mut sends = vec![Some(first.0)];
+    let mut recvs = vec![Some(first.1)];
+    sends.resize_with(lanes as usize, || None);
+    recvs.resize_with(lanes as usize, || None);
+    for _ in 1..lanes {
+        let (s, mut r) = conn.accept_bi().await.map_err(|e| bad(describe(&e)))?;
         let mut lane = [0u8; 1];
         r.read_exact(&mut lane)
             .await
             .map_err(|e| bad(format!("lane header: {e}")))?;
         let i = lane[0] as usize;
-        if i == 0 || i >= open.lanes as usize || sends[i].is_some() {
+        if i == 0 || i >= lanes as usize || sends[i].is_some() {
             return Err(bad(format!("bad lane number {i}")));
         }
         sends[i] = Some(s);
@@ -394,10 +410,10 @@ async fn accept_session(
     let mut sends: Vec<SendStream> = sends.into_iter().flatten().collect();
     let recvs: Vec<RecvStream> = recvs.into_iter().flatten().collect();
     sends[0]
-        .write_all(&encode_accept(open.lanes))
+        .write_all(&encode_accept(lanes))
         .await
         .map_err(|e| bad(format!("cannot answer: {e}")))?;
-    Ok((open, sends, recvs, guard))
+    Ok((sends, recvs))
 }
 
 async fn read_open(stream: &mut RecvStream) -> Result<Open, (CloseCode, String)> {

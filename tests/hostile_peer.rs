@@ -1,0 +1,536 @@
+//! A peer that lies: a test-only client pushing, and a test-only server answering a pull,
+//! each sending what no honest peer would. Every case must be rejected, leave the
+//! destination exactly as it was, write nothing outside it, and (for the server) leave the
+//! server serving others.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use integration_tests::net::*;
+use integration_tests::*;
+use replicator::chunk::{ChunkId, ChunkerParams, Segment};
+use replicator::manifest::Limits;
+use replicator::manifest::{
+    DigestBuilder, Entry, EntryKind, Header, MANIFEST_VERSION, Meta, RelPath, VolumeMode,
+};
+use replicator::net::client::{ClientOptions, Session, open_session};
+use replicator::net::conn::end_session;
+use replicator::net::endpoint::{self, NetOptions};
+use replicator::net::identity::{Fingerprint, Identity, TrustList};
+use replicator::net::lanes::{self, FirstError, LaneRx, LaneTx};
+use replicator::net::open::{Direction, RemoteSpec};
+use replicator::net::server::{accept_lanes, receive_open};
+use replicator::protocol::message::{
+    ChunkData, Encoding, Hello, MAX_FRAME, Message, PROTOCOL_VERSION,
+};
+use replicator::sync::SyncOptions;
+use replicator::transport::{MessageRx, MessageTx};
+
+const VOLUME: &str = "target";
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    client: Ident,
+    server: ServerProc,
+    /// Sessions the server has logged so far.
+    sessions: usize,
+}
+
+impl Setup {
+    /// A server whose volume already holds a small tree, pushed honestly.
+    fn new() -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let server_id = Ident::create(&tmp.path().join("server-id"));
+        let client = Ident::create(&tmp.path().join("client-id"));
+        let server = ServerProc::start(
+            &server_id,
+            &tmp.path().join("volumes"),
+            &[&client],
+            &["--max-entries", "1000"],
+        );
+        let mut t = Setup {
+            tmp,
+            client,
+            server,
+            sessions: 0,
+        };
+        let src = t.tmp.path().join("honest");
+        std::fs::create_dir_all(src.join("sub")).unwrap();
+        std::fs::write(src.join("sub/kept"), bytes(1, 100_000)).unwrap();
+        summary(&t.honest_push(&src));
+        t.sessions = 1;
+        t
+    }
+
+    fn honest_push(&self, src: &Path) -> std::process::Output {
+        client_sync(
+            &self.client,
+            &self.server.ident.fingerprint,
+            src.to_str().unwrap(),
+            &format!("{}/{VOLUME}", self.server.addr),
+            &self.tmp.path().join("state"),
+            &[],
+        )
+    }
+
+    fn session(&self) -> Session {
+        client_session(
+            &self.client.dir,
+            &self.server.ident.fingerprint,
+            &format!("{}/{VOLUME}", self.server.addr),
+            Direction::Push,
+        )
+    }
+}
+
+fn client_session(id_dir: &Path, server_fp: &str, remote: &str, direction: Direction) -> Session {
+    let id = Identity::load(id_dir).unwrap();
+    let mut trust = TrustList::new();
+    trust.add(Fingerprint::parse(server_fp).unwrap());
+    let opts = ClientOptions::new(id, trust, PathBuf::from("/dev/null"));
+    let remote = RemoteSpec::parse(remote).unwrap().unwrap();
+    let volume = remote.volume.as_str().to_string();
+    match open_session(&remote, direction, &volume, &SyncOptions::default(), &opts) {
+        Ok(s) => s,
+        Err(e) => panic!("open_session: {e}"),
+    }
+}
+
+fn meta() -> Meta {
+    Meta {
+        perm: 0o755,
+        mtime_sec: 1_700_000_000,
+        ..Meta::default()
+    }
+}
+
+fn dir(path: &str) -> Entry {
+    Entry {
+        path: RelPath::new(path.as_bytes().to_vec()).unwrap(),
+        kind: EntryKind::Dir,
+        meta: meta(),
+    }
+}
+
+fn root() -> Entry {
+    Entry {
+        path: RelPath::root(),
+        kind: EntryKind::Dir,
+        meta: meta(),
+    }
+}
+
+fn file(path: &str, data: &[u8]) -> Entry {
+    Entry {
+        path: RelPath::new(path.as_bytes().to_vec()).unwrap(),
+        kind: EntryKind::File {
+            size: data.len() as u64,
+            segments: vec![Segment::Chunk {
+                id: ChunkId::of(data),
+                len: data.len() as u32,
+            }],
+        },
+        meta: meta(),
+    }
+}
+
+fn hello() -> Message {
+    Message::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        mode: VolumeMode::Tree,
+        chunker: ChunkerParams::default(),
+        compress: false,
+    })
+}
+
+fn frame(body: &[u8]) -> Bytes {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    Bytes::from(f)
+}
+
+/// An entry frame whose path is `raw`, which no valid `RelPath` could hold.
+fn raw_path_entry(raw: &[u8]) -> Bytes {
+    let marker = vec![b'q'; raw.len()];
+    let body = Message::Entry(file(std::str::from_utf8(&marker).unwrap(), b"x")).encode_body();
+    let at = body
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .unwrap();
+    let mut body = body.clone();
+    body[at..at + raw.len()].copy_from_slice(raw);
+    frame(&body)
+}
+
+/// A manifest: entries then the matching end message.
+fn send_manifest(sess: &mut Session, entries: &[Entry]) {
+    send_manifest_to(&mut sess.tx, entries);
+}
+
+/// Reads until the peer reports an error or the connection ends; returns what it said.
+fn outcome(mut sess: Session) -> String {
+    let mut said = String::new();
+    loop {
+        match sess.rx.recv() {
+            Ok(Message::Error { message }) => {
+                said = message;
+                break;
+            }
+            Ok(Message::Done { .. }) => panic!("the peer accepted a hostile session"),
+            Ok(_) => {}
+            Err(e) => {
+                if said.is_empty() {
+                    said = e.to_string();
+                }
+                break;
+            }
+        }
+    }
+    sess.finish(false, false);
+    said
+}
+
+/// The destination as it was, nothing escaped, and the server logged this session's failure
+/// with `needle` in it.
+fn check_intact(t: &mut Setup, before: &std::collections::BTreeMap<Vec<u8>, Desc>, needle: &str) {
+    t.sessions += 1;
+    let log = t.server.wait_log(needle);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let ended = |log: &str| log.matches(" session ").count();
+    let mut log = log;
+    while ended(&log) < t.sessions {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "session not logged:\n{log}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        log = t.server.log();
+    }
+    let last = log.lines().rev().find(|l| l.contains(" session ")).unwrap();
+    assert!(
+        last.contains("result=failed") && last.contains(needle),
+        "{last}"
+    );
+    assert_eq!(
+        &describe(&t.server.root.join(VOLUME)),
+        before,
+        "destination changed ({needle})"
+    );
+    assert!(
+        !t.tmp.path().join("escaped").exists(),
+        "wrote outside the volume"
+    );
+}
+
+#[test]
+fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
+    let mut t = Setup::new();
+    let before = describe(&t.server.root.join(VOLUME));
+
+    // Paths no valid manifest has: traversal, absolute, NUL, empty component.
+    for (raw, why) in [
+        (&b"../escaped"[..], "dot component"),
+        (b"/tmp/escaped", "absolute"),
+        (b"a\0b", "contains NUL"),
+        (b"a//b", "empty component"),
+        (b"sub/..", "dot component"),
+    ] {
+        let mut sess = t.session();
+        sess.tx.send(hello()).unwrap();
+        assert!(matches!(sess.rx.recv().unwrap(), Message::Hello(_)));
+        sess.tx.send(Message::Entry(root())).unwrap();
+        sess.tx.send_raw(raw_path_entry(raw)).unwrap();
+        outcome(sess);
+        check_intact(
+            &mut t,
+            &before,
+            &format!("malformed data from peer: invalid entry path: {why}"),
+        );
+    }
+
+    // A path through a symlink: "link" points outside, then "link/evil" is a file.
+    let outside = t.tmp.path().join("escaped");
+    let link = Entry {
+        path: RelPath::new(b"link".to_vec()).unwrap(),
+        kind: EntryKind::Symlink {
+            target: outside.to_str().unwrap().as_bytes().to_vec(),
+        },
+        meta: meta(),
+    };
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    send_manifest(&mut sess, &[root(), link, file("link/evil", b"pwned")]);
+    assert!(outcome(sess).contains("no parent directory"));
+    check_intact(&mut t, &before, "has no parent directory before it");
+
+    // A chunk whose data does not hash to its name.
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    let honest = bytes(9, 5000);
+    send_manifest(
+        &mut sess,
+        &[
+            root(),
+            dir("sub"),
+            file("sub/kept", &bytes(1, 100_000)),
+            file("z", &honest),
+        ],
+    );
+    let mut wanted = Vec::new();
+    loop {
+        match sess.rx.recv().unwrap() {
+            Message::Want(ids) => wanted.extend(ids),
+            Message::WantEnd => break,
+            m => panic!("unexpected {}", m.name()),
+        }
+    }
+    assert_eq!(wanted, vec![ChunkId::of(&honest)]);
+    let forged = bytes(10, 5000);
+    sess.tx
+        .send(Message::Chunk(ChunkData {
+            id: wanted[0],
+            encoding: Encoding::Raw,
+            raw_len: 5000,
+            payload: Bytes::from(forged),
+        }))
+        .unwrap();
+    sess.tx.send(Message::ChunksEnd { bytes_read: 0 }).unwrap();
+    assert!(outcome(sess).contains("rejected"));
+    check_intact(&mut t, &before, "hashes to");
+
+    // A frame larger than any the protocol allows.
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    sess.tx
+        .send_raw(Bytes::from(((MAX_FRAME + 1) as u32).to_be_bytes().to_vec()))
+        .unwrap();
+    outcome(sess);
+    check_intact(
+        &mut t,
+        &before,
+        &format!("frame of {} bytes", MAX_FRAME + 1),
+    );
+
+    // A stream that ends in the middle of a frame.
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    let mut partial = 100u32.to_be_bytes().to_vec();
+    partial.extend_from_slice(&[2, 0, 1]);
+    sess.tx.send_raw(Bytes::from(partial)).unwrap();
+    let Session {
+        runtime,
+        endpoint,
+        conn,
+        tx,
+        rx,
+        tasks,
+    } = sess;
+    drop(tx); // finishes every lane
+    runtime.block_on(async {
+        tasks.flush().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn.closed()).await;
+        drop(rx);
+        endpoint.wait_idle().await;
+    });
+    check_intact(&mut t, &before, "stream ended in the middle of a frame");
+
+    // A manifest that never ends (this server accepts 1000 entries).
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    sess.tx.send(Message::Entry(root())).unwrap();
+    for i in 0..5000 {
+        if sess
+            .tx
+            .send(Message::Entry(dir(&format!("d{i:06}"))))
+            .is_err()
+        {
+            break;
+        }
+    }
+    outcome(sess);
+    check_intact(&mut t, &before, "this receiver's limit");
+
+    // Still serving, and the volume takes an honest push.
+    assert!(t.server.is_running());
+    let src = t.tmp.path().join("honest2");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("after"), b"all is well").unwrap();
+    summary(&t.honest_push(&src));
+    assert_mirrors(&src, &t.server.root.join(VOLUME));
+}
+
+/// A test-only server that answers one pull with `script` (playing the sending side).
+fn hostile_server(
+    dir: &Path,
+    script: impl FnOnce(&mut LaneTx, &mut LaneRx) + Send + 'static,
+) -> (String, String, std::thread::JoinHandle<()>) {
+    let (id, _) = Identity::load_or_create(dir).unwrap();
+    let fp = id.fingerprint.to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ep = rt
+        .block_on(async {
+            endpoint::server(
+                &id,
+                "127.0.0.1:0".parse().unwrap(),
+                &NetOptions::default(),
+                PROTOCOL_VERSION,
+            )
+        })
+        .unwrap();
+    let addr = ep.local_addr().unwrap().to_string();
+    let handle = std::thread::spawn(move || {
+        rt.block_on(async move {
+            let conn = ep.accept().await.unwrap().await.unwrap();
+            let (open, first) = receive_open(&conn, PROTOCOL_VERSION).await.unwrap();
+            let (s, r) = accept_lanes(&conn, first, open.lanes).await.unwrap();
+            let (mut tx, mut rx, tasks) =
+                lanes::start(s, r, Limits::default(), FirstError::default());
+            let rx = tokio::task::spawn_blocking(move || {
+                script(&mut tx, &mut rx);
+                rx
+            })
+            .await
+            .unwrap();
+            end_session(&conn, tasks, false, false).await;
+            drop(rx);
+            ep.wait_idle().await;
+        });
+    });
+    (addr, fp, handle)
+}
+
+/// The opening of a pull answered by a liar: hello, then the client's hello back.
+fn greet(tx: &mut LaneTx, rx: &mut LaneRx) {
+    tx.send(hello()).unwrap();
+    assert!(matches!(rx.recv().unwrap(), Message::Hello(_)));
+}
+
+/// Drains what the client says until it gives up.
+fn until_client_gives_up(rx: &mut LaneRx) -> String {
+    loop {
+        match rx.recv() {
+            Ok(Message::Error { message }) => return message,
+            Ok(_) => {}
+            Err(e) => return e.to_string(),
+        }
+    }
+}
+
+#[test]
+fn hostile_server_answers_to_a_pull_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let client = Ident::create(&tmp.path().join("client-id"));
+    let dst = tmp.path().join("restore");
+    std::fs::create_dir_all(dst.join("sub")).unwrap();
+    std::fs::write(dst.join("sub/precious"), bytes(3, 70_000)).unwrap();
+    let before = describe(&dst);
+    let escaped = tmp.path().join("escaped");
+
+    let escaped_target = escaped.to_str().unwrap().as_bytes().to_vec();
+    type Script = Box<dyn FnOnce(&mut LaneTx, &mut LaneRx) + Send>;
+    let cases: Vec<(&str, Script)> = vec![
+        (
+            "invalid entry path",
+            Box::new(|tx, rx| {
+                greet(tx, rx);
+                tx.send(Message::Entry(root())).unwrap();
+                tx.send_raw(raw_path_entry(b"../escaped")).unwrap();
+                until_client_gives_up(rx);
+            }),
+        ),
+        (
+            "no parent directory",
+            Box::new(move |tx, rx| {
+                greet(tx, rx);
+                let link = Entry {
+                    path: RelPath::new(b"link".to_vec()).unwrap(),
+                    kind: EntryKind::Symlink {
+                        target: escaped_target,
+                    },
+                    meta: meta(),
+                };
+                send_manifest_to(tx, &[root(), link, file("link/evil", b"pwned")]);
+                until_client_gives_up(rx);
+            }),
+        ),
+        (
+            "rejected",
+            Box::new(|tx, rx| {
+                greet(tx, rx);
+                let honest = bytes(9, 5000);
+                send_manifest_to(
+                    tx,
+                    &[
+                        root(),
+                        dir("sub"),
+                        file("sub/precious", &bytes(3, 70_000)),
+                        file("z", &honest),
+                    ],
+                );
+                let mut wanted = Vec::new();
+                loop {
+                    match rx.recv().unwrap() {
+                        Message::Want(ids) => wanted.extend(ids),
+                        Message::WantEnd => break,
+                        m => panic!("unexpected {}", m.name()),
+                    }
+                }
+                for id in wanted {
+                    tx.send(Message::Chunk(ChunkData {
+                        id,
+                        encoding: Encoding::Raw,
+                        raw_len: 5000,
+                        payload: Bytes::from(bytes(10, 5000)),
+                    }))
+                    .unwrap();
+                }
+                tx.send(Message::ChunksEnd { bytes_read: 0 }).unwrap();
+                until_client_gives_up(rx);
+            }),
+        ),
+    ];
+    for (needle, script) in cases {
+        let (addr, fp, server) = hostile_server(&tmp.path().join("liar-id"), script);
+        let out = client_sync(
+            &client,
+            &fp,
+            &format!("{addr}/vol"),
+            dst.to_str().unwrap(),
+            &tmp.path().join("state"),
+            &[],
+        );
+        server.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{needle}: the client accepted it");
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert_eq!(describe(&dst), before, "{needle}: destination changed");
+        assert!(!escaped.exists(), "{needle}: wrote outside the destination");
+    }
+}
+
+fn send_manifest_to(tx: &mut LaneTx, entries: &[Entry]) {
+    let mut digest = DigestBuilder::new(&Header {
+        version: MANIFEST_VERSION,
+        mode: VolumeMode::Tree,
+        chunker: ChunkerParams::default(),
+    });
+    for e in entries {
+        digest.add(e).unwrap();
+        tx.send(Message::Entry(e.clone())).unwrap();
+    }
+    tx.send(Message::ManifestEnd {
+        entries: entries.len() as u64,
+        root: digest.finish(),
+    })
+    .unwrap();
+}
