@@ -91,7 +91,13 @@ fn client_session(id_dir: &Path, server_fp: &str, remote: &str, direction: Direc
     let opts = ClientOptions::new(id, trust, PathBuf::from("/dev/null"));
     let remote = RemoteSpec::parse(remote).unwrap().unwrap();
     let volume = remote.volume.as_str().to_string();
-    match open_session(&remote, direction, &volume, &SyncOptions::default(), &opts) {
+    match open_session(
+        &remote.address(),
+        direction,
+        &volume,
+        &SyncOptions::default(),
+        &opts,
+    ) {
         Ok(s) => s,
         Err(e) => panic!("open_session: {e}"),
     }

@@ -361,3 +361,53 @@ fn killed_server_fails_the_client_cleanly_and_the_rerun_resumes() {
     t.server = ServerProc::start_on(&ident, &root, &[&t.client], &addr, &[]);
     rerun_resumes(&t, &src, "ks");
 }
+
+#[test]
+fn bench_measures_a_link_and_the_local_pipeline() {
+    let t = Setup::new(&[]);
+    let out = std::process::Command::new(replicator_bin())
+        .args(["bench", "--json", "--seconds", "0.5", "--identity"])
+        .arg(&t.client.dir)
+        .args(["--peer-id", &t.server.ident.fingerprint])
+        .arg(t.server.addr.to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["bytes"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["megabytes_per_second"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["rtt_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["server_cpu_seconds"].as_f64().is_some(), "{r}");
+    // Nothing is kept on the server.
+    assert_eq!(
+        fs::read_dir(&t.server.root)
+            .unwrap()
+            .filter(|e| {
+                !e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with('.')
+            })
+            .count(),
+        0
+    );
+
+    let src = t.path("src");
+    make_sample_tree(&src).unwrap();
+    let out = std::process::Command::new(replicator_bin())
+        .args(["bench", "--json", "--local"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["bytes"].as_u64().unwrap() > 64 << 20, "{r}");
+    assert!(r["chunks"].as_u64().unwrap() > 200, "{r}");
+    assert!(
+        r["scan_megabytes_per_second"].as_f64().unwrap() > 0.0,
+        "{r}"
+    );
+    let ratio = r["compress_ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio < 1.0, "text compresses: {r}");
+}

@@ -8,6 +8,7 @@
 //! outside volumes; [`sync`] joins both ends for a local sync.
 
 pub mod apply;
+pub mod bench;
 pub mod chunk;
 pub mod codec;
 pub mod crashpoint;

@@ -50,6 +50,9 @@ enum Command {
     Id(IdArgs),
     /// Offer the volumes under --root to authorized clients over QUIC.
     Serve(ServeArgs),
+    /// Measure a link to a `replicator serve` (throughput, RTT, CPU), or with --local PATH
+    /// the chunk/hash/compress pipeline on your own data.
+    Bench(BenchArgs),
 }
 
 #[derive(Args, Clone)]
@@ -182,6 +185,13 @@ struct SyncArgs {
     /// Hashing threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+/// How a client finds and trusts a server.
+#[derive(Args, Clone)]
+struct PeerArgs {
     /// Fingerprint of the server to trust (repeatable); see `replicator id` on the server.
     #[arg(long = "peer-id")]
     peer_id: Vec<String>,
@@ -196,6 +206,30 @@ struct SyncArgs {
     identity: IdentityArgs,
     #[command(flatten)]
     net: NetArgs,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// A `replicator serve` to measure the link to (HOST:PORT).
+    peer_addr: Option<String>,
+    /// Measure the chunk/hash/compress pipeline on this volume instead of a link.
+    #[arg(long)]
+    local: Option<PathBuf>,
+    /// How long to stream, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Send compressible (text-like) data with zstd on, instead of random data raw.
+    #[arg(long)]
+    compress: bool,
+    #[command(flatten)]
+    chunks: ChunkArgs,
+    /// Threads for --local (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    peer: PeerArgs,
 }
 
 #[derive(Args)]
@@ -232,6 +266,7 @@ fn main() -> ExitCode {
         Command::Demo(a) => run_demo(a),
         Command::Id(a) => run_id(a),
         Command::Serve(a) => run_serve(a),
+        Command::Bench(a) => run_bench(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -359,11 +394,11 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
             ));
         }
         (None, Some(remote)) => {
-            let client = client_options(&a)?;
+            let client = client_options(&a.peer)?;
             with_progress(|_| push(&a.src, &remote, &opts, &client))?
         }
         (Some(remote), None) => {
-            let client = client_options(&a)?;
+            let client = client_options(&a.peer)?;
             with_progress(|p| pull(&remote, &a.dst, &opts, &client, p))?
         }
     };
@@ -378,7 +413,7 @@ fn remote_spec(p: &std::path::Path) -> Result<Option<RemoteSpec>, Failure> {
     RemoteSpec::parse(s).transpose().map_err(Failure::Usage)
 }
 
-fn client_options(a: &SyncArgs) -> Result<ClientOptions, Failure> {
+fn client_options(a: &PeerArgs) -> Result<ClientOptions, Failure> {
     let identity = a.identity.load()?;
     let known_peers = a
         .known_peers
@@ -393,6 +428,69 @@ fn client_options(a: &SyncArgs) -> Result<ClientOptions, Failure> {
     client.version = a.net.protocol_version;
     client.lanes = a.lanes.clamp(1, MAX_LANES);
     Ok(client)
+}
+
+fn run_bench(a: BenchArgs) -> Result<(), Failure> {
+    if let Some(path) = &a.local {
+        let chunker = a.chunks.params();
+        chunker.validate().map_err(Failure::Usage)?;
+        let threads = a
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+            .max(1);
+        let r = replicator::bench::local(path, chunker, threads)
+            .map_err(|e| Failure::Failed(Box::new(e)))?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r).unwrap_or_default());
+        } else {
+            println!(
+                "{}: {} in {} chunks\n  read+chunk+hash: {:.0} MB/s on {} threads\n  zstd (wire level): {:.0} MB/s on 1 thread, ratio {:.2} over {}",
+                r.path,
+                human(r.bytes),
+                r.chunks,
+                r.scan_megabytes_per_second,
+                r.threads,
+                r.compress_megabytes_per_second,
+                r.compress_ratio,
+                human(r.compress_sample_bytes)
+            );
+        }
+        return Ok(());
+    }
+    let Some(addr) = &a.peer_addr else {
+        return Err(Failure::Usage(
+            "give HOST:PORT of a `replicator serve`, or --local PATH".into(),
+        ));
+    };
+    if !(a.seconds.is_finite() && a.seconds > 0.0) {
+        return Err(Failure::Usage("--seconds must be positive".into()));
+    }
+    let client = client_options(&a.peer)?;
+    let r = replicator::bench::link(
+        addr,
+        &client,
+        Duration::from_secs_f64(a.seconds),
+        a.compress,
+    )?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).unwrap_or_default());
+    } else {
+        println!(
+            "{}: {:.0} MB/s over {} lanes ({} in {:.1}s, {} on the wire), RTT {:.2} ms\n  CPU: client {:.2}s, server {:.2}s ({:.0}% and {:.0}% of one core)",
+            r.peer,
+            r.megabytes_per_second,
+            r.lanes,
+            human(r.bytes),
+            r.seconds,
+            human(r.bytes_on_wire),
+            r.rtt_ms,
+            r.client_cpu_seconds,
+            r.server_cpu_seconds,
+            100.0 * r.client_cpu_seconds / r.seconds,
+            100.0 * r.server_cpu_seconds / r.seconds
+        );
+    }
+    Ok(())
 }
 
 fn run_id(a: IdArgs) -> Result<(), Failure> {

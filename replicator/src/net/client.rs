@@ -13,7 +13,7 @@ use super::conn::{end_session, peer_fingerprint};
 use super::endpoint::{self, NetOptions};
 use super::identity::{Identity, TrustList};
 use super::lanes::{self, FirstError, LaneRx, LaneTasks, LaneTx, describe};
-use super::open::{CloseCode, Direction, Open, RemoteSpec, decode_accept};
+use super::open::{CloseCode, Direction, Open, RemoteSpec, decode_accept, resolve};
 use crate::manifest::Limits;
 use crate::progress::Progress;
 use crate::protocol::SessionError;
@@ -94,9 +94,10 @@ fn refused_or_lost(e: &quinn::ConnectionError) -> SyncError {
     SyncError::Connection(describe(e))
 }
 
-/// Connects to `remote`, checks its fingerprint and opens a session.
+/// Connects to `address` (`HOST:PORT`), checks its fingerprint and opens a session on
+/// `volume` (empty for a bench).
 pub fn open_session(
-    remote: &RemoteSpec,
+    address: &str,
     direction: Direction,
     volume: &str,
     opts: &SyncOptions,
@@ -107,8 +108,7 @@ pub fn open_session(
         .enable_all()
         .build()
         .map_err(|e| SyncError::Connection(format!("cannot start the network runtime: {e}")))?;
-    let addr = remote.resolve().map_err(SyncError::Usage)?;
-    let address = remote.address();
+    let addr = resolve(address).map_err(SyncError::Usage)?;
     let ep = runtime.block_on(async {
         endpoint::client(&client.identity, addr, &client.net, client.version)
             .map_err(|e| SyncError::Connection(e.to_string()))
@@ -129,7 +129,7 @@ pub fn open_session(
                 "{address} sent no certificate"
             )));
         };
-        if !client.trusted.trusts(&fp, Some(&address)) {
+        if !client.trusted.trusts(&fp, Some(address)) {
             let ours = client.identity.fingerprint;
             conn.close(
                 CloseCode::UntrustedServer.varint(),
@@ -261,7 +261,7 @@ pub fn push(
         source,
     })?;
     let mut session = open_session(
-        remote,
+        &remote.address(),
         Direction::Push,
         remote.volume.as_str(),
         opts,
@@ -302,7 +302,7 @@ pub fn pull(
     let dst = canonical_target(dst);
     let states = StateDir::new(opts.state_dir.clone());
     let mut session = open_session(
-        remote,
+        &remote.address(),
         Direction::Pull,
         remote.volume.as_str(),
         opts,

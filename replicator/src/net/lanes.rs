@@ -74,9 +74,12 @@ fn read_error(e: quinn::ReadExactError) -> String {
     }
 }
 
+/// A frame to write: its head, and a chunk payload sent from where it already is.
+type Frame = (Bytes, Option<Bytes>);
+
 /// Sending half: the engine's [`MessageTx`].
 pub struct LaneTx {
-    lanes: Vec<mpsc::Sender<Bytes>>,
+    lanes: Vec<mpsc::Sender<Frame>>,
     next: usize,
     bytes: Arc<AtomicU64>,
     error: FirstError,
@@ -103,15 +106,15 @@ impl LaneTx {
     pub fn send_raw(&mut self, frame: Bytes) -> Result<(), TransportError> {
         let lane = &self.lanes[self.next];
         self.next = (self.next + 1) % self.lanes.len();
-        lane.blocking_send(frame)
+        lane.blocking_send((frame, None))
             .map_err(|_| self.error.to_transport())
     }
 }
 
 impl MessageTx for LaneTx {
     fn send(&mut self, msg: Message) -> Result<(), TransportError> {
-        let frame = Bytes::from(msg.encode_frame());
-        let len = frame.len() as u64;
+        let frame = msg.encode_frame_parts();
+        let len = (frame.0.len() + frame.1.as_ref().map_or(0, Bytes::len)) as u64;
         let lane = &self.lanes[self.next];
         self.next = (self.next + 1) % self.lanes.len();
         lane.blocking_send(frame)
@@ -169,12 +172,16 @@ pub fn start(
     let mut tx_lanes = Vec::new();
     let mut writers = Vec::new();
     for mut stream in send {
-        let (tx, mut rx) = mpsc::channel::<Bytes>(LANE_DEPTH);
+        let (tx, mut rx) = mpsc::channel::<Frame>(LANE_DEPTH);
         tx_lanes.push(tx);
         let error = error.clone();
         writers.push(tokio::spawn(async move {
-            while let Some(frame) = rx.recv().await {
-                if let Err(e) = stream.write_all(&frame).await {
+            while let Some((head, payload)) = rx.recv().await {
+                let written = match payload {
+                    Some(p) => stream.write_all_chunks(&mut [head, p]).await,
+                    None => stream.write_all(&head).await,
+                };
+                if let Err(e) = written {
                     error.set(match e {
                         quinn::WriteError::ConnectionLost(c) => describe(&c),
                         other => other.to_string(),

@@ -171,7 +171,13 @@ impl Open {
                 });
             }
         };
-        let volume = String::from_utf8_lossy(r.bytes("volume name", MAX_VOLUME_NAME)?).into_owned();
+        let volume =
+            String::from_utf8(r.bytes("volume name", MAX_VOLUME_NAME)?.to_vec()).map_err(|_| {
+                DecodeError::Invalid {
+                    what: "volume name",
+                    why: "not UTF-8",
+                }
+            })?;
         let lanes = r.u8()?;
         let mut size = |what| r.varint_max(what, u64::from(u32::MAX)).map(|v| v as u32);
         let chunker = ChunkerParams {
@@ -180,6 +186,12 @@ impl Open {
             max: size("chunk max")?,
         };
         let flags = r.u8()?;
+        if flags > 3 {
+            return Err(DecodeError::Invalid {
+                what: "open",
+                why: "unknown option flags",
+            });
+        }
         r.finish()?;
         Ok(Open {
             version,
@@ -345,6 +357,9 @@ mod tests {
         assert_eq!(Open::decode(&f[4..]).unwrap(), o);
         assert!(Open::decode(&f[4..f.len() - 1]).is_err());
         assert!(Open::decode(&[0x20, 1, 9]).is_err());
+        let mut bad_flags = f[4..].to_vec();
+        *bad_flags.last_mut().unwrap() = 0x80;
+        assert!(Open::decode(&bad_flags).is_err());
         assert_eq!(decode_accept(&encode_accept(3)[4..]).unwrap(), 3);
     }
 }

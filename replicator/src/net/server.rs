@@ -24,7 +24,7 @@ use crate::apply::fsops::remove_stale_temps;
 use crate::manifest::Limits;
 use crate::progress::NoProgress;
 use crate::protocol::SessionError;
-use crate::protocol::message::{DoneStats, Message};
+use crate::protocol::message::Message;
 use crate::protocol::receiver::run_receiver;
 use crate::state::{StateDir, SyncStatus, unix_now};
 use crate::sync::{SyncOptions, run_source};
@@ -477,16 +477,18 @@ fn run_session(
     }
 }
 
-/// The receiving end of `replicator bench`: verifies every chunk, keeps nothing.
+/// The receiving end of `replicator bench`: verifies every chunk, keeps nothing, and reports
+/// the bytes and the CPU time this process spent meanwhile.
 fn bench_sink(tx: &mut dyn MessageTx, rx: &mut dyn MessageRx) -> Result<(), SessionError> {
-    let mut stats = DoneStats::default();
+    let cpu_start = crate::bench::process_cpu_seconds();
+    let mut bytes = 0u64;
     loop {
         match rx.recv()? {
             Message::Chunk(c) => {
                 let data = c
                     .decode_verified()
                     .map_err(|e| SessionError::Protocol(e.to_string()))?;
-                stats.bytes_copied_locally += data.len() as u64;
+                bytes += data.len() as u64;
             }
             Message::ChunksEnd { .. } => break,
             Message::Error { message } => return Err(SessionError::Peer(message)),
@@ -498,9 +500,10 @@ fn bench_sink(tx: &mut dyn MessageTx, rx: &mut dyn MessageRx) -> Result<(), Sess
             }
         }
     }
-    tx.send(Message::Done {
-        root: crate::manifest::RootDigest([0; 32]),
-        stats,
+    let cpu = crate::bench::process_cpu_seconds() - cpu_start;
+    tx.send(Message::BenchResult {
+        bytes,
+        cpu_micros: (cpu.max(0.0) * 1e6) as u64,
     })
     .map_err(SessionError::Transport)
 }

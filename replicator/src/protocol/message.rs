@@ -72,6 +72,8 @@ pub enum Message {
     Done { root: RootDigest, stats: DoneStats },
     /// Either side: the session failed; the text says why.
     Error { message: String },
+    /// Bench sessions only: what the sink verified and the CPU time it spent.
+    BenchResult { bytes: u64, cpu_micros: u64 },
 }
 
 mod ty {
@@ -84,6 +86,7 @@ mod ty {
     pub const CHUNKS_END: u8 = 7;
     pub const DONE: u8 = 8;
     pub const ERROR: u8 = 9;
+    pub const BENCH_RESULT: u8 = 10;
 }
 
 impl Message {
@@ -97,6 +100,7 @@ impl Message {
             Message::Chunk(_) => "chunk",
             Message::ChunksEnd { .. } => "chunks-end",
             Message::Done { .. } => "done",
+            Message::BenchResult { .. } => "bench-result",
             Message::Error { .. } => "error",
         }
     }
@@ -166,6 +170,11 @@ impl Message {
                 let m = message.as_bytes();
                 w.bytes(&m[..m.len().min(MAX_ERROR)]);
             }
+            Message::BenchResult { bytes, cpu_micros } => {
+                w.u8(ty::BENCH_RESULT);
+                w.varint(*bytes);
+                w.varint(*cpu_micros);
+            }
         }
         w.buf
     }
@@ -177,6 +186,38 @@ impl Message {
         out.extend_from_slice(&(body.len() as u32).to_be_bytes());
         out.extend_from_slice(&body);
         out
+    }
+
+    /// The frame split in two for vectored writes: everything up to a chunk's payload, and
+    /// the payload itself (shared, not copied). Other messages are all header.
+    pub fn encode_frame_parts(&self) -> (Bytes, Option<Bytes>) {
+        let Message::Chunk(c) = self else {
+            return (Bytes::from(self.encode_frame()), None);
+        };
+        let mut w = Writer::new();
+        w.u8(ty::CHUNK);
+        w.hash(&c.id.0);
+        w.u8(c.encoding as u8);
+        w.varint(u64::from(c.raw_len));
+        w.varint(c.payload.len() as u64);
+        let len = w.buf.len() + c.payload.len();
+        let mut head = Vec::with_capacity(4 + w.buf.len());
+        head.extend_from_slice(&(len as u32).to_be_bytes());
+        head.extend_from_slice(&w.buf);
+        (Bytes::from(head), Some(c.payload.clone()))
+    }
+
+    /// Decodes a received frame body, sharing (not copying) a chunk's payload with `body`.
+    pub fn decode_frame(body: &Bytes, limits: &Limits) -> Result<Message, DecodeError> {
+        match Self::decode_body(body, limits)? {
+            Message::Chunk(mut c) => {
+                // The payload is the tail of the body: point at it instead of a copy.
+                let start = body.len() - c.payload.len();
+                c.payload = body.slice(start..);
+                Ok(Message::Chunk(c))
+            }
+            other => Ok(other),
+        }
     }
 
     /// Decodes a frame body (type + payload) received from a peer.
@@ -277,6 +318,10 @@ impl Message {
             ty::ERROR => Message::Error {
                 message: String::from_utf8_lossy(r.bytes("error text", MAX_ERROR)?).into_owned(),
             },
+            ty::BENCH_RESULT => Message::BenchResult {
+                bytes: r.varint()?,
+                cpu_micros: r.varint()?,
+            },
             t => {
                 return Err(DecodeError::UnknownTag {
                     what: "message type",
@@ -300,6 +345,22 @@ pub enum ChunkError {
 }
 
 impl ChunkData {
+    /// Like [`ChunkData::encode`], taking the data without a copy when it goes raw.
+    pub fn encode_owned(id: ChunkId, data: Vec<u8>, compress: bool) -> ChunkData {
+        if compress {
+            let c = Self::encode(id, &data, true);
+            if c.encoding == Encoding::Zstd {
+                return c;
+            }
+        }
+        ChunkData {
+            id,
+            encoding: Encoding::Raw,
+            raw_len: data.len() as u32,
+            payload: Bytes::from(data),
+        }
+    }
+
     /// Encodes a chunk, compressing it when asked and when that makes it smaller.
     pub fn encode(id: ChunkId, data: &[u8], compress: bool) -> ChunkData {
         if compress
@@ -410,9 +471,19 @@ mod tests {
             Message::Error {
                 message: "boom".into(),
             },
+            Message::BenchResult {
+                bytes: 1 << 33,
+                cpu_micros: 12_345,
+            },
         ];
         for m in msgs {
             assert_eq!(round_trip(&m), m);
+            let (head, payload) = m.encode_frame_parts();
+            let mut joined = head.to_vec();
+            joined.extend_from_slice(payload.as_deref().unwrap_or_default());
+            assert_eq!(joined, m.encode_frame());
+            let body = Bytes::from(joined[4..].to_vec());
+            assert_eq!(Message::decode_frame(&body, &Limits::default()).unwrap(), m);
             assert!(m.wire_len().abs_diff(m.encode_frame().len()) <= 12);
         }
     }

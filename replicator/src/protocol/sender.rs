@@ -131,7 +131,11 @@ fn session(
                     let data = map.read(&id)?;
                     report.chunks_sent += 1;
                     report.bytes_sent_raw += data.len() as u64;
-                    tx.send(Message::Chunk(ChunkData::encode(id, &data, opts.compress)))?;
+                    tx.send(Message::Chunk(ChunkData::encode_owned(
+                        id,
+                        data,
+                        opts.compress,
+                    )))?;
                 }
             }
             Message::WantEnd => break,
