@@ -1,4 +1,8 @@
-//! The deployer: Flocker-style `application.yml` + `deployment.yml`, node agents, and
-//! (in later steps) the two-phase push that moves a stateful application between nodes.
+//! The deployer: Flocker-style `application.yml` + `deployment.yml`, node agents that run
+//! applications and route their ports, and `deployer deploy` that converges a cluster.
 
+pub mod agent;
+pub mod api;
 pub mod config;
+pub mod deploy;
+pub mod plan;

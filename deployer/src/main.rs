@@ -1,11 +1,21 @@
 //! The `deployer` command line.
 //!
-//! Exit codes: 0 success, 1 the operation failed, 2 invalid configuration or usage.
+//! Exit codes: 0 success, 1 the operation failed (a node unreachable, an agent refused),
+//! 2 invalid configuration or usage.
 
-use std::path::PathBuf;
+use std::io::IsTerminal;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+use deployer::agent::state::StateDir;
+use deployer::agent::{AGENT_PORT, Agent, AgentOptions, REPLICATOR_PORT};
+use deployer::deploy::{Access, connect_all, deploy, states};
+use replicator::net::endpoint::NetOptions;
+use replicator::net::identity::{Identity, TrustList};
 
 #[derive(Parser)]
 #[command(
@@ -14,8 +24,62 @@ use clap::{Parser, Subcommand};
     about = "Deploy stateful applications from Flocker-style application.yml and deployment.yml"
 )]
 struct Cli {
+    /// Log level (error, warn, info, debug); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn")]
+    log: String,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Args, Clone)]
+struct AccessArgs {
+    /// The deployer's identity directory (default: $DEPLOYER_IDENTITY_DIR, else
+    /// ~/.config/deployer/identity).
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Pinned agent fingerprints, "FINGERPRINT HOST:PORT" per line (default: IDENTITY/known_agents).
+    #[arg(long)]
+    known_agents: Option<PathBuf>,
+    /// Seconds to wait for an agent.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+}
+
+impl AccessArgs {
+    fn dir(&self) -> PathBuf {
+        self.identity.clone().unwrap_or_else(default_identity_dir)
+    }
+
+    fn access(&self) -> Result<Access, Failure> {
+        let (identity, _) =
+            Identity::load_or_create(&self.dir()).map_err(|e| Failure::Usage(e.to_string()))?;
+        let known = self
+            .known_agents
+            .clone()
+            .unwrap_or_else(|| self.dir().join("known_agents"));
+        let known_agents = TrustList::load(&known).map_err(|e| Failure::Usage(e.to_string()))?;
+        if !(self.timeout.is_finite() && self.timeout >= 0.5) {
+            return Err(Failure::Usage(
+                "--timeout must be at least 0.5 seconds".into(),
+            ));
+        }
+        Ok(Access {
+            identity,
+            known_agents,
+            timeout: Duration::from_secs_f64(self.timeout),
+        })
+    }
+}
+
+fn default_identity_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DEPLOYER_IDENTITY_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".config"))
+        .unwrap_or_else(|| PathBuf::from("/etc"))
+        .join("deployer")
+        .join("identity")
 }
 
 #[derive(Subcommand)]
@@ -25,6 +89,65 @@ enum Command {
         deployment: PathBuf,
         application: PathBuf,
     },
+    /// Make the cluster match the configuration files.
+    Deploy {
+        deployment: PathBuf,
+        application: PathBuf,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    /// What runs where, and every volume with its owner and epoch.
+    Status {
+        deployment: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    /// Run the agent of this node.
+    Agent {
+        /// This node's address (the agent, the routing proxy and applications bind to it).
+        #[arg(long)]
+        listen: IpAddr,
+        /// Where the agent keeps its state, identity and volumes.
+        #[arg(long)]
+        state: PathBuf,
+        /// How applications run: `process` (supervised commands).
+        #[arg(long, default_value = "process", value_parser = ["process"])]
+        runtime: String,
+        /// Port of the agent API.
+        #[arg(long, default_value_t = AGENT_PORT)]
+        port: u16,
+        /// Port of the agent's volume server (pushes from peer agents).
+        #[arg(long, default_value_t = REPLICATOR_PORT)]
+        replicator_port: u16,
+    },
+    /// Print a fingerprint: the deployer's (default) or, with --state, an agent's.
+    Id {
+        #[arg(long)]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
+    /// Let a deployer (or with --peer, a peer agent) talk to the agent whose state is --state.
+    Authorize {
+        #[arg(long)]
+        state: PathBuf,
+        fingerprint: String,
+        /// The fingerprint is a peer agent's (may push volumes here), not a deployer's.
+        #[arg(long)]
+        peer: bool,
+    },
+}
+
+enum Failure {
+    Usage(String),
+    Failed(String),
 }
 
 fn main() -> ExitCode {
@@ -36,26 +159,208 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    match cli.command {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage(m)) => {
+            eprintln!("deployer: {m}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Failed(m)) => {
+            eprintln!("deployer: {m}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn load(deployment: &Path, application: &Path) -> Result<deployer::config::Cluster, Failure> {
+    deployer::config::load(deployment, application).map_err(|e| Failure::Usage(e.to_string()))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Failed(e.to_string()))
+}
+
+fn run(cmd: Command) -> Result<(), Failure> {
+    match cmd {
         Command::Validate {
             deployment,
             application,
-        } => match deployer::config::load(&deployment, &application) {
-            Ok(cluster) => {
-                for (node, apps) in &cluster.nodes {
-                    let list = if apps.is_empty() {
-                        "(nothing)".to_string()
+        } => {
+            let cluster = load(&deployment, &application)?;
+            for (node, apps) in &cluster.nodes {
+                let list = if apps.is_empty() {
+                    "(nothing)".to_string()
+                } else {
+                    apps.join(", ")
+                };
+                println!("{node}: {list}");
+            }
+            Ok(())
+        }
+        Command::Deploy {
+            deployment,
+            application,
+            dry_run,
+            json,
+            access,
+        } => {
+            let cluster = load(&deployment, &application)?;
+            let access = access.access()?;
+            let report = runtime()?.block_on(deploy(&cluster, &access, dry_run, |a, detail| {
+                if !json {
+                    if detail.is_empty() {
+                        println!("{a}");
                     } else {
-                        apps.join(", ")
-                    };
-                    println!("{node}: {list}");
+                        println!("{a}: {detail}");
+                    }
                 }
-                ExitCode::SUCCESS
+            }));
+            let report = report.map_err(|e| Failure::Failed(e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else if report.actions.is_empty() {
+                println!("nothing to do: the cluster matches the configuration");
             }
-            Err(e) => {
-                eprintln!("deployer: {e}");
-                ExitCode::from(2)
+            if !json && !report.routes_updated.is_empty() {
+                println!("routes updated on {}", report.routes_updated.join(", "));
             }
-        },
+            Ok(())
+        }
+        Command::Status {
+            deployment,
+            json,
+            access,
+        } => {
+            let nodes = deployer::config::load_nodes(&deployment)
+                .map_err(|e| Failure::Usage(e.to_string()))?;
+            let cluster = deployer::config::Cluster {
+                applications: Default::default(),
+                nodes,
+            };
+            let access = access.access()?;
+            let all = runtime()?.block_on(async {
+                let clients = connect_all(&cluster, &access).await?;
+                let s = states(&clients).await;
+                for (_, c) in clients {
+                    c.close().await;
+                }
+                s
+            });
+            let all = all.map_err(|e| Failure::Failed(e.to_string()))?;
+            if json {
+                let as_map: std::collections::BTreeMap<String, _> =
+                    all.iter().map(|(n, s)| (n.to_string(), s)).collect();
+                println!("{}", serde_json::to_string(&as_map).unwrap_or_default());
+                return Ok(());
+            }
+            for (node, s) in &all {
+                println!("{node} ({})", s.runtime);
+                for (name, a) in &s.applications {
+                    let ports: Vec<String> = a
+                        .ports
+                        .iter()
+                        .map(|(i, addr)| format!("{i}->{addr}"))
+                        .collect();
+                    println!(
+                        "  app {name}: {} {} restarts {}",
+                        if a.running { "running" } else { "NOT RUNNING" },
+                        ports.join(" "),
+                        a.restarts
+                    );
+                }
+                for (name, v) in &s.volumes {
+                    println!(
+                        "  volume {name}: {} epoch {}",
+                        if v.owner { "owned" } else { "not owned" },
+                        v.epoch
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Agent {
+            listen,
+            state,
+            runtime: _,
+            port,
+            replicator_port,
+        } => {
+            let agent = Agent::open(AgentOptions {
+                ip: listen,
+                port,
+                replicator_port,
+                state: StateDir(state),
+                net: NetOptions::default(),
+            })
+            .map_err(Failure::Failed)?;
+            println!(
+                "agent listening on {listen}:{port} fingerprint {}",
+                agent.fingerprint()
+            );
+            runtime()?
+                .block_on(agent.run(shutdown_signal()))
+                .map_err(Failure::Failed)
+        }
+        Command::Id { state, access } => {
+            let dir = match state {
+                Some(s) => StateDir(s).identity(),
+                None => access.dir(),
+            };
+            let (id, _) =
+                Identity::load_or_create(&dir).map_err(|e| Failure::Failed(e.to_string()))?;
+            println!("{}", id.fingerprint);
+            Ok(())
+        }
+        Command::Authorize {
+            state,
+            fingerprint,
+            peer,
+        } => {
+            replicator::net::identity::Fingerprint::parse(&fingerprint).map_err(Failure::Usage)?;
+            let dir = StateDir(state);
+            let file = if peer { dir.peers() } else { dir.authorized() };
+            std::fs::create_dir_all(&dir.0).map_err(|e| Failure::Failed(e.to_string()))?;
+            let mut text = std::fs::read_to_string(&file).unwrap_or_default();
+            if !text
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(fingerprint.as_str()))
+            {
+                text.push_str(&format!("{fingerprint}\n"));
+                replicator::state::write_atomic(&file, text.as_bytes())
+                    .map_err(|e| Failure::Failed(e.to_string()))?;
+            }
+            println!(
+                "{} may now {} this agent",
+                fingerprint,
+                if peer { "push volumes to" } else { "command" }
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }

@@ -9,6 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod cluster;
 pub mod net;
 
 /// Everything `rsync -aHAXS` mirrors about one entry.
@@ -165,13 +166,22 @@ pub fn is_root() -> bool {
 
 /// The `replicator` binary built for these tests.
 pub fn replicator_bin() -> PathBuf {
+    workspace_bin("replicator", "replicator")
+}
+
+/// A binary of this workspace, built (once per test process) in the profile of the tests, so
+/// it is never older than the library under test.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    // Build once per test process so the binary is never older than the library under test.
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    BUILT.call_once(|| {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|b| b == package) {
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-q", "-p", "replicator", "--bin", "replicator"]);
+        cmd.args(["build", "-q", "-p", package, "--bins"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
         // Cargo sets these for the test process; build scripts (ring's) watch some of them,
         // so passing them on would make every build rebuild the TLS stack.
         for (key, _) in std::env::vars_os() {
@@ -191,13 +201,11 @@ pub fn replicator_bin() -> PathBuf {
                 cmd.env_remove(&key);
             }
         }
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
         let status = cmd.status().expect("cargo build");
-        assert!(status.success(), "building replicator failed");
-    });
-    dir.join("replicator")
+        assert!(status.success(), "building {package} failed");
+        built.push(package.to_string());
+    }
+    dir.join(bin)
 }
 
 /// Runs `replicator sync --json SRC DST` with a private state dir; returns output.

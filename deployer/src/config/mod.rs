@@ -40,20 +40,20 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortMap {
     pub internal: u16,
     pub external: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Link {
     pub local_port: u16,
     pub remote_port: u16,
     pub alias: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Application {
     pub name: String,
     pub image: String,
@@ -70,7 +70,9 @@ pub struct Application {
 }
 
 /// A node as written in `deployment.yml`: host (IP or name) and agent port.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct NodeAddr {
     pub host: String,
     pub port: u16,
@@ -171,12 +173,23 @@ pub fn parse(
     let apps_doc = Doc::parse(application_file, application_text)?;
     let (applications, app_pos) = apps_doc.applications()?;
     let dep_doc = Doc::parse(deployment_file, deployment_text)?;
-    let nodes = dep_doc.nodes(&applications)?;
+    let nodes = dep_doc.nodes(Some(&applications))?;
     check_ports_and_links(&apps_doc, &applications, &app_pos)?;
     Ok(Cluster {
         applications,
         nodes,
     })
+}
+
+/// Reads `deployment.yml` alone: the nodes and what each should run (not cross-checked).
+pub fn load_nodes(deployment: &Path) -> Result<Vec<(NodeAddr, Vec<String>)>, ConfigError> {
+    let text = std::fs::read_to_string(deployment).map_err(|e| ConfigError {
+        file: deployment.to_path_buf(),
+        pos: Pos { line: 0, col: 0 },
+        key: String::new(),
+        message: format!("cannot read: {e}"),
+    })?;
+    Doc::parse(deployment, &text)?.nodes(None)
 }
 
 /// Positions of what cross-checks may need to point at.
@@ -476,9 +489,10 @@ impl<'a> Doc<'a> {
         Ok(app)
     }
 
+    /// The nodes; with `apps`, each listed application must be defined there.
     fn nodes(
         &self,
-        apps: &BTreeMap<String, Application>,
+        apps: Option<&BTreeMap<String, Application>>,
     ) -> Result<Vec<(NodeAddr, Vec<String>)>, ConfigError> {
         let top = self.map(&self.root, "")?;
         self.only(top, &["version", "nodes"], "")?;
@@ -499,7 +513,7 @@ impl<'a> Doc<'a> {
                 for (i, item) in self.seq(list, &path)?.iter().enumerate() {
                     let ipath = format!("{path}[{i}]");
                     let name = self.string(item, &ipath)?;
-                    if !apps.contains_key(&name) {
+                    if apps.is_some_and(|a| !a.contains_key(&name)) {
                         return Err(self.err(
                             item.pos,
                             &ipath,

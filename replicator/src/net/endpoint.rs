@@ -95,14 +95,24 @@ fn endpoint(
     Endpoint::new(EndpointConfig::default(), server, socket, runtime).map_err(bind)
 }
 
-/// A listening endpoint presenting `id`, speaking protocol `version`.
+/// A listening endpoint presenting `id`, speaking replicator protocol `version`.
 pub fn server(
     id: &Identity,
     addr: SocketAddr,
     opts: &NetOptions,
     version: u32,
 ) -> Result<Endpoint, EndpointError> {
-    let crypto = tls::server_config(id, tls::alpn_for(version))?;
+    server_with_alpn(id, addr, opts, tls::replicator_alpns(version))
+}
+
+/// A listening endpoint for any protocol named by `alpn` (the deployer's agents use this).
+pub fn server_with_alpn(
+    id: &Identity,
+    addr: SocketAddr,
+    opts: &NetOptions,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Endpoint, EndpointError> {
+    let crypto = tls::server_config(id, alpn)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport_config(opts));
     endpoint(addr, Some(cfg))
@@ -115,12 +125,22 @@ pub fn client(
     opts: &NetOptions,
     version: u32,
 ) -> Result<Endpoint, EndpointError> {
+    client_with_alpn(id, peer, opts, tls::replicator_alpns(version))
+}
+
+/// A client endpoint offering the protocols in `alpn`.
+pub fn client_with_alpn(
+    id: &Identity,
+    peer: SocketAddr,
+    opts: &NetOptions,
+    alpn: Vec<Vec<u8>>,
+) -> Result<Endpoint, EndpointError> {
     let local: SocketAddr = if peer.is_ipv6() {
         "[::]:0".parse().expect("literal address")
     } else {
         "0.0.0.0:0".parse().expect("literal address")
     };
-    let crypto = tls::client_config(id, tls::alpn_for(version))?;
+    let crypto = tls::client_config(id, alpn)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport_config(opts));
     let mut ep = endpoint(local, None)?;

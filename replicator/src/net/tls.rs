@@ -18,13 +18,17 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use super::identity::Identity;
 use crate::protocol::message::PROTOCOL_VERSION;
 
-/// ALPN of this protocol version.
-pub fn alpn_current() -> Vec<u8> {
-    alpn_for(PROTOCOL_VERSION)
+/// ALPNs a replicator peer of `version` offers: its own, then the version-less one.
+pub fn replicator_alpns(version: u32) -> Vec<Vec<u8>> {
+    vec![
+        format!("replicator/{version}").into_bytes(),
+        ALPN_ANY_VERSION.to_vec(),
+    ]
 }
 
-pub fn alpn_for(version: u32) -> Vec<u8> {
-    format!("replicator/{version}").into_bytes()
+/// ALPNs of the current protocol version.
+pub fn alpn_current() -> Vec<Vec<u8>> {
+    replicator_alpns(PROTOCOL_VERSION)
 }
 
 /// Offered by every version after its own: when two versions meet, the handshake settles on
@@ -138,10 +142,11 @@ fn setup<E: std::fmt::Display>(e: E) -> TlsSetupError {
     TlsSetupError(e.to_string())
 }
 
-/// Server side: requires a client certificate; offers `alpn` then [`ALPN_ANY_VERSION`].
+/// Server side: requires a client certificate; speaks the protocols in `alpn`, in order of
+/// preference.
 pub fn server_config(
     id: &Identity,
-    alpn: Vec<u8>,
+    alpn: Vec<Vec<u8>>,
 ) -> Result<quinn::crypto::rustls::QuicServerConfig, TlsSetupError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -149,14 +154,14 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(SignatureOnly::new()))
         .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(setup)?;
-    cfg.alpn_protocols = vec![alpn, ALPN_ANY_VERSION.to_vec()];
+    cfg.alpn_protocols = alpn;
     quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(setup)
 }
 
 /// Client side: presents our certificate; the server's is checked after the handshake.
 pub fn client_config(
     id: &Identity,
-    alpn: Vec<u8>,
+    alpn: Vec<Vec<u8>>,
 ) -> Result<quinn::crypto::rustls::QuicClientConfig, TlsSetupError> {
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -165,6 +170,6 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(SignatureOnly::new()))
         .with_client_auth_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(setup)?;
-    cfg.alpn_protocols = vec![alpn, ALPN_ANY_VERSION.to_vec()];
+    cfg.alpn_protocols = alpn;
     quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(setup)
 }

@@ -1,0 +1,407 @@
+//! `deployer agent`: one per node. Keeps the node's applications running as the deployer
+//! asked, records its volumes and their ownership durably, routes external ports, and
+//! serves volume pushes from peer agents (a `replicator serve` over its volume directory).
+//!
+//! The agent can be stopped and restarted at any time: applications keep running (their
+//! processes are not its children's children of a dying parent — they have their own process
+//! group), and on start it reloads its state and adopts them again.
+
+pub mod process;
+pub mod proxy;
+pub mod state;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+
+use replicator::net::conn::peer_fingerprint;
+use replicator::net::endpoint::{self, NetOptions};
+use replicator::net::identity::{Identity, TrustList};
+use replicator::net::server::{ServeOptions, Server};
+
+use crate::api::{
+    ALPN, AgentState, AppStatus, Request, Response, VolumeStatus, read_frame, write_frame,
+};
+use crate::config::Application;
+use process::{Launch, ProcessRuntime};
+use proxy::Proxy;
+use state::{AppRecord, Persisted, StateDir, VolumeRecord, create_volume};
+
+/// Port of the agent API.
+pub const AGENT_PORT: u16 = crate::config::DEFAULT_AGENT_PORT;
+/// Port of the agent's replicator server (volume pushes between nodes).
+pub const REPLICATOR_PORT: u16 = replicator::net::open::DEFAULT_PORT;
+/// How long an application gets to stop after SIGTERM.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub replicator_port: u16,
+    pub state: StateDir,
+    pub net: NetOptions,
+}
+
+struct Core {
+    persisted: Persisted,
+}
+
+pub struct Agent {
+    opts: AgentOptions,
+    identity: Identity,
+    runtime: ProcessRuntime,
+    proxy: Proxy,
+    core: Mutex<Core>,
+}
+
+impl Agent {
+    /// Loads (or creates) the identity and state under `--state`.
+    pub fn open(opts: AgentOptions) -> Result<Arc<Agent>, String> {
+        std::fs::create_dir_all(&opts.state.0)
+            .map_err(|e| format!("{}: {e}", opts.state.0.display()))?;
+        let (identity, _) =
+            Identity::load_or_create(&opts.state.identity()).map_err(|e| e.to_string())?;
+        let persisted = opts
+            .state
+            .load()
+            .map_err(|e| format!("{}: {e}", opts.state.file().display()))?;
+        Ok(Arc::new(Agent {
+            proxy: Proxy::new(opts.ip),
+            opts,
+            identity,
+            runtime: ProcessRuntime::default(),
+            core: Mutex::new(Core { persisted }),
+        }))
+    }
+
+    pub fn fingerprint(&self) -> String {
+        self.identity.fingerprint.to_string()
+    }
+
+    /// Serves until `shutdown` completes. Applications keep running afterwards.
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), String> {
+        let addr = SocketAddr::new(self.opts.ip, self.opts.port);
+        let ep =
+            endpoint::server_with_alpn(&self.identity, addr, &self.opts.net, vec![ALPN.to_vec()])
+                .map_err(|e| e.to_string())?;
+        let volumes = Server::bind(ServeOptions {
+            listen: SocketAddr::new(self.opts.ip, self.opts.replicator_port),
+            root: self.opts.state.volumes(),
+            authorized: self.opts.state.peers(),
+            identity: self.identity.clone(),
+            net: self.opts.net,
+            version: replicator::protocol::message::PROTOCOL_VERSION,
+            max_entries: replicator::protocol::receiver::DEFAULT_MAX_ENTRIES,
+            threads: 2,
+            staging_max_age: Duration::from_secs(7 * 24 * 3600),
+        })
+        .map_err(|e| e.to_string())?;
+        self.recover().await?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let volumes_task = tokio::spawn(volumes.run({
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.changed().await;
+            }
+        }));
+        let supervisor = tokio::spawn(self.clone().supervise());
+        tracing::info!(%addr, fingerprint = %self.identity.fingerprint, "agent serving");
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                incoming = ep.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(self.clone().connection(incoming));
+                }
+                () = &mut shutdown => break,
+            }
+        }
+        supervisor.abort();
+        let _ = stop_tx.send(true);
+        let _ = volumes_task.await;
+        ep.close(0u32.into(), b"agent shutting down");
+        ep.wait_idle().await;
+        Ok(())
+    }
+
+    /// After a (re)start: adopt running applications, restart the others, restore routes.
+    async fn recover(self: &Arc<Self>) -> Result<(), String> {
+        let mut core = self.core.lock().await;
+        let names: Vec<String> = core.persisted.apps.keys().cloned().collect();
+        for name in names {
+            let rec = core.persisted.apps[&name].clone();
+            let alive = rec
+                .handle
+                .as_deref()
+                .is_some_and(|h| self.runtime.is_running(h, &name));
+            if alive {
+                tracing::info!(app = %name, handle = ?rec.handle, "adopted running application");
+            } else {
+                tracing::info!(app = %name, "application not running after agent start; starting it");
+                self.start_locked(&mut core, &rec.config)?;
+            }
+        }
+        let routes = core.persisted.routes.clone();
+        drop(core);
+        self.proxy.set_routes(&routes).await
+    }
+
+    /// Restarts applications that died.
+    async fn supervise(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut core = self.core.lock().await;
+            let dead: Vec<Application> = core
+                .persisted
+                .apps
+                .iter()
+                .filter(|(name, r)| {
+                    !r.handle
+                        .as_deref()
+                        .is_some_and(|h| self.runtime.is_running(h, name))
+                })
+                .map(|(_, r)| r.config.clone())
+                .collect();
+            for app in dead {
+                tracing::warn!(app = %app.name, "application exited; restarting it");
+                match self.start_locked(&mut core, &app) {
+                    Ok(()) => {
+                        if let Some(r) = core.persisted.apps.get_mut(&app.name) {
+                            r.restarts += 1;
+                        }
+                        let _ = self.opts.state.save(&core.persisted);
+                    }
+                    Err(e) => tracing::error!(app = %app.name, "restart failed: {e}"),
+                }
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let Ok(conn) = incoming.await else { return };
+        let Some(fp) = peer_fingerprint(&conn) else {
+            return;
+        };
+        let authorized = TrustList::load(&self.opts.state.authorized()).unwrap_or_default();
+        if !authorized.trusts(&fp, None) {
+            tracing::warn!(%remote, deployer = %fp, "refused: add \"{fp}\" to {}", self.opts.state.authorized().display());
+            conn.close(
+                1u32.into(),
+                format!("this agent does not know deployer {fp}; add it to the agent's authorized_deployers").as_bytes(),
+            );
+            return;
+        }
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let response = match read_frame::<Request>(&mut recv).await {
+                    Ok(req) => agent.handle(req).await,
+                    Err(e) => Response::Error { message: e },
+                };
+                let _ = write_frame(&mut send, &response).await;
+            });
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, req: Request) -> Response {
+        let result = match req {
+            Request::State => return Response::State(self.state().await),
+            Request::Run { application } => self.run_app(application).await,
+            Request::Stop { application } => self.stop_app(&application).await,
+            Request::Routes { routes } => {
+                let mut core = self.core.lock().await;
+                let changed = core.persisted.routes != routes;
+                core.persisted.routes = routes.clone();
+                let saved = self
+                    .opts
+                    .state
+                    .save(&core.persisted)
+                    .map_err(|e| e.to_string());
+                drop(core);
+                match saved {
+                    Ok(()) => self
+                        .proxy
+                        .set_routes(&routes)
+                        .await
+                        .map(|()| (changed, String::new())),
+                    Err(e) => Err(e),
+                }
+            }
+        };
+        match result {
+            Ok((changed, detail)) => Response::Ok { changed, detail },
+            Err(message) => Response::Error { message },
+        }
+    }
+
+    async fn state(&self) -> AgentState {
+        let core = self.core.lock().await;
+        let p = &core.persisted;
+        AgentState {
+            node: SocketAddr::new(self.opts.ip, self.opts.port).to_string(),
+            fingerprint: self.fingerprint(),
+            runtime: "process".into(),
+            applications: p
+                .apps
+                .iter()
+                .map(|(name, r)| {
+                    (
+                        name.clone(),
+                        AppStatus {
+                            config: r.config.clone(),
+                            running: r
+                                .handle
+                                .as_deref()
+                                .is_some_and(|h| self.runtime.is_running(h, name)),
+                            ports: r.ports.iter().map(|(i, a)| (*i, *a)).collect(),
+                            restarts: r.restarts,
+                        },
+                    )
+                })
+                .collect(),
+            volumes: p
+                .volumes
+                .iter()
+                .map(|(name, v)| {
+                    (
+                        name.clone(),
+                        VolumeStatus {
+                            owner: v.owner,
+                            epoch: v.epoch,
+                            path: self.opts.state.volume(name).display().to_string(),
+                        },
+                    )
+                })
+                .collect(),
+            routes: p.routes.clone(),
+        }
+    }
+
+    async fn run_app(self: &Arc<Self>, app: Application) -> Result<(bool, String), String> {
+        let mut core = self.core.lock().await;
+        if let Some(rec) = core.persisted.apps.get(&app.name) {
+            let running = rec
+                .handle
+                .as_deref()
+                .is_some_and(|h| self.runtime.is_running(h, &app.name));
+            if rec.config == app && running {
+                return Ok((false, "already running".into()));
+            }
+            if rec.config != app {
+                let handle = rec.handle.clone();
+                if let Some(h) = handle {
+                    self.stop_blocking(&h, &app.name).await;
+                }
+                self.start_locked(&mut core, &app)?;
+                self.opts
+                    .state
+                    .save(&core.persisted)
+                    .map_err(|e| e.to_string())?;
+                return Ok((true, "restarted with the new configuration".into()));
+            }
+        }
+        let vol = core.persisted.volumes.get(&app.name).cloned();
+        let mut detail = String::new();
+        if app.volume.is_some() {
+            match vol {
+                Some(v) if !v.owner => {
+                    return Err(format!(
+                        "volume {} here is not owned by this node (epoch {}); refusing to start {}",
+                        app.name, v.epoch, app.name
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    let created = create_volume(&self.opts.state.volume(&app.name))
+                        .map_err(|e| e.to_string())?;
+                    core.persisted.volumes.insert(
+                        app.name.clone(),
+                        VolumeRecord {
+                            owner: true,
+                            epoch: 1,
+                        },
+                    );
+                    if created {
+                        detail.push_str("volume created; ");
+                    }
+                }
+            }
+        }
+        self.start_locked(&mut core, &app)?;
+        self.opts
+            .state
+            .save(&core.persisted)
+            .map_err(|e| e.to_string())?;
+        detail.push_str("started");
+        Ok((true, detail))
+    }
+
+    /// Starts `app` and records it. Ports keep their previous host address if any.
+    fn start_locked(&self, core: &mut Core, app: &Application) -> Result<(), String> {
+        let mut ports = core
+            .persisted
+            .apps
+            .get(&app.name)
+            .map(|r| r.ports.clone())
+            .unwrap_or_default();
+        ports.retain(|internal, _| app.ports.iter().any(|p| p.internal == *internal));
+        for p in &app.ports {
+            if let std::collections::btree_map::Entry::Vacant(slot) = ports.entry(p.internal) {
+                slot.insert(self.free_port()?);
+            }
+        }
+        let volume = self.opts.state.volume(&app.name);
+        let handle = self.runtime.start(&Launch {
+            app,
+            volume: &volume,
+            ports: &ports,
+            node_ip: self.opts.ip,
+            log: &self.opts.state.log(&app.name),
+        })?;
+        let restarts = core.persisted.apps.get(&app.name).map_or(0, |r| r.restarts);
+        core.persisted.apps.insert(
+            app.name.clone(),
+            AppRecord {
+                config: app.clone(),
+                ports,
+                handle: Some(handle),
+                restarts,
+            },
+        );
+        Ok(())
+    }
+
+    fn free_port(&self) -> Result<SocketAddr, String> {
+        let l = std::net::TcpListener::bind(SocketAddr::new(self.opts.ip, 0))
+            .map_err(|e| e.to_string())?;
+        l.local_addr().map_err(|e| e.to_string())
+    }
+
+    async fn stop_blocking(self: &Arc<Self>, handle: &str, app: &str) {
+        let me = self.clone();
+        let (h, a) = (handle.to_string(), app.to_string());
+        let _ = tokio::task::spawn_blocking(move || me.runtime.stop(&h, &a, STOP_GRACE)).await;
+    }
+
+    async fn stop_app(self: &Arc<Self>, name: &str) -> Result<(bool, String), String> {
+        let mut core = self.core.lock().await;
+        let Some(rec) = core.persisted.apps.remove(name) else {
+            return Ok((false, "not running here".into()));
+        };
+        if let Some(h) = &rec.handle {
+            self.stop_blocking(h, name).await;
+        }
+        self.opts
+            .state
+            .save(&core.persisted)
+            .map_err(|e| e.to_string())?;
+        Ok((true, "stopped".into()))
+    }
+}

@@ -1,0 +1,210 @@
+//! The agent API: what the deployer asks an agent, over QUIC with mutual TLS.
+//!
+//! Each request is one bidirectional stream carrying one JSON frame (`len: u32 BE | JSON`)
+//! each way. Identities and trust are the replicator's: the agent accepts only deployer
+//! fingerprints listed in its authorized file, the deployer talks only to agents whose
+//! fingerprints it has pinned.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use serde::{Deserialize, Serialize};
+
+use replicator::net::conn::peer_fingerprint;
+use replicator::net::endpoint::{self, NetOptions};
+use replicator::net::identity::{Identity, TrustList};
+use replicator::net::lanes::describe;
+
+use crate::config::Application;
+
+/// ALPN of the agent API, version 1.
+pub const ALPN: &[u8] = b"deployer-agent/1";
+/// Largest request or response.
+const MAX_MESSAGE: usize = 4 << 20;
+
+/// A route: clients connecting to `external` on any node reach `target`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub external: u16,
+    pub application: String,
+    pub target: SocketAddr,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum Request {
+    /// Everything the agent knows: applications, volumes, routes.
+    State,
+    /// Make `application` run here with this configuration (creating its volume if needed,
+    /// restarting it if the configuration changed).
+    Run { application: Application },
+    /// Stop `application` and forget it; its volume stays.
+    Stop { application: String },
+    /// Replace the routing table.
+    Routes { routes: Vec<Route> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub config: Application,
+    pub running: bool,
+    /// (internal port, address where the application listens on this node). A list, not a
+    /// map: JSON object keys are strings.
+    pub ports: Vec<(u16, SocketAddr)>,
+    pub restarts: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    pub owner: bool,
+    pub epoch: u64,
+    pub path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub node: String,
+    pub fingerprint: String,
+    pub runtime: String,
+    pub applications: BTreeMap<String, AppStatus>,
+    pub volumes: BTreeMap<String, VolumeStatus>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum Response {
+    State(AgentState),
+    /// Done; `changed` says whether anything had to change.
+    Ok {
+        changed: bool,
+        detail: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{node}: {message}")]
+    Node { node: String, message: String },
+}
+
+pub async fn write_frame<T: Serialize>(s: &mut SendStream, v: &T) -> Result<(), String> {
+    let body = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    s.write_all(&frame).await.map_err(|e| e.to_string())?;
+    s.finish().map_err(|e| e.to_string())
+}
+
+pub async fn read_frame<T: for<'de> Deserialize<'de>>(r: &mut RecvStream) -> Result<T, String> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await.map_err(|e| match e {
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => describe(&c),
+        e => e.to_string(),
+    })?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_MESSAGE {
+        return Err(format!("message of {n} bytes (limit {MAX_MESSAGE})"));
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| format!("bad message: {e}"))
+}
+
+/// A connection to one agent.
+pub struct AgentClient {
+    pub node: String,
+    endpoint: Endpoint,
+    conn: Connection,
+}
+
+impl AgentClient {
+    /// Connects to the agent at `addr` (`host:port`), which must present a pinned fingerprint.
+    pub async fn connect(
+        node: &str,
+        addr: &str,
+        id: &Identity,
+        trusted: &TrustList,
+        timeout: Duration,
+    ) -> Result<AgentClient, ApiError> {
+        let fail = |message: String| ApiError::Node {
+            node: node.to_string(),
+            message,
+        };
+        let sock: SocketAddr = replicator::net::open::resolve(addr).map_err(fail)?;
+        let opts = NetOptions {
+            idle_timeout: timeout,
+        };
+        let endpoint = endpoint::client_with_alpn(id, sock, &opts, vec![ALPN.to_vec()])
+            .map_err(|e| fail(e.to_string()))?;
+        let connecting = endpoint
+            .connect(sock, "deployer-agent")
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| {
+                fail(format!(
+                    "agent at {addr} does not answer (is `deployer agent` running?)"
+                ))
+            })?
+            .map_err(|e| {
+                fail(format!(
+                    "cannot reach the agent at {addr}: {}",
+                    describe(&e)
+                ))
+            })?;
+        let fp = peer_fingerprint(&conn).ok_or_else(|| fail("agent sent no certificate".into()))?;
+        if !trusted.trusts(&fp, Some(addr)) {
+            conn.close(
+                2u32.into(),
+                format!("deployer does not trust agent fingerprint {fp}").as_bytes(),
+            );
+            return Err(fail(format!(
+                "the agent at {addr} presents fingerprint {fp}, which is not in the known agents; \
+                 add the line \"{fp} {addr}\" if it is the right node"
+            )));
+        }
+        Ok(AgentClient {
+            node: node.to_string(),
+            endpoint,
+            conn,
+        })
+    }
+
+    pub async fn call(&self, req: &Request) -> Result<Response, ApiError> {
+        let fail = |message: String| ApiError::Node {
+            node: self.node.clone(),
+            message,
+        };
+        let (mut s, mut r) = self.conn.open_bi().await.map_err(|e| fail(describe(&e)))?;
+        write_frame(&mut s, req).await.map_err(fail)?;
+        match read_frame::<Response>(&mut r).await.map_err(fail)? {
+            Response::Error { message } => Err(fail(message)),
+            ok => Ok(ok),
+        }
+    }
+
+    pub async fn state(&self) -> Result<AgentState, ApiError> {
+        match self.call(&Request::State).await? {
+            Response::State(s) => Ok(s),
+            other => Err(ApiError::Node {
+                node: self.node.clone(),
+                message: format!("unexpected answer {other:?}"),
+            }),
+        }
+    }
+
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Shared handle to the identity used for agent connections.
+pub type SharedIdentity = Arc<Identity>;

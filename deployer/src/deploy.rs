@@ -1,0 +1,175 @@
+//! `deployer deploy` and `deployer status`: talk to every agent, plan, execute, converge.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use replicator::net::identity::{Identity, TrustList};
+
+use crate::api::{AgentClient, AgentState, ApiError, Request, Response};
+use crate::config::{Cluster, NodeAddr};
+use crate::plan::{Action, plan, routes};
+
+/// How the deployer reaches agents.
+#[derive(Clone, Debug)]
+pub struct Access {
+    pub identity: Identity,
+    pub known_agents: TrustList,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Node(#[from] ApiError),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub actions: Vec<Action>,
+    /// Nodes whose routing table changed.
+    pub routes_updated: Vec<String>,
+    pub dry_run: bool,
+}
+
+/// Connects to every node of the cluster; fails naming the first node that cannot be reached,
+/// before anything is changed anywhere.
+pub async fn connect_all(
+    cluster: &Cluster,
+    access: &Access,
+) -> Result<BTreeMap<NodeAddr, AgentClient>, DeployError> {
+    let tasks: Vec<_> = cluster
+        .nodes
+        .iter()
+        .map(|(node, _)| {
+            let node = node.clone();
+            let access = access.clone();
+            tokio::spawn(async move {
+                let c = AgentClient::connect(
+                    &node.to_string(),
+                    &node.socket(),
+                    &access.identity,
+                    &access.known_agents,
+                    access.timeout,
+                )
+                .await;
+                (node, c)
+            })
+        })
+        .collect();
+    let mut clients = BTreeMap::new();
+    let mut first_error = None;
+    for t in tasks {
+        let Ok((node, c)) = t.await else { continue };
+        match c {
+            Ok(c) => {
+                clients.insert(node, c);
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        for (_, c) in clients {
+            c.close().await;
+        }
+        return Err(e.into());
+    }
+    Ok(clients)
+}
+
+pub async fn states(
+    clients: &BTreeMap<NodeAddr, AgentClient>,
+) -> Result<BTreeMap<NodeAddr, AgentState>, DeployError> {
+    let mut out = BTreeMap::new();
+    for (node, c) in clients {
+        out.insert(node.clone(), c.state().await?);
+    }
+    Ok(out)
+}
+
+/// Plans and (unless `dry_run`) executes, then updates every node's routing table.
+pub async fn deploy(
+    cluster: &Cluster,
+    access: &Access,
+    dry_run: bool,
+    mut on_action: impl FnMut(&Action, &str),
+) -> Result<Report, DeployError> {
+    let clients = connect_all(cluster, access).await?;
+    let result = deploy_with(cluster, &clients, dry_run, &mut on_action).await;
+    for (_, c) in clients {
+        c.close().await;
+    }
+    result
+}
+
+async fn deploy_with(
+    cluster: &Cluster,
+    clients: &BTreeMap<NodeAddr, AgentClient>,
+    dry_run: bool,
+    on_action: &mut impl FnMut(&Action, &str),
+) -> Result<Report, DeployError> {
+    let before = states(clients).await?;
+    let actions = plan(cluster, &before);
+    if dry_run {
+        for a in &actions {
+            on_action(a, "planned");
+        }
+        return Ok(Report {
+            actions,
+            routes_updated: Vec::new(),
+            dry_run,
+        });
+    }
+    if let Some(Action::Move { app, from, to }) =
+        actions.iter().find(|a| matches!(a, Action::Move { .. }))
+    {
+        return Err(DeployError::Unsupported(format!(
+            "{app} must move from {from} to {to} with its volume; moving stateful applications \
+             (the two-phase push) is not implemented yet — nothing was changed"
+        )));
+    }
+    for action in &actions {
+        let (node, request) = match action {
+            Action::Stop { node, app } => (
+                node,
+                Request::Stop {
+                    application: app.clone(),
+                },
+            ),
+            Action::Start { node, app } | Action::Restart { node, app } => (
+                node,
+                Request::Run {
+                    application: cluster.applications[app].clone(),
+                },
+            ),
+            Action::Move { .. } => unreachable!("refused above"),
+        };
+        let detail = match clients[node].call(&request).await? {
+            Response::Ok { detail, .. } => detail,
+            other => format!("{other:?}"),
+        };
+        on_action(action, &detail);
+    }
+    let after = states(clients).await?;
+    let table = routes(cluster, &after);
+    let mut routes_updated = Vec::new();
+    for (node, c) in clients {
+        if after.get(node).is_some_and(|s| s.routes != table) {
+            c.call(&Request::Routes {
+                routes: table.clone(),
+            })
+            .await?;
+            routes_updated.push(node.to_string());
+        }
+    }
+    Ok(Report {
+        actions,
+        routes_updated,
+        dry_run,
+    })
+}

@@ -1,0 +1,172 @@
+//! The deployer with three agents on 127.0.0.1-3 (process runtime, real processes, real
+//! sockets): deploy, converge, reconfigure, remove, route through any node, survive an agent
+//! restart, and refuse to start when a node is unreachable.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use integration_tests::cluster::*;
+
+fn apps(kv: &str, env: &str) -> String {
+    format!(
+        "version: 1\napplications:\n  kv:\n    image: kvstore\n    command: [\"{kv}\"]\n    volume:\n      mountpoint: /data\n    ports:\n      - internal: 7000\n        external: 17070\n    environment:\n      MODE: \"{env}\"\n"
+    )
+}
+
+fn actions(report: &serde_json::Value) -> Vec<String> {
+    report["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            format!(
+                "{} {}",
+                a["action"].as_str().unwrap(),
+                a["app"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn deploy_converge_reconfigure_route_readopt_and_remove() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(tmp.path(), &["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
+    let kvbin = kvstore_bin();
+    let application = c.write("application.yml", &apps(kvbin.to_str().unwrap(), "a"));
+    let deployment = c.write(
+        "deployment.yml",
+        "version: 1\nnodes:\n  127.0.0.1: [kv]\n  127.0.0.2: []\n  127.0.0.3: []\n",
+    );
+
+    // A dry run changes nothing.
+    let out = c.deployer(&[
+        "deploy",
+        "--dry-run",
+        deployment.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("start   kv on 127.0.0.1"));
+    assert!(
+        c.status(&deployment)["127.0.0.1"]["applications"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+
+    let first = c.deploy(&deployment, &application);
+    assert_eq!(actions(&first), vec!["start kv"]);
+    // Reachable on its external port through every node, including those not running it.
+    assert_eq!(kv("127.0.0.2:17070", "SET a 1"), "OK");
+    assert_eq!(kv("127.0.0.3:17070", "GET a"), "VALUE 1");
+    assert_eq!(kv("127.0.0.1:17070", "COUNT"), "COUNT 1");
+    let volume = c.agents[0].state.join("volumes/kv/kv.log");
+    assert_eq!(std::fs::read_to_string(&volume).unwrap(), "a 1\n");
+
+    // Converged: a second identical run does nothing.
+    let second = c.deploy(&deployment, &application);
+    assert!(actions(&second).is_empty(), "{second}");
+    assert!(
+        second["routes_updated"].as_array().unwrap().is_empty(),
+        "{second}"
+    );
+
+    // The agent dies and comes back: the application kept running and is adopted, not restarted.
+    c.agents[0].kill();
+    // Its proxy went with it, but the application still serves through the other nodes.
+    assert_eq!(kv("127.0.0.2:17070", "COUNT"), "COUNT 1");
+    c.restart_agent(0);
+    let s = c.status(&deployment);
+    let app = &s["127.0.0.1"]["applications"]["kv"];
+    assert_eq!(app["running"], true, "{s}");
+    assert_eq!(app["restarts"], 0, "{s}");
+    assert!(actions(&c.deploy(&deployment, &application)).is_empty());
+    assert_eq!(kv("127.0.0.3:17070", "GET a"), "VALUE 1");
+
+    // A changed environment restarts it; its data stays.
+    let application = c.write("application.yml", &apps(kvbin.to_str().unwrap(), "b"));
+    let third = c.deploy(&deployment, &application);
+    assert_eq!(actions(&third), vec!["restart kv"]);
+    assert_eq!(kv("127.0.0.2:17070", "GET a"), "VALUE 1");
+
+    // A crashed application is restarted by its agent.
+    let pid = std::fs::read_to_string(c.agents[0].state.join("agent.json")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(&pid).unwrap();
+    let pid: i32 = state["apps"]["kv"]["handle"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert_eq!(kv("127.0.0.1:17070", "GET a"), "VALUE 1");
+    assert_eq!(
+        c.status(&deployment)["127.0.0.1"]["applications"]["kv"]["restarts"],
+        1
+    );
+
+    // Removed from the deployment: stopped; its volume stays.
+    let none = c.write(
+        "deployment-empty.yml",
+        "version: 1\nnodes:\n  127.0.0.1: []\n  127.0.0.2: []\n  127.0.0.3: []\n",
+    );
+    let fourth = c.deploy(&none, &application);
+    assert_eq!(actions(&fourth), vec!["stop kv"]);
+    assert!(kv_is_down("127.0.0.1:17070"));
+    assert!(volume.exists());
+    let s = c.status(&none);
+    assert_eq!(s["127.0.0.1"]["volumes"]["kv"]["owner"], true, "{s}");
+}
+
+fn kv_is_down(addr: &str) -> bool {
+    for _ in 0..50 {
+        if try_kv(addr, "PING").is_err() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn unreachable_node_fails_the_deploy_before_anything_changes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::start(tmp.path(), &["127.0.0.4"]);
+    let kvbin = kvstore_bin();
+    let application = c.write("application.yml", &apps(kvbin.to_str().unwrap(), "a"));
+    let deployment = c.write(
+        "deployment.yml",
+        "version: 1\nnodes:\n  127.0.0.4: [kv]\n  127.0.0.5: []\n",
+    );
+    let out = c.deployer(&[
+        "deploy",
+        deployment.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("127.0.0.5"), "{err}");
+    let only = c.write("deployment-1.yml", "version: 1\nnodes:\n  127.0.0.4: []\n");
+    let s = c.status(&only);
+    assert!(
+        s["127.0.0.4"]["applications"]
+            .as_object()
+            .unwrap()
+            .is_empty(),
+        "{s}"
+    );
+
+    // An invalid configuration names file, line and key, and runs nothing.
+    let bad = c.write("bad.yml", "version: 1\napplications:\n  kv:\n    imag: x\n");
+    let out = c.deployer(&[
+        "deploy",
+        deployment.to_str().unwrap(),
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("bad.yml:4:5: `applications.kv.imag`: unknown key")
+    );
+}

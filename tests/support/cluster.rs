@@ -1,0 +1,215 @@
+//! Deployer test equipment: agents on 127.0.0.x as real processes, a deployer identity that
+//! they trust, and the example key-value application's client.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::workspace_bin;
+
+pub fn deployer_bin() -> PathBuf {
+    workspace_bin("deployer", "deployer")
+}
+
+pub fn kvstore_bin() -> PathBuf {
+    workspace_bin("deployer", "kvstore")
+}
+
+/// A `deployer agent` process; SIGKILLed when dropped (its applications are not).
+pub struct AgentProc {
+    pub child: Child,
+    pub ip: String,
+    pub state: PathBuf,
+    pub fingerprint: String,
+}
+
+impl AgentProc {
+    pub fn start(ip: &str, state: &Path, deployer_fp: &str) -> AgentProc {
+        let out = Command::new(deployer_bin())
+            .args(["authorize", "--state"])
+            .arg(state)
+            .arg(deployer_fp)
+            .output()
+            .expect("deployer authorize");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut child = Command::new(deployer_bin())
+            .args(["agent", "--listen", ip, "--state"])
+            .arg(state)
+            .args(["--log", "info"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn agent");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("agent banner");
+        let fingerprint = line
+            .split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(fingerprint.len(), 64, "unexpected banner {line:?}");
+        AgentProc {
+            child,
+            ip: ip.to_string(),
+            state: state.to_path_buf(),
+            fingerprint,
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three agents, a deployer identity they trust and that pins them, and config files.
+pub struct Cluster {
+    pub dir: PathBuf,
+    pub identity: PathBuf,
+    pub agents: Vec<AgentProc>,
+}
+
+impl Cluster {
+    pub fn start(dir: &Path, ips: &[&str]) -> Cluster {
+        let identity = dir.join("deployer-id");
+        let out = Command::new(deployer_bin())
+            .args(["id", "--identity"])
+            .arg(&identity)
+            .output()
+            .expect("deployer id");
+        assert!(out.status.success());
+        let fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let agents: Vec<AgentProc> = ips
+            .iter()
+            .map(|ip| AgentProc::start(ip, &dir.join(format!("agent-{ip}")), &fp))
+            .collect();
+        let known: String = agents
+            .iter()
+            .map(|a| format!("{} {}:7701\n", a.fingerprint, a.ip))
+            .collect();
+        std::fs::write(identity.join("known_agents"), known).expect("known agents");
+        Cluster {
+            dir: dir.to_path_buf(),
+            identity,
+            agents,
+        }
+    }
+
+    /// Restarts agent `i` (after a kill) on the same state.
+    pub fn restart_agent(&mut self, i: usize) {
+        let out = Command::new(deployer_bin())
+            .args(["id", "--identity"])
+            .arg(&self.identity)
+            .output()
+            .expect("deployer id");
+        let deployer_fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let (ip, state) = (self.agents[i].ip.clone(), self.agents[i].state.clone());
+        self.agents[i] = AgentProc::start(&ip, &state, &deployer_fp);
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+
+    pub fn deployer(&self, args: &[&str]) -> Output {
+        Command::new(deployer_bin())
+            .args(args)
+            .arg("--identity")
+            .arg(&self.identity)
+            .args(["--timeout", "3"])
+            .output()
+            .expect("run deployer")
+    }
+
+    /// `deployer deploy --json`, which must succeed; returns the report.
+    pub fn deploy(&self, deployment: &Path, application: &Path) -> serde_json::Value {
+        let out = self.deployer(&[
+            "deploy",
+            "--json",
+            deployment.to_str().expect("utf8"),
+            application.to_str().expect("utf8"),
+        ]);
+        assert!(
+            out.status.success(),
+            "deploy failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json report")
+    }
+
+    pub fn status(&self, deployment: &Path) -> serde_json::Value {
+        let out = self.deployer(&["status", "--json", deployment.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json status")
+    }
+}
+
+impl Drop for Cluster {
+    /// Applications outlive their agents by design; a test must not leave them behind.
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.kill();
+            let Ok(text) = std::fs::read_to_string(a.state.join("agent.json")) else {
+                continue;
+            };
+            let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            for app in state["apps"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                if let Some(pid) = app["handle"].as_str() {
+                    let _ = Command::new("kill")
+                        .args(["-9", &format!("-{pid}")])
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+/// One request to the key-value store at `addr`, retried until it answers (up to 10 s).
+pub fn kv(addr: &str, command: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_kv(addr, command) {
+            Ok(reply) => return reply,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("{addr}: {command}: {e}"),
+        }
+    }
+}
+
+pub fn try_kv(addr: &str, command: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::other("connection closed without an answer"));
+    }
+    Ok(line.trim().to_string())
+}
