@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use deployer::agent::docker::DockerRuntime;
+use deployer::agent::runtime::Runtime;
 use deployer::agent::state::StateDir;
 use deployer::agent::{AGENT_PORT, Agent, AgentOptions, REPLICATOR_PORT};
 use deployer::deploy::{Access, connect_all, deploy, states};
@@ -117,8 +119,9 @@ enum Command {
         /// Where the agent keeps its state, identity and volumes.
         #[arg(long)]
         state: PathBuf,
-        /// How applications run: `process` (supervised commands).
-        #[arg(long, default_value = "process", value_parser = ["process"])]
+        /// How applications run: `process` (supervised commands, no Docker needed) or
+        /// `docker` (containers through the local Docker Engine).
+        #[arg(long, default_value = "process", value_parser = ["process", "docker"])]
         runtime: String,
         /// Port of the agent API.
         #[arg(long, default_value_t = AGENT_PORT)]
@@ -293,25 +296,33 @@ fn run(cmd: Command) -> Result<(), Failure> {
         Command::Agent {
             listen,
             state,
-            runtime: _,
+            runtime: kind,
             port,
             replicator_port,
         } => {
-            let agent = Agent::open(AgentOptions {
+            let opts = AgentOptions {
                 ip: listen,
                 port,
                 replicator_port,
                 state: StateDir(state),
                 net: NetOptions::default(),
+            };
+            runtime()?.block_on(async move {
+                let rt = match kind.as_str() {
+                    "docker" => Runtime::Docker(
+                        DockerRuntime::connect(&listen.to_string())
+                            .await
+                            .map_err(Failure::Failed)?,
+                    ),
+                    _ => Runtime::Process(Default::default()),
+                };
+                let agent = Agent::open(opts, rt).map_err(Failure::Failed)?;
+                println!(
+                    "agent listening on {listen}:{port} fingerprint {}",
+                    agent.fingerprint()
+                );
+                agent.run(shutdown_signal()).await.map_err(Failure::Failed)
             })
-            .map_err(Failure::Failed)?;
-            println!(
-                "agent listening on {listen}:{port} fingerprint {}",
-                agent.fingerprint()
-            );
-            runtime()?
-                .block_on(agent.run(shutdown_signal()))
-                .map_err(Failure::Failed)
         }
         Command::Id { state, access } => {
             let dir = match state {

@@ -14,7 +14,7 @@ pub fn deployer_bin() -> PathBuf {
 }
 
 pub fn kvstore_bin() -> PathBuf {
-    workspace_bin("deployer", "kvstore")
+    workspace_bin("kvstore", "kvstore")
 }
 
 /// A `deployer agent` process; SIGKILLed when dropped (its applications are not).
@@ -27,6 +27,10 @@ pub struct AgentProc {
 
 impl AgentProc {
     pub fn start(ip: &str, state: &Path, deployer_fp: &str) -> AgentProc {
+        Self::start_with(ip, state, deployer_fp, "process")
+    }
+
+    pub fn start_with(ip: &str, state: &Path, deployer_fp: &str, runtime: &str) -> AgentProc {
         let out = Command::new(deployer_bin())
             .args(["authorize", "--state"])
             .arg(state)
@@ -39,7 +43,7 @@ impl AgentProc {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut child = Command::new(deployer_bin())
-            .args(["agent", "--listen", ip, "--state"])
+            .args(["agent", "--listen", ip, "--runtime", runtime, "--state"])
             .arg(state)
             .args(["--log", "info"])
             .stdout(Stdio::piped())
@@ -85,6 +89,10 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(dir: &Path, ips: &[&str]) -> Cluster {
+        Self::start_with(dir, ips, "process")
+    }
+
+    pub fn start_with(dir: &Path, ips: &[&str], runtime: &str) -> Cluster {
         let identity = dir.join("deployer-id");
         let out = Command::new(deployer_bin())
             .args(["id", "--identity"])
@@ -95,7 +103,7 @@ impl Cluster {
         let fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let agents: Vec<AgentProc> = ips
             .iter()
-            .map(|ip| AgentProc::start(ip, &dir.join(format!("agent-{ip}")), &fp))
+            .map(|ip| AgentProc::start_with(ip, &dir.join(format!("agent-{ip}")), &fp, runtime))
             .collect();
         let known: String = agents
             .iter()
@@ -212,4 +220,70 @@ pub fn try_kv(addr: &str, command: &str) -> std::io::Result<String> {
         return Err(std::io::Error::other("connection closed without an answer"));
     }
     Ok(line.trim().to_string())
+}
+
+/// Builds the example application as a static binary and a `FROM scratch` image of it,
+/// tagged `tag`, with the local engine (no registry involved).
+pub fn build_kvstore_image(tag: &str, work: &Path) {
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "-q",
+        "--release",
+        "-p",
+        "kvstore",
+        "--target",
+        "x86_64-unknown-linux-gnu",
+    ])
+    .env("RUSTFLAGS", "-C target-feature=+crt-static");
+    super::scrub_cargo_env(&mut cmd);
+    assert!(
+        cmd.status().expect("cargo build").success(),
+        "static kvstore build failed"
+    );
+    let exe = std::env::current_exe().expect("test executable");
+    let target = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .and_then(|d| d.parent())
+        .expect("target dir");
+    let bin = target.join("x86_64-unknown-linux-gnu/release/kvstore");
+    std::fs::create_dir_all(work).expect("image dir");
+    std::fs::copy(&bin, work.join("kvstore")).expect("copy kvstore");
+    std::fs::write(
+        work.join("Dockerfile"),
+        "FROM scratch\nCOPY kvstore /kvstore\nENTRYPOINT [\"/kvstore\"]\n",
+    )
+    .expect("Dockerfile");
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .arg(work)
+        .output()
+        .expect("docker build");
+    assert!(
+        out.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether the Docker engine answers; with `DEPLOYER_REQUIRE_DOCKER=1` (CI), a missing
+/// engine is a failure, not a skip.
+pub fn docker_available() -> bool {
+    let out = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output();
+    let ok = matches!(&out, Ok(o) if o.status.success());
+    if !ok {
+        let why = match out {
+            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            std::env::var("DEPLOYER_REQUIRE_DOCKER").as_deref() != Ok("1"),
+            "the Docker engine is required (DEPLOYER_REQUIRE_DOCKER=1) but does not answer: {why}"
+        );
+        eprintln!("SKIPPED: the Docker engine does not answer: {why}");
+    }
+    ok
 }

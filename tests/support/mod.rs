@@ -182,30 +182,34 @@ pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
-        // Cargo sets these for the test process; build scripts (ring's) watch some of them,
-        // so passing them on would make every build rebuild the TLS stack.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if [
-                "CARGO_PKG_",
-                "CARGO_MANIFEST_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-                "CARGO_PRIMARY_",
-            ]
-            .iter()
-            .any(|p| k.starts_with(p))
-                || k == "CARGO_TARGET_TMPDIR"
-                || k == "OUT_DIR"
-            {
-                cmd.env_remove(&key);
-            }
-        }
+        scrub_cargo_env(&mut cmd);
         let status = cmd.status().expect("cargo build");
         assert!(status.success(), "building {package} failed");
         built.push(package.to_string());
     }
     dir.join(bin)
+}
+
+/// Removes what cargo sets for a test process from a nested cargo command: build scripts
+/// (ring's) watch some of these, so passing them on would rebuild the TLS stack every run.
+pub fn scrub_cargo_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+            "CARGO_PRIMARY_",
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))
+            || k == "CARGO_TARGET_TMPDIR"
+            || k == "OUT_DIR"
+        {
+            cmd.env_remove(&key);
+        }
+    }
 }
 
 /// Runs `replicator sync --json SRC DST` with a private state dir; returns output.

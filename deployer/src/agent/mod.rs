@@ -6,8 +6,10 @@
 //! processes are not its children's children of a dying parent — they have their own process
 //! group), and on start it reloads its state and adopts them again.
 
+pub mod docker;
 pub mod process;
 pub mod proxy;
+pub mod runtime;
 pub mod state;
 
 use std::net::{IpAddr, SocketAddr};
@@ -25,8 +27,9 @@ use crate::api::{
     ALPN, AgentState, AppStatus, Request, Response, VolumeStatus, read_frame, write_frame,
 };
 use crate::config::Application;
-use process::{Launch, ProcessRuntime};
+use process::Launch;
 use proxy::Proxy;
+use runtime::Runtime;
 use state::{AppRecord, Persisted, StateDir, VolumeRecord, create_volume};
 
 /// Port of the agent API.
@@ -52,14 +55,22 @@ struct Core {
 pub struct Agent {
     opts: AgentOptions,
     identity: Identity,
-    runtime: ProcessRuntime,
+    runtime: Runtime,
     proxy: Proxy,
     core: Mutex<Core>,
 }
 
 impl Agent {
     /// Loads (or creates) the identity and state under `--state`.
-    pub fn open(opts: AgentOptions) -> Result<Arc<Agent>, String> {
+    pub fn open(mut opts: AgentOptions, runtime: Runtime) -> Result<Arc<Agent>, String> {
+        std::fs::create_dir_all(&opts.state.0)
+            .map_err(|e| format!("{}: {e}", opts.state.0.display()))?;
+        // Absolute: volume paths are handed to runtimes (Docker bind mounts need them).
+        opts.state.0 = opts
+            .state
+            .0
+            .canonicalize()
+            .map_err(|e| format!("{}: {e}", opts.state.0.display()))?;
         std::fs::create_dir_all(&opts.state.0)
             .map_err(|e| format!("{}: {e}", opts.state.0.display()))?;
         let (identity, _) =
@@ -72,7 +83,7 @@ impl Agent {
             proxy: Proxy::new(opts.ip),
             opts,
             identity,
-            runtime: ProcessRuntime::default(),
+            runtime,
             core: Mutex::new(Core { persisted }),
         }))
     }
@@ -136,20 +147,31 @@ impl Agent {
         let names: Vec<String> = core.persisted.apps.keys().cloned().collect();
         for name in names {
             let rec = core.persisted.apps[&name].clone();
-            let alive = rec
-                .handle
-                .as_deref()
-                .is_some_and(|h| self.runtime.is_running(h, &name));
+            let alive = match rec.handle.as_deref() {
+                Some(h) => self.runtime.is_running(h, &name).await,
+                None => false,
+            };
             if alive {
                 tracing::info!(app = %name, handle = ?rec.handle, "adopted running application");
             } else {
                 tracing::info!(app = %name, "application not running after agent start; starting it");
-                self.start_locked(&mut core, &rec.config)?;
+                self.start_locked(&mut core, &rec.config).await?;
             }
         }
+        self.opts
+            .state
+            .save(&core.persisted)
+            .map_err(|e| e.to_string())?;
         let routes = core.persisted.routes.clone();
         drop(core);
         self.proxy.set_routes(&routes).await
+    }
+
+    async fn alive(&self, rec: &AppRecord, name: &str) -> bool {
+        match rec.handle.as_deref() {
+            Some(h) => self.runtime.is_running(h, name).await,
+            None => false,
+        }
     }
 
     /// Restarts applications that died.
@@ -157,20 +179,15 @@ impl Agent {
         loop {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let mut core = self.core.lock().await;
-            let dead: Vec<Application> = core
-                .persisted
-                .apps
-                .iter()
-                .filter(|(name, r)| {
-                    !r.handle
-                        .as_deref()
-                        .is_some_and(|h| self.runtime.is_running(h, name))
-                })
-                .map(|(_, r)| r.config.clone())
-                .collect();
+            let mut dead: Vec<Application> = Vec::new();
+            for (name, r) in &core.persisted.apps {
+                if !self.alive(r, name).await {
+                    dead.push(r.config.clone());
+                }
+            }
             for app in dead {
                 tracing::warn!(app = %app.name, "application exited; restarting it");
-                match self.start_locked(&mut core, &app) {
+                match self.start_locked(&mut core, &app).await {
                     Ok(()) => {
                         if let Some(r) = core.persisted.apps.get_mut(&app.name) {
                             r.restarts += 1;
@@ -244,28 +261,21 @@ impl Agent {
     async fn state(&self) -> AgentState {
         let core = self.core.lock().await;
         let p = &core.persisted;
+        let mut applications = std::collections::BTreeMap::new();
+        for (name, r) in &p.apps {
+            let status = AppStatus {
+                config: r.config.clone(),
+                running: self.alive(r, name).await,
+                ports: r.ports.iter().map(|(i, a)| (*i, *a)).collect(),
+                restarts: r.restarts,
+            };
+            applications.insert(name.clone(), status);
+        }
         AgentState {
             node: SocketAddr::new(self.opts.ip, self.opts.port).to_string(),
             fingerprint: self.fingerprint(),
-            runtime: "process".into(),
-            applications: p
-                .apps
-                .iter()
-                .map(|(name, r)| {
-                    (
-                        name.clone(),
-                        AppStatus {
-                            config: r.config.clone(),
-                            running: r
-                                .handle
-                                .as_deref()
-                                .is_some_and(|h| self.runtime.is_running(h, name)),
-                            ports: r.ports.iter().map(|(i, a)| (*i, *a)).collect(),
-                            restarts: r.restarts,
-                        },
-                    )
-                })
-                .collect(),
+            runtime: self.runtime.name().into(),
+            applications,
             volumes: p
                 .volumes
                 .iter()
@@ -287,19 +297,16 @@ impl Agent {
     async fn run_app(self: &Arc<Self>, app: Application) -> Result<(bool, String), String> {
         let mut core = self.core.lock().await;
         if let Some(rec) = core.persisted.apps.get(&app.name) {
-            let running = rec
-                .handle
-                .as_deref()
-                .is_some_and(|h| self.runtime.is_running(h, &app.name));
+            let running = self.alive(rec, &app.name).await;
             if rec.config == app && running {
                 return Ok((false, "already running".into()));
             }
             if rec.config != app {
                 let handle = rec.handle.clone();
                 if let Some(h) = handle {
-                    self.stop_blocking(&h, &app.name).await;
+                    self.runtime.stop(&h, &app.name, STOP_GRACE).await;
                 }
-                self.start_locked(&mut core, &app)?;
+                self.start_locked(&mut core, &app).await?;
                 self.opts
                     .state
                     .save(&core.persisted)
@@ -334,7 +341,7 @@ impl Agent {
                 }
             }
         }
-        self.start_locked(&mut core, &app)?;
+        self.start_locked(&mut core, &app).await?;
         self.opts
             .state
             .save(&core.persisted)
@@ -344,7 +351,7 @@ impl Agent {
     }
 
     /// Starts `app` and records it. Ports keep their previous host address if any.
-    fn start_locked(&self, core: &mut Core, app: &Application) -> Result<(), String> {
+    async fn start_locked(&self, core: &mut Core, app: &Application) -> Result<(), String> {
         let mut ports = core
             .persisted
             .apps
@@ -358,13 +365,17 @@ impl Agent {
             }
         }
         let volume = self.opts.state.volume(&app.name);
-        let handle = self.runtime.start(&Launch {
-            app,
-            volume: &volume,
-            ports: &ports,
-            node_ip: self.opts.ip,
-            log: &self.opts.state.log(&app.name),
-        })?;
+        let log = self.opts.state.log(&app.name);
+        let handle = self
+            .runtime
+            .start(&Launch {
+                app,
+                volume: &volume,
+                ports: &ports,
+                node_ip: self.opts.ip,
+                log: &log,
+            })
+            .await?;
         let restarts = core.persisted.apps.get(&app.name).map_or(0, |r| r.restarts);
         core.persisted.apps.insert(
             app.name.clone(),
@@ -384,19 +395,13 @@ impl Agent {
         l.local_addr().map_err(|e| e.to_string())
     }
 
-    async fn stop_blocking(self: &Arc<Self>, handle: &str, app: &str) {
-        let me = self.clone();
-        let (h, a) = (handle.to_string(), app.to_string());
-        let _ = tokio::task::spawn_blocking(move || me.runtime.stop(&h, &a, STOP_GRACE)).await;
-    }
-
     async fn stop_app(self: &Arc<Self>, name: &str) -> Result<(bool, String), String> {
         let mut core = self.core.lock().await;
         let Some(rec) = core.persisted.apps.remove(name) else {
             return Ok((false, "not running here".into()));
         };
         if let Some(h) = &rec.handle {
-            self.stop_blocking(h, name).await;
+            self.runtime.stop(h, name, STOP_GRACE).await;
         }
         self.opts
             .state

@@ -64,16 +64,7 @@ impl ProcessRuntime {
         for (internal, addr) in l.ports {
             cmd.env(format!("DEPLOYER_LISTEN_{internal}"), addr.to_string());
         }
-        for link in &l.app.links {
-            let prefix = format!(
-                "{}_PORT_{}_TCP",
-                link.alias.to_uppercase().replace('-', "_"),
-                link.local_port
-            );
-            cmd.env(&prefix, format!("tcp://{}:{}", l.node_ip, link.remote_port))
-                .env(format!("{prefix}_ADDR"), l.node_ip.to_string())
-                .env(format!("{prefix}_PORT"), link.remote_port.to_string());
-        }
+        cmd.envs(link_env(l.app, l.node_ip));
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {program}: {e}"))?;
@@ -147,4 +138,25 @@ fn adoptable(pid: u32, app: &str) -> bool {
     };
     let want = format!("DEPLOYER_APP={app}");
     env.split(|&b| b == 0).any(|v| v == want.as_bytes())
+}
+
+/// Docker-style link variables: `ALIAS_PORT_<local>_TCP=tcp://NODE:REMOTE`, `_ADDR`, `_PORT`,
+/// all pointing at this node's routing proxy, which forwards to wherever the linked
+/// application runs.
+pub fn link_env(app: &Application, node_ip: std::net::IpAddr) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for link in &app.links {
+        let prefix = format!(
+            "{}_PORT_{}_TCP",
+            link.alias.to_uppercase().replace('-', "_"),
+            link.local_port
+        );
+        out.push((
+            prefix.clone(),
+            format!("tcp://{node_ip}:{}", link.remote_port),
+        ));
+        out.push((format!("{prefix}_ADDR"), node_ip.to_string()));
+        out.push((format!("{prefix}_PORT"), link.remote_port.to_string()));
+    }
+    out
 }
