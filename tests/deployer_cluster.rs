@@ -170,3 +170,25 @@ fn unreachable_node_fails_the_deploy_before_anything_changes() {
             .contains("bad.yml:4:5: `applications.kv.imag`: unknown key")
     );
 }
+
+#[test]
+fn demo_runs_the_story_and_cleans_up() {
+    let out = std::process::Command::new(deployer_bin())
+        .arg("demo")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("100 acknowledged writes"), "{text}");
+    assert!(text.contains("VALUE value42"), "{text}");
+    assert!(text.contains("nothing to do"), "{text}");
+    assert!(text.contains("stop    kv on 127.0.0.1"), "{text}");
+    assert!(
+        try_kv("127.0.0.1:17080", "PING").is_err(),
+        "the demo left its application running"
+    );
+}

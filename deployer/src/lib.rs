@@ -4,5 +4,6 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod demo;
 pub mod deploy;
 pub mod plan;

@@ -130,6 +130,20 @@ enum Command {
         #[arg(long, default_value_t = REPLICATOR_PORT)]
         replicator_port: u16,
     },
+    /// Run the whole story on this machine without Docker: three agents on 127.0.0.1-3,
+    /// the example key-value application deployed, written to and read through the routing
+    /// proxies, the cluster's status; then everything is removed.
+    Demo {
+        /// Work here instead of a temporary directory (kept afterwards).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// The example key-value application (what the demo deploys).
+    #[command(name = "example-kv", hide = true)]
+    ExampleKv {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print a fingerprint: the deployer's (default) or, with --state, an agent's.
     Id {
         #[arg(long)]
@@ -334,6 +348,10 @@ fn run(cmd: Command) -> Result<(), Failure> {
             println!("{}", id.fingerprint);
             Ok(())
         }
+        Command::Demo { dir } => deployer::demo::run(dir).map_err(Failure::Failed),
+        Command::ExampleKv { args } => kvstore::settings(&args)
+            .and_then(|(listen, data)| kvstore::run(&listen, &data))
+            .map_err(Failure::Failed),
         Command::Authorize {
             state,
             fingerprint,
