@@ -31,6 +31,10 @@ pub struct Route {
     pub external: u16,
     pub application: String,
     pub target: SocketAddr,
+    /// Hold new connections (accept them, wait) instead of forwarding: set while the
+    /// application moves, so clients see a pause rather than a refusal.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -45,6 +49,40 @@ pub enum Request {
     Stop { application: String },
     /// Replace the routing table.
     Routes { routes: Vec<Route> },
+    /// Can this node run `application` (image present, command found)? Changes nothing.
+    Check { application: Application },
+    /// Sync `application`'s volume to the agent whose volume server is `to` (`host:port`)
+    /// and whose fingerprint is `peer`. Used for pre-copy rounds and the final delta.
+    Push {
+        application: String,
+        to: String,
+        peer: String,
+    },
+    /// Give up ownership of the (stopped) application's volume to `to` at `epoch`; `root` is
+    /// the digest of the final sync, recorded so that a rerun can finish the handoff.
+    Release {
+        application: String,
+        to: String,
+        epoch: u64,
+        root: String,
+    },
+    /// Take ownership of a volume received complete with digest `root`, at `epoch`.
+    Adopt {
+        application: String,
+        epoch: u64,
+        root: String,
+    },
+}
+
+/// What one volume push moved.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushReport {
+    pub bytes_sent_wire: u64,
+    pub bytes_sent_raw: u64,
+    pub chunks_sent: u64,
+    pub bytes_read: u64,
+    pub duration_ms: u64,
+    pub root: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,11 +100,20 @@ pub struct VolumeStatus {
     pub owner: bool,
     pub epoch: u64,
     pub path: String,
+    /// Set on the node that gave the volume away.
+    #[serde(default)]
+    pub handed_to: Option<String>,
+    /// The digest the volume had when it was handed away.
+    #[serde(default)]
+    pub handed_root: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentState {
     pub node: String,
+    /// `host:port` of this agent's volume server (peer pushes).
+    #[serde(default)]
+    pub volume_server: String,
     pub fingerprint: String,
     pub runtime: String,
     pub applications: BTreeMap<String, AppStatus>,
@@ -83,6 +130,7 @@ pub enum Response {
         changed: bool,
         detail: String,
     },
+    Pushed(PushReport),
     Error {
         message: String,
     },

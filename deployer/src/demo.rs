@@ -13,6 +13,7 @@ use replicator::net::identity::{Identity, TrustList};
 
 use crate::agent::state::StateDir;
 use crate::deploy::{Access, connect_all, deploy, states};
+use crate::migrate::MigrationOptions;
 
 const NODES: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
 const PORT: u16 = 17700;
@@ -46,6 +47,16 @@ fn kv(addr: &str, cmd: &str) -> Result<String, String> {
             Err(e) => return Err(format!("{addr}: {e}")),
         }
     }
+}
+
+fn agents_fps(dir: &Path) -> Result<Vec<String>, String> {
+    NODES
+        .iter()
+        .map(|ip| {
+            std::fs::read_to_string(dir.join(format!("node-{ip}")).join("fingerprint"))
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 /// Runs the demo in `dir` (a fresh temporary directory when `None`, removed afterwards).
@@ -92,10 +103,23 @@ fn story(dir: &Path) -> Result<(), String> {
             return Err(format!("agent on {ip} did not start: {banner:?}"));
         }
         known.add(replicator::net::identity::Fingerprint::parse(fp)?);
+        std::fs::write(state.0.join("fingerprint"), fp).map_err(|e| e.to_string())?;
         println!(
             "agent on {ip}:{PORT} (process runtime), fingerprint {}…",
             &fp[..16]
         );
+    }
+    // Each agent may push volumes to the others (the trust set for moves).
+    let fps: Vec<String> = agents_fps(dir)?;
+    for ip in NODES {
+        let state = StateDir(dir.join(format!("node-{ip}")));
+        let mine = std::fs::read_to_string(state.0.join("fingerprint")).unwrap_or_default();
+        let peers: String = fps
+            .iter()
+            .filter(|f| **f != mine)
+            .map(|f| format!("{f}\n"))
+            .collect();
+        std::fs::write(state.peers(), peers).map_err(|e| e.to_string())?;
     }
     let application = dir.join("application.yml");
     let kv_cmd = format!("[\"{}\", \"example-kv\"]", exe.display());
@@ -130,9 +154,13 @@ fn story(dir: &Path) -> Result<(), String> {
     println!("\n$ deployer deploy deployment.yml application.yml   # kv on 127.0.0.1");
     let t = Instant::now();
     let report = rt
-        .block_on(deploy(&cluster, &access, false, |a, d| {
-            println!("  {a}: {d}")
-        }))
+        .block_on(deploy(
+            &cluster,
+            &access,
+            false,
+            MigrationOptions::default(),
+            |a, d| println!("  {a}: {d}"),
+        ))
         .map_err(|e| e.to_string())?;
     println!(
         "  routes updated on {} ({} ms)",
@@ -160,9 +188,13 @@ fn story(dir: &Path) -> Result<(), String> {
 
     println!("\n$ deployer deploy (again)   # converged: nothing to do");
     let again = rt
-        .block_on(deploy(&cluster, &access, false, |a, d| {
-            println!("  {a}: {d}")
-        }))
+        .block_on(deploy(
+            &cluster,
+            &access,
+            false,
+            MigrationOptions::default(),
+            |a, d| println!("  {a}: {d}"),
+        ))
         .map_err(|e| e.to_string())?;
     if again.actions.is_empty() {
         println!("  nothing to do");
@@ -200,21 +232,86 @@ fn story(dir: &Path) -> Result<(), String> {
         );
     }
 
-    println!("\nmoving kv to 127.0.0.2 (edit one line of deployment.yml and deploy again):");
+    println!(
+        "\nmoving kv to 127.0.0.2 (one line of deployment.yml changed) while a client keeps writing through 127.0.0.3:"
+    );
     std::fs::write(&deployment, nodes(1)).map_err(|e| e.to_string())?;
     let moved = crate::config::load(&deployment, &application).map_err(|e| e.to_string())?;
-    match rt.block_on(deploy(&moved, &access, false, |a, d| {
-        println!("  {a}: {d}")
-    })) {
-        Ok(_) => println!("  moved"),
-        Err(e) => println!("  {e}"),
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if kv("127.0.0.3:17080", &format!("SET live{i} {i}")).as_deref() == Ok("OK") {
+                    acked.push(i);
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let moved_report = rt.block_on(deploy(
+        &moved,
+        &access,
+        false,
+        MigrationOptions::default(),
+        |a, d| println!("  {a}: {d}"),
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().map_err(|_| "writer thread panicked")?;
+    let report = moved_report.map_err(|e| e.to_string())?;
+    let mut lost = 0;
+    for i in &acked {
+        if kv("127.0.0.1:17080", &format!("GET live{i}"))? != format!("VALUE {i}") {
+            lost += 1;
+        }
+    }
+    println!(
+        "  {} writes acknowledged during the move, {lost} lost; key42 read through 127.0.0.1: {}",
+        acked.len(),
+        kv("127.0.0.1:17080", "GET key42")?
+    );
+    if let Some(m) = report.migrations.first() {
+        println!(
+            "  downtime {} ms (predicted {} ms) after {} pre-copy rounds",
+            m.downtime_ms,
+            m.predicted_downtime_ms,
+            m.rounds.len()
+        );
+    }
+    if lost > 0 {
+        return Err(format!("{lost} acknowledged writes were lost"));
+    }
+
+    println!("\n$ deployer deploy (again)   # after the move: nothing to do");
+    let again = rt
+        .block_on(deploy(
+            &moved,
+            &access,
+            false,
+            MigrationOptions::default(),
+            |a, d| println!("  {a}: {d}"),
+        ))
+        .map_err(|e| e.to_string())?;
+    if again.actions.is_empty() {
+        println!("  nothing to do");
     }
 
     println!("\ncleaning up: stopping kv and the agents");
     std::fs::write(&deployment, nodes(usize::MAX)).map_err(|e| e.to_string())?;
     let none = crate::config::load(&deployment, &application).map_err(|e| e.to_string())?;
-    rt.block_on(deploy(&none, &access, false, |a, d| println!("  {a}: {d}")))
-        .map_err(|e| e.to_string())?;
+    rt.block_on(deploy(
+        &none,
+        &access,
+        false,
+        MigrationOptions::default(),
+        |a, d| println!("  {a}: {d}"),
+    ))
+    .map_err(|e| e.to_string())?;
     drop(agents);
     println!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -9,6 +9,7 @@ use replicator::net::identity::{Identity, TrustList};
 
 use crate::api::{AgentClient, AgentState, ApiError, Request, Response};
 use crate::config::{Cluster, NodeAddr};
+use crate::migrate::{MigrationOptions, MigrationReport, migrate};
 use crate::plan::{Action, plan, routes};
 
 /// How the deployer reaches agents.
@@ -32,6 +33,8 @@ pub struct Report {
     pub actions: Vec<Action>,
     /// Nodes whose routing table changed.
     pub routes_updated: Vec<String>,
+    /// One per application moved between nodes.
+    pub migrations: Vec<MigrationReport>,
     pub dry_run: bool,
 }
 
@@ -97,10 +100,11 @@ pub async fn deploy(
     cluster: &Cluster,
     access: &Access,
     dry_run: bool,
+    migration: MigrationOptions,
     mut on_action: impl FnMut(&Action, &str),
 ) -> Result<Report, DeployError> {
     let clients = connect_all(cluster, access).await?;
-    let result = deploy_with(cluster, &clients, dry_run, &mut on_action).await;
+    let result = deploy_with(cluster, &clients, dry_run, migration, &mut on_action).await;
     for (_, c) in clients {
         c.close().await;
     }
@@ -111,6 +115,7 @@ async fn deploy_with(
     cluster: &Cluster,
     clients: &BTreeMap<NodeAddr, AgentClient>,
     dry_run: bool,
+    migration: MigrationOptions,
     on_action: &mut impl FnMut(&Action, &str),
 ) -> Result<Report, DeployError> {
     let before = states(clients).await?;
@@ -122,17 +127,11 @@ async fn deploy_with(
         return Ok(Report {
             actions,
             routes_updated: Vec::new(),
+            migrations: Vec::new(),
             dry_run,
         });
     }
-    if let Some(Action::Move { app, from, to }) =
-        actions.iter().find(|a| matches!(a, Action::Move { .. }))
-    {
-        return Err(DeployError::Unsupported(format!(
-            "{app} must move from {from} to {to} with its volume; moving stateful applications \
-             (the two-phase push) is not implemented yet — nothing was changed"
-        )));
-    }
+    let mut migrations = Vec::new();
     for action in &actions {
         let (node, request) = match action {
             Action::Stop { node, app } => (
@@ -147,7 +146,16 @@ async fn deploy_with(
                     application: cluster.applications[app].clone(),
                 },
             ),
-            Action::Move { .. } => unreachable!("refused above"),
+            Action::Move { app, from, to } => {
+                on_action(action, "pre-copy starts; the application keeps serving");
+                let mut say = |line: String| on_action(action, line.trim());
+                let report = migrate(
+                    cluster, clients, &before, app, from, to, migration, &mut say,
+                )
+                .await?;
+                migrations.push(report);
+                continue;
+            }
         };
         let detail = match clients[node].call(&request).await? {
             Response::Ok { detail, .. } => detail,
@@ -170,6 +178,7 @@ async fn deploy_with(
     Ok(Report {
         actions,
         routes_updated,
+        migrations,
         dry_run,
     })
 }

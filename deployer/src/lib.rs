@@ -6,4 +6,5 @@ pub mod api;
 pub mod config;
 pub mod demo;
 pub mod deploy;
+pub mod migrate;
 pub mod plan;

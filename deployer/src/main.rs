@@ -16,6 +16,7 @@ use deployer::agent::runtime::Runtime;
 use deployer::agent::state::StateDir;
 use deployer::agent::{AGENT_PORT, Agent, AgentOptions, REPLICATOR_PORT};
 use deployer::deploy::{Access, connect_all, deploy, states};
+use deployer::migrate::MigrationOptions;
 use replicator::net::endpoint::NetOptions;
 use replicator::net::identity::{Identity, TrustList};
 
@@ -98,6 +99,13 @@ enum Command {
         /// Print the plan only.
         #[arg(long)]
         dry_run: bool,
+        /// Moving an application: stop pre-copying once a round takes no longer than this
+        /// many seconds (the expected downtime).
+        #[arg(long, default_value_t = 1.0)]
+        downtime_budget: f64,
+        /// Moving an application: at most this many pre-copy rounds.
+        #[arg(long, default_value_t = 8)]
+        max_rounds: u32,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -232,18 +240,36 @@ fn run(cmd: Command) -> Result<(), Failure> {
             dry_run,
             json,
             access,
+            downtime_budget,
+            max_rounds,
         } => {
+            if !(downtime_budget.is_finite() && downtime_budget >= 0.0) || max_rounds == 0 {
+                return Err(Failure::Usage(
+                    "--downtime-budget must be >= 0 and --max-rounds >= 1".into(),
+                ));
+            }
+            let migration = MigrationOptions {
+                downtime_budget: Duration::from_secs_f64(downtime_budget),
+                max_rounds,
+                ..MigrationOptions::default()
+            };
             let cluster = load(&deployment, &application)?;
             let access = access.access()?;
-            let report = runtime()?.block_on(deploy(&cluster, &access, dry_run, |a, detail| {
-                if !json {
-                    if detail.is_empty() {
-                        println!("{a}");
-                    } else {
-                        println!("{a}: {detail}");
+            let report = runtime()?.block_on(deploy(
+                &cluster,
+                &access,
+                dry_run,
+                migration,
+                |a, detail| {
+                    if !json {
+                        if detail.is_empty() {
+                            println!("{a}");
+                        } else {
+                            println!("{a}: {detail}");
+                        }
                     }
-                }
-            }));
+                },
+            ));
             let report = report.map_err(|e| Failure::Failed(e.to_string()))?;
             if json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());

@@ -119,6 +119,7 @@ pub fn routes(cluster: &Cluster, states: &BTreeMap<NodeAddr, AgentState>) -> Vec
                     external: p.external,
                     application: name.clone(),
                     target: *target,
+                    hold: false,
                 });
             }
         }
@@ -147,6 +148,7 @@ mod tests {
     fn empty(n: &str) -> AgentState {
         AgentState {
             node: n.into(),
+            volume_server: String::new(),
             fingerprint: String::new(),
             runtime: "process".into(),
             applications: BTreeMap::new(),
@@ -215,6 +217,8 @@ mod tests {
                 owner: true,
                 epoch: 1,
                 path: String::new(),
+                handed_to: None,
+                handed_root: None,
             },
         );
         let states: BTreeMap<_, _> =

@@ -530,6 +530,7 @@ fn run_serve(a: ServeArgs) -> Result<(), Failure> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1),
         staging_max_age: Duration::from_secs_f64(a.staging_max_age_hours * 3600.0),
+        policy: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -45,22 +45,26 @@ impl DockerRuntime {
         format!("deployer-{app}")
     }
 
+    /// The image must be on this node: no registry is assumed.
+    pub async fn check_image(&self, image: &str) -> Result<(), String> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Err(format!(
+                "image {image} is not on node {} (no registry is assumed: build or load it there first)",
+                self.node
+            )),
+            Err(e) => Err(format!(
+                "node {}: cannot inspect image {image}: {e}",
+                self.node
+            )),
+        }
+    }
+
     pub async fn start(&self, l: &Launch<'_>) -> Result<String, String> {
         let app = l.app;
-        if let Err(e) = self.docker.inspect_image(&app.image).await {
-            return Err(match e {
-                bollard::errors::Error::DockerResponseServerError {
-                    status_code: 404, ..
-                } => format!(
-                    "image {} is not on node {} (no registry is assumed: build or load it there first)",
-                    app.image, self.node
-                ),
-                e => format!(
-                    "node {}: cannot inspect image {}: {e}",
-                    self.node, app.image
-                ),
-            });
-        }
+        self.check_image(&app.image).await?;
         let name = Self::container_name(&app.name);
         // A leftover container of an earlier run (agent killed mid-way) would hold the name.
         let _ = self

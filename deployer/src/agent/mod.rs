@@ -7,6 +7,7 @@
 //! group), and on start it reloads its state and adopts them again.
 
 pub mod docker;
+mod moves;
 pub mod process;
 pub mod proxy;
 pub mod runtime;
@@ -58,6 +59,9 @@ pub struct Agent {
     runtime: Runtime,
     proxy: Proxy,
     core: Mutex<Core>,
+    /// Volumes this node owns, for the volume server's fencing check (kept in step with
+    /// the persisted state by [`Agent::save`]).
+    owned: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Agent {
@@ -84,6 +88,7 @@ impl Agent {
             opts,
             identity,
             runtime,
+            owned: Arc::new(std::sync::Mutex::new(owned_of(&persisted))),
             core: Mutex::new(Core { persisted }),
         }))
     }
@@ -111,6 +116,7 @@ impl Agent {
             max_entries: replicator::protocol::receiver::DEFAULT_MAX_ENTRIES,
             threads: 2,
             staging_max_age: Duration::from_secs(7 * 24 * 3600),
+            policy: Some(self.fencing()),
         })
         .map_err(|e| e.to_string())?;
         self.recover().await?;
@@ -158,10 +164,7 @@ impl Agent {
                 self.start_locked(&mut core, &rec.config).await?;
             }
         }
-        self.opts
-            .state
-            .save(&core.persisted)
-            .map_err(|e| e.to_string())?;
+        self.save(&core.persisted).map_err(|e| e.to_string())?;
         let routes = core.persisted.routes.clone();
         drop(core);
         self.proxy.set_routes(&routes).await
@@ -192,7 +195,7 @@ impl Agent {
                         if let Some(r) = core.persisted.apps.get_mut(&app.name) {
                             r.restarts += 1;
                         }
-                        let _ = self.opts.state.save(&core.persisted);
+                        let _ = self.save(&core.persisted);
                     }
                     Err(e) => tracing::error!(app = %app.name, "restart failed: {e}"),
                 }
@@ -232,6 +235,32 @@ impl Agent {
             Request::State => return Response::State(self.state().await),
             Request::Run { application } => self.run_app(application).await,
             Request::Stop { application } => self.stop_app(&application).await,
+            Request::Check { application } => self
+                .runtime
+                .check(&application)
+                .await
+                .map(|()| (false, "can run here".to_string())),
+            Request::Push {
+                application,
+                to,
+                peer,
+            } => {
+                return match self.push(&application, &to, &peer).await {
+                    Ok(r) => Response::Pushed(r),
+                    Err(message) => Response::Error { message },
+                };
+            }
+            Request::Release {
+                application,
+                to,
+                epoch,
+                root,
+            } => self.release(&application, &to, epoch, &root).await,
+            Request::Adopt {
+                application,
+                epoch,
+                root,
+            } => self.adopt(&application, epoch, &root).await,
             Request::Routes { routes } => {
                 let mut core = self.core.lock().await;
                 let changed = core.persisted.routes != routes;
@@ -273,6 +302,7 @@ impl Agent {
         }
         AgentState {
             node: SocketAddr::new(self.opts.ip, self.opts.port).to_string(),
+            volume_server: SocketAddr::new(self.opts.ip, self.opts.replicator_port).to_string(),
             fingerprint: self.fingerprint(),
             runtime: self.runtime.name().into(),
             applications,
@@ -285,6 +315,8 @@ impl Agent {
                         VolumeStatus {
                             owner: v.owner,
                             epoch: v.epoch,
+                            handed_to: v.handed_to.clone(),
+                            handed_root: v.handed_root.clone(),
                             path: self.opts.state.volume(name).display().to_string(),
                         },
                     )
@@ -307,10 +339,7 @@ impl Agent {
                     self.runtime.stop(&h, &app.name, STOP_GRACE).await;
                 }
                 self.start_locked(&mut core, &app).await?;
-                self.opts
-                    .state
-                    .save(&core.persisted)
-                    .map_err(|e| e.to_string())?;
+                self.save(&core.persisted).map_err(|e| e.to_string())?;
                 return Ok((true, "restarted with the new configuration".into()));
             }
         }
@@ -319,12 +348,19 @@ impl Agent {
         if app.volume.is_some() {
             match vol {
                 Some(v) if !v.owner => {
+                    let to = v.handed_to.as_deref().unwrap_or("another node");
                     return Err(format!(
-                        "volume {} here is not owned by this node (epoch {}); refusing to start {}",
-                        app.name, v.epoch, app.name
+                        "volume {} was handed to {to} at epoch {}; this node never writes it again",
+                        app.name, v.epoch
                     ));
                 }
                 Some(_) => {}
+                None if self.opts.state.volume(&app.name).exists() => {
+                    return Err(format!(
+                        "volume {} here is a copy this node does not own (not adopted); refusing to start {}",
+                        app.name, app.name
+                    ));
+                }
                 None => {
                     let created = create_volume(&self.opts.state.volume(&app.name))
                         .map_err(|e| e.to_string())?;
@@ -333,6 +369,8 @@ impl Agent {
                         VolumeRecord {
                             owner: true,
                             epoch: 1,
+                            handed_to: None,
+                            handed_root: None,
                         },
                     );
                     if created {
@@ -342,10 +380,7 @@ impl Agent {
             }
         }
         self.start_locked(&mut core, &app).await?;
-        self.opts
-            .state
-            .save(&core.persisted)
-            .map_err(|e| e.to_string())?;
+        self.save(&core.persisted).map_err(|e| e.to_string())?;
         detail.push_str("started");
         Ok((true, detail))
     }
@@ -403,10 +438,15 @@ impl Agent {
         if let Some(h) = &rec.handle {
             self.runtime.stop(h, name, STOP_GRACE).await;
         }
-        self.opts
-            .state
-            .save(&core.persisted)
-            .map_err(|e| e.to_string())?;
+        self.save(&core.persisted).map_err(|e| e.to_string())?;
         Ok((true, "stopped".into()))
     }
+}
+
+fn owned_of(p: &Persisted) -> std::collections::HashSet<String> {
+    p.volumes
+        .iter()
+        .filter(|(_, v)| v.owner)
+        .map(|(n, _)| n.clone())
+        .collect()
 }

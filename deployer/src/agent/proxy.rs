@@ -13,7 +13,8 @@ use crate::api::Route;
 
 pub struct Proxy {
     bind: IpAddr,
-    table: Arc<Mutex<HashMap<u16, SocketAddr>>>,
+    /// external port → target, or `None` while the route is held.
+    table: Arc<Mutex<HashMap<u16, Option<SocketAddr>>>>,
     listeners: Mutex<HashMap<u16, JoinHandle<()>>>,
 }
 
@@ -28,8 +29,10 @@ impl Proxy {
 
     /// Replaces the routing table, opening and closing listeners as needed.
     pub async fn set_routes(&self, routes: &[Route]) -> Result<(), String> {
-        let wanted: HashMap<u16, SocketAddr> =
-            routes.iter().map(|r| (r.external, r.target)).collect();
+        let wanted: HashMap<u16, Option<SocketAddr>> = routes
+            .iter()
+            .map(|r| (r.external, (!r.hold).then_some(r.target)))
+            .collect();
         if let Ok(mut t) = self.table.lock() {
             *t = wanted.clone();
         }
@@ -61,10 +64,7 @@ impl Proxy {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
-                    let target = table.lock().ok().and_then(|t| t.get(&port).copied());
-                    if let Some(target) = target {
-                        tokio::spawn(forward(client, target));
-                    }
+                    tokio::spawn(forward(client, table.clone(), port));
                 }
             });
             if let Ok(mut l) = self.listeners.lock() {
@@ -75,7 +75,24 @@ impl Proxy {
     }
 }
 
-async fn forward(mut client: TcpStream, target: SocketAddr) {
+/// Longest a connection is held while its application moves.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn forward(
+    mut client: TcpStream,
+    table: Arc<Mutex<HashMap<u16, Option<SocketAddr>>>>,
+    port: u16,
+) {
+    let started = std::time::Instant::now();
+    let target = loop {
+        match table.lock().ok().and_then(|t| t.get(&port).copied()) {
+            Some(Some(target)) => break target,
+            Some(None) if started.elapsed() < HOLD_LIMIT => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            _ => return,
+        }
+    };
     match TcpStream::connect(target).await {
         Ok(mut upstream) => {
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

@@ -34,6 +34,30 @@ impl Runtime {
         }
     }
 
+    /// Whether `app` could start here: its image is present (docker) or its command found
+    /// (process). Checked on the destination before an application is stopped to move.
+    pub async fn check(&self, app: &crate::config::Application) -> Result<(), String> {
+        match self {
+            Runtime::Process(_) => {
+                let Some(cmd) = app.command.first() else {
+                    return Err(format!("application {} has no `command`", app.name));
+                };
+                let found = if cmd.contains('/') {
+                    std::path::Path::new(cmd).is_file()
+                } else {
+                    std::env::var_os("PATH")
+                        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+                };
+                if found {
+                    Ok(())
+                } else {
+                    Err(format!("command {cmd} of {} is not found here", app.name))
+                }
+            }
+            Runtime::Docker(d) => d.check_image(&app.image).await,
+        }
+    }
+
     /// Graceful stop (SIGTERM / `docker stop`), then kill after `grace`.
     pub async fn stop(&self, handle: &str, app: &str, grace: Duration) {
         match self {

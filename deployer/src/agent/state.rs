@@ -23,8 +23,14 @@ pub struct AppRecord {
 pub struct VolumeRecord {
     /// This node may write the volume (run its application).
     pub owner: bool,
-    /// Ownership generation; higher wins (see docs/migration.md once moves land).
+    /// Ownership generation; higher wins (see docs/migration.md).
     pub epoch: u64,
+    /// The node this volume was handed to (this node then never writes it again).
+    #[serde(default)]
+    pub handed_to: Option<String>,
+    /// Digest of the volume when it was handed away.
+    #[serde(default)]
+    pub handed_root: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

@@ -52,6 +52,22 @@ pub struct ServeOptions {
     pub threads: usize,
     /// Partial files of a sync abandoned this long ago are removed.
     pub staging_max_age: Duration,
+    /// Asked before a push or pull is accepted; an `Err` refuses the session with that text.
+    /// The deployer's agents use it to refuse pushes into volumes they own (fencing).
+    pub policy: Option<Policy>,
+}
+
+/// A server owner's veto over sessions: `(volume, direction) → Ok or why not`.
+#[derive(Clone)]
+pub struct Policy(pub Arc<PolicyFn>);
+
+/// The check itself: volume name and direction in, refusal text out.
+pub type PolicyFn = dyn Fn(&str, Direction) -> Result<(), String> + Send + Sync;
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Policy")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +361,9 @@ async fn accept_session(
                 if !shared.root.join(name.as_str()).exists() {
                     return Err(bad(format!("no volume named {name} on this server")));
                 }
+            }
+            if let Some(policy) = &shared.opts.policy {
+                (policy.0)(name.as_str(), open.direction).map_err(bad)?;
             }
             let write = open.direction == Direction::Push;
             Some(try_lock(shared, name.as_str(), write).map_err(|why| (CloseCode::Busy, why))?)
