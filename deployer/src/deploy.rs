@@ -146,6 +146,27 @@ async fn deploy_with(
                     application: cluster.applications[app].clone(),
                 },
             ),
+            Action::FinishHandoff {
+                app,
+                to,
+                epoch,
+                root,
+                ..
+            } => {
+                clients[to]
+                    .call(&Request::Adopt {
+                        application: app.clone(),
+                        epoch: *epoch,
+                        root: root.clone(),
+                    })
+                    .await?;
+                (
+                    to,
+                    Request::Run {
+                        application: cluster.applications[app].clone(),
+                    },
+                )
+            }
             Action::Move { app, from, to } => {
                 on_action(action, "pre-copy starts; the application keeps serving");
                 let mut say = |line: String| on_action(action, line.trim());

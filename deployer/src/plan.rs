@@ -24,6 +24,16 @@ pub enum Action {
         from: NodeAddr,
         to: NodeAddr,
     },
+    /// A move stopped between the two halves of the handoff: `from` released the volume to
+    /// `to`, which has not adopted it yet. Adopt there (if the copy is complete with the
+    /// released digest), then start.
+    FinishHandoff {
+        app: String,
+        from: NodeAddr,
+        to: NodeAddr,
+        epoch: u64,
+        root: String,
+    },
 }
 
 impl fmt::Display for Action {
@@ -35,6 +45,16 @@ impl fmt::Display for Action {
             }
             Action::Stop { node, app } => write!(f, "stop    {app} on {node}"),
             Action::Move { app, from, to } => write!(f, "move    {app} from {from} to {to}"),
+            Action::FinishHandoff {
+                app,
+                from,
+                to,
+                epoch,
+                ..
+            } => write!(
+                f,
+                "finish  moving {app} from {from} to {to} (handed over at epoch {epoch})"
+            ),
         }
     }
 }
@@ -60,6 +80,29 @@ pub fn plan(cluster: &Cluster, states: &BTreeMap<NodeAddr, AgentState>) -> Vec<A
                     app: name.clone(),
                 }),
                 None => {
+                    let handed = states.iter().find_map(|(n, s)| {
+                        let v = s.volumes.get(name)?;
+                        (!v.owner && v.handed_to.as_deref() == Some(&node.to_string())).then(|| {
+                            (
+                                n.clone(),
+                                v.epoch,
+                                v.handed_root.clone().unwrap_or_default(),
+                            )
+                        })
+                    });
+                    let adopted = state.volumes.get(name).is_some_and(|v| v.owner);
+                    if let Some((from, epoch, root)) = handed
+                        && !adopted
+                    {
+                        rest.push(Action::FinishHandoff {
+                            app: name.clone(),
+                            from,
+                            to: node.clone(),
+                            epoch,
+                            root,
+                        });
+                        continue;
+                    }
                     let elsewhere = states.iter().find(|(n, s)| {
                         *n != node
                             && (s.applications.contains_key(name)
@@ -253,6 +296,34 @@ mod tests {
             vec![Action::Restart {
                 node: node("127.0.0.1"),
                 app: "kv".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_handoff_cut_in_half_is_finished_not_restarted_elsewhere() {
+        let c = cluster("version: 1\nnodes:\n  127.0.0.1: []\n  127.0.0.2: [kv]\n");
+        let mut a = empty("a");
+        a.volumes.insert(
+            "kv".into(),
+            VolumeStatus {
+                owner: false,
+                epoch: 2,
+                path: String::new(),
+                handed_to: Some("127.0.0.2".into()),
+                handed_root: Some("abc".into()),
+            },
+        );
+        let states: BTreeMap<_, _> =
+            [(node("127.0.0.1"), a), (node("127.0.0.2"), empty("b"))].into();
+        assert_eq!(
+            plan(&c, &states),
+            vec![Action::FinishHandoff {
+                app: "kv".into(),
+                from: node("127.0.0.1"),
+                to: node("127.0.0.2"),
+                epoch: 2,
+                root: "abc".into(),
             }]
         );
     }
