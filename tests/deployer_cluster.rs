@@ -197,3 +197,107 @@ fn demo_runs_the_story_and_cleans_up() {
         "the demo left its application running"
     );
 }
+
+#[test]
+fn move_under_write_load_with_fenced_handoff() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::start(tmp.path(), &["127.0.0.7", "127.0.0.8"]);
+    c.trust_peers();
+    let kvbin = kvstore_bin();
+    let application = c.write(
+        "application.yml",
+        &apps(kvbin.to_str().unwrap(), "a").replace("17070", "17090"),
+    );
+    let on7 = c.write(
+        "d7.yml",
+        "version: 1\nnodes:\n  127.0.0.7: [kv]\n  127.0.0.8: []\n",
+    );
+    let on8 = c.write(
+        "d8.yml",
+        "version: 1\nnodes:\n  127.0.0.7: []\n  127.0.0.8: [kv]\n",
+    );
+    c.deploy(&on7, &application);
+    for i in 0..50 {
+        assert_eq!(kv("127.0.0.8:17090", &format!("SET before{i} {i}")), "OK");
+    }
+    // A client keeps writing through node 8's proxy during the move.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if try_kv("127.0.0.8:17090", &format!("SET during{i} {i}")).is_ok_and(|r| r == "OK")
+                {
+                    acked.push(i);
+                }
+                i += 1;
+            }
+            acked
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let report = c.deploy(&on8, &application);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acked = writer.join().unwrap();
+    assert_eq!(actions(&report), vec!["move kv"], "{report}");
+    let m = &report["migrations"][0];
+    assert_eq!(m["epoch"], 2, "{report}");
+    assert!(!m["rounds"].as_array().unwrap().is_empty(), "{report}");
+    assert!(m["downtime_ms"].as_u64().is_some(), "{report}");
+    assert!(!acked.is_empty());
+    for i in 0..50 {
+        assert_eq!(
+            kv("127.0.0.7:17090", &format!("GET before{i}")),
+            format!("VALUE {i}")
+        );
+    }
+    for i in &acked {
+        assert_eq!(
+            kv("127.0.0.7:17090", &format!("GET during{i}")),
+            format!("VALUE {i}")
+        );
+    }
+    let s = c.status(&on8);
+    assert_eq!(s["127.0.0.7"]["volumes"]["kv"]["owner"], false, "{s}");
+    assert_eq!(
+        s["127.0.0.7"]["volumes"]["kv"]["handed_to"], "127.0.0.8",
+        "{s}"
+    );
+    assert_eq!(s["127.0.0.8"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(s["127.0.0.8"]["volumes"]["kv"]["epoch"], 2, "{s}");
+    assert!(
+        s["127.0.0.7"]["applications"]
+            .as_object()
+            .unwrap()
+            .is_empty(),
+        "{s}"
+    );
+    // Converged.
+    assert!(actions(&c.deploy(&on8, &application)).is_empty());
+
+    // Fencing: node 8 owns the volume now, so its volume server refuses a push into it, even
+    // from a trusted peer (node 7's identity).
+    let src = tmp.path().join("stale");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("kv.log"), "stale 1\n").unwrap();
+    let out = std::process::Command::new(integration_tests::replicator_bin())
+        .args(["sync", "--identity"])
+        .arg(c.agents[0].state.join("identity"))
+        .args(["--peer-id", &c.agents[1].fingerprint, "--state-dir"])
+        .arg(tmp.path().join("rstate"))
+        .arg(&src)
+        .arg("127.0.0.8:7700/kv")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("owned by this node"));
+    assert_eq!(kv("127.0.0.7:17090", "GET before1"), "VALUE 1");
+}

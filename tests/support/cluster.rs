@@ -117,6 +117,19 @@ impl Cluster {
         }
     }
 
+    /// Lets every agent push volumes to every other (the trust set moves need).
+    pub fn trust_peers(&self) {
+        for a in &self.agents {
+            let peers: String = self
+                .agents
+                .iter()
+                .filter(|b| b.fingerprint != a.fingerprint)
+                .map(|b| format!("{}\n", b.fingerprint))
+                .collect();
+            std::fs::write(a.state.join("authorized_peers"), peers).expect("authorized peers");
+        }
+    }
+
     /// Restarts agent `i` (after a kill) on the same state.
     pub fn restart_agent(&mut self, i: usize) {
         let out = Command::new(deployer_bin())
