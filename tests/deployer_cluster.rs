@@ -96,10 +96,8 @@ fn deploy_converge_reconfigure_route_readopt_and_remove() {
         .unwrap()
         .parse()
         .unwrap();
-    std::process::Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    let pid = rustix::process::Pid::from_raw(pid).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
     assert_eq!(kv("127.0.0.1:17070", "GET a"), "VALUE 1");
     assert_eq!(
         c.status(&deployment)["127.0.0.1"]["applications"]["kv"]["restarts"],
@@ -300,4 +298,66 @@ fn move_under_write_load_with_fenced_handoff() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("owned by this node"));
     assert_eq!(kv("127.0.0.7:17090", "GET before1"), "VALUE 1");
+}
+
+#[test]
+fn a_second_deploy_meets_cluster_busy() {
+    use deployer::api::{AgentClient, Request};
+    use replicator::net::identity::{Identity, TrustList};
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::start(tmp.path(), &["127.0.0.9"]);
+    let kvbin = kvstore_bin();
+    let application = c.write(
+        "application.yml",
+        &apps(kvbin.to_str().unwrap(), "a").replace("17070", "17091"),
+    );
+    let deployment = c.write("deployment.yml", "version: 1\nnodes:\n  127.0.0.9: [kv]\n");
+    // Another deployer holds the lease (as if its deploy were running).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = Identity::load(&c.identity).unwrap();
+    let known = TrustList::load(&c.identity.join("known_agents")).unwrap();
+    let agent = rt
+        .block_on(AgentClient::connect(
+            "127.0.0.9",
+            "127.0.0.9:7701",
+            &id,
+            &known,
+            std::time::Duration::from_secs(5),
+        ))
+        .unwrap();
+    let lease = Request::Lease {
+        holder: "the other deployer".into(),
+        ttl_secs: 60,
+    };
+    rt.block_on(agent.call(&lease)).unwrap();
+    let out = c.deployer(&[
+        "deploy",
+        deployment.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cluster busy") && err.contains("the other deployer"),
+        "{err}"
+    );
+    assert!(
+        c.status(&deployment)["127.0.0.9"]["applications"]
+            .as_object()
+            .unwrap()
+            .is_empty()
+    );
+    // Once it is done, the next deploy proceeds.
+    rt.block_on(agent.call(&Request::Unlease {
+        holder: "the other deployer".into(),
+    }))
+    .unwrap();
+    rt.block_on(agent.close());
+    assert_eq!(
+        actions(&c.deploy(&deployment, &application)),
+        vec!["start kv"]
+    );
 }

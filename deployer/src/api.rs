@@ -42,6 +42,11 @@ pub struct Route {
 pub enum Request {
     /// Everything the agent knows: applications, volumes, routes.
     State,
+    /// Take (or renew) the deploy lease for `ttl_secs`: one deploy at a time per cluster.
+    /// Refused while another holder's lease is live.
+    Lease { holder: String, ttl_secs: u64 },
+    /// Give the lease back (only its holder can).
+    Unlease { holder: String },
     /// Make `application` run here with this configuration (creating its volume if needed,
     /// restarting it if the configuration changed).
     Run { application: Application },

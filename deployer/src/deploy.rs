@@ -85,6 +85,36 @@ pub async fn connect_all(
     Ok(clients)
 }
 
+/// How long a deploy lease lasts; a deployer that dies frees the cluster after this.
+const LEASE_SECS: u64 = 600;
+
+/// Takes the deploy lease on every node (in address order, so two deployers meet on the
+/// same first node); on refusal, gives back what it took.
+async fn lease_all(
+    clients: &BTreeMap<NodeAddr, AgentClient>,
+    holder: &str,
+) -> Result<(), DeployError> {
+    for (i, c) in clients.values().enumerate() {
+        let taken = c
+            .call(&Request::Lease {
+                holder: holder.to_string(),
+                ttl_secs: LEASE_SECS,
+            })
+            .await;
+        if let Err(e) = taken {
+            for back in clients.values().take(i) {
+                let _ = back
+                    .call(&Request::Unlease {
+                        holder: holder.to_string(),
+                    })
+                    .await;
+            }
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
 pub async fn states(
     clients: &BTreeMap<NodeAddr, AgentClient>,
 ) -> Result<BTreeMap<NodeAddr, AgentState>, DeployError> {
@@ -104,7 +134,23 @@ pub async fn deploy(
     mut on_action: impl FnMut(&Action, &str),
 ) -> Result<Report, DeployError> {
     let clients = connect_all(cluster, access).await?;
-    let result = deploy_with(cluster, &clients, dry_run, migration, &mut on_action).await;
+    let holder = format!(
+        "deployer {} pid {} on {}",
+        &access.identity.fingerprint.to_string()[..16],
+        std::process::id(),
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "this host".into())
+    );
+    let result = match lease_all(&clients, &holder).await {
+        Ok(()) => deploy_with(cluster, &clients, dry_run, migration, &mut on_action).await,
+        Err(e) => Err(e),
+    };
+    for c in clients.values() {
+        let _ = c
+            .call(&Request::Unlease {
+                holder: holder.clone(),
+            })
+            .await;
+    }
     for (_, c) in clients {
         c.close().await;
     }

@@ -201,10 +201,27 @@ impl Drop for Cluster {
                 .into_iter()
                 .flat_map(|m| m.values())
             {
-                if let Some(pid) = app["handle"].as_str() {
-                    let _ = Command::new("kill")
-                        .args(["-9", &format!("-{pid}")])
-                        .status();
+                let Some(handle) = app["handle"].as_str() else {
+                    continue;
+                };
+                match handle
+                    .parse::<i32>()
+                    .ok()
+                    .and_then(rustix::process::Pid::from_raw)
+                {
+                    // The process runtime gives each application its own process group.
+                    // (Not `kill -9 -PGID`: some kill(1) builds parse that as `-P GID`.)
+                    Some(pid) => {
+                        let _ =
+                            rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                    }
+                    None => {
+                        let _ = Command::new("docker")
+                            .args(["rm", "-f", handle])
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .status();
+                    }
                 }
             }
         }

@@ -51,6 +51,8 @@ pub struct AgentOptions {
 
 struct Core {
     persisted: Persisted,
+    /// The deploy lease: holder and expiry. In memory: an agent restart frees it.
+    lease: Option<(String, std::time::Instant)>,
 }
 
 pub struct Agent {
@@ -89,7 +91,10 @@ impl Agent {
             identity,
             runtime,
             owned: Arc::new(std::sync::Mutex::new(owned_of(&persisted))),
-            core: Mutex::new(Core { persisted }),
+            core: Mutex::new(Core {
+                persisted,
+                lease: None,
+            }),
         }))
     }
 
@@ -233,6 +238,26 @@ impl Agent {
     async fn handle(self: &Arc<Self>, req: Request) -> Response {
         let result = match req {
             Request::State => return Response::State(self.state().await),
+            Request::Lease { holder, ttl_secs } => {
+                let mut core = self.core.lock().await;
+                let now = std::time::Instant::now();
+                match &core.lease {
+                    Some((other, until)) if *other != holder && *until > now => Err(format!(
+                        "cluster busy: another deploy ({other}) is in progress; try again when it ends"
+                    )),
+                    _ => {
+                        core.lease = Some((holder, now + Duration::from_secs(ttl_secs)));
+                        Ok((true, "leased".into()))
+                    }
+                }
+            }
+            Request::Unlease { holder } => {
+                let mut core = self.core.lock().await;
+                if core.lease.as_ref().is_some_and(|(h, _)| *h == holder) {
+                    core.lease = None;
+                }
+                Ok((true, "released".into()))
+            }
             Request::Run { application } => self.run_app(application).await,
             Request::Stop { application } => self.stop_app(&application).await,
             Request::Check { application } => self
