@@ -331,6 +331,7 @@ fn a_second_deploy_meets_cluster_busy() {
     let lease = Request::Lease {
         holder: "the other deployer".into(),
         ttl_secs: 60,
+        force: false,
     };
     rt.block_on(agent.call(&lease)).unwrap();
     let out = c.deployer(&[
@@ -360,4 +361,164 @@ fn a_second_deploy_meets_cluster_busy() {
         actions(&c.deploy(&deployment, &application)),
         vec!["start kv"]
     );
+}
+
+/// Two agents (on `ips`) trusting each other, kv on the first with `keys` keys of `size` bytes.
+fn two_nodes_with_data(
+    tmp: &std::path::Path,
+    ips: [&str; 2],
+    port: u16,
+    keys: usize,
+    size: usize,
+) -> (
+    Cluster,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let c = Cluster::start(tmp, &ips);
+    c.trust_peers();
+    let kvbin = kvstore_bin();
+    let application = c.write(
+        "application.yml",
+        &apps(kvbin.to_str().unwrap(), "a").replace("17070", &port.to_string()),
+    );
+    let on_a = c.write(
+        "da.yml",
+        &format!("version: 1\nnodes:\n  {}: [kv]\n  {}: []\n", ips[0], ips[1]),
+    );
+    let on_b = c.write(
+        "db.yml",
+        &format!("version: 1\nnodes:\n  {}: []\n  {}: [kv]\n", ips[0], ips[1]),
+    );
+    c.deploy(&on_a, &application);
+    let value = "v".repeat(size);
+    for i in 0..keys {
+        assert_eq!(
+            kv(&format!("{}:{port}", ips[0]), &format!("SET k{i} {value}")),
+            "OK"
+        );
+    }
+    (c, application, on_a, on_b)
+}
+
+#[test]
+fn destination_disk_full_during_pre_copy_keeps_the_app_on_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    // B's volumes live on a 256 KiB filesystem; the volume is ~600 KB.
+    let b_volumes = tmp.path().join("agent-127.0.0.11/volumes");
+    std::fs::create_dir_all(&b_volumes).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&b_volumes)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        mounted,
+        "mounting a small tmpfs needs root (CI runs as root)"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let guard = Unmount(b_volumes.clone());
+    let (c, application, _on_a, on_b) =
+        two_nodes_with_data(tmp.path(), ["127.0.0.10", "127.0.0.11"], 17092, 600, 1000);
+    let out = c.deployer(&[
+        "deploy",
+        on_b.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pushing volume kv"), "{err}");
+    // Still serving on A, every key there, A still the owner.
+    assert_eq!(kv("127.0.0.11:17092", "COUNT"), "COUNT 600");
+    let s = c.status(&on_b);
+    assert_eq!(s["127.0.0.10"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(
+        s["127.0.0.10"]["applications"]["kv"]["running"], true,
+        "{s}"
+    );
+    assert!(
+        s["127.0.0.11"]["applications"]
+            .as_object()
+            .unwrap()
+            .is_empty(),
+        "{s}"
+    );
+    // Room again on B: the rerun completes the move.
+    drop(guard);
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(report["migrations"][0]["epoch"], 2, "{report}");
+    assert_eq!(kv("127.0.0.10:17092", "COUNT"), "COUNT 600");
+    assert_eq!(kv("127.0.0.10:17092", "GET k599").len(), 1006);
+}
+
+#[test]
+fn deployer_killed_between_handoff_halves_then_rerun_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, application, _on_a, on_b) =
+        two_nodes_with_data(tmp.path(), ["127.0.0.12", "127.0.0.13"], 17093, 20, 10);
+    let out = std::process::Command::new(deployer_bin())
+        .args([
+            "deploy",
+            on_b.to_str().unwrap(),
+            application.to_str().unwrap(),
+            "--identity",
+        ])
+        .arg(&c.identity)
+        .env("DEPLOYER_CRASH_AT", "after-release")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // A gave the volume away and will never start kv again; B has not adopted it yet.
+    let s = c.status(&on_b);
+    assert_eq!(s["127.0.0.12"]["volumes"]["kv"]["owner"], false, "{s}");
+    assert!(s["127.0.0.13"]["volumes"].get("kv").is_none(), "{s}");
+    // The dead deployer still holds the lease: a rerun is told so, and how to proceed.
+    let out = c.deployer(&[
+        "deploy",
+        on_b.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cluster busy") && err.contains("--break-lease"),
+        "{err}"
+    );
+    let back_on_a = c.write(
+        "back.yml",
+        "version: 1\nnodes:\n  127.0.0.12: [kv]\n  127.0.0.13: []\n",
+    );
+    let out = c.deployer(&[
+        "deploy",
+        "--break-lease",
+        back_on_a.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert!(
+        !out.status.success(),
+        "the old owner started a volume it handed away"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("was handed to 127.0.0.13 at epoch 2"), "{err}");
+    // The rerun with the intended configuration finishes the handoff.
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(actions(&report), vec!["finish_handoff kv"], "{report}");
+    assert_eq!(kv("127.0.0.12:17093", "GET k19"), "VALUE vvvvvvvvvv");
+    let s = c.status(&on_b);
+    assert_eq!(s["127.0.0.13"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(s["127.0.0.13"]["volumes"]["kv"]["epoch"], 2, "{s}");
+    assert!(actions(&c.deploy(&on_b, &application)).is_empty());
 }

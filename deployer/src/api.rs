@@ -44,7 +44,13 @@ pub enum Request {
     State,
     /// Take (or renew) the deploy lease for `ttl_secs`: one deploy at a time per cluster.
     /// Refused while another holder's lease is live.
-    Lease { holder: String, ttl_secs: u64 },
+    Lease {
+        holder: String,
+        ttl_secs: u64,
+        /// Take it even from a live holder (`deploy --break-lease`, after a deployer died).
+        #[serde(default)]
+        force: bool,
+    },
     /// Give the lease back (only its holder can).
     Unlease { holder: String },
     /// Make `application` run here with this configuration (creating its volume if needed,

@@ -145,6 +145,7 @@ fn story(dir: &Path) -> Result<(), String> {
         identity: me,
         known_agents: known,
         timeout: Duration::from_secs(5),
+        break_lease: false,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -18,6 +18,8 @@ pub struct Access {
     pub identity: Identity,
     pub known_agents: TrustList,
     pub timeout: Duration,
+    /// Take the deploy lease even if another deploy holds it (that deploy died).
+    pub break_lease: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,12 +95,14 @@ const LEASE_SECS: u64 = 600;
 async fn lease_all(
     clients: &BTreeMap<NodeAddr, AgentClient>,
     holder: &str,
+    force: bool,
 ) -> Result<(), DeployError> {
     for (i, c) in clients.values().enumerate() {
         let taken = c
             .call(&Request::Lease {
                 holder: holder.to_string(),
                 ttl_secs: LEASE_SECS,
+                force,
             })
             .await;
         if let Err(e) = taken {
@@ -140,7 +144,7 @@ pub async fn deploy(
         std::process::id(),
         std::env::var("HOSTNAME").unwrap_or_else(|_| "this host".into())
     );
-    let result = match lease_all(&clients, &holder).await {
+    let result = match lease_all(&clients, &holder, access.break_lease).await {
         Ok(()) => deploy_with(cluster, &clients, dry_run, migration, &mut on_action).await,
         Err(e) => Err(e),
     };

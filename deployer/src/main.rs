@@ -46,6 +46,9 @@ struct AccessArgs {
     /// Seconds to wait for an agent.
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
+    /// Take the cluster's deploy lease from another deploy (only after that deploy died).
+    #[arg(long)]
+    break_lease: bool,
 }
 
 impl AccessArgs {
@@ -70,6 +73,7 @@ impl AccessArgs {
             identity,
             known_agents,
             timeout: Duration::from_secs_f64(self.timeout),
+            break_lease: self.break_lease,
         })
     }
 }

@@ -68,6 +68,15 @@ pub struct MigrationReport {
     pub root: String,
 }
 
+/// `DEPLOYER_CRASH_AT=STEP` aborts the deployer right after STEP (`after-stop`,
+/// `after-release`, `after-adopt`): the recovery tests kill it exactly there.
+fn crashpoint(step: &str) {
+    if std::env::var("DEPLOYER_CRASH_AT").as_deref() == Ok(step) {
+        eprintln!("deployer: DEPLOYER_CRASH_AT={step}: aborting");
+        std::process::abort();
+    }
+}
+
 fn node_err(node: &NodeAddr, message: String) -> DeployError {
     DeployError::Node(ApiError::Node {
         node: node.to_string(),
@@ -189,6 +198,7 @@ pub async fn migrate(
         application: app.to_string(),
     })
     .await?;
+    crashpoint("after-stop");
     let rollback = |why: String| async move {
         let restarted = a
             .call(&Request::Run {
@@ -226,12 +236,14 @@ pub async fn migrate(
     {
         return Err(rollback(format!("handoff refused by {from}: {e}")).await);
     }
+    crashpoint("after-release");
     b.call(&Request::Adopt {
         application: app.to_string(),
         epoch,
         root: last.root.clone(),
     })
     .await?;
+    crashpoint("after-adopt");
 
     // 5. Start on B, wait until it serves, route there.
     b.call(&Request::Run {

@@ -238,14 +238,24 @@ impl Agent {
     async fn handle(self: &Arc<Self>, req: Request) -> Response {
         let result = match req {
             Request::State => return Response::State(self.state().await),
-            Request::Lease { holder, ttl_secs } => {
+            Request::Lease {
+                holder,
+                ttl_secs,
+                force,
+            } => {
                 let mut core = self.core.lock().await;
                 let now = std::time::Instant::now();
                 match &core.lease {
-                    Some((other, until)) if *other != holder && *until > now => Err(format!(
-                        "cluster busy: another deploy ({other}) is in progress; try again when it ends"
-                    )),
+                    Some((other, until)) if !force && *other != holder && *until > now => {
+                        Err(format!(
+                            "cluster busy: another deploy ({other}) is in progress; if that \
+                             deploy died, rerun with --break-lease"
+                        ))
+                    }
                     _ => {
+                        if force && core.lease.as_ref().is_some_and(|(o, _)| *o != holder) {
+                            tracing::warn!(holder = %holder, "deploy lease broken by force");
+                        }
                         core.lease = Some((holder, now + Duration::from_secs(ttl_secs)));
                         Ok((true, "leased".into()))
                     }
