@@ -91,3 +91,59 @@ fn docker_runtime_runs_a_local_image_with_its_volume_ports_and_limits() {
     assert!(String::from_utf8_lossy(&ps.stdout).trim().is_empty());
     assert!(log.exists());
 }
+
+#[test]
+fn docker_application_moves_between_nodes_with_its_data() {
+    if !docker_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    build_kvstore_image(IMAGE, &tmp.path().join("image"));
+    let c = Cluster::start_with(tmp.path(), &["127.0.0.14", "127.0.0.15"], "docker");
+    c.trust_peers();
+    let application = c.write(
+        "application.yml",
+        &format!(
+            "version: 1\napplications:\n  mkv:\n    image: {IMAGE}\n    volume:\n      mountpoint: /data\n    ports:\n      - internal: 7000\n        external: 17094\n"
+        ),
+    );
+    let on_a = c.write(
+        "a.yml",
+        "version: 1\nnodes:\n  127.0.0.14: [mkv]\n  127.0.0.15: []\n",
+    );
+    let on_b = c.write(
+        "b.yml",
+        "version: 1\nnodes:\n  127.0.0.14: []\n  127.0.0.15: [mkv]\n",
+    );
+    c.deploy(&on_a, &application);
+    for i in 0..100 {
+        assert_eq!(kv("127.0.0.15:17094", &format!("SET k{i} {i}")), "OK");
+    }
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(report["migrations"][0]["epoch"], 2, "{report}");
+    for i in [0, 42, 99] {
+        assert_eq!(
+            kv("127.0.0.14:17094", &format!("GET k{i}")),
+            format!("VALUE {i}")
+        );
+    }
+    // The data now lives in B's volume directory, written by B's container.
+    let log = c.agents[1].state.join("volumes/mkv/kv.log");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("k99 99\n"));
+    let ps = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "--filter",
+            "label=deployer.app=mkv",
+            "--format",
+            "{{.Label \"deployer.node\"}}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&ps.stdout).trim(), "127.0.0.15");
+    let none = c.write(
+        "none.yml",
+        "version: 1\nnodes:\n  127.0.0.14: []\n  127.0.0.15: []\n",
+    );
+    c.deploy(&none, &application);
+}
