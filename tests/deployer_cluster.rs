@@ -522,3 +522,51 @@ fn deployer_killed_between_handoff_halves_then_rerun_finishes() {
     assert_eq!(s["127.0.0.13"]["volumes"]["kv"]["epoch"], 2, "{s}");
     assert!(actions(&c.deploy(&on_b, &application)).is_empty());
 }
+
+#[test]
+fn two_applications_move_in_one_deploy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let c = Cluster::start(tmp.path(), &["127.0.0.16", "127.0.0.17"]);
+    c.trust_peers();
+    let kvbin = kvstore_bin();
+    let one = |name: &str, port: u16| {
+        format!(
+            "  {name}:\n    image: kvstore\n    command: [\"{}\"]\n    volume:\n      mountpoint: /data\n    ports:\n      - internal: 7000\n        external: {port}\n",
+            kvbin.display()
+        )
+    };
+    let application = c.write(
+        "application.yml",
+        &format!(
+            "version: 1\napplications:\n{}{}",
+            one("kv1", 17095),
+            one("kv2", 17096)
+        ),
+    );
+    let on_a = c.write(
+        "a.yml",
+        "version: 1\nnodes:\n  127.0.0.16: [kv1, kv2]\n  127.0.0.17: []\n",
+    );
+    let on_b = c.write(
+        "b.yml",
+        "version: 1\nnodes:\n  127.0.0.16: []\n  127.0.0.17: [kv1, kv2]\n",
+    );
+    c.deploy(&on_a, &application);
+    assert_eq!(kv("127.0.0.17:17095", "SET a one"), "OK");
+    assert_eq!(kv("127.0.0.17:17096", "SET b two"), "OK");
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(actions(&report), vec!["move kv1", "move kv2"], "{report}");
+    assert_eq!(
+        report["migrations"].as_array().unwrap().len(),
+        2,
+        "{report}"
+    );
+    assert_eq!(kv("127.0.0.16:17095", "GET a"), "VALUE one");
+    assert_eq!(kv("127.0.0.16:17096", "GET b"), "VALUE two");
+    let s = c.status(&on_b);
+    for app in ["kv1", "kv2"] {
+        assert_eq!(s["127.0.0.17"]["applications"][app]["running"], true, "{s}");
+        assert_eq!(s["127.0.0.17"]["volumes"][app]["epoch"], 2, "{s}");
+    }
+    assert!(actions(&c.deploy(&on_b, &application)).is_empty());
+}

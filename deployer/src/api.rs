@@ -60,6 +60,12 @@ pub enum Request {
     Stop { application: String },
     /// Replace the routing table.
     Routes { routes: Vec<Route> },
+    /// Replace only `application`'s routes (a move changes its own routes while other moves
+    /// change theirs).
+    AppRoutes {
+        application: String,
+        routes: Vec<Route>,
+    },
     /// Can this node run `application` (image present, command found)? Changes nothing.
     Check { application: Application },
     /// Sync `application`'s volume to the agent whose volume server is `to` (`host:port`)

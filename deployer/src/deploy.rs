@@ -217,22 +217,37 @@ async fn deploy_with(
                     },
                 )
             }
-            Action::Move { app, from, to } => {
-                on_action(action, "pre-copy starts; the application keeps serving");
-                let mut say = |line: String| on_action(action, line.trim());
-                let report = migrate(
-                    cluster, clients, &before, app, from, to, migration, &mut say,
-                )
-                .await?;
-                migrations.push(report);
-                continue;
-            }
+            // Moves run after everything else, all at once (below).
+            Action::Move { .. } => continue,
         };
         let detail = match clients[node].call(&request).await? {
             Response::Ok { detail, .. } => detail,
             other => format!("{other:?}"),
         };
         on_action(action, &detail);
+    }
+    // Several applications moving in one deploy migrate concurrently.
+    let moves: Vec<&Action> = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Move { .. }))
+        .collect();
+    if !moves.is_empty() {
+        let printer = std::cell::RefCell::new(&mut *on_action);
+        let before = &before;
+        let runs = moves.iter().map(|action| {
+            let Action::Move { app, from, to } = action else {
+                unreachable!("filtered above")
+            };
+            let printer = &printer;
+            let say = move |line: String| (printer.borrow_mut())(action, line.trim());
+            async move {
+                say("pre-copy starts; the application keeps serving".into());
+                migrate(cluster, clients, before, app, from, to, migration, &say).await
+            }
+        });
+        for report in crate::util::join_all(runs.collect()).await {
+            migrations.push(report?);
+        }
     }
     let after = states(clients).await?;
     let table = routes(cluster, &after);

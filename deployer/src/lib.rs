@@ -8,3 +8,4 @@ pub mod demo;
 pub mod deploy;
 pub mod migrate;
 pub mod plan;
+pub mod util;

@@ -101,24 +101,24 @@ async fn push(a: &AgentClient, app: &str, b: &AgentState) -> Result<PushReport, 
     }
 }
 
-/// Routing tables for every node with `app`'s ports held (or, with `hold = false`, as they
-/// were).
-fn with_hold(routes: &[Route], app: &str, hold: bool) -> Vec<Route> {
+/// `app`'s routes among `routes`, held or not.
+fn app_routes(routes: &[Route], app: &str, hold: bool) -> Vec<Route> {
     routes
         .iter()
-        .map(|r| Route {
-            hold: hold && r.application == app,
-            ..r.clone()
-        })
+        .filter(|r| r.application == app)
+        .map(|r| Route { hold, ..r.clone() })
         .collect()
 }
 
-async fn set_routes(
+/// Sets `app`'s routes on every node, leaving other applications' routes alone.
+async fn set_app_routes(
     clients: &BTreeMap<NodeAddr, AgentClient>,
+    app: &str,
     routes: &[Route],
 ) -> Result<(), ApiError> {
     for c in clients.values() {
-        c.call(&Request::Routes {
+        c.call(&Request::AppRoutes {
+            application: app.to_string(),
             routes: routes.to_vec(),
         })
         .await?;
@@ -147,7 +147,7 @@ pub async fn migrate(
     from: &NodeAddr,
     to: &NodeAddr,
     opts: MigrationOptions,
-    say: &mut dyn FnMut(String),
+    say: &dyn Fn(String),
 ) -> Result<MigrationReport, DeployError> {
     let config = cluster.applications[app].clone();
     let (a, b) = (&clients[from], &clients[to]);
@@ -192,7 +192,7 @@ pub async fn migrate(
 
     // 3. Hold routes, stop on A, final delta.
     let routes_before = states[from].routes.clone();
-    set_routes(clients, &with_hold(&routes_before, app, true)).await?;
+    set_app_routes(clients, app, &app_routes(&routes_before, app, true)).await?;
     let stopped = Instant::now();
     a.call(&Request::Stop {
         application: app.to_string(),
@@ -205,7 +205,7 @@ pub async fn migrate(
                 application: cluster.applications[app].clone(),
             })
             .await;
-        let _ = set_routes(clients, &routes_before).await;
+        let _ = set_app_routes(clients, app, &app_routes(&routes_before, app, false)).await;
         let note = match restarted {
             Ok(_) => format!("{app} is running on {from} again"),
             Err(e) => format!("and restarting {app} on {from} failed too: {e}"),
@@ -268,7 +268,8 @@ pub async fn migrate(
     if let Some(s) = after.get_mut(from) {
         s.applications.remove(app);
     }
-    set_routes(clients, &crate::plan::routes(cluster, &after)).await?;
+    let now = crate::plan::routes(cluster, &after);
+    set_app_routes(clients, app, &app_routes(&now, app, false)).await?;
     let downtime = stopped.elapsed().as_millis() as u64;
     say(format!(
         "  {app} serving on {to}: downtime {downtime} ms (predicted {predicted} ms), epoch {epoch}"

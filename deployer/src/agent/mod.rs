@@ -296,8 +296,27 @@ impl Agent {
                 epoch,
                 root,
             } => self.adopt(&application, epoch, &root).await,
-            Request::Routes { routes } => {
+            Request::Routes { .. } | Request::AppRoutes { .. } => {
                 let mut core = self.core.lock().await;
+                let routes = match req {
+                    Request::AppRoutes {
+                        application,
+                        routes,
+                    } => {
+                        let mut all: Vec<_> = core
+                            .persisted
+                            .routes
+                            .iter()
+                            .filter(|r| r.application != application)
+                            .cloned()
+                            .collect();
+                        all.extend(routes);
+                        all.sort_by_key(|r| r.external);
+                        all
+                    }
+                    Request::Routes { routes } => routes,
+                    _ => unreachable!("matched above"),
+                };
                 let changed = core.persisted.routes != routes;
                 core.persisted.routes = routes.clone();
                 let saved = self
