@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
@@ -270,6 +269,3 @@ impl AgentClient {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
-
-/// Shared handle to the identity used for agent connections.
-pub type SharedIdentity = Arc<Identity>;

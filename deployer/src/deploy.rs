@@ -26,8 +26,6 @@ pub struct Access {
 pub enum DeployError {
     #[error(transparent)]
     Node(#[from] ApiError),
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 #[derive(Clone, Debug, Serialize)]

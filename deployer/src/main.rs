@@ -365,7 +365,10 @@ fn run(cmd: Command) -> Result<(), Failure> {
                     "agent listening on {listen}:{port} fingerprint {}",
                     agent.fingerprint()
                 );
-                agent.run(shutdown_signal()).await.map_err(Failure::Failed)
+                agent
+                    .run(replicator::net::shutdown_signal())
+                    .await
+                    .map_err(Failure::Failed)
             })
         }
         Command::Id { state, access } => {
@@ -407,19 +410,5 @@ fn run(cmd: Command) -> Result<(), Failure> {
             );
             Ok(())
         }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
 }

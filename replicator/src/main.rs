@@ -546,25 +546,9 @@ fn run_serve(a: ServeArgs) -> Result<(), Failure> {
         // One line on stdout that scripts can read: where, and who we are.
         println!("listening on {addr} fingerprint {fingerprint}");
         tracing::info!(authorized = %authorized.display(), "serving");
-        server.run(shutdown_signal()).await;
+        server.run(replicator::net::shutdown_signal()).await;
         Ok(())
     })
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("shutting down");
 }
 
 fn with_progress<T>(f: impl FnOnce(&dyn Progress) -> Result<T, SyncError>) -> Result<T, SyncError> {

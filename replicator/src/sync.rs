@@ -133,6 +133,19 @@ pub fn check_not_nested(src: &Path, dst: &Path) -> Result<(), SyncError> {
     Ok(())
 }
 
+/// The canonical path of a source volume and its mode (tree or block).
+pub fn source_volume(src: &Path) -> Result<(PathBuf, VolumeMode), SyncError> {
+    let src = src.canonicalize().map_err(|source| SyncError::Source {
+        path: src.to_path_buf(),
+        source,
+    })?;
+    let mode = volume::detect_mode(&src).map_err(|source| SyncError::Source {
+        path: src.clone(),
+        source,
+    })?;
+    Ok((src, mode))
+}
+
 /// Syncs `src` to `dst` on this machine.
 pub fn sync_local(
     src: &Path,
@@ -142,16 +155,9 @@ pub fn sync_local(
 ) -> Result<Summary, SyncError> {
     opts.chunker.validate().map_err(SyncError::Usage)?;
     let started = Instant::now();
-    let src = src.canonicalize().map_err(|source| SyncError::Source {
-        path: src.to_path_buf(),
-        source,
-    })?;
+    let (src, mode) = source_volume(src)?;
     let dst = canonical_target(dst);
     check_not_nested(&src, &dst)?;
-    let mode = volume::detect_mode(&src).map_err(|source| SyncError::Source {
-        path: src.clone(),
-        source,
-    })?;
     let states = StateDir::new(opts.state_dir.clone());
     let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
     let (mut r_tx, mut s_rx, _) = inproc::pipe(64);

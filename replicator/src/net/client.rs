@@ -20,9 +20,10 @@ use crate::protocol::SessionError;
 use crate::protocol::message::PROTOCOL_VERSION;
 use crate::protocol::receiver::{DEFAULT_MAX_ENTRIES, run_receiver};
 use crate::state::StateDir;
-use crate::sync::{Ends, Summary, SyncError, SyncOptions, canonical_target, run_source};
+use crate::sync::{
+    Ends, Summary, SyncError, SyncOptions, canonical_target, run_source, source_volume,
+};
 use crate::transport::MessageTx;
-use crate::volume;
 
 /// Who we are and whom we trust, for one client run.
 #[derive(Clone, Debug)]
@@ -252,14 +253,7 @@ pub fn push(
 ) -> Result<Summary, SyncError> {
     opts.chunker.validate().map_err(SyncError::Usage)?;
     let started = Instant::now();
-    let src = src.canonicalize().map_err(|source| SyncError::Source {
-        path: src.to_path_buf(),
-        source,
-    })?;
-    let mode = volume::detect_mode(&src).map_err(|source| SyncError::Source {
-        path: src.clone(),
-        source,
-    })?;
+    let (src, mode) = source_volume(src)?;
     let mut session = open_session(
         &remote.address(),
         Direction::Push,

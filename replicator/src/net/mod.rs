@@ -17,3 +17,19 @@ pub mod lanes;
 pub mod open;
 pub mod server;
 pub mod tls;
+
+/// Completes on SIGINT or SIGTERM: what `replicator serve` and `deployer agent` stop on.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -16,7 +16,6 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use super::identity::Identity;
-use crate::protocol::message::PROTOCOL_VERSION;
 
 /// ALPNs a replicator peer of `version` offers: its own, then the version-less one.
 pub fn replicator_alpns(version: u32) -> Vec<Vec<u8>> {
@@ -24,11 +23,6 @@ pub fn replicator_alpns(version: u32) -> Vec<Vec<u8>> {
         format!("replicator/{version}").into_bytes(),
         ALPN_ANY_VERSION.to_vec(),
     ]
-}
-
-/// ALPNs of the current protocol version.
-pub fn alpn_current() -> Vec<Vec<u8>> {
-    replicator_alpns(PROTOCOL_VERSION)
 }
 
 /// Offered by every version after its own: when two versions meet, the handshake settles on
