@@ -5,8 +5,12 @@
 //! it to know which destination files already hold which chunks without reading them.
 //!
 //! Racy entries (trap: a file modified in the same timestamp tick as the scan that read it) are
-//! never trusted: an entry whose ctime or mtime is not older than the scan start minus
-//! [`RACY_MARGIN_NS`] is recorded as *racy*. [`FileIndex::lookup`] ignores racy entries, so the
+//! never trusted: an entry whose ctime or mtime is not older than the scan start minus a margin
+//! is recorded as *racy*. The margin is one timestamp tick with room to spare: 1 s where the
+//! filesystem keeps whole seconds ([`RACY_MARGIN_COARSE_NS`]), 50 ms where it keeps sub-second
+//! times ([`RACY_MARGIN_FINE_NS`]; the kernel stamps files from a clock that ticks at least
+//! every 10 ms). Too wide a margin costs real time: every file the receiver just wrote would
+//! be re-read on the next sync. [`FileIndex::lookup`] ignores racy entries, so the
 //! next sync reads such a file again; [`FileIndex::locate`] still offers them as places where a
 //! chunk may be found, which is safe because every chunk read from such a place is verified.
 
@@ -19,8 +23,11 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::manifest::{self, Entry, EntryKind, Limits, Meta, RelPath};
 use crate::volume::StatInfo;
 
-/// Timestamps within this much of the scan start are not trusted (covers coarse clocks).
-pub const RACY_MARGIN_NS: i128 = 1_000_000_000;
+/// Timestamps within this much of the scan start are not trusted, on filesystems whose
+/// timestamps have whole seconds (or coarser clocks).
+pub const RACY_MARGIN_COARSE_NS: i128 = 1_000_000_000;
+/// The same on filesystems with sub-second timestamps.
+pub const RACY_MARGIN_FINE_NS: i128 = 50_000_000;
 
 const MAGIC: &[u8; 4] = b"RPLI";
 const VERSION: u64 = 1;
@@ -57,7 +64,14 @@ impl Fingerprint {
 
     /// True if this stat was taken too close to the file's last change to be trusted later.
     pub fn is_racy(&self, scan_start_ns: i128) -> bool {
-        self.newest_ns() >= scan_start_ns - RACY_MARGIN_NS
+        // The ctime is always stamped by the kernel's clock, so its nanoseconds tell whether
+        // this filesystem keeps sub-second times (exactly zero by chance: one in 10^9).
+        let margin = if self.ctime_nsec == 0 {
+            RACY_MARGIN_COARSE_NS
+        } else {
+            RACY_MARGIN_FINE_NS
+        };
+        self.newest_ns() >= scan_start_ns - margin
     }
 }
 
@@ -260,6 +274,25 @@ mod tests {
         idx.record(p.clone(), &stat(990), vec![], now);
         assert!(idx.lookup(&p, &stat(990)).is_some());
         assert!(idx.lookup(&p, &stat(991)).is_none());
+    }
+
+    #[test]
+    fn the_racy_margin_follows_the_timestamp_resolution() {
+        let now = 1_000 * 1_000_000_000i128;
+        let at = |sec: i64, nsec: u32| Fingerprint {
+            size: 1,
+            mtime_sec: sec,
+            mtime_nsec: nsec,
+            ctime_sec: sec,
+            ctime_nsec: nsec,
+            ino: 1,
+        };
+        // Sub-second timestamps: 50 ms of margin.
+        assert!(at(999, 960_000_000).is_racy(now));
+        assert!(!at(999, 940_000_000).is_racy(now));
+        // Whole seconds: a full second.
+        assert!(at(999, 0).is_racy(now));
+        assert!(!at(998, 0).is_racy(now));
     }
 
     #[test]
