@@ -76,7 +76,11 @@ pub fn link(
         })
         .collect();
     let opts = SyncOptions {
-        compress,
+        compress: if compress {
+            crate::protocol::compression::Compression::Always
+        } else {
+            crate::protocol::compression::Compression::Never
+        },
         ..SyncOptions::default()
     };
     let mut session = open_session(address, Direction::Bench, "", &opts, client)?;

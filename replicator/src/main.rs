@@ -19,6 +19,7 @@ use replicator::net::identity::{Fingerprint, Identity, TrustList};
 use replicator::net::open::{MAX_LANES, RemoteSpec, resolve};
 use replicator::net::server::{ServeOptions, Server};
 use replicator::progress::{NoProgress, Progress};
+use replicator::protocol::compression::Compression;
 use replicator::protocol::message::PROTOCOL_VERSION;
 use replicator::protocol::receiver::DEFAULT_MAX_ENTRIES;
 use replicator::state::StateDir;
@@ -173,7 +174,8 @@ struct SyncArgs {
     /// Re-read every source file even when size, times and inode are unchanged.
     #[arg(long)]
     checksum: bool,
-    /// Compress chunks on the wire: never, always, or auto (local syncs: never).
+    /// Compress chunks on the wire: never, always, or auto (measured at run time: compressed
+    /// while that moves data faster; local syncs: never).
     #[arg(long, default_value = "auto", value_parser = ["never", "always", "auto"])]
     compress: String,
     /// Print one JSON summary object on stdout at the end.
@@ -373,10 +375,12 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
         chunker,
         checksum: a.checksum,
         // On a network link compression pays; in-process it only costs CPU.
-        compress: match a.compress.as_str() {
-            "always" => true,
-            "never" => false,
-            _ => remote_src.is_some() || remote_dst.is_some(),
+        compress: match Compression::parse(&a.compress) {
+            Some(Compression::Auto) if remote_src.is_none() && remote_dst.is_none() => {
+                Compression::Never
+            }
+            Some(c) => c,
+            None => return Err(Failure::Usage(format!("bad --compress {}", a.compress))),
         },
         ..SyncOptions::default()
     };

@@ -14,6 +14,7 @@ use crate::index::{FileIndex, now_ns};
 use crate::manifest::VolumeMode;
 use crate::progress::Progress;
 use crate::protocol::SessionError;
+use crate::protocol::compression::Compression;
 use crate::protocol::receiver::{DEFAULT_MAX_ENTRIES, ReceiverReport, run_receiver};
 use crate::protocol::sender::{SenderOptions, SenderReport, run_sender};
 use crate::snapshot::SnapshotOptions;
@@ -28,7 +29,7 @@ pub struct SyncOptions {
     /// Re-read every source file instead of trusting the index (`--checksum`).
     pub checksum: bool,
     /// Compress chunks on the wire; pointless in-process, so off by default for local syncs.
-    pub compress: bool,
+    pub compress: Compression,
     pub state_dir: PathBuf,
     pub threads: usize,
 }
@@ -38,7 +39,7 @@ impl Default for SyncOptions {
         SyncOptions {
             chunker: ChunkerParams::default(),
             checksum: false,
-            compress: false,
+            compress: Compression::Never,
             state_dir: StateDir::default_location(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }

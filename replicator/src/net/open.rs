@@ -10,6 +10,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 
 use crate::chunk::ChunkerParams;
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::protocol::compression::Compression;
 
 /// Default port of `replicator serve`.
 pub const DEFAULT_PORT: u16 = 7700;
@@ -130,7 +131,7 @@ pub struct Open {
     pub lanes: u8,
     /// Options for the sending side when the server sends (pull).
     pub chunker: ChunkerParams,
-    pub compress: bool,
+    pub compress: Compression,
     pub checksum: bool,
 }
 
@@ -145,7 +146,12 @@ impl Open {
         w.varint(u64::from(self.chunker.min));
         w.varint(u64::from(self.chunker.avg));
         w.varint(u64::from(self.chunker.max));
-        w.u8(u8::from(self.compress) | (u8::from(self.checksum) << 1));
+        let compress = match self.compress {
+            Compression::Never => 0,
+            Compression::Always => 1,
+            Compression::Auto => 1 | 4,
+        };
+        w.u8(compress | (u8::from(self.checksum) << 1));
         frame(w.buf)
     }
 
@@ -186,7 +192,7 @@ impl Open {
             max: size("chunk max")?,
         };
         let flags = r.u8()?;
-        if flags > 3 {
+        if flags > 7 || flags & 5 == 4 {
             return Err(DecodeError::Invalid {
                 what: "open",
                 why: "unknown option flags",
@@ -199,7 +205,11 @@ impl Open {
             volume,
             lanes,
             chunker,
-            compress: flags & 1 != 0,
+            compress: match (flags & 1 != 0, flags & 4 != 0) {
+                (false, _) => Compression::Never,
+                (true, false) => Compression::Always,
+                (true, true) => Compression::Auto,
+            },
             checksum: flags & 2 != 0,
         })
     }
@@ -350,7 +360,7 @@ mod tests {
             volume: "pg".into(),
             lanes: 4,
             chunker: ChunkerParams::default(),
-            compress: true,
+            compress: Compression::Auto,
             checksum: false,
         };
         let f = o.encode();

@@ -13,6 +13,7 @@
 //! which message may come next; [`sender`] and [`receiver`] drive a session over any
 //! [`crate::transport`].
 
+pub mod compression;
 pub mod message;
 pub mod phase;
 pub mod receiver;

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use super::SessionError;
+use super::compression::{CompressPolicy, Compression};
 use super::message::{ChunkData, DoneStats, Hello, Message, PROTOCOL_VERSION};
 use super::phase::SenderPhase;
 use crate::chunk::ChunkerParams;
@@ -17,8 +18,8 @@ use crate::transport::{MessageRx, MessageTx};
 pub struct SenderOptions {
     pub mode: VolumeMode,
     pub snapshot: SnapshotOptions,
-    /// Compress chunk payloads with zstd when that shrinks them.
-    pub compress: bool,
+    /// Whether chunk payloads are compressed with zstd (see [`super::compression`]).
+    pub compress: Compression,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -72,7 +73,7 @@ fn session(
         version: PROTOCOL_VERSION,
         mode: opts.mode,
         chunker,
-        compress: opts.compress,
+        compress: opts.compress != Compression::Never,
     }))?;
     let mut phase = SenderPhase::Hello;
     let next = |phase: &mut SenderPhase, rx: &mut dyn MessageRx| -> Result<Message, SessionError> {
@@ -124,18 +125,18 @@ fn session(
         bytes_sent_raw: 0,
         receiver: DoneStats::default(),
     };
+    let mut policy = CompressPolicy::new(opts.compress);
     loop {
         match next(&mut phase, rx)? {
             Message::Want(ids) => {
                 for id in ids {
                     let data = map.read(&id)?;
+                    let len = data.len() as u64;
                     report.chunks_sent += 1;
-                    report.bytes_sent_raw += data.len() as u64;
-                    tx.send(Message::Chunk(ChunkData::encode_owned(
-                        id,
-                        data,
-                        opts.compress,
-                    )))?;
+                    report.bytes_sent_raw += len;
+                    let chunk = ChunkData::encode_owned(id, data, policy.compress());
+                    tx.send(Message::Chunk(chunk))?;
+                    policy.sent(len, std::time::Instant::now());
                 }
             }
             Message::WantEnd => break,
