@@ -363,6 +363,13 @@ fn a_second_deploy_meets_cluster_busy() {
     );
 }
 
+type TwoNodes = (
+    Cluster,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+);
+
 /// Two agents (on `ips`) trusting each other, kv on the first with `keys` keys of `size` bytes.
 fn two_nodes_with_data(
     tmp: &std::path::Path,
@@ -370,15 +377,21 @@ fn two_nodes_with_data(
     port: u16,
     keys: usize,
     size: usize,
-) -> (
-    Cluster,
-    std::path::PathBuf,
-    std::path::PathBuf,
-    std::path::PathBuf,
-) {
+) -> TwoNodes {
+    two_nodes_running(tmp, ips, port, keys, size, &kvstore_bin())
+}
+
+/// Like [`two_nodes_with_data`], with `kvbin` as the application's command.
+fn two_nodes_running(
+    tmp: &std::path::Path,
+    ips: [&str; 2],
+    port: u16,
+    keys: usize,
+    size: usize,
+    kvbin: &std::path::Path,
+) -> TwoNodes {
     let c = Cluster::start(tmp, &ips);
     c.trust_peers();
-    let kvbin = kvstore_bin();
     let application = c.write(
         "application.yml",
         &apps(kvbin.to_str().unwrap(), "a").replace("17070", &port.to_string()),
@@ -569,4 +582,105 @@ fn two_applications_move_in_one_deploy() {
         assert_eq!(s["127.0.0.17"]["volumes"][app]["epoch"], 2, "{s}");
     }
     assert!(actions(&c.deploy(&on_b, &application)).is_empty());
+}
+
+#[test]
+fn app_that_cannot_serve_on_the_new_node_is_moved_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The application refuses to start on a node whose state directory holds a marker.
+    let wrapper = tmp.path().join("kv-wrapper.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n[ -e \"$DEPLOYER_VOLUME/../../refuse-start\" ] && exit 1\nexec '{}' \"$@\"\n",
+            kvstore_bin().display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (c, application, _on_a, on_b) = two_nodes_running(
+        tmp.path(),
+        ["127.0.0.18", "127.0.0.19"],
+        17097,
+        50,
+        100,
+        &wrapper,
+    );
+    let marker = c.agents[1].state.join("refuse-start");
+    std::fs::write(&marker, "").unwrap();
+    let out = c.deployer(&[
+        "deploy",
+        "--health-timeout",
+        "3",
+        on_b.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not accept connections") && err.contains("moved back"),
+        "{err}"
+    );
+    // Back on A with every key, A the owner at epoch 3 (2 went to B, 3 came back).
+    assert_eq!(kv("127.0.0.19:17097", "COUNT"), "COUNT 50");
+    let s = c.status(&on_b);
+    assert_eq!(s["127.0.0.18"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(s["127.0.0.18"]["volumes"]["kv"]["epoch"], 3, "{s}");
+    assert_eq!(s["127.0.0.19"]["volumes"]["kv"]["owner"], false, "{s}");
+    assert_eq!(
+        s["127.0.0.18"]["applications"]["kv"]["running"], true,
+        "{s}"
+    );
+    assert!(
+        s["127.0.0.19"]["applications"]
+            .as_object()
+            .unwrap()
+            .is_empty(),
+        "{s}"
+    );
+    // Fixed on B: the rerun moves it for good.
+    std::fs::remove_file(&marker).unwrap();
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(report["migrations"][0]["epoch"], 4, "{report}");
+    assert_eq!(
+        kv("127.0.0.18:17097", "GET k49"),
+        format!("VALUE {}", "v".repeat(100))
+    );
+}
+
+#[test]
+fn destination_agent_killed_during_pre_copy_keeps_the_app_on_the_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, application, _on_a, on_b) =
+        two_nodes_with_data(tmp.path(), ["127.0.0.20", "127.0.0.21"], 17098, 300, 1000);
+    // B's agent dies (SIGKILL, no cleanup) when its volume server stores the 2nd chunk.
+    c.restart_agent_env(1, &[("REPLICATOR_CRASH_AT", "chunk:2")]);
+    let out = c.deployer(&[
+        "deploy",
+        on_b.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pushing volume kv"), "{err}");
+    assert!(
+        c.agents[1].child.try_wait().unwrap().is_some(),
+        "B's agent should have died"
+    );
+    // A never stopped serving and still owns the volume.
+    assert_eq!(kv("127.0.0.20:17098", "COUNT"), "COUNT 300");
+    assert_eq!(kv("127.0.0.20:17098", "SET after crash"), "OK");
+    c.restart_agent(1);
+    let s = c.status(&on_b);
+    assert_eq!(s["127.0.0.20"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(
+        s["127.0.0.20"]["applications"]["kv"]["running"], true,
+        "{s}"
+    );
+    // B back: the rerun moves it, the write made after the crash included.
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(report["migrations"][0]["epoch"], 2, "{report}");
+    assert_eq!(kv("127.0.0.20:17098", "COUNT"), "COUNT 301");
+    assert_eq!(kv("127.0.0.20:17098", "GET after"), "VALUE crash");
 }

@@ -110,6 +110,10 @@ enum Command {
         /// Moving an application: at most this many pre-copy rounds.
         #[arg(long, default_value_t = 8)]
         max_rounds: u32,
+        /// Moving an application: seconds it may take to accept connections on its new node
+        /// before the move is undone (the volume handed back, the application restarted).
+        #[arg(long, default_value_t = 30.0)]
+        health_timeout: f64,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -246,16 +250,21 @@ fn run(cmd: Command) -> Result<(), Failure> {
             access,
             downtime_budget,
             max_rounds,
+            health_timeout,
         } => {
-            if !(downtime_budget.is_finite() && downtime_budget >= 0.0) || max_rounds == 0 {
+            if !(downtime_budget.is_finite() && downtime_budget >= 0.0)
+                || max_rounds == 0
+                || !(health_timeout.is_finite() && health_timeout > 0.0)
+            {
                 return Err(Failure::Usage(
-                    "--downtime-budget must be >= 0 and --max-rounds >= 1".into(),
+                    "--downtime-budget must be >= 0, --max-rounds >= 1 and --health-timeout > 0"
+                        .into(),
                 ));
             }
             let migration = MigrationOptions {
                 downtime_budget: Duration::from_secs_f64(downtime_budget),
                 max_rounds,
-                ..MigrationOptions::default()
+                health_timeout: Duration::from_secs_f64(health_timeout),
             };
             let cluster = load(&deployment, &application)?;
             let access = access.access()?;

@@ -11,7 +11,8 @@
 //!    its copy is complete with that digest.
 //! 5. Start on B, wait until it accepts connections, route to B.
 //!
-//! A failure before the handoff restarts the application on A and keeps B's partial copy.
+//! A failure before the handoff restarts the application on A and keeps B's partial copy; an
+//! application that cannot serve on B after the handoff is moved back the same fenced way.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -137,6 +138,148 @@ async fn wait_serving(addr: SocketAddr, timeout: Duration) -> bool {
     false
 }
 
+/// Points `app`'s routes on every node at `node`, where it runs as `node_state` says.
+async fn route_to(
+    cluster: &Cluster,
+    clients: &BTreeMap<NodeAddr, AgentClient>,
+    app: &str,
+    node: &NodeAddr,
+    node_state: &AgentState,
+) -> Result<(), DeployError> {
+    let status = node_state
+        .applications
+        .get(app)
+        .ok_or_else(|| node_err(node, format!("{app} does not run there")))?;
+    let routes = crate::plan::app_routes_to(&cluster.applications[app], status);
+    Ok(set_app_routes(clients, app, &routes).await?)
+}
+
+/// Runs `app` on `node` again after a failed move (it got new ports there) and routes to it
+/// once it serves, or once the health timeout has passed.
+async fn restart_on(
+    cluster: &Cluster,
+    clients: &BTreeMap<NodeAddr, AgentClient>,
+    app: &str,
+    node: &NodeAddr,
+    opts: MigrationOptions,
+) -> Result<(), String> {
+    let c = &clients[node];
+    c.call(&Request::Run {
+        application: cluster.applications[app].clone(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let state = c.state().await.map_err(|e| e.to_string())?;
+    if let Some(status) = state.applications.get(app) {
+        for (_, addr) in &status.ports {
+            wait_serving(*addr, opts.health_timeout).await;
+        }
+    }
+    route_to(cluster, clients, app, node, &state)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Starts the application on its new node and waits until every port accepts connections;
+/// returns that node's state.
+async fn start_serving(
+    b: &AgentClient,
+    config: &crate::config::Application,
+    timeout: Duration,
+) -> Result<AgentState, String> {
+    let app = &config.name;
+    b.call(&Request::Run {
+        application: config.clone(),
+    })
+    .await
+    .map_err(|e| format!("starting it failed: {e}"))?;
+    let state = b.state().await.map_err(|e| e.to_string())?;
+    let status = state
+        .applications
+        .get(app)
+        .ok_or_else(|| format!("{app} did not start"))?;
+    for (_, addr) in &status.ports {
+        if !wait_serving(*addr, timeout).await {
+            return Err(format!(
+                "it did not accept connections on {addr} within {} s",
+                timeout.as_secs_f64()
+            ));
+        }
+    }
+    Ok(state)
+}
+
+/// Undoes a move after the handoff, when the application cannot serve on B: stop it there,
+/// sync B's copy back to A (it may have written before failing), hand ownership back at a
+/// newer epoch, restart on A and release the held routes to A. Nothing is lost: B's copy is
+/// authoritative from its adoption on, and it is what A gets back.
+struct HandBack<'a> {
+    opts: MigrationOptions,
+    clients: &'a BTreeMap<NodeAddr, AgentClient>,
+    states: &'a BTreeMap<NodeAddr, AgentState>,
+    app: &'a str,
+    from: &'a NodeAddr,
+    to: &'a NodeAddr,
+    epoch: u64,
+    routes: &'a [Route],
+}
+
+impl HandBack<'_> {
+    async fn run(self, cluster: &Cluster, why: String) -> DeployError {
+        let app = self.app;
+        let done = self.steps(cluster).await;
+        if done.is_err() {
+            let _ = set_app_routes(self.clients, app, &app_routes(self.routes, app, false)).await;
+        }
+        let (from, to, epoch) = (self.from, self.to, self.epoch);
+        match done {
+            Ok(()) => node_err(
+                to,
+                format!(
+                    "moving {app}: {why}; moved back: {app} runs on {from} again with the \
+                     volume at epoch {epoch}"
+                ),
+            ),
+            Err(e) => node_err(
+                to,
+                format!(
+                    "moving {app}: {why}; moving it back to {from} failed too ({e}); \
+                     {to} owns the volume: rerun deploy"
+                ),
+            ),
+        }
+    }
+
+    async fn steps(&self, cluster: &Cluster) -> Result<(), String> {
+        let (a, b) = (&self.clients[self.from], &self.clients[self.to]);
+        let app = self.app.to_string();
+        b.call(&Request::Stop {
+            application: app.clone(),
+        })
+        .await
+        .map_err(|e| format!("stopping it on {}: {e}", self.to))?;
+        let r = push(b, &app, &self.states[self.from])
+            .await
+            .map_err(|e| format!("copying the volume back: {e}"))?;
+        b.call(&Request::Release {
+            application: app.clone(),
+            to: self.from.to_string(),
+            epoch: self.epoch,
+            root: r.root.clone(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        a.call(&Request::Adopt {
+            application: app.clone(),
+            epoch: self.epoch,
+            root: r.root,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        restart_on(cluster, self.clients, &app, self.from, self.opts).await
+    }
+}
+
 /// Moves `app` from `from` to `to`. `states` are the agents' states before the move.
 #[allow(clippy::too_many_arguments)]
 pub async fn migrate(
@@ -191,8 +334,8 @@ pub async fn migrate(
     let predicted = rounds.last().map_or(0, |r| r.predicted_downtime_ms);
 
     // 3. Hold routes, stop on A, final delta.
-    let routes_before = states[from].routes.clone();
-    set_app_routes(clients, app, &app_routes(&routes_before, app, true)).await?;
+    let routes_before = &states[from].routes;
+    set_app_routes(clients, app, &app_routes(routes_before, app, true)).await?;
     let stopped = Instant::now();
     a.call(&Request::Stop {
         application: app.to_string(),
@@ -200,14 +343,12 @@ pub async fn migrate(
     .await?;
     crashpoint("after-stop");
     let rollback = |why: String| async move {
-        let restarted = a
-            .call(&Request::Run {
-                application: cluster.applications[app].clone(),
-            })
-            .await;
-        let _ = set_app_routes(clients, app, &app_routes(&routes_before, app, false)).await;
+        let restarted = restart_on(cluster, clients, app, from, opts).await;
+        if restarted.is_err() {
+            let _ = set_app_routes(clients, app, &app_routes(routes_before, app, false)).await;
+        }
         let note = match restarted {
-            Ok(_) => format!("{app} is running on {from} again"),
+            Ok(()) => format!("{app} is running on {from} again"),
             Err(e) => format!("and restarting {app} on {from} failed too: {e}"),
         };
         node_err(
@@ -245,31 +386,24 @@ pub async fn migrate(
     .await?;
     crashpoint("after-adopt");
 
-    // 5. Start on B, wait until it serves, route there.
-    b.call(&Request::Run {
-        application: config.clone(),
-    })
-    .await?;
-    let b_now = b.state().await?;
-    let status = b_now
-        .applications
-        .get(app)
-        .ok_or_else(|| node_err(to, format!("{app} did not start")))?;
-    for (_, addr) in &status.ports {
-        if !wait_serving(*addr, opts.health_timeout).await {
-            return Err(node_err(
+    // 5. Start on B, wait until it serves, route there; if it cannot, undo the move.
+    let b_now = match start_serving(b, &config, opts.health_timeout).await {
+        Ok(state) => state,
+        Err(why) => {
+            let back = HandBack {
+                opts,
+                clients,
+                states,
+                app,
+                from,
                 to,
-                format!("{app} does not accept connections on {addr}"),
-            ));
+                epoch: epoch + 1,
+                routes: routes_before,
+            };
+            return Err(back.run(cluster, why).await);
         }
-    }
-    let mut after = states.clone();
-    after.insert(to.clone(), b_now);
-    if let Some(s) = after.get_mut(from) {
-        s.applications.remove(app);
-    }
-    let now = crate::plan::routes(cluster, &after);
-    set_app_routes(clients, app, &app_routes(&now, app, false)).await?;
+    };
+    route_to(cluster, clients, app, to, &b_now).await?;
     let downtime = stopped.elapsed().as_millis() as u64;
     say(format!(
         "  {app} serving on {to}: downtime {downtime} ms (predicted {predicted} ms), epoch {epoch}"

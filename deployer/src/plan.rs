@@ -6,8 +6,8 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::api::{AgentState, Route};
-use crate::config::{Cluster, NodeAddr};
+use crate::api::{AgentState, AppStatus, Route};
+use crate::config::{Application, Cluster, NodeAddr};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
@@ -156,25 +156,32 @@ pub fn routes(cluster: &Cluster, states: &BTreeMap<NodeAddr, AgentState>) -> Vec
         let Some(status) = states.get(node).and_then(|s| s.applications.get(name)) else {
             continue;
         };
-        for p in &app.ports {
-            if let Some((_, target)) = status.ports.iter().find(|(i, _)| *i == p.internal) {
-                out.push(Route {
-                    external: p.external,
-                    application: name.clone(),
-                    target: *target,
-                    hold: false,
-                });
-            }
-        }
+        out.extend(app_routes_to(app, status));
     }
     out.sort_by_key(|r| r.external);
     out
 }
 
+/// The routes of `app`'s external ports to where it runs as `status` says.
+pub fn app_routes_to(app: &Application, status: &AppStatus) -> Vec<Route> {
+    app.ports
+        .iter()
+        .filter_map(|p| {
+            let (_, target) = status.ports.iter().find(|(i, _)| *i == p.internal)?;
+            Some(Route {
+                external: p.external,
+                application: app.name.clone(),
+                target: *target,
+                hold: false,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AppStatus, VolumeStatus};
+    use crate::api::VolumeStatus;
     use crate::config::parse;
     use std::path::Path;
 

@@ -31,6 +31,17 @@ impl AgentProc {
     }
 
     pub fn start_with(ip: &str, state: &Path, deployer_fp: &str, runtime: &str) -> AgentProc {
+        Self::start_env(ip, state, deployer_fp, runtime, &[])
+    }
+
+    /// Starts an agent with extra environment (e.g. a replicator crash point).
+    pub fn start_env(
+        ip: &str,
+        state: &Path,
+        deployer_fp: &str,
+        runtime: &str,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let out = Command::new(deployer_bin())
             .args(["authorize", "--state"])
             .arg(state)
@@ -46,6 +57,7 @@ impl AgentProc {
             .args(["agent", "--listen", ip, "--runtime", runtime, "--state"])
             .arg(state)
             .args(["--log", "info"])
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -132,6 +144,12 @@ impl Cluster {
 
     /// Restarts agent `i` (after a kill) on the same state.
     pub fn restart_agent(&mut self, i: usize) {
+        self.restart_agent_env(i, &[]);
+    }
+
+    /// Kills agent `i` if it runs and starts it again on the same state with `env`.
+    pub fn restart_agent_env(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.agents[i].kill();
         let out = Command::new(deployer_bin())
             .args(["id", "--identity"])
             .arg(&self.identity)
@@ -139,7 +157,7 @@ impl Cluster {
             .expect("deployer id");
         let deployer_fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let (ip, state) = (self.agents[i].ip.clone(), self.agents[i].state.clone());
-        self.agents[i] = AgentProc::start(&ip, &state, &deployer_fp);
+        self.agents[i] = AgentProc::start_env(&ip, &state, &deployer_fp, "process", env);
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {

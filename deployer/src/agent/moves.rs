@@ -75,7 +75,7 @@ impl Agent {
             ClientOptions::new(self.identity.clone(), trusted, self.opts.state.peers());
         client.net = self.opts.net;
         let opts = SyncOptions {
-            compress: true,
+            compress: replicator::protocol::compression::Compression::Auto,
             state_dir: self.opts.state.0.join("replicator"),
             threads: 2,
             ..SyncOptions::default()
