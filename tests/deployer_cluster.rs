@@ -684,3 +684,75 @@ fn destination_agent_killed_during_pre_copy_keeps_the_app_on_the_source() {
     assert_eq!(kv("127.0.0.20:17098", "COUNT"), "COUNT 301");
     assert_eq!(kv("127.0.0.20:17098", "GET after"), "VALUE crash");
 }
+
+#[test]
+fn trust_command_sets_up_a_cluster_that_moves_volumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (me, bundles) = (tmp.path().join("me"), tmp.path().join("trust"));
+    let write = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let on_a = write(
+        "da.yml",
+        "version: 1\nnodes:\n  127.0.0.22: [kv]\n  127.0.0.23: []\n",
+    );
+    let on_b = write(
+        "db.yml",
+        "version: 1\nnodes:\n  127.0.0.22: []\n  127.0.0.23: [kv]\n",
+    );
+    let application = write(
+        "application.yml",
+        &apps(kvstore_bin().to_str().unwrap(), "a").replace("17070", "17099"),
+    );
+    let deployer = |args: &[&str]| {
+        std::process::Command::new(deployer_bin())
+            .args(args)
+            .arg("--identity")
+            .arg(&me)
+            .output()
+            .unwrap()
+    };
+    let out = deployer(&[
+        "trust",
+        "--json",
+        on_a.to_str().unwrap(),
+        "--out",
+        bundles.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Agents started on the bundles (as an operator would after copying them) use the
+    // identities the command made, trust this deployer and each other.
+    let fp = report["deployer_fingerprint"].as_str().unwrap();
+    let agents: Vec<AgentProc> = ["127.0.0.22", "127.0.0.23"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| {
+            let agent = AgentProc::start(ip, &bundles.join(ip), fp);
+            assert_eq!(agent.fingerprint, report["nodes"][i]["fingerprint"]);
+            agent
+        })
+        .collect();
+    let deploy = |d: &std::path::Path| {
+        let out = deployer(&["deploy", d.to_str().unwrap(), application.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    deploy(&on_a);
+    assert_eq!(kv("127.0.0.23:17099", "SET k v"), "OK");
+    deploy(&on_b);
+    assert_eq!(kv("127.0.0.22:17099", "GET k"), "VALUE v");
+    drop(agents);
+    for ip in ["127.0.0.22", "127.0.0.23"] {
+        kill_apps(&bundles.join(ip));
+    }
+}

@@ -8,4 +8,5 @@ pub mod demo;
 pub mod deploy;
 pub mod migrate;
 pub mod plan;
+pub mod trust;
 pub mod util;

@@ -160,6 +160,19 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up a cluster's trust from its deployment.yml: per node, an identity and its
+    /// authorized files (a bundle to copy into the agent's --state directory), and every
+    /// agent pinned for this deployer. Rerunning keeps identities and refreshes the lists.
+    Trust {
+        deployment: PathBuf,
+        /// Directory receiving one bundle per node.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        access: AccessArgs,
+    },
     /// Print a fingerprint: the deployer's (default) or, with --state, an agent's.
     Id {
         #[arg(long)]
@@ -291,6 +304,45 @@ fn run(cmd: Command) -> Result<(), Failure> {
             }
             if !json && !report.routes_updated.is_empty() {
                 println!("routes updated on {}", report.routes_updated.join(", "));
+            }
+            Ok(())
+        }
+        Command::Trust {
+            deployment,
+            out,
+            json,
+            access,
+        } => {
+            let nodes: Vec<_> = deployer::config::load_nodes(&deployment)
+                .map_err(|e| Failure::Usage(e.to_string()))?
+                .into_iter()
+                .map(|(node, _)| node)
+                .collect();
+            let report = deployer::trust::setup(&nodes, &access.dir(), &out)
+                .map_err(|e| Failure::Failed(format!("setting up trust: {e}")))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+                return Ok(());
+            }
+            println!(
+                "deployer {} pins {} agents in {}",
+                report.deployer_fingerprint,
+                report.nodes.len(),
+                report.known_agents.display()
+            );
+            for n in &report.nodes {
+                println!(
+                    "{:<22} {} {}\n{:<22} copy {}/ into the agent's --state directory on {}",
+                    n.node,
+                    n.fingerprint,
+                    if n.created { "(new)" } else { "(kept)" },
+                    "",
+                    n.bundle.display(),
+                    n.node
+                );
             }
             Ok(())
         }

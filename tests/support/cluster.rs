@@ -208,39 +208,43 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for a in &mut self.agents {
             a.kill();
-            let Ok(text) = std::fs::read_to_string(a.state.join("agent.json")) else {
-                continue;
-            };
-            let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
-                continue;
-            };
-            for app in state["apps"]
-                .as_object()
-                .into_iter()
-                .flat_map(|m| m.values())
-            {
-                let Some(handle) = app["handle"].as_str() else {
-                    continue;
-                };
-                match handle
-                    .parse::<i32>()
-                    .ok()
-                    .and_then(rustix::process::Pid::from_raw)
-                {
-                    // The process runtime gives each application its own process group.
-                    // (Not `kill -9 -PGID`: some kill(1) builds parse that as `-P GID`.)
-                    Some(pid) => {
-                        let _ =
-                            rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-                    }
-                    None => {
-                        let _ = Command::new("docker")
-                            .args(["rm", "-f", handle])
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null())
-                            .status();
-                    }
-                }
+            kill_apps(&a.state);
+        }
+    }
+}
+
+/// Kills the applications the agent whose state is `state` started (processes or containers).
+pub fn kill_apps(state: &Path) {
+    let Ok(text) = std::fs::read_to_string(state.join("agent.json")) else {
+        return;
+    };
+    let Ok(state) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return;
+    };
+    for app in state["apps"]
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+    {
+        let Some(handle) = app["handle"].as_str() else {
+            continue;
+        };
+        match handle
+            .parse::<i32>()
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+        {
+            // The process runtime gives each application its own process group.
+            // (Not `kill -9 -PGID`: some kill(1) builds parse that as `-P GID`.)
+            Some(pid) => {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            None => {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f", handle])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
             }
         }
     }
