@@ -66,6 +66,37 @@ fn image_is_mirrored_sparse_and_updated_in_place() {
 }
 
 #[test]
+fn an_image_destination_changed_behind_our_back_is_repaired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("disk.img"),
+        tmp.path().join("copy.img"),
+        tmp.path().join("state"),
+    );
+    make_image(&src);
+    summary(&run_sync(&src, &dst, &state, &[]));
+    settle();
+    // Unchanged on both sides: the receiver trusts its index and sends for nothing.
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_eq!(s["chunks_sent"], 0);
+    // Someone scribbles on the copy (same size): its stat no longer matches the index, so
+    // the receiver reads it again, finds the damaged chunk and has it sent.
+    File::options()
+        .write(true)
+        .open(&dst)
+        .unwrap()
+        .write_all_at(&[0xAA; 4096], 40 << 20)
+        .unwrap();
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    let sent = s["chunks_sent"].as_u64().unwrap();
+    assert!(
+        (1..=2).contains(&sent),
+        "4 KiB damaged, {sent} chunks sent: {s}"
+    );
+    assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+}
+
+#[test]
 fn data_turned_to_zeros_is_zeroed_and_size_changes_follow() {
     let tmp = tempfile::tempdir().unwrap();
     let (src, dst, state) = (

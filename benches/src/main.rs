@@ -9,7 +9,6 @@
 
 mod measure;
 mod report;
-mod rng;
 mod tools;
 mod workload;
 

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::rng::{Rng, text};
+use benches::rng::{Rng, text};
 
 const MIB: u64 = 1 << 20;
 

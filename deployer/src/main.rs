@@ -114,6 +114,10 @@ enum Command {
         /// before the move is undone (the volume handed back, the application restarted).
         #[arg(long, default_value_t = 30.0)]
         health_timeout: f64,
+        /// Moving an application: no pre-copy; stop it, copy everything, start it
+        /// (stop–copy–start: longer downtime, the baseline the two-phase push beats).
+        #[arg(long)]
+        no_pre_copy: bool,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -264,6 +268,7 @@ fn run(cmd: Command) -> Result<(), Failure> {
             downtime_budget,
             max_rounds,
             health_timeout,
+            no_pre_copy,
         } => {
             if !(downtime_budget.is_finite() && downtime_budget >= 0.0)
                 || max_rounds == 0
@@ -278,6 +283,7 @@ fn run(cmd: Command) -> Result<(), Failure> {
                 downtime_budget: Duration::from_secs_f64(downtime_budget),
                 max_rounds,
                 health_timeout: Duration::from_secs_f64(health_timeout),
+                pre_copy: !no_pre_copy,
             };
             let cluster = load(&deployment, &application)?;
             let access = access.access()?;

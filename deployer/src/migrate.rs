@@ -32,6 +32,9 @@ pub struct MigrationOptions {
     pub max_rounds: u32,
     /// How long the application may take to accept connections on B.
     pub health_timeout: Duration,
+    /// False: stop first and copy everything while stopped (stop–copy–start, the baseline
+    /// the benchmark compares with; `--no-pre-copy`).
+    pub pre_copy: bool,
 }
 
 impl Default for MigrationOptions {
@@ -40,6 +43,7 @@ impl Default for MigrationOptions {
             downtime_budget: Duration::from_secs(1),
             max_rounds: 8,
             health_timeout: Duration::from_secs(30),
+            pre_copy: true,
         }
     }
 }
@@ -64,9 +68,26 @@ pub struct MigrationReport {
     pub final_delta_ms: u64,
     /// From "stopped on A" to "serving on B".
     pub downtime_ms: u64,
+    /// Where the downtime went.
+    pub downtime_parts: DowntimeParts,
     pub predicted_downtime_ms: u64,
     pub epoch: u64,
     pub root: String,
+}
+
+/// The downtime, step by step (milliseconds of wall time seen by the deployer).
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct DowntimeParts {
+    /// Stopping the application on A (graceful, then killed).
+    pub stop_ms: u64,
+    /// The final delta, as the deployer waited for it (the sync plus the request).
+    pub final_delta_ms: u64,
+    /// Release on A, adopt on B.
+    pub handoff_ms: u64,
+    /// Starting on B until it accepts connections.
+    pub start_ms: u64,
+    /// Switching every node's routes to B.
+    pub reroute_ms: u64,
 }
 
 /// `DEPLOYER_CRASH_AT=STEP` aborts the deployer right after STEP (`after-stop`,
@@ -306,6 +327,10 @@ pub async fn migrate(
     // 2. Pre-copy while A serves.
     let mut rounds: Vec<Round> = Vec::new();
     loop {
+        // Without pre-copy (stop–copy–start) everything goes in the final delta.
+        if !opts.pre_copy {
+            break;
+        }
         let r = push(a, app, b_state).await?;
         let secs = (r.duration_ms as f64 / 1000.0).max(1e-3);
         let round = Round {
@@ -337,10 +362,18 @@ pub async fn migrate(
     let routes_before = &states[from].routes;
     set_app_routes(clients, app, &app_routes(routes_before, app, true)).await?;
     let stopped = Instant::now();
+    let mut parts = DowntimeParts::default();
+    let mut lap = Instant::now();
+    let mut split = || {
+        let ms = lap.elapsed().as_millis() as u64;
+        lap = Instant::now();
+        ms
+    };
     a.call(&Request::Stop {
         application: app.to_string(),
     })
     .await?;
+    parts.stop_ms = split();
     crashpoint("after-stop");
     let rollback = |why: String| async move {
         let restarted = restart_on(cluster, clients, app, from, opts).await;
@@ -360,6 +393,7 @@ pub async fn migrate(
         Ok(r) => r,
         Err(e) => return Err(rollback(format!("final delta failed: {e}")).await),
     };
+    parts.final_delta_ms = split();
     say(format!(
         "  final delta: {} bytes in {} ms (application stopped)",
         last.bytes_sent_wire, last.duration_ms
@@ -385,6 +419,7 @@ pub async fn migrate(
     })
     .await?;
     crashpoint("after-adopt");
+    parts.handoff_ms = split();
 
     // 5. Start on B, wait until it serves, route there; if it cannot, undo the move.
     let b_now = match start_serving(b, &config, opts.health_timeout).await {
@@ -403,10 +438,16 @@ pub async fn migrate(
             return Err(back.run(cluster, why).await);
         }
     };
+    parts.start_ms = split();
     route_to(cluster, clients, app, to, &b_now).await?;
+    parts.reroute_ms = split();
     let downtime = stopped.elapsed().as_millis() as u64;
     say(format!(
         "  {app} serving on {to}: downtime {downtime} ms (predicted {predicted} ms), epoch {epoch}"
+    ));
+    say(format!(
+        "    stop {} ms, final delta {} ms, handoff {} ms, start {} ms, reroute {} ms",
+        parts.stop_ms, parts.final_delta_ms, parts.handoff_ms, parts.start_ms, parts.reroute_ms
     ));
     Ok(MigrationReport {
         application: app.to_string(),
@@ -416,6 +457,7 @@ pub async fn migrate(
         final_delta_bytes: last.bytes_sent_wire,
         final_delta_ms: last.duration_ms,
         downtime_ms: downtime,
+        downtime_parts: parts,
         predicted_downtime_ms: predicted,
         epoch,
         root: last.root,

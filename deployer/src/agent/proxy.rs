@@ -95,6 +95,9 @@ async fn forward(
     };
     match TcpStream::connect(target).await {
         Ok(mut upstream) => {
+            // A relay must not add Nagle's delay to what the two ends already decided.
+            let _ = client.set_nodelay(true);
+            let _ = upstream.set_nodelay(true);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         }
         Err(e) => tracing::warn!(%target, "routing: cannot reach the application: {e}"),

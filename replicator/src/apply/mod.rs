@@ -106,6 +106,9 @@ pub struct Destination {
     index: FileIndex,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
     local: HashMap<ChunkId, Loc>,
+    /// Block image: the chunk at each offset, when the index vouches for the image (a
+    /// regular file whose stat is unchanged since the last sync wrote it).
+    in_place: HashMap<u64, (ChunkId, u32)>,
     entries: Vec<(Entry, Plan)>,
     want: WantList,
     wanted: HashSet<ChunkId>,
@@ -184,6 +187,19 @@ impl Destination {
                 }
             }
         }
+        // A block image the index vouches for needs no reading to know what it holds.
+        let mut in_place = HashMap::new();
+        if header.mode == VolumeMode::Block
+            && let Some(have) = existing.get(&RelPath::root())
+            && have.stat.is_file()
+            && let Some(segments) = index.lookup(&RelPath::root(), &have.stat)
+        {
+            for (off, seg) in offsets(segments) {
+                if let Segment::Chunk { id, len } = *seg {
+                    in_place.insert(off, (id, len));
+                }
+            }
+        }
         Ok(Destination {
             path: path.to_path_buf(),
             digest: DigestBuilder::new(&header),
@@ -193,6 +209,7 @@ impl Destination {
             existing,
             index,
             local,
+            in_place,
             entries: Vec::new(),
             want: WantList::default(),
             wanted: HashSet::new(),
@@ -351,7 +368,9 @@ impl Destination {
                 sources.push(Src::Zero);
                 continue;
             };
-            let src = if partial
+            let src = if block && self.in_place.get(&off) == Some(&(id, len)) {
+                Src::InPlace
+            } else if partial
                 .as_ref()
                 .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
             {

@@ -3,15 +3,14 @@
 //! Defaults that matter on real hosts: UDP socket buffers of a few MiB (the kernel's default
 //! ~200 KiB drops bursts even on loopback, which QUIC reads as congestion), flow-control
 //! windows large enough for a fast link with some latency, GSO on (quinn's default, kept
-//! explicit), path MTU discovery up to 64 KiB datagrams (loopback, jumbo frames), keep-alives
-//! well inside the idle timeout so a quiet but healthy peer is never
+//! explicit), keep-alives well inside the idle timeout so a quiet but healthy peer is never
 //! dropped while a vanished one is noticed within the timeout.
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{Endpoint, EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use quinn::{Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 
 use super::identity::Identity;
 use super::tls;
@@ -22,11 +21,6 @@ const SOCKET_BUFFER: usize = 8 << 20;
 const STREAM_WINDOW: u32 = 16 << 20;
 /// Flow-control window of a connection (all lanes).
 const CONNECTION_WINDOW: u32 = 64 << 20;
-
-/// Largest UDP payload sent or accepted: path MTU discovery probes up to it. Real Ethernet
-/// paths settle at ~1452 bytes; loopback and jumbo-frame links carry far bigger packets, and
-/// per-packet costs (headers, ACKs, syscalls) are most of QUIC's CPU time on a fast link.
-const MAX_UDP_PAYLOAD: u16 = 65_527;
 
 /// Connection settings shared by client and server.
 #[derive(Clone, Copy, Debug)]
@@ -57,9 +51,6 @@ pub fn transport_config(opts: &NetOptions) -> Arc<TransportConfig> {
         .max_concurrent_bidi_streams(VarInt::from_u32(64))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .enable_segmentation_offload(true);
-    let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_UDP_PAYLOAD);
-    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
@@ -101,11 +92,7 @@ fn endpoint(
     let socket = udp_socket(addr).map_err(bind)?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
-    let mut config = EndpointConfig::default();
-    config
-        .max_udp_payload_size(MAX_UDP_PAYLOAD)
-        .map_err(|e| bind(std::io::Error::other(e.to_string())))?;
-    Endpoint::new(config, server, socket, runtime).map_err(bind)
+    Endpoint::new(EndpointConfig::default(), server, socket, runtime).map_err(bind)
 }
 
 /// A listening endpoint presenting `id`, speaking replicator protocol `version`.
