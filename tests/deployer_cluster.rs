@@ -655,7 +655,7 @@ fn destination_agent_killed_during_pre_copy_keeps_the_app_on_the_source() {
     let (mut c, application, _on_a, on_b) =
         two_nodes_with_data(tmp.path(), ["127.0.0.20", "127.0.0.21"], 17098, 300, 1000);
     // B's agent dies (SIGKILL, no cleanup) when its volume server stores the 2nd chunk.
-    c.restart_agent_env(1, &[("REPLICATOR_CRASH_AT", "chunk:2")]);
+    c.restart_agent_env(1, &[], &[("REPLICATOR_CRASH_AT", "chunk:2")]);
     let out = c.deployer(&[
         "deploy",
         on_b.to_str().unwrap(),
@@ -755,4 +755,58 @@ fn trust_command_sets_up_a_cluster_that_moves_volumes() {
     for ip in ["127.0.0.22", "127.0.0.23"] {
         kill_apps(&bundles.join(ip));
     }
+}
+
+#[test]
+fn network_cut_during_the_final_delta_restarts_the_app_on_the_source() {
+    use integration_tests::net::Relay;
+    use std::sync::atomic::Ordering;
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut c, application, _on_a, on_b) =
+        two_nodes_with_data(tmp.path(), ["127.0.0.24", "127.0.0.25"], 17100, 200, 1000);
+    // B's volume server is reached through a relay the test can cut.
+    let relay = Relay::start("127.0.0.25:7700".parse().unwrap());
+    let advertised = relay.addr.to_string();
+    c.restart_agent_env(1, &["--advertise-replicator", &advertised], &[]);
+    // The cut comes the moment A's application stops: the final delta is what follows.
+    let app_addr: std::net::SocketAddr =
+        c.status(&on_b)["127.0.0.24"]["applications"]["kv"]["ports"][0][1]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+    let faults = relay.faults.clone();
+    let cutter = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            if std::net::TcpStream::connect(app_addr).is_err() {
+                faults.blackhole.store(true, Ordering::Relaxed);
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        false
+    });
+    let out = c.deployer(&[
+        "deploy",
+        on_b.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert!(cutter.join().unwrap(), "the application never stopped on A");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("final delta failed") && err.contains("running on 127.0.0.24 again"),
+        "{err}"
+    );
+    // Serving on A again with every key; A still owns the volume.
+    assert_eq!(kv("127.0.0.25:17100", "COUNT"), "COUNT 200");
+    let s = c.status(&on_b);
+    assert_eq!(s["127.0.0.24"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(s["127.0.0.24"]["volumes"]["kv"]["epoch"], 1, "{s}");
+    // The network back, the rerun completes the move.
+    relay.faults.blackhole.store(false, Ordering::Relaxed);
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(report["migrations"][0]["epoch"], 2, "{report}");
+    assert_eq!(kv("127.0.0.24:17100", "COUNT"), "COUNT 200");
 }

@@ -107,7 +107,7 @@ impl Report {
                 let sent = r.payload_bytes.unwrap_or(u64::MAX);
                 (
                     format!(
-                        "{} in {} chunks ({} on the wire in all)",
+                        "{} of chunk data in {} chunks ({} on the wire in all, manifest included)",
                         bytes(sent),
                         r.chunks_sent.unwrap_or(0),
                         bytes(r.wire_bytes)

@@ -84,7 +84,7 @@ pub struct Outcome {
     pub server: Usage,
     /// Bytes sent on the loopback interface during the run (headers included, both ways).
     pub wire_bytes: u64,
-    /// The replicator's own count of chunk payload bytes sent (its JSON summary).
+    /// The replicator's own count of chunk bytes sent, before compression (its summary).
     pub payload_bytes: Option<u64>,
     pub chunks_sent: Option<u64>,
     pub error: Option<String>,
@@ -222,7 +222,7 @@ impl Tools {
             client: client_usage,
             server: server_usage,
             wire_bytes: 0,
-            payload_bytes: field("bytes_sent_wire"),
+            payload_bytes: field("bytes_sent_raw"),
             chunks_sent: field("chunks_sent"),
         })
     }

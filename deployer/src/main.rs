@@ -4,7 +4,7 @@
 //! 2 invalid configuration or usage.
 
 use std::io::IsTerminal;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -149,6 +149,10 @@ enum Command {
         /// Port of the agent's volume server (pushes from peer agents).
         #[arg(long, default_value_t = REPLICATOR_PORT)]
         replicator_port: u16,
+        /// Address peers should push volumes to, when they cannot reach
+        /// LISTEN:REPLICATOR_PORT directly (NAT, a port forward).
+        #[arg(long)]
+        advertise_replicator: Option<SocketAddr>,
     },
     /// Run the whole story on this machine without Docker: three agents on 127.0.0.1-3,
     /// the example key-value application deployed, written to and read through the routing
@@ -410,11 +414,13 @@ fn run(cmd: Command) -> Result<(), Failure> {
             runtime: kind,
             port,
             replicator_port,
+            advertise_replicator,
         } => {
             let opts = AgentOptions {
                 ip: listen,
                 port,
                 replicator_port,
+                advertise_replicator,
                 state: StateDir(state),
                 net: NetOptions::default(),
             };

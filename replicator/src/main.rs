@@ -364,6 +364,12 @@ impl Progress for Bar {
     fn phase(&self, name: &str) {
         self.0.set_message(name.to_string());
     }
+    fn restart(&self, name: &str, total: u64) {
+        self.0.set_message(name.to_string());
+        self.0.set_length(total);
+        self.0.set_position(0);
+        self.0.reset_eta();
+    }
 }
 
 fn run_sync(a: SyncArgs) -> Result<(), Failure> {
@@ -399,7 +405,7 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
         }
         (None, Some(remote)) => {
             let client = client_options(&a.peer)?;
-            with_progress(|_| push(&a.src, &remote, &opts, &client))?
+            with_progress(|p| push(&a.src, &remote, &opts, &client, p))?
         }
         (Some(remote), None) => {
             let client = client_options(&a.peer)?;

@@ -10,6 +10,12 @@ pub trait Progress: Send + Sync {
     fn advance(&self, _bytes: u64) {}
     /// A short description of the current phase.
     fn phase(&self, _name: &str) {}
+    /// A new phase counted from zero towards `total` bytes (the sender: scanning, then
+    /// sending; its total grows as the receiver's wants arrive).
+    fn restart(&self, name: &str, total: u64) {
+        self.phase(name);
+        self.set_total(total);
+    }
 }
 
 /// Reports nothing.

@@ -123,6 +123,11 @@ impl SourceMap {
         self.chunks.contains_key(id)
     }
 
+    /// The length of a chunk in the snapshot (0 if it is not there).
+    pub fn len_of(&self, id: &ChunkId) -> u64 {
+        self.chunks.get(id).map_or(0, |l| u64::from(l.len))
+    }
+
     /// Reads a chunk back from the source and checks it still has the same hash.
     pub fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, ServeError> {
         let loc = *self.chunks.get(id).ok_or(ServeError::Unknown(*id))?;

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::chunk::ChunkerParams;
 use crate::index::{FileIndex, now_ns};
 use crate::manifest::VolumeMode;
-use crate::progress::Progress;
+use crate::progress::{NoProgress, Progress};
 use crate::protocol::SessionError;
 use crate::protocol::compression::Compression;
 use crate::protocol::receiver::{DEFAULT_MAX_ENTRIES, ReceiverReport, run_receiver};
@@ -175,7 +175,8 @@ pub fn sync_local(
             )?;
             Ok((report, r_tx.wire_bytes()))
         });
-        let sent = run_source(&src, mode, opts, &mut s_tx, &mut s_rx);
+        // The receiver drives the progress display of a local sync.
+        let sent = run_source(&src, mode, opts, &mut s_tx, &mut s_rx, &NoProgress);
         let wire = s_tx.wire_bytes();
         drop(s_tx);
         drop(s_rx);
@@ -214,6 +215,7 @@ pub fn run_source(
     opts: &SyncOptions,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
+    progress: &dyn Progress,
 ) -> Result<SenderReport, SessionError> {
     let states = StateDir::new(opts.state_dir.clone());
     let index_path = states.source_index(src);
@@ -227,7 +229,7 @@ pub fn run_source(
         },
         compress: opts.compress,
     };
-    let report = run_sender(src, sender_opts, &mut index, now_ns(), tx, rx)?;
+    let report = run_sender(src, sender_opts, &mut index, now_ns(), tx, rx, progress)?;
     if let Err(e) = index.save(&index_path) {
         tracing::warn!(path = %index_path.display(), "cannot save the source index: {e}");
     }

@@ -31,15 +31,16 @@ impl AgentProc {
     }
 
     pub fn start_with(ip: &str, state: &Path, deployer_fp: &str, runtime: &str) -> AgentProc {
-        Self::start_env(ip, state, deployer_fp, runtime, &[])
+        Self::start_env(ip, state, deployer_fp, runtime, &[], &[])
     }
 
-    /// Starts an agent with extra environment (e.g. a replicator crash point).
+    /// Starts an agent with extra arguments and environment (e.g. a replicator crash point).
     pub fn start_env(
         ip: &str,
         state: &Path,
         deployer_fp: &str,
         runtime: &str,
+        args: &[&str],
         env: &[(&str, &str)],
     ) -> AgentProc {
         let out = Command::new(deployer_bin())
@@ -57,6 +58,7 @@ impl AgentProc {
             .args(["agent", "--listen", ip, "--runtime", runtime, "--state"])
             .arg(state)
             .args(["--log", "info"])
+            .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -144,11 +146,12 @@ impl Cluster {
 
     /// Restarts agent `i` (after a kill) on the same state.
     pub fn restart_agent(&mut self, i: usize) {
-        self.restart_agent_env(i, &[]);
+        self.restart_agent_env(i, &[], &[]);
     }
 
-    /// Kills agent `i` if it runs and starts it again on the same state with `env`.
-    pub fn restart_agent_env(&mut self, i: usize, env: &[(&str, &str)]) {
+    /// Kills agent `i` if it runs and starts it again on the same state with extra `args`
+    /// and `env`.
+    pub fn restart_agent_env(&mut self, i: usize, args: &[&str], env: &[(&str, &str)]) {
         self.agents[i].kill();
         let out = Command::new(deployer_bin())
             .args(["id", "--identity"])
@@ -157,7 +160,7 @@ impl Cluster {
             .expect("deployer id");
         let deployer_fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let (ip, state) = (self.agents[i].ip.clone(), self.agents[i].state.clone());
-        self.agents[i] = AgentProc::start_env(&ip, &state, &deployer_fp, "process", env);
+        self.agents[i] = AgentProc::start_env(&ip, &state, &deployer_fp, "process", args, env);
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {

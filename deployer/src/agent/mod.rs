@@ -45,6 +45,9 @@ pub struct AgentOptions {
     pub ip: IpAddr,
     pub port: u16,
     pub replicator_port: u16,
+    /// The volume server address peers are told to push to, when not `ip:replicator_port`
+    /// (NAT, a port forward, a test relay).
+    pub advertise_replicator: Option<SocketAddr>,
     pub state: StateDir,
     pub net: NetOptions,
 }
@@ -356,7 +359,11 @@ impl Agent {
         }
         AgentState {
             node: SocketAddr::new(self.opts.ip, self.opts.port).to_string(),
-            volume_server: SocketAddr::new(self.opts.ip, self.opts.replicator_port).to_string(),
+            volume_server: self
+                .opts
+                .advertise_replicator
+                .unwrap_or(SocketAddr::new(self.opts.ip, self.opts.replicator_port))
+                .to_string(),
             fingerprint: self.fingerprint(),
             runtime: self.runtime.name().into(),
             applications,

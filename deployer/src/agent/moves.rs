@@ -81,10 +81,18 @@ impl Agent {
             ..SyncOptions::default()
         };
         let src = self.opts.state.volume(app);
-        let summary = tokio::task::spawn_blocking(move || push(&src, &remote, &opts, &client))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("pushing volume {app} to {to}: {e}"))?;
+        let summary = tokio::task::spawn_blocking(move || {
+            push(
+                &src,
+                &remote,
+                &opts,
+                &client,
+                &replicator::progress::NoProgress,
+            )
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("pushing volume {app} to {to}: {e}"))?;
         Ok(PushReport {
             bytes_sent_wire: summary.bytes_sent_wire,
             bytes_sent_raw: summary.bytes_sent_raw,

@@ -109,6 +109,9 @@ pub struct Destination {
     /// Block image: the chunk at each offset, when the index vouches for the image (a
     /// regular file whose stat is unchanged since the last sync wrote it).
     in_place: HashMap<u64, (ChunkId, u32)>,
+    /// Whether this run changed anything on disk (then the verify scan waits out the racy
+    /// window, so what it records can be trusted by the next sync).
+    touched: bool,
     entries: Vec<(Entry, Plan)>,
     want: WantList,
     wanted: HashSet<ChunkId>,
@@ -210,6 +213,7 @@ impl Destination {
             index,
             local,
             in_place,
+            touched: false,
             entries: Vec::new(),
             want: WantList::default(),
             wanted: HashSet::new(),
@@ -616,6 +620,7 @@ impl Destination {
             });
         }
         if let Plan::Build { sources, .. } = &p {
+            self.touched = sources.iter().any(|s| *s != Src::InPlace) || have != size;
             if !is_device && have > size {
                 file.set_len(size).map_err(io_err("cannot size", &shown))?;
             }
@@ -699,6 +704,12 @@ impl Destination {
             self.commit_tree()?;
         }
         progress.phase("verifying");
+        if self.touched {
+            // Files changed just now would be recorded as racy and read again next time.
+            std::thread::sleep(std::time::Duration::from_nanos(
+                crate::index::RACY_MARGIN_FINE_NS as u64,
+            ));
+        }
         let (root, index) = self.verify()?;
         if root != expected {
             return Err(ApplyError::DigestMismatch {
@@ -832,6 +843,7 @@ impl Destination {
                 touched = true;
             }
         }
+        self.touched = touched;
         crate::crashpoint::reached("commit-sync");
         if touched {
             fsops::syncfs(

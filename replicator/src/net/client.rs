@@ -250,6 +250,7 @@ pub fn push(
     remote: &RemoteSpec,
     opts: &SyncOptions,
     client: &ClientOptions,
+    progress: &dyn Progress,
 ) -> Result<Summary, SyncError> {
     opts.chunker.validate().map_err(SyncError::Usage)?;
     let started = Instant::now();
@@ -261,7 +262,7 @@ pub fn push(
         opts,
         client,
     )?;
-    let result = run_source(&src, mode, opts, &mut session.tx, &mut session.rx);
+    let result = run_source(&src, mode, opts, &mut session.tx, &mut session.rx, progress);
     let (sent, back) = (session.tx.wire_bytes(), session.rx.wire_bytes());
     match result {
         Ok(report) => {

@@ -489,7 +489,7 @@ fn run_session(
                 state_dir: shared.states.root().to_path_buf(),
                 threads: shared.opts.threads,
             };
-            run_source(&path, mode, &opts, tx, rx)?;
+            run_source(&path, mode, &opts, tx, rx, &crate::progress::NoProgress)?;
             Ok(false)
         }
         Direction::Bench => bench_sink(tx, rx).map(|_| true),

@@ -11,6 +11,7 @@ use crate::index::FileIndex;
 use crate::manifest::{
     DigestBuilder, Header, MANIFEST_VERSION, RootDigest, VolumeMode, encode_entry,
 };
+use crate::progress::Progress;
 use crate::snapshot::{ScanStats, SnapshotOptions, scan_block, scan_tree};
 use crate::transport::{MessageRx, MessageTx};
 
@@ -48,8 +49,9 @@ pub fn run_sender(
     scan_start_ns: i128,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
+    progress: &dyn Progress,
 ) -> Result<SenderReport, SessionError> {
-    let result = session(src, opts, index, scan_start_ns, tx, rx);
+    let result = session(src, opts, index, scan_start_ns, tx, rx, progress);
     if let Err(e) = &result
         && !matches!(e, SessionError::Peer(_) | SessionError::Transport(_))
     {
@@ -67,6 +69,7 @@ fn session(
     scan_start_ns: i128,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
+    progress: &dyn Progress,
 ) -> Result<SenderReport, SessionError> {
     let chunker = opts.snapshot.chunker;
     tx.send(Message::Hello(Hello {
@@ -95,8 +98,10 @@ fn session(
     }
 
     let mut digest = DigestBuilder::new(&header(opts.mode, chunker));
+    progress.restart("scanning", 0);
     let (mut map, scan) = match opts.mode {
         VolumeMode::Tree => scan_tree(src, opts.snapshot, index, scan_start_ns, &mut |entry| {
+            progress.advance(entry.size());
             let encoded = encode_entry(&entry);
             digest
                 .add_encoded(&entry, &encoded)
@@ -105,6 +110,7 @@ fn session(
         })?,
         VolumeMode::Block => {
             let (entry, map, stats) = scan_block(src, opts.snapshot, index, scan_start_ns)?;
+            progress.advance(entry.size());
             digest
                 .add(&entry)
                 .map_err(|e| SessionError::Protocol(e.to_string()))?;
@@ -126,9 +132,13 @@ fn session(
         receiver: DoneStats::default(),
     };
     let mut policy = CompressPolicy::new(opts.compress);
+    let mut wanted = 0;
+    progress.restart("sending", 0);
     loop {
         match next(&mut phase, rx)? {
             Message::Want(ids) => {
+                wanted += ids.iter().map(|id| map.len_of(id)).sum::<u64>();
+                progress.set_total(wanted);
                 for id in ids {
                     let data = map.read(&id)?;
                     let len = data.len() as u64;
@@ -137,6 +147,7 @@ fn session(
                     let chunk = ChunkData::encode_owned(id, data, policy.compress());
                     tx.send(Message::Chunk(chunk))?;
                     policy.sent(len, std::time::Instant::now());
+                    progress.advance(len);
                 }
             }
             Message::WantEnd => break,
