@@ -148,13 +148,17 @@ async fn set_app_routes(
     Ok(())
 }
 
+/// Polls `addr` until it accepts a connection: from 1 ms up to 20 ms between tries, since
+/// the wait is downtime.
 async fn wait_serving(addr: SocketAddr, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return true;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
     }
     false
 }

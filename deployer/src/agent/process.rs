@@ -108,9 +108,13 @@ impl ProcessRuntime {
             }
         };
         signal(rustix::process::Signal::TERM);
+        // Polled from 1 ms up: most applications exit within milliseconds of SIGTERM, and
+        // every millisecond here is downtime during a move.
         let deadline = Instant::now() + grace;
+        let mut pause = Duration::from_millis(1);
         while Instant::now() < deadline && self.is_running(handle, app) {
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(50));
         }
         if self.is_running(handle, app) {
             signal(rustix::process::Signal::KILL);
