@@ -177,7 +177,7 @@ pub fn open_session(
             sends.push(s);
             recvs.push(r);
         }
-        let accepted = read_accept(&mut recvs[0]).await?;
+        let accepted = read_accept(&conn, &mut recvs[0]).await?;
         if accepted != lanes_wanted {
             return Err(SyncError::Connection(format!(
                 "server accepted {accepted} lanes, {lanes_wanted} were asked for"
@@ -207,7 +207,10 @@ pub fn open_session(
     })
 }
 
-async fn read_accept(stream: &mut quinn::RecvStream) -> Result<u8, SyncError> {
+async fn read_accept(
+    conn: &quinn::Connection,
+    stream: &mut quinn::RecvStream,
+) -> Result<u8, SyncError> {
     let mut len = [0u8; 4];
     let mut body = [0u8; 2];
     let read = async {
@@ -221,9 +224,14 @@ async fn read_accept(stream: &mut quinn::RecvStream) -> Result<u8, SyncError> {
         Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c))) => {
             Err(refused_or_lost(&c))
         }
-        Err(e) => Err(SyncError::Connection(format!(
-            "server ended the session: {e}"
-        ))),
+        // A refusing server drops its streams (which ends them) and closes the connection
+        // with the reason; the stream's end can arrive first. Wait for the reason.
+        Err(e) => match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
+            Ok(reason) => Err(refused_or_lost(&reason)),
+            Err(_) => Err(SyncError::Connection(format!(
+                "server ended the session: {e}"
+            ))),
+        },
     }
 }
 
