@@ -15,12 +15,14 @@ use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+
+use deployer::demo::LocalAgents;
 
 use benches::rng::{Rng, text};
 
@@ -62,18 +64,6 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("migration-bench: {e}");
             ExitCode::from(1)
-        }
-    }
-}
-
-/// Agents killed (and their applications stopped by the last deploy) when dropped.
-struct Agents(Vec<Child>);
-
-impl Drop for Agents {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -169,25 +159,12 @@ fn run(cli: &Cli) -> Result<(), String> {
     }
     let trust: serde_json::Value =
         serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
-    let mut agents = Agents(Vec::new());
+    let mut agents = LocalAgents::default();
     for (i, ip) in NODES.iter().enumerate() {
         let state = trust["nodes"][i]["bundle"]
             .as_str()
             .ok_or("trust report without bundles")?;
-        let mut child = Command::new(&bench.deployer)
-            .args(["agent", "--listen", ip, "--port", &AGENT_PORT.to_string()])
-            .args(["--replicator-port", &(AGENT_PORT + 1).to_string()])
-            .args(["--state", state])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting an agent: {e}"))?;
-        let stdout = child.stdout.take().ok_or("agent without stdout")?;
-        agents.0.push(child);
-        let mut banner = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut banner)
-            .map_err(|e| e.to_string())?;
+        agents.start(&bench.deployer, ip, AGENT_PORT, Path::new(state))?;
     }
 
     eprintln!("deploying kv on {}", NODES[0]);

@@ -18,9 +18,44 @@ use crate::migrate::MigrationOptions;
 const NODES: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
 const PORT: u16 = 17700;
 
-struct Agents(Vec<Child>);
+/// `deployer agent` processes on this machine (the demo's and `migration-bench`'s), killed
+/// when dropped. Their applications outlive them by design: deploy nothing first.
+#[derive(Default)]
+pub struct LocalAgents(Vec<Child>);
 
-impl Drop for Agents {
+impl LocalAgents {
+    /// Starts `exe agent` on `ip` (API on `port`, volume server on `port + 1`) with state
+    /// `state`; returns its fingerprint once it serves.
+    pub fn start(
+        &mut self,
+        exe: &Path,
+        ip: &str,
+        port: u16,
+        state: &Path,
+    ) -> Result<String, String> {
+        let mut child = Command::new(exe)
+            .args(["agent", "--listen", ip, "--port", &port.to_string()])
+            .args(["--replicator-port", &(port + 1).to_string(), "--state"])
+            .arg(state)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start an agent: {e}"))?;
+        let stdout = child.stdout.take().ok_or("agent has no stdout")?;
+        self.0.push(child);
+        let mut banner = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut banner)
+            .map_err(|e| e.to_string())?;
+        let fp = banner.split_whitespace().last().unwrap_or_default();
+        if fp.len() != 64 {
+            return Err(format!("agent on {ip} did not start: {banner:?}"));
+        }
+        Ok(fp.to_string())
+    }
+}
+
+impl Drop for LocalAgents {
     fn drop(&mut self) {
         for c in &mut self.0 {
             let _ = c.kill();
@@ -77,33 +112,16 @@ fn story(dir: &Path) -> Result<(), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let (me, _) = Identity::load_or_create(&dir.join("deployer-id")).map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let mut agents = Agents(Vec::new());
+    let mut agents = LocalAgents::default();
     let mut known = TrustList::new();
     for ip in NODES {
         let state = StateDir(dir.join(format!("node-{ip}")));
         std::fs::create_dir_all(&state.0).map_err(|e| e.to_string())?;
         std::fs::write(state.authorized(), format!("{}\n", me.fingerprint))
             .map_err(|e| e.to_string())?;
-        let mut child = Command::new(&exe)
-            .args(["agent", "--listen", ip, "--port", &PORT.to_string()])
-            .args(["--replicator-port", &(PORT + 1).to_string(), "--state"])
-            .arg(&state.0)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start an agent: {e}"))?;
-        let mut banner = String::new();
-        let stdout = child.stdout.take().ok_or("agent has no stdout")?;
-        agents.0.push(child);
-        BufReader::new(stdout)
-            .read_line(&mut banner)
-            .map_err(|e| e.to_string())?;
-        let fp = banner.split_whitespace().last().unwrap_or_default();
-        if fp.len() != 64 {
-            return Err(format!("agent on {ip} did not start: {banner:?}"));
-        }
-        known.add(replicator::net::identity::Fingerprint::parse(fp)?);
-        std::fs::write(state.0.join("fingerprint"), fp).map_err(|e| e.to_string())?;
+        let fp = agents.start(&exe, ip, PORT, &state.0)?;
+        known.add(replicator::net::identity::Fingerprint::parse(&fp)?);
+        std::fs::write(state.0.join("fingerprint"), &fp).map_err(|e| e.to_string())?;
         println!(
             "agent on {ip}:{PORT} (process runtime), fingerprint {}…",
             &fp[..16]
@@ -152,17 +170,20 @@ fn story(dir: &Path) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    println!("\n$ deployer deploy deployment.yml application.yml   # kv on 127.0.0.1");
-    let t = Instant::now();
-    let report = rt
-        .block_on(deploy(
-            &cluster,
+    // One deploy, printing each action as it happens.
+    let run = |cluster: &crate::config::Cluster| {
+        rt.block_on(deploy(
+            cluster,
             &access,
             false,
             MigrationOptions::default(),
             |a, d| println!("  {a}: {d}"),
         ))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+    };
+    println!("\n$ deployer deploy deployment.yml application.yml   # kv on 127.0.0.1");
+    let t = Instant::now();
+    let report = run(&cluster)?;
     println!(
         "  routes updated on {} ({} ms)",
         report.routes_updated.join(", "),
@@ -188,15 +209,7 @@ fn story(dir: &Path) -> Result<(), String> {
     println!("  {}", kv("127.0.0.3:17080", "COUNT")?);
 
     println!("\n$ deployer deploy (again)   # converged: nothing to do");
-    let again = rt
-        .block_on(deploy(
-            &cluster,
-            &access,
-            false,
-            MigrationOptions::default(),
-            |a, d| println!("  {a}: {d}"),
-        ))
-        .map_err(|e| e.to_string())?;
+    let again = run(&cluster)?;
     if again.actions.is_empty() {
         println!("  nothing to do");
     }
@@ -254,17 +267,11 @@ fn story(dir: &Path) -> Result<(), String> {
         })
     };
     std::thread::sleep(Duration::from_millis(200));
-    let moved_report = rt.block_on(deploy(
-        &moved,
-        &access,
-        false,
-        MigrationOptions::default(),
-        |a, d| println!("  {a}: {d}"),
-    ));
+    let moved_report = run(&moved);
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let acked = writer.join().map_err(|_| "writer thread panicked")?;
-    let report = moved_report.map_err(|e| e.to_string())?;
+    let report = moved_report?;
     let mut lost = 0;
     for i in &acked {
         if kv("127.0.0.1:17080", &format!("GET live{i}"))? != format!("VALUE {i}") {
@@ -289,15 +296,7 @@ fn story(dir: &Path) -> Result<(), String> {
     }
 
     println!("\n$ deployer deploy (again)   # after the move: nothing to do");
-    let again = rt
-        .block_on(deploy(
-            &moved,
-            &access,
-            false,
-            MigrationOptions::default(),
-            |a, d| println!("  {a}: {d}"),
-        ))
-        .map_err(|e| e.to_string())?;
+    let again = run(&moved)?;
     if again.actions.is_empty() {
         println!("  nothing to do");
     }
@@ -305,14 +304,7 @@ fn story(dir: &Path) -> Result<(), String> {
     println!("\ncleaning up: stopping kv and the agents");
     std::fs::write(&deployment, nodes(usize::MAX)).map_err(|e| e.to_string())?;
     let none = crate::config::load(&deployment, &application).map_err(|e| e.to_string())?;
-    rt.block_on(deploy(
-        &none,
-        &access,
-        false,
-        MigrationOptions::default(),
-        |a, d| println!("  {a}: {d}"),
-    ))
-    .map_err(|e| e.to_string())?;
+    run(&none)?;
     drop(agents);
     println!("done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
