@@ -219,27 +219,11 @@ fn move_under_write_load_with_fenced_handoff() {
         assert_eq!(kv("127.0.0.8:17090", &format!("SET before{i} {i}")), "OK");
     }
     // A client keeps writing through node 8's proxy during the move.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut acked = Vec::new();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if try_kv("127.0.0.8:17090", &format!("SET during{i} {i}")).is_ok_and(|r| r == "OK")
-                {
-                    acked.push(i);
-                }
-                i += 1;
-            }
-            acked
-        })
-    };
+    let writer = deployer::demo::WriteLoad::start("127.0.0.8:17090", "during");
     std::thread::sleep(std::time::Duration::from_millis(200));
     let report = c.deploy(&on8, &application);
     std::thread::sleep(std::time::Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let acked = writer.join().unwrap();
+    let acked = writer.stop().unwrap();
     assert_eq!(actions(&report), vec!["move kv"], "{report}");
     let m = &report["migrations"][0];
     assert_eq!(m["epoch"], 2, "{report}");

@@ -7,6 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use replicator::net::identity::{Identity, TrustList};
@@ -64,23 +66,62 @@ impl Drop for LocalAgents {
     }
 }
 
+/// One request to the example key-value store at `addr`, on its own connection, once.
+pub fn kv_once(addr: &str, cmd: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("{cmd}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::other("connection closed without an answer"));
+    }
+    Ok(line.trim().to_string())
+}
+
+/// [`kv_once`], retried until it answers (up to 10 s).
 fn kv(addr: &str, cmd: &str) -> Result<String, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let attempt = (|| -> std::io::Result<String> {
-            let mut s = TcpStream::connect(addr)?;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            s.write_all(format!("{cmd}\n").as_bytes())?;
-            let mut line = String::new();
-            BufReader::new(s).read_line(&mut line)?;
-            Ok(line.trim().to_string())
-        })();
-        match attempt {
-            Ok(r) if !r.is_empty() => return Ok(r),
-            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            Ok(_) => return Err(format!("{addr}: no answer to {cmd}")),
-            Err(e) => return Err(format!("{addr}: {e}")),
+        match kv_once(addr, cmd) {
+            Ok(r) => return Ok(r),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(format!("{addr}: {cmd}: {e}")),
         }
+    }
+}
+
+/// A client writing `SET {prefix}{i} {i}` through `addr` as fast as it is answered, until
+/// stopped — the load a move must not lose anything of.
+pub struct WriteLoad {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<u64>>,
+}
+
+impl WriteLoad {
+    pub fn start(addr: &str, prefix: &str) -> WriteLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, addr, prefix) = (stop.clone(), addr.to_string(), prefix.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut acked = Vec::new();
+            let mut i = 0;
+            while !flag.load(Ordering::Relaxed) {
+                if kv_once(&addr, &format!("SET {prefix}{i} {i}")).is_ok_and(|r| r == "OK") {
+                    acked.push(i);
+                }
+                i += 1;
+            }
+            acked
+        });
+        WriteLoad { stop, thread }
+    }
+
+    /// Stops writing; returns the `i` of every acknowledged write.
+    pub fn stop(self) -> Result<Vec<u64>, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .join()
+            .map_err(|_| "the writer thread panicked".to_string())
     }
 }
 
@@ -251,26 +292,11 @@ fn story(dir: &Path) -> Result<(), String> {
     );
     std::fs::write(&deployment, nodes(1)).map_err(|e| e.to_string())?;
     let moved = crate::config::load(&deployment, &application).map_err(|e| e.to_string())?;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut acked = Vec::new();
-            let mut i = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                if kv("127.0.0.3:17080", &format!("SET live{i} {i}")).as_deref() == Ok("OK") {
-                    acked.push(i);
-                }
-                i += 1;
-            }
-            acked
-        })
-    };
+    let writer = WriteLoad::start("127.0.0.3:17080", "live");
     std::thread::sleep(Duration::from_millis(200));
     let moved_report = run(&moved);
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let acked = writer.join().map_err(|_| "writer thread panicked")?;
+    let acked = writer.stop()?;
     let report = moved_report?;
     let mut lost = 0;
     for i in &acked {

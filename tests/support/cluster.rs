@@ -1,8 +1,7 @@
 //! Deployer test equipment: agents on 127.0.0.x as real processes, a deployer identity that
 //! they trust, and the example key-value application's client.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -266,15 +265,7 @@ pub fn kv(addr: &str, command: &str) -> String {
 }
 
 pub fn try_kv(addr: &str, command: &str) -> std::io::Result<String> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("{command}\n").as_bytes())?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::other("connection closed without an answer"));
-    }
-    Ok(line.trim().to_string())
+    deployer::demo::kv_once(addr, command)
 }
 
 /// Builds the example application as a static binary and a `FROM scratch` image of it,
