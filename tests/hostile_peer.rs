@@ -176,6 +176,7 @@ fn send_manifest(sess: &mut Session, entries: &[Entry]) {
 
 /// Reads until the peer reports an error or the connection ends; returns what it said.
 fn outcome(mut sess: Session) -> String {
+    let _ = sess.tx.flush();
     let mut said = String::new();
     loop {
         match sess.rx.recv() {

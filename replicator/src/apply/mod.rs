@@ -704,6 +704,7 @@ impl Destination {
             self.commit_tree()?;
         }
         progress.phase("verifying");
+        tracing::debug!(touched = self.touched, "committed");
         if self.touched {
             // Files changed just now would be recorded as racy and read again next time.
             std::thread::sleep(std::time::Duration::from_nanos(

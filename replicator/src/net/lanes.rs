@@ -9,11 +9,19 @@
 //! ([`LaneTx`], [`LaneRx`] implement the engine's transport traits). Backpressure runs end to
 //! end: a full QUIC send window blocks the writer task, which fills its channel, which blocks
 //! the engine.
+//!
+//! Small frames (manifest entries, chunks of small files) travel in batches. [`LaneTx`] keeps
+//! each lane's small frames in a buffer until it holds [`WRITE_BATCH`] bytes, a message that
+//! ends a phase is sent, or the engine calls [`MessageTx::flush`] before it waits for the
+//! peer; a writer task hands everything queued to QUIC in one write; a reader reads whatever
+//! has arrived (up to [`READ_BATCH`]), parses every whole frame in it and passes them on as
+//! one batch. Without this every manifest entry went out in a packet of its own, woken and
+//! encrypted on its own: 16,000 `sendmsg` calls and 0.4 s for a 20,000-entry manifest.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -22,8 +30,20 @@ use crate::manifest::Limits;
 use crate::protocol::message::{MAX_FRAME, Message};
 use crate::transport::{MessageRx, MessageTx, TransportError};
 
-/// Frames buffered per lane and direction, on top of QUIC's own windows.
+/// Frames (sending) or batches of frames (receiving) buffered per lane and direction, on top
+/// of QUIC's own windows.
 const LANE_DEPTH: usize = 8;
+
+/// Most bytes of small frames a lane buffers before handing them on, and most bytes a writer
+/// gathers from its queue into one stream write.
+pub const WRITE_BATCH: usize = 64 << 10;
+
+/// Frames below this size are copied into the lane's batch; larger ones are handed on as they
+/// are (a chunk's payload is never copied).
+const COPY_BELOW: usize = 4 << 10;
+
+/// Most bytes a reader takes from its stream at once.
+pub const READ_BATCH: usize = 64 << 10;
 
 /// The first failure seen on the connection, so every later call reports the cause rather
 /// than "closed".
@@ -80,6 +100,8 @@ type Frame = (Bytes, Option<Bytes>);
 /// Sending half: the engine's [`MessageTx`].
 pub struct LaneTx {
     lanes: Vec<mpsc::Sender<Frame>>,
+    /// Small frames not yet handed to each lane's writer.
+    pending: Vec<BytesMut>,
     next: usize,
     bytes: Arc<AtomicU64>,
     error: FirstError,
@@ -87,10 +109,19 @@ pub struct LaneTx {
 
 /// Receiving half: the engine's [`MessageRx`].
 pub struct LaneRx {
-    lanes: Vec<mpsc::Receiver<Result<Message, TransportError>>>,
+    lanes: Vec<Lane>,
     next: usize,
     bytes: Arc<AtomicU64>,
     error: FirstError,
+}
+
+/// A batch of frames one reader parsed from one read, in order; an error ends the lane.
+type Batch = Vec<Result<Message, TransportError>>;
+
+/// The receiving end of one lane: its channel and the rest of the batch being consumed.
+struct Lane {
+    batches: mpsc::Receiver<Batch>,
+    current: std::vec::IntoIter<Result<Message, TransportError>>,
 }
 
 impl LaneRx {
@@ -104,23 +135,62 @@ impl LaneTx {
     /// Sends `frame` as it is, as the next message. Only a misbehaving peer needs this: the
     /// hostile-peer tests use it to send frames no honest encoder produces.
     pub fn send_raw(&mut self, frame: Bytes) -> Result<(), TransportError> {
-        let lane = &self.lanes[self.next];
+        self.send_frame((frame, None))?;
+        self.flush()
+    }
+
+    /// Queues one frame on the next lane, batching it if it is small.
+    fn send_frame(&mut self, (head, payload): Frame) -> Result<(), TransportError> {
+        let lane = self.next;
         self.next = (self.next + 1) % self.lanes.len();
-        lane.blocking_send((frame, None))
+        let len = head.len() + payload.as_ref().map_or(0, Bytes::len);
+        if len >= COPY_BELOW {
+            self.hand_on(lane)?;
+            return self.lanes[lane]
+                .blocking_send((head, payload))
+                .map_err(|_| self.error.to_transport());
+        }
+        let buf = &mut self.pending[lane];
+        buf.extend_from_slice(&head);
+        if let Some(p) = payload {
+            buf.extend_from_slice(&p);
+        }
+        if buf.len() >= WRITE_BATCH {
+            self.hand_on(lane)?;
+        }
+        Ok(())
+    }
+
+    /// Passes lane `i`'s batched frames to its writer.
+    fn hand_on(&mut self, i: usize) -> Result<(), TransportError> {
+        if self.pending[i].is_empty() {
+            return Ok(());
+        }
+        let batch = self.pending[i].split().freeze();
+        self.lanes[i]
+            .blocking_send((batch, None))
             .map_err(|_| self.error.to_transport())
     }
 }
 
 impl MessageTx for LaneTx {
     fn send(&mut self, msg: Message) -> Result<(), TransportError> {
+        let streaming = matches!(
+            msg,
+            Message::Entry(_) | Message::Chunk(_) | Message::Want(_)
+        );
         let frame = msg.encode_frame_parts();
         let len = (frame.0.len() + frame.1.as_ref().map_or(0, Bytes::len)) as u64;
-        let lane = &self.lanes[self.next];
-        self.next = (self.next + 1) % self.lanes.len();
-        lane.blocking_send(frame)
-            .map_err(|_| self.error.to_transport())?;
+        self.send_frame(frame)?;
         self.bytes.fetch_add(len, Ordering::Relaxed);
+        if !streaming {
+            self.flush()?;
+        }
         Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        (0..self.lanes.len()).try_for_each(|i| self.hand_on(i))
     }
 
     fn wire_bytes(&self) -> u64 {
@@ -133,10 +203,14 @@ impl MessageRx for LaneRx {
         let n = self.lanes.len();
         let lane = &mut self.lanes[self.next];
         self.next = (self.next + 1) % n;
-        match lane.blocking_recv() {
-            Some(Ok(msg)) => Ok(msg),
-            Some(Err(e)) => Err(e),
-            None => Err(self.error.to_transport()),
+        loop {
+            if let Some(item) = lane.current.next() {
+                return item;
+            }
+            match lane.batches.blocking_recv() {
+                Some(batch) => lane.current = batch.into_iter(),
+                None => return Err(self.error.to_transport()),
+            }
         }
     }
 }
@@ -176,11 +250,11 @@ pub fn start(
         tx_lanes.push(tx);
         let error = error.clone();
         writers.push(tokio::spawn(async move {
-            while let Some((head, payload)) = rx.recv().await {
-                let written = match payload {
-                    Some(p) => stream.write_all_chunks(&mut [head, p]).await,
-                    None => stream.write_all(&head).await,
-                };
+            let mut parts = Vec::new();
+            while let Some(first) = rx.recv().await {
+                gather(first, &mut rx, &mut parts);
+                let written = stream.write_all_chunks(&mut parts).await;
+                parts.clear();
                 if let Err(e) = written {
                     error.set(match e {
                         quinn::WriteError::ConnectionLost(c) => describe(&c),
@@ -196,28 +270,24 @@ pub fn start(
     let mut readers = Vec::new();
     for mut stream in recv {
         let (tx, rx) = mpsc::channel(LANE_DEPTH);
-        rx_lanes.push(rx);
+        rx_lanes.push(Lane {
+            batches: rx,
+            current: Vec::new().into_iter(),
+        });
         let error = error.clone();
         let received = received.clone();
         readers.push(tokio::spawn(async move {
+            let mut reader = FrameReader::default();
             loop {
-                let item = read_frame(&mut stream, &limits).await;
-                let stop = !matches!(item, Ok(Some(_)));
-                let item = match item {
-                    Ok(Some((msg, len))) => {
-                        received.fetch_add(len, Ordering::Relaxed);
-                        Ok(msg)
-                    }
-                    // A lane that ends cleanly: the peer has nothing more to say.
-                    Ok(None) => return,
-                    Err(e) => {
-                        if let TransportError::Other(why) = &e {
-                            error.set(why.clone());
-                        }
-                        Err(e)
-                    }
-                };
-                if tx.send(item).await.is_err() || stop {
+                let (batch, end) = reader.next_batch(&mut stream, &limits).await;
+                let bytes: u64 = batch.iter().filter_map(|(_, len)| *len).sum();
+                received.fetch_add(bytes, Ordering::Relaxed);
+                let batch: Batch = batch.into_iter().map(|(item, _)| item).collect();
+                let failed = batch.last().is_some_and(|r| r.is_err());
+                if let Some(Err(TransportError::Other(why))) = batch.last() {
+                    error.set(why.clone());
+                }
+                if (!batch.is_empty() && tx.send(batch).await.is_err()) || failed || end {
                     return;
                 }
             }
@@ -225,6 +295,7 @@ pub fn start(
     }
     (
         LaneTx {
+            pending: vec![BytesMut::new(); tx_lanes.len()],
             lanes: tx_lanes,
             next: 0,
             bytes: sent,
@@ -240,29 +311,111 @@ pub fn start(
     )
 }
 
-/// Reads one frame: `Ok(None)` at a clean end of stream between frames.
-pub async fn read_frame(
-    stream: &mut RecvStream,
-    limits: &Limits,
-) -> Result<Option<(Message, u64)>, TransportError> {
-    let mut len = [0u8; 4];
-    match stream.read_exact(&mut len).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(e) => return Err(TransportError::Other(read_error(e))),
+/// Moves `first` and every frame already queued behind it (up to [`WRITE_BATCH`] bytes) into
+/// `parts`, copying small pieces together so QUIC sees a few large buffers.
+fn gather(first: Frame, queue: &mut mpsc::Receiver<Frame>, parts: &mut Vec<Bytes>) {
+    let mut small = BytesMut::new();
+    let mut total = 0;
+    let mut next = Some(first);
+    while let Some((head, payload)) = next.take() {
+        for piece in std::iter::once(head).chain(payload) {
+            total += piece.len();
+            if piece.len() < COPY_BELOW {
+                small.extend_from_slice(&piece);
+                continue;
+            }
+            if !small.is_empty() {
+                parts.push(small.split().freeze());
+            }
+            parts.push(piece);
+        }
+        if total < WRITE_BATCH {
+            next = queue.try_recv().ok();
+        }
     }
-    let n = u32::from_be_bytes(len) as usize;
-    if n == 0 || n > MAX_FRAME {
-        return Err(TransportError::Malformed(format!(
-            "frame of {n} bytes (limit {MAX_FRAME})"
-        )));
+    if !small.is_empty() {
+        parts.push(small.freeze());
     }
-    let mut body = vec![0u8; n];
-    stream.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => TransportError::Malformed(read_error(e)),
-        e => TransportError::Other(read_error(e)),
-    })?;
-    let msg = Message::decode_body(&body, limits)
-        .map_err(|e| TransportError::Malformed(e.to_string()))?;
-    Ok(Some((msg, 4 + n as u64)))
+}
+
+/// Cuts a lane's byte stream into frames, reading up to [`READ_BATCH`] bytes at a time.
+#[derive(Default)]
+pub struct FrameReader {
+    buf: BytesMut,
+    ended: bool,
+}
+
+/// A parsed frame (or the error that ends the lane) and, for a frame, its length on the wire.
+type Parsed = (Result<Message, TransportError>, Option<u64>);
+
+impl FrameReader {
+    /// The frames that arrived with the next read. The flag is true when the lane is over:
+    /// cleanly finished between frames, or with the error that ends the batch.
+    pub async fn next_batch(
+        &mut self,
+        stream: &mut RecvStream,
+        limits: &Limits,
+    ) -> (Vec<Parsed>, bool) {
+        let mut batch = Vec::new();
+        loop {
+            match self.parse(limits) {
+                Ok(Some(parsed)) => {
+                    batch.push(parsed);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    batch.push((Err(e), None));
+                    return (batch, true);
+                }
+            }
+            if !batch.is_empty() {
+                return (batch, false);
+            }
+            if self.ended {
+                if !self.buf.is_empty() {
+                    let e = quinn::ReadExactError::FinishedEarly(self.buf.len());
+                    batch.push((Err(TransportError::Malformed(read_error(e))), None));
+                }
+                // A lane that ends cleanly: the peer has nothing more to say.
+                return (batch, true);
+            }
+            let have = self.buf.len();
+            self.buf.resize(have + READ_BATCH, 0);
+            match stream.read(&mut self.buf[have..]).await {
+                Ok(Some(n)) => self.buf.truncate(have + n),
+                Ok(None) => {
+                    self.buf.truncate(have);
+                    self.ended = true;
+                }
+                Err(e) => {
+                    let e = quinn::ReadExactError::ReadError(e);
+                    batch.push((Err(TransportError::Other(read_error(e))), None));
+                    return (batch, true);
+                }
+            }
+        }
+    }
+
+    /// The next whole frame in the buffer, if there is one.
+    fn parse(&mut self, limits: &Limits) -> Result<Option<Parsed>, TransportError> {
+        let Some(len) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let n = u32::from_be_bytes(len.try_into().expect("four bytes")) as usize;
+        if n == 0 || n > MAX_FRAME {
+            return Err(TransportError::Malformed(format!(
+                "frame of {n} bytes (limit {MAX_FRAME})"
+            )));
+        }
+        if self.buf.len() < 4 + n {
+            self.buf.reserve(4 + n - self.buf.len());
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(4 + n);
+        let body = frame.split_off(4).freeze();
+        let msg = Message::decode_frame(&body, limits)
+            .map_err(|e| TransportError::Malformed(e.to_string()))?;
+        Ok(Some((Ok(msg), Some(4 + n as u64))))
+    }
 }

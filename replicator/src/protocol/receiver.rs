@@ -126,11 +126,13 @@ fn session(
         return Err(SessionError::Protocol(why));
     }
     progress.phase("scanning");
+    let started = std::time::Instant::now();
     let dest = slot.insert(Destination::prepare(
         dst,
         header(hello.mode, hello.chunker),
         state,
     )?);
+    tracing::debug!(ms = started.elapsed().as_millis(), "destination walked");
     let (count, root) = loop {
         match feed.next()? {
             Message::Entry(_) if dest.stats.entries >= max_entries => {
@@ -153,6 +155,11 @@ fn session(
             "manifest digest or entry count does not match what was announced ({count} entries, root {root})"
         )));
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        entries = count,
+        "manifest received and planned"
+    );
     progress.set_total(dest.progress_total());
     let wants = dest.take_wants();
     let mut chunks = ChunkStream {
@@ -193,8 +200,10 @@ fn session(
             )));
         }
     };
+    tracing::debug!(ms = started.elapsed().as_millis(), "chunks received");
     let dest = slot.take().expect("destination prepared above");
     let (got, stats) = dest.commit(root, progress)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "committed and verified");
     tx.send(Message::Done {
         root: got,
         stats: DoneStats {

@@ -97,6 +97,7 @@ fn session(
         _ => {}
     }
 
+    let started = std::time::Instant::now();
     let mut digest = DigestBuilder::new(&header(opts.mode, chunker));
     progress.restart("scanning", 0);
     let (mut map, scan) = match opts.mode {
@@ -124,6 +125,11 @@ fn session(
         root,
     })?;
 
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        entries = digest.entries(),
+        "manifest sent"
+    );
     let mut report = SenderReport {
         root,
         scan,
@@ -149,6 +155,8 @@ fn session(
                     policy.sent(len, std::time::Instant::now());
                     progress.advance(len);
                 }
+                // The receiver may be waiting for the last of these.
+                tx.flush()?;
             }
             Message::WantEnd => break,
             other => {
@@ -159,10 +167,17 @@ fn session(
             }
         }
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        chunks = report.chunks_sent,
+        "chunks sent"
+    );
     tx.send(Message::ChunksEnd {
         bytes_read: report.scan.bytes_read,
     })?;
-    match next(&mut phase, rx)? {
+    let done = next(&mut phase, rx)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "receiver done");
+    match done {
         Message::Done { root: got, stats } if got == root => Ok(SenderReport {
             receiver: stats,
             ..report

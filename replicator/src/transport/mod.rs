@@ -22,8 +22,16 @@ pub enum TransportError {
 }
 
 /// Sends messages to the peer. Blocks while the peer is not keeping up (backpressure).
+///
+/// A transport may hold back small streaming messages (`Entry`, `Chunk`, `Want`) to send them
+/// together; any other message sends everything before it. A session that is about to wait
+/// for its peer after streaming messages calls [`MessageTx::flush`] first.
 pub trait MessageTx: Send {
     fn send(&mut self, msg: Message) -> Result<(), TransportError>;
+    /// Sends whatever is held back.
+    fn flush(&mut self) -> Result<(), TransportError> {
+        Ok(())
+    }
     /// Bytes sent so far, counted as framed on the wire.
     fn wire_bytes(&self) -> u64;
 }
