@@ -232,6 +232,39 @@ fn incremental_sync_reads_and_sends_only_what_changed() {
 }
 
 #[test]
+fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("src"),
+        tmp.path().join("dst"),
+        tmp.path().join("state"),
+    );
+    fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..20 {
+        fs::write(src.join(format!("d/f-{i}")), bytes(300 + i, 5000)).unwrap();
+    }
+    settle();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    settle();
+    // Nothing changed: verified from what the receiver's own walk saw, twice in a row.
+    for _ in 0..2 {
+        let s = summary(&run_sync(&src, &dst, &state, &[]));
+        assert_eq!(s["files_written"], 0, "{s}");
+        assert_eq!(s["chunks_sent"], 0, "{s}");
+    }
+    // Someone scribbles on the copy (same size) and adds a stray file.
+    fs::write(dst.join("d/f-3"), bytes(999, 5000)).unwrap();
+    fs::write(dst.join("d/stray"), b"not in the source").unwrap();
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_eq!(s["files_written"], 1, "{s}");
+    assert_eq!(s["deleted"], 1, "{s}");
+    assert_mirrors(&src, &dst);
+    settle();
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_eq!(s["files_written"], 0, "{s}");
+}
+
+#[test]
 fn a_source_read_error_aborts_before_touching_the_destination() {
     let tmp = tempfile::tempdir().unwrap();
     let base = tmp.path();

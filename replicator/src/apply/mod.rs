@@ -112,6 +112,8 @@ pub struct Destination {
     /// Whether this run changed anything on disk (then the verify scan waits out the racy
     /// window, so what it records can be trusted by the next sync).
     touched: bool,
+    /// When the prepare walk started: the time its stat results are recorded at.
+    prepared_at: i128,
     entries: Vec<(Entry, Plan)>,
     want: WantList,
     wanted: HashSet<ChunkId>,
@@ -126,6 +128,7 @@ pub struct Destination {
 impl Destination {
     /// Phase 1: look at the destination and mark it incomplete.
     pub fn prepare(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
+        let prepared_at = now_ns();
         let index = FileIndex::load(&state.index_file(), header.chunker);
         let mut existing = HashMap::new();
         let mut vol = None;
@@ -214,6 +217,7 @@ impl Destination {
             local,
             in_place,
             touched: false,
+            prepared_at,
             entries: Vec::new(),
             want: WantList::default(),
             wanted: HashSet::new(),
@@ -856,8 +860,9 @@ impl Destination {
         Ok(())
     }
 
-    /// Walks the result and recomputes its digest, using the chunk lists just written or
-    /// verified for file contents and what is on disk for everything else.
+    /// Recomputes the destination's digest from what is on disk, using the chunk lists just
+    /// written or verified for file contents. After changes the result is walked again; a run
+    /// that changed nothing reuses what the prepare walk read.
     fn verify(&self) -> Result<(RootDigest, FileIndex), ApplyError> {
         let scan_start = now_ns();
         let mut index = FileIndex::new(self.header.chunker);
@@ -890,44 +895,80 @@ impl Destination {
         }
         let by_path: HashMap<&RelPath, &Entry> =
             self.entries.iter().map(|(e, _)| (&e.path, e)).collect();
-        let mut links: HashMap<(u64, u64), RelPath> = HashMap::new();
-        walk(&self.path, WalkOptions::default(), &mut |s| {
-            let want = by_path.get(&s.path);
-            let entry = if s.stat.is_file()
-                && s.stat.nlink > 1
-                && links.contains_key(&(s.stat.dev, s.stat.ino))
-            {
-                Entry {
-                    path: s.path.clone(),
-                    kind: EntryKind::HardLink {
-                        target: links[&(s.stat.dev, s.stat.ino)].clone(),
-                    },
-                    meta: Default::default(),
+        let mut check = Verifier {
+            root: &self.path,
+            by_path,
+            links: HashMap::new(),
+            index,
+            digest,
+        };
+        let stopped = |err: ApplyError| crate::volume::walk::WalkError::Stopped(err.to_string());
+        if self.touched {
+            // Something changed: the whole destination is walked again.
+            walk(&self.path, WalkOptions::default(), &mut |s| {
+                check.add(s, scan_start).map_err(stopped)
+            })
+            .map_err(|err| ApplyError::Manifest(err.to_string()))?;
+        } else {
+            // Nothing was created, renamed, removed or changed: the destination is what the
+            // prepare walk saw, and that walk found nothing the manifest lacks.
+            for (e, _) in &self.entries {
+                let s = self.existing.get(&e.path).cloned().ok_or_else(|| {
+                    ApplyError::LocalChanged(format!("{} vanished during the sync", e.path))
+                })?;
+                check.add(s, self.prepared_at)?;
+            }
+        }
+        Ok((check.digest.finish(), check.index))
+    }
+}
+
+/// Recomputes the digest of the destination from what is on disk, entry by entry in volume
+/// order, and records each regular file in the new receiver index.
+struct Verifier<'a> {
+    root: &'a Path,
+    /// What the manifest says each path holds: a file's content is taken to be the chunk
+    /// list just written or verified when its size agrees.
+    by_path: HashMap<&'a RelPath, &'a Entry>,
+    /// The first name seen of each multiply-linked inode.
+    links: HashMap<(u64, u64), RelPath>,
+    index: FileIndex,
+    digest: DigestBuilder,
+}
+
+impl Verifier<'_> {
+    /// Adds one entry as found on disk; `seen_at` is when its attributes were read.
+    fn add(&mut self, s: Scanned, seen_at: i128) -> Result<(), ApplyError> {
+        let inode = (s.stat.dev, s.stat.ino);
+        let entry = if s.stat.is_file() && s.stat.nlink > 1 && self.links.contains_key(&inode) {
+            Entry {
+                path: s.path.clone(),
+                kind: EntryKind::HardLink {
+                    target: self.links[&inode].clone(),
+                },
+                meta: Default::default(),
+            }
+        } else {
+            if s.stat.is_file() && s.stat.nlink > 1 {
+                self.links.insert(inode, s.path.clone());
+            }
+            let segments = match self.by_path.get(&s.path).map(|w| &w.kind) {
+                Some(EntryKind::File { size, segments }) if *size == s.stat.size => {
+                    segments.clone()
                 }
-            } else {
-                if s.stat.is_file() && s.stat.nlink > 1 {
-                    links.insert((s.stat.dev, s.stat.ino), s.path.clone());
-                }
-                // Content is what we wrote (verified chunk by chunk) if the size agrees.
-                let segments = match want.map(|w| &w.kind) {
-                    Some(EntryKind::File { size, segments }) if *size == s.stat.size => {
-                        segments.clone()
-                    }
-                    _ => Vec::new(),
-                };
-                let size = segments.iter().map(Segment::len).sum();
-                if s.stat.is_file() && size == s.stat.size {
-                    index.record(s.path.clone(), &s.stat, segments.clone(), scan_start);
-                }
-                entry_of(&s, &self.path, Some((size, segments)))
-                    .map_err(|err| crate::volume::walk::WalkError::Stopped(err.to_string()))?
+                _ => Vec::new(),
             };
-            digest
-                .add(&entry)
-                .map_err(|err| crate::volume::walk::WalkError::Stopped(err.to_string()))
-        })
-        .map_err(|err| ApplyError::Manifest(err.to_string()))?;
-        Ok((digest.finish(), index))
+            let size = segments.iter().map(Segment::len).sum();
+            if s.stat.is_file() && size == s.stat.size {
+                self.index
+                    .record(s.path.clone(), &s.stat, segments.clone(), seen_at);
+            }
+            entry_of(&s, self.root, Some((size, segments)))
+                .map_err(|err| ApplyError::Manifest(err.to_string()))?
+        };
+        self.digest
+            .add(&entry)
+            .map_err(|err| ApplyError::Manifest(err.to_string()))
     }
 }
 
