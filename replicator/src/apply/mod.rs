@@ -363,9 +363,21 @@ impl Destination {
                 _ => None,
             }
         };
-        // The old file at this path, when the index cannot vouch for it: check it by hash.
-        let old: Option<File> = match self.existing.get(&e.path) {
-            Some(h) if !block && h.stat.is_file() => self.vol_mut().open_read(&dir, &name).ok(),
+        // The old file at this path: what the index vouches it holds at each offset, or else
+        // the file itself, to check by hash.
+        let have = self.existing.get(&e.path).filter(|h| !block && h.stat.is_file());
+        let vouched: Option<HashMap<u64, (ChunkId, u32)>> = have
+            .and_then(|h| self.index.lookup(&e.path, &h.stat))
+            .map(|old| {
+                offsets(old)
+                    .filter_map(|(off, seg)| match *seg {
+                        Segment::Chunk { id, len } => Some((off, (id, len))),
+                        Segment::Zero { .. } => None,
+                    })
+                    .collect()
+            });
+        let old: Option<File> = match have {
+            Some(_) if vouched.is_none() => self.vol_mut().open_read(&dir, &name).ok(),
             _ => None,
         };
         let mut sources = Vec::with_capacity(segments.len());
@@ -384,9 +396,12 @@ impl Destination {
             {
                 resume = true;
                 Src::InPlace
-            } else if old
+            } else if vouched
                 .as_ref()
-                .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
+                .is_some_and(|at| at.get(&off) == Some(&(id, len)))
+                || old
+                    .as_ref()
+                    .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
             {
                 Src::Local(Loc {
                     dir: dir.clone(),
@@ -860,9 +875,11 @@ impl Destination {
         Ok(())
     }
 
-    /// Recomputes the destination's digest from what is on disk, using the chunk lists just
-    /// written or verified for file contents. After changes the result is walked again; a run
-    /// that changed nothing reuses what the prepare walk read.
+    /// Recomputes the destination's digest from what is on disk, entry by entry, using the
+    /// chunk lists just written or verified for file contents. Entries this run created,
+    /// replaced or changed (and every directory, once anything changed) are read again; the
+    /// rest are as the prepare walk saw them — that walk also found everything the manifest
+    /// lacks, and the commit removed it.
     fn verify(&self) -> Result<(RootDigest, FileIndex), ApplyError> {
         let scan_start = now_ns();
         let mut index = FileIndex::new(self.header.chunker);
@@ -902,22 +919,22 @@ impl Destination {
             index,
             digest,
         };
-        let stopped = |err: ApplyError| crate::volume::walk::WalkError::Stopped(err.to_string());
-        if self.touched {
-            // Something changed: the whole destination is walked again.
-            walk(&self.path, WalkOptions::default(), &mut |s| {
-                check.add(s, scan_start).map_err(stopped)
-            })
-            .map_err(|err| ApplyError::Manifest(err.to_string()))?;
-        } else {
-            // Nothing was created, renamed, removed or changed: the destination is what the
-            // prepare walk saw, and that walk found nothing the manifest lacks.
-            for (e, _) in &self.entries {
-                let s = self.existing.get(&e.path).cloned().ok_or_else(|| {
-                    ApplyError::LocalChanged(format!("{} vanished during the sync", e.path))
-                })?;
-                check.add(s, self.prepared_at)?;
-            }
+        for (e, plan) in &self.entries {
+            // What this run did not touch is as the prepare walk saw it; the rest is read again.
+            let untouched = !self.touched
+                || (matches!(plan, Plan::Keep { meta: false }) && !matches!(e.kind, EntryKind::Dir));
+            let (s, seen_at) = match self.existing.get(&e.path) {
+                Some(s) if untouched => (s.clone(), self.prepared_at),
+                _ => (
+                    scan_one(&self.path, &e.path, WalkOptions::default())
+                        .map_err(|err| ApplyError::Manifest(err.to_string()))?
+                        .ok_or_else(|| {
+                            ApplyError::LocalChanged(format!("{} vanished during the sync", e.path))
+                        })?,
+                    scan_start,
+                ),
+            };
+            check.add(s, seen_at)?;
         }
         Ok((check.digest.finish(), check.index))
     }
