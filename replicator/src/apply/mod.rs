@@ -16,6 +16,7 @@
 //! destination as it was (temp files are removed on a clean abort, kept for resume if the
 //! connection broke). See docs/architecture.md for the crash-safety argument.
 
+pub mod flusher;
 pub mod fsops;
 pub mod plan;
 
@@ -122,6 +123,8 @@ pub struct Destination {
     created_temps: Vec<(RelPath, Vec<u8>)>,
     created_dirs: Vec<RelPath>,
     kept_inodes: HashSet<(u64, u64)>,
+    /// Syncs big finished files while later ones are written.
+    flusher: flusher::Flusher,
     pub stats: ApplyStats,
 }
 
@@ -224,6 +227,7 @@ impl Destination {
             created_temps: Vec::new(),
             created_dirs: Vec::new(),
             kept_inodes: HashSet::new(),
+            flusher: flusher::Flusher::default(),
             stats: ApplyStats::default(),
         })
     }
@@ -365,7 +369,10 @@ impl Destination {
         };
         // The old file at this path: what the index vouches it holds at each offset, or else
         // the file itself, to check by hash.
-        let have = self.existing.get(&e.path).filter(|h| !block && h.stat.is_file());
+        let have = self
+            .existing
+            .get(&e.path)
+            .filter(|h| !block && h.stat.is_file());
         let vouched: Option<HashMap<u64, (ChunkId, u32)>> = have
             .and_then(|h| self.index.lookup(&e.path, &h.stat))
             .map(|old| {
@@ -571,6 +578,9 @@ impl Destination {
                 fsops::apply_meta_fd(&file, &e.meta)
                     .map_err(io_err("cannot set attributes of", &shown))?;
                 self.stats.files_written += 1;
+                if *size >= flusher::EARLY_SYNC_MIN {
+                    self.flusher.submit(file, shown);
+                }
             }
             (Plan::Special, kind) => {
                 let (parent, name) = split(&e.path);
@@ -644,7 +654,14 @@ impl Destination {
                 file.set_len(size).map_err(io_err("cannot size", &shown))?;
             }
             let mut buf = Vec::new();
+            let mut unsynced = 0;
             for ((off, seg), src) in offsets(e.segments()).zip(sources) {
+                if unsynced >= flusher::EARLY_SYNC_MIN * 32 {
+                    // Let the disk work through what is written so far while more arrives.
+                    let handle = file.try_clone().map_err(io_err("cannot sync", &shown))?;
+                    self.flusher.submit(handle, shown.clone());
+                    unsynced = 0;
+                }
                 match (*seg, src) {
                     (Segment::Chunk { id, .. }, Src::Wire) => {
                         let data = feed.next_chunk(id)?;
@@ -652,6 +669,7 @@ impl Destination {
                             .map_err(io_err("cannot write", &shown))?;
                         crate::crashpoint::reached("chunk");
                         self.stats.files_written = 1;
+                        unsynced += data.len() as u64;
                     }
                     (Segment::Chunk { id, len }, Src::Local(loc)) => {
                         if !range_has(&file, loc.offset, len, &id, &mut buf) {
@@ -677,6 +695,9 @@ impl Destination {
                 file.set_len(size).map_err(io_err("cannot size", &shown))?;
             }
         }
+        self.flusher
+            .finish()
+            .map_err(|(path, e)| io_err("cannot sync", &path)(e))?;
         file.sync_all().map_err(io_err("cannot sync", &shown))?;
         Ok(())
     }
@@ -749,6 +770,9 @@ impl Destination {
     fn commit_tree(&mut self) -> Result<(), ApplyError> {
         let vol = self.vol.as_mut().expect("tree");
         let root_shown = vol.root_path().display().to_string();
+        self.flusher
+            .finish()
+            .map_err(|(path, e)| io_err("cannot sync", &path)(e))?;
         let changed = !self.created_temps.is_empty() || !self.created_dirs.is_empty();
         if changed {
             // Temp file data must be durable before any rename makes it visible.
@@ -922,7 +946,8 @@ impl Destination {
         for (e, plan) in &self.entries {
             // What this run did not touch is as the prepare walk saw it; the rest is read again.
             let untouched = !self.touched
-                || (matches!(plan, Plan::Keep { meta: false }) && !matches!(e.kind, EntryKind::Dir));
+                || (matches!(plan, Plan::Keep { meta: false })
+                    && !matches!(e.kind, EntryKind::Dir));
             let (s, seen_at) = match self.existing.get(&e.path) {
                 Some(s) if untouched => (s.clone(), self.prepared_at),
                 _ => (
