@@ -37,7 +37,7 @@ use crate::snapshot::entry_of;
 use crate::state::TargetState;
 use crate::volume::walk::{Scanned, WalkOptions, scan_one, walk};
 use fsops::{VolumeDir, os, temp_name};
-use plan::{Loc, Plan, Src, WantList, offsets};
+use plan::{Loc, Plan, SourceFiles, Src, WantList, offsets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -107,6 +107,8 @@ pub struct Destination {
     index: FileIndex,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
     local: HashMap<ChunkId, Loc>,
+    /// The files `local` points into.
+    sources: SourceFiles,
     /// Block image: the chunk at each offset, when the index vouches for the image (a
     /// regular file whose stat is unchanged since the last sync wrote it).
     in_place: HashMap<u64, (ChunkId, u32)>,
@@ -117,7 +119,6 @@ pub struct Destination {
     prepared_at: i128,
     entries: Vec<(Entry, Plan)>,
     want: WantList,
-    wanted: HashSet<ChunkId>,
     digest: DigestBuilder,
     /// Created in this run; removed again on a clean abort.
     created_temps: Vec<(RelPath, Vec<u8>)>,
@@ -174,6 +175,7 @@ impl Destination {
         // Where chunks probably are: files whose stat is unchanged since the index recorded
         // them. Every chunk read from these is verified, so racy records may be used too.
         let mut local = HashMap::new();
+        let mut sources = SourceFiles::default();
         if header.mode == VolumeMode::Tree {
             for (p, e) in &index.entries {
                 let Some(have) = existing.get(p) else {
@@ -185,13 +187,10 @@ impl Destination {
                 let Some((dir, name)) = p.split_last() else {
                     continue;
                 };
+                let file = sources.add(dir, name.to_vec());
                 for (off, seg) in offsets(&e.segments) {
                     if let Segment::Chunk { id, .. } = seg {
-                        local.entry(*id).or_insert_with(|| Loc {
-                            dir: dir.clone(),
-                            name: name.to_vec(),
-                            offset: off,
-                        });
+                        local.entry(*id).or_insert(Loc { file, offset: off });
                     }
                 }
             }
@@ -218,12 +217,12 @@ impl Destination {
             existing,
             index,
             local,
+            sources,
             in_place,
             touched: false,
             prepared_at,
             entries: Vec::new(),
             want: WantList::default(),
-            wanted: HashSet::new(),
             created_temps: Vec::new(),
             created_dirs: Vec::new(),
             kept_inodes: HashSet::new(),
@@ -388,6 +387,8 @@ impl Destination {
             _ => None,
         };
         let mut sources = Vec::with_capacity(segments.len());
+        // This entry's numbers in `self.sources`: the old file and the file being built.
+        let (mut old_file, mut new_file) = (None, None);
         let mut resume = false;
         let mut buf = Vec::new();
         for (off, seg) in offsets(segments) {
@@ -410,27 +411,24 @@ impl Destination {
                     .as_ref()
                     .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
             {
-                Src::Local(Loc {
-                    dir: dir.clone(),
-                    name: name.clone(),
-                    offset: off,
-                })
+                let file =
+                    *old_file.get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
+                Src::Local(Loc { file, offset: off })
             } else if let Some(loc) = self.local.get(&id) {
-                Src::Local(loc.clone())
+                Src::Local(*loc)
             } else {
-                if self.wanted.insert(id) {
-                    self.want.push(id, u64::from(len));
-                }
+                // Not seen before in this run (a second occurrence finds it in `local`).
+                self.want.push(id, u64::from(len));
                 Src::Wire
             };
             if !matches!(src, Src::Local(_)) {
                 // Later occurrences copy it from here (in block mode: from the volume itself,
                 // at an offset that is written once and never again).
-                self.local.entry(id).or_insert_with(|| Loc {
-                    dir: dir.clone(),
-                    name: if block { Vec::new() } else { temp.clone() },
-                    offset: off,
+                let file = *new_file.get_or_insert_with(|| {
+                    let name = if block { Vec::new() } else { temp.clone() };
+                    self.sources.add(dir.clone(), name)
                 });
+                self.local.entry(id).or_insert(Loc { file, offset: off });
             }
             sources.push(src);
         }
@@ -445,7 +443,7 @@ impl Destination {
             && offsets(segments)
                 .zip(&sources)
                 .all(|((off, seg), src)| match src {
-                    Src::Local(l) => l.dir == dir && l.name == name && l.offset == off,
+                    Src::Local(l) => Some(l.file) == old_file && l.offset == off,
                     Src::Zero => range_is_zero(f, off, seg.len(), &mut buf),
                     _ => false,
                 })
@@ -552,7 +550,7 @@ impl Destination {
                         Src::Zero | Src::InPlace => None,
                         Src::Local(loc) => {
                             let vol = self.vol.as_mut().expect("tree");
-                            let d = reader.read(vol, loc, len, &id)?;
+                            let d = reader.read(vol, &self.sources, loc, len, &id)?;
                             self.stats.bytes_copied_locally += u64::from(len);
                             Some(d)
                         }
@@ -1045,27 +1043,28 @@ fn range_is_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool {
 /// Reads chunks back from the destination, keeping the last file open.
 #[derive(Default)]
 struct LocalReader {
-    open: Option<(RelPath, Vec<u8>, File)>,
+    open: Option<(u32, File)>,
 }
 
 impl LocalReader {
     fn read(
         &mut self,
         vol: &mut VolumeDir,
+        files: &SourceFiles,
         loc: &Loc,
         len: u32,
         id: &ChunkId,
     ) -> Result<Bytes, ApplyError> {
-        let hit = matches!(&self.open, Some((d, n, _)) if *d == loc.dir && *n == loc.name);
-        let shown = || format!("{}/{}", loc.dir, String::from_utf8_lossy(&loc.name));
-        if !hit {
-            let f = vol
-                .open_read(&loc.dir, &loc.name)
-                .map_err(|_| ApplyError::LocalChanged(shown()))?;
-            self.open = Some((loc.dir.clone(), loc.name.clone(), f));
-        }
-        let Some((_, _, f)) = &self.open else {
-            unreachable!("opened above")
+        let (dir, name) = files.get(loc.file);
+        let shown = || format!("{dir}/{}", String::from_utf8_lossy(name));
+        let f = match &self.open {
+            Some((n, f)) if *n == loc.file => f,
+            _ => {
+                let f = vol
+                    .open_read(dir, name)
+                    .map_err(|_| ApplyError::LocalChanged(shown()))?;
+                &self.open.insert((loc.file, f)).1
+            }
         };
         let mut buf = vec![0u8; len as usize];
         if f.read_exact_at(&mut buf, loc.offset).is_err() || ChunkId::of(&buf) != *id {

@@ -9,12 +9,32 @@ use crate::chunk::{ChunkId, Segment};
 use crate::manifest::{Entry, EntryKind, Meta, RelPath};
 use crate::volume::walk::Scanned;
 
-/// A byte range of a file currently in the destination (final or temp name).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A byte range of a file currently in the destination (final or temp name): the file is an
+/// index into the destination's [`SourceFiles`], so a million of these stay small.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Loc {
-    pub dir: RelPath,
-    pub name: Vec<u8>,
+    pub file: u32,
     pub offset: u64,
+}
+
+/// The destination files that chunks may be copied from, each named once.
+#[derive(Debug, Default)]
+pub struct SourceFiles {
+    names: Vec<(RelPath, Vec<u8>)>,
+}
+
+impl SourceFiles {
+    /// Adds the file `name` in directory `dir`; returns its number.
+    pub fn add(&mut self, dir: RelPath, name: Vec<u8>) -> u32 {
+        self.names.push((dir, name));
+        u32::try_from(self.names.len() - 1).expect("fewer than 2^32 source files")
+    }
+
+    /// The directory and name of file number `file`.
+    pub fn get(&self, file: u32) -> (&RelPath, &[u8]) {
+        let (dir, name) = &self.names[file as usize];
+        (dir, name)
+    }
 }
 
 /// Where one segment of a file being built comes from.
