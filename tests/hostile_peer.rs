@@ -147,6 +147,7 @@ fn hello() -> Message {
         mode: VolumeMode::Tree,
         chunker: ChunkerParams::default(),
         compress: false,
+        stream: false,
     })
 }
 
@@ -522,6 +523,82 @@ fn hostile_server_answers_to_a_pull_are_rejected() {
         assert!(err.contains(needle), "{needle}: {err}");
         assert_eq!(describe(&dst), before, "{needle}: destination changed");
         assert!(!escaped.exists(), "{needle}: wrote outside the destination");
+    }
+}
+
+#[test]
+fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let client = Ident::create(&tmp.path().join("client-id"));
+    let dst = tmp.path().join("fresh");
+    type Script = Box<dyn FnOnce(&mut LaneTx, &mut LaneRx) + Send>;
+    let cases: Vec<(&str, Script)> = vec![
+        (
+            "hashes to",
+            Box::new(|tx, rx| {
+                let asked = greet_streamed(tx, rx);
+                assert!(asked, "an empty destination asks for a streamed session");
+                let honest = bytes(9, 5000);
+                tx.send(Message::Entry(root())).unwrap();
+                tx.send(Message::Entry(file("z", &honest))).unwrap();
+                tx.send(Message::Chunk(ChunkData {
+                    id: ChunkId::of(&honest),
+                    encoding: Encoding::Raw,
+                    raw_len: 5000,
+                    payload: Bytes::from(bytes(10, 5000)),
+                }))
+                .unwrap();
+                tx.flush().unwrap();
+                until_client_gives_up(rx);
+            }),
+        ),
+        (
+            "no chunk was due",
+            Box::new(|tx, rx| {
+                greet_streamed(tx, rx);
+                let data = bytes(11, 3000);
+                tx.send(Message::Entry(root())).unwrap();
+                tx.send(Message::Entry(dir("d"))).unwrap();
+                tx.send(Message::Chunk(ChunkData::encode(
+                    ChunkId::of(&data),
+                    &data,
+                    false,
+                )))
+                .unwrap();
+                tx.flush().unwrap();
+                until_client_gives_up(rx);
+            }),
+        ),
+    ];
+    for (needle, script) in cases {
+        std::fs::create_dir_all(&dst).unwrap();
+        let (addr, fp, server) = hostile_server(&tmp.path().join("liar-id"), script);
+        let out = client_sync(
+            &client,
+            &fp,
+            &format!("{addr}/vol"),
+            dst.to_str().unwrap(),
+            &tmp.path().join("state"),
+            &[],
+        );
+        server.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{needle}: the client accepted it");
+        assert!(err.contains(needle), "{needle}: {err}");
+        let left: Vec<_> = std::fs::read_dir(&dst).unwrap().collect();
+        assert!(
+            left.is_empty(),
+            "{needle}: left {left:?} in the destination"
+        );
+    }
+}
+
+/// Exchanges hellos; true if the client asked for a streamed session.
+fn greet_streamed(tx: &mut LaneTx, rx: &mut LaneRx) -> bool {
+    tx.send(hello()).unwrap();
+    match rx.recv().unwrap() {
+        Message::Hello(h) => h.stream,
+        m => panic!("unexpected {}", m.name()),
     }
 }
 

@@ -195,9 +195,9 @@ fn refusals_name_the_fingerprints_and_versions() {
     assert!(log.contains("refused an unknown client"), "{log}");
 
     // Another protocol version.
-    let out = t.sync(s(&src), &t.remote("v"), &["--protocol-version", "2"]);
+    let out = t.sync(s(&src), &t.remote("v"), &["--protocol-version", "3"]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    let msg = "the server speaks version 1, the client speaks version 2";
+    let msg = "the server speaks version 2, the client speaks version 3";
     assert!(stderr(&out).contains(msg), "{}", stderr(&out));
     t.server.wait_log(msg);
 

@@ -142,23 +142,38 @@ impl SourceMap {
         let Some((_, file)) = &self.open else {
             unreachable!("file opened above")
         };
-        let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.offset)
-            .map_err(|source| match source.kind() {
-                io::ErrorKind::UnexpectedEof => ServeError::Changed {
-                    path: path.clone(),
-                    id: *id,
-                },
-                _ => ServeError::Read {
-                    path: path.clone(),
-                    source,
-                },
-            })?;
-        if ChunkId::of(&buf) != *id {
-            return Err(ServeError::Changed { path, id: *id });
-        }
-        Ok(buf)
+        read_chunk(file, &path, loc.offset, loc.len, id)
     }
+}
+
+/// Reads the chunk `id` back from `file` (at `path`) and checks it still has that hash: the
+/// source may have changed since it was scanned.
+pub fn read_chunk(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    len: u32,
+    id: &ChunkId,
+) -> Result<Vec<u8>, ServeError> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::UnexpectedEof => ServeError::Changed {
+                path: path.to_path_buf(),
+                id: *id,
+            },
+            _ => ServeError::Read {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
+    if ChunkId::of(&buf) != *id {
+        return Err(ServeError::Changed {
+            path: path.to_path_buf(),
+            id: *id,
+        });
+    }
+    Ok(buf)
 }
 
 /// Builds the mirrored metadata of an entry.

@@ -16,31 +16,53 @@ use crossbeam_channel::{Sender, bounded};
 /// Files at least this large are synced early; smaller ones wait for the commit's `syncfs`.
 pub const EARLY_SYNC_MIN: u64 = 8 << 20;
 
+/// Bytes of smaller files written between two early `syncfs` calls.
+pub const EARLY_SYNCFS_EVERY: u64 = 256 << 20;
+
 /// Files waiting for their early sync.
 const QUEUE: usize = 2;
+
+/// What to make durable: one file's data, or the whole filesystem holding this handle.
+enum Job {
+    File(File),
+    Filesystem(File),
+}
 
 /// A background thread syncing finished files, started on first use.
 #[derive(Default)]
 pub struct Flusher {
-    queue: Option<Sender<(File, String)>>,
+    queue: Option<Sender<(Job, String)>>,
     worker: Option<JoinHandle<Result<(), (String, io::Error)>>>,
 }
 
 impl Flusher {
     /// Queues `file` (named `shown` in errors) for an early `fdatasync`.
     pub fn submit(&mut self, file: File, shown: String) {
+        self.queue(Job::File(file), shown);
+    }
+
+    /// Queues an early `syncfs` of the filesystem holding `handle` (an open directory).
+    pub fn submit_filesystem(&mut self, handle: File, shown: String) {
+        self.queue(Job::Filesystem(handle), shown);
+    }
+
+    fn queue(&mut self, job: Job, shown: String) {
         let queue = self.queue.get_or_insert_with(|| {
-            let (tx, rx) = bounded::<(File, String)>(QUEUE);
+            let (tx, rx) = bounded::<(Job, String)>(QUEUE);
             self.worker = Some(std::thread::spawn(move || {
-                for (f, shown) in rx {
-                    f.sync_data().map_err(|e| (shown, e))?;
+                for (job, shown) in rx {
+                    let synced = match job {
+                        Job::File(f) => f.sync_data(),
+                        Job::Filesystem(f) => super::fsops::syncfs(&f),
+                    };
+                    synced.map_err(|e| (shown, e))?;
                 }
                 Ok(())
             }));
             tx
         });
         // A worker that stopped on an error has dropped its end: `finish` reports why.
-        let _ = queue.send((file, shown));
+        let _ = queue.send((job, shown));
     }
 
     /// Waits for every queued sync; the first failure names its file.
@@ -71,6 +93,8 @@ mod tests {
             std::fs::write(&path, vec![i as u8; 4096]).unwrap();
             flusher.submit(File::open(&path).unwrap(), path.display().to_string());
         }
+        let handle = File::open(dir.path()).unwrap();
+        flusher.submit_filesystem(handle, dir.path().display().to_string());
         assert!(flusher.finish().is_ok());
     }
 }

@@ -126,6 +126,8 @@ pub struct Destination {
     kept_inodes: HashSet<(u64, u64)>,
     /// Syncs big finished files while later ones are written.
     flusher: flusher::Flusher,
+    /// Bytes of small files written since the last early `syncfs`.
+    unsynced: u64,
     pub stats: ApplyStats,
 }
 
@@ -227,6 +229,7 @@ impl Destination {
             created_dirs: Vec::new(),
             kept_inodes: HashSet::new(),
             flusher: flusher::Flusher::default(),
+            unsynced: 0,
             stats: ApplyStats::default(),
         })
     }
@@ -382,10 +385,9 @@ impl Destination {
                     })
                     .collect()
             });
-        let old: Option<File> = match have {
-            Some(_) if vouched.is_none() => self.vol_mut().open_read(&dir, &name).ok(),
-            _ => None,
-        };
+        let has_old = have.is_some();
+        // Opened only for offsets the index does not vouch for.
+        let mut old: Option<File> = None;
         let mut sources = Vec::with_capacity(segments.len());
         // This entry's numbers in `self.sources`: the old file and the file being built.
         let (mut old_file, mut new_file) = (None, None);
@@ -407,9 +409,13 @@ impl Destination {
             } else if vouched
                 .as_ref()
                 .is_some_and(|at| at.get(&off) == Some(&(id, len)))
-                || old
-                    .as_ref()
-                    .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
+                || (has_old && {
+                    if old.is_none() {
+                        old = self.vol_mut().open_read(&dir, &name).ok();
+                    }
+                    old.as_ref()
+                        .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
+                })
             {
                 let file =
                     *old_file.get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
@@ -463,6 +469,26 @@ impl Destination {
         self.vol
             .as_mut()
             .expect("tree destinations have a volume handle")
+    }
+
+    /// True if the prepare walk found nothing below the destination's root.
+    pub fn is_empty(&self) -> bool {
+        self.existing.keys().all(RelPath::is_root)
+    }
+
+    /// Phase 3 for one entry, in a streamed session: writes the entry planned last, taking the
+    /// chunks it needs from the sender from `feed` now.
+    pub fn write_planned(
+        &mut self,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        let Some((e, p)) = self.entries.pop() else {
+            return Ok(());
+        };
+        let result = self.write_entry(&e, &p, feed, progress);
+        self.entries.push((e, p));
+        result
     }
 
     /// The digest of the manifest received so far.
@@ -578,6 +604,18 @@ impl Destination {
                 self.stats.files_written += 1;
                 if *size >= flusher::EARLY_SYNC_MIN {
                     self.flusher.submit(file, shown);
+                } else {
+                    self.unsynced += size;
+                    if self.unsynced >= flusher::EARLY_SYNCFS_EVERY {
+                        self.unsynced = 0;
+                        let vol = self.vol.as_mut().expect("tree");
+                        let root = vol.root_path().display().to_string();
+                        let handle = vol
+                            .dir(&RelPath::root())
+                            .and_then(|d| d.try_clone())
+                            .map_err(io_err("cannot sync", &root))?;
+                        self.flusher.submit_filesystem(File::from(handle), root);
+                    }
                 }
             }
             (Plan::Special, kind) => {

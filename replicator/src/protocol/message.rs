@@ -11,7 +11,7 @@ use crate::codec::{DecodeError, Reader, Writer};
 use crate::manifest::{self, Entry, Limits, RootDigest, VolumeMode};
 
 /// Version of the session protocol (also carried in the QUIC ALPN).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts (a maximal chunk plus headers fits comfortably).
 pub const MAX_FRAME: usize = 17 << 20;
 /// Most chunk ids in one `Want` message.
@@ -26,6 +26,16 @@ pub struct Hello {
     pub chunker: ChunkerParams,
     /// The sender may compress chunk payloads with zstd.
     pub compress: bool,
+    /// Receiver only: the destination is empty, so every chunk will be wanted. The sender
+    /// then sends each file's chunks right after its entry (first occurrences only) instead
+    /// of waiting for wants, and the receiver writes each file as it arrives.
+    pub stream: bool,
+}
+
+/// Bits of the hello's flags byte.
+mod hello_flags {
+    pub const COMPRESS: u8 = 1;
+    pub const STREAM: u8 = 2;
 }
 
 /// How a chunk's payload is encoded on the wire.
@@ -128,7 +138,14 @@ impl Message {
                 w.varint(u64::from(h.chunker.min));
                 w.varint(u64::from(h.chunker.avg));
                 w.varint(u64::from(h.chunker.max));
-                w.u8(u8::from(h.compress));
+                let mut flags = 0;
+                if h.compress {
+                    flags |= hello_flags::COMPRESS;
+                }
+                if h.stream {
+                    flags |= hello_flags::STREAM;
+                }
+                w.u8(flags);
             }
             Message::Entry(e) => {
                 w.u8(ty::ENTRY);
@@ -254,12 +271,19 @@ impl Message {
                         why: "chunk sizes out of range",
                     });
                 }
-                let compress = r.u8()? != 0;
+                let flags = r.u8()?;
+                if flags & !(hello_flags::COMPRESS | hello_flags::STREAM) != 0 {
+                    return Err(DecodeError::Invalid {
+                        what: "hello",
+                        why: "unknown flags",
+                    });
+                }
                 Message::Hello(Hello {
                     version,
                     mode,
                     chunker,
-                    compress,
+                    compress: flags & hello_flags::COMPRESS != 0,
+                    stream: flags & hello_flags::STREAM != 0,
                 })
             }
             ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
@@ -448,6 +472,7 @@ mod tests {
                 mode: VolumeMode::Tree,
                 chunker: ChunkerParams::default(),
                 compress: true,
+                stream: true,
             }),
             Message::ManifestEnd {
                 entries: 7,

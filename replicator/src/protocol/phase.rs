@@ -12,6 +12,8 @@ use super::message::Message;
 pub enum ReceiverPhase {
     Hello,
     Manifest,
+    /// The manifest of a streamed session: each file's chunks follow its entry.
+    StreamedManifest,
     Chunks,
     Finished,
 }
@@ -41,6 +43,8 @@ impl ReceiverPhase {
             (Hello, Message::Hello(_)) => Ok(Manifest),
             (Manifest, Message::Entry(_)) => Ok(Manifest),
             (Manifest, Message::ManifestEnd { .. }) => Ok(Chunks),
+            (StreamedManifest, Message::Entry(_) | Message::Chunk(_)) => Ok(StreamedManifest),
+            (StreamedManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
             (Chunks, Message::Chunk(_)) => Ok(Chunks),
             (Chunks, Message::ChunksEnd { .. }) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),
@@ -53,6 +57,8 @@ impl SenderPhase {
         use SenderPhase::*;
         match (self, msg) {
             (_, Message::Error { .. }) => Ok(Finished),
+            // A streamed session has no want phase: chunks went out with the manifest.
+            (Hello, Message::Hello(h)) if h.stream => Ok(Outcome),
             (Hello, Message::Hello(_)) => Ok(Wants),
             (Wants, Message::Want(_)) => Ok(Wants),
             (Wants, Message::WantEnd) => Ok(Outcome),
@@ -89,6 +95,39 @@ mod tests {
             ReceiverPhase::Finished
                 .accept(&Message::ChunksEnd { bytes_read: 0 })
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_streamed_manifest_admits_chunks_and_skips_the_want_phase() {
+        let p = ReceiverPhase::StreamedManifest;
+        let chunk = Message::Chunk(crate::protocol::message::ChunkData::encode(
+            crate::chunk::ChunkId::of(b"x"),
+            b"x",
+            false,
+        ));
+        assert_eq!(p.accept(&chunk).unwrap(), p);
+        assert!(ReceiverPhase::Manifest.accept(&chunk).is_err());
+        let hello = |stream| {
+            Message::Hello(crate::protocol::message::Hello {
+                version: 2,
+                mode: crate::manifest::VolumeMode::Tree,
+                chunker: Default::default(),
+                compress: false,
+                stream,
+            })
+        };
+        assert_eq!(
+            SenderPhase::Hello.accept(&hello(true)).unwrap(),
+            SenderPhase::Outcome
+        );
+        assert_eq!(
+            SenderPhase::Hello.accept(&hello(false)).unwrap(),
+            SenderPhase::Wants
+        );
+        assert!(
+            SenderPhase::Outcome.accept(&Message::Want(vec![])).is_err(),
+            "no wants in a streamed session"
         );
     }
 

@@ -112,8 +112,12 @@ fn session(
     let Message::Hello(hello) = feed.next()? else {
         unreachable!("the phase machine admits only hello first")
     };
+    // An empty destination will want every chunk: asking for them would only cost a round
+    // trip and a second pass over the source, so the sender streams them with the manifest.
+    let stream = hello.mode == VolumeMode::Tree && is_empty_dir(dst);
     tx.send(Message::Hello(Hello {
         version: PROTOCOL_VERSION,
+        stream,
         ..hello.clone()
     }))?;
     if hello.version != PROTOCOL_VERSION {
@@ -132,7 +136,20 @@ fn session(
         header(hello.mode, hello.chunker),
         state,
     )?);
-    tracing::debug!(ms = started.elapsed().as_millis(), "destination walked");
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        stream,
+        "destination walked"
+    );
+    if stream {
+        if !dest.is_empty() {
+            return Err(SessionError::Apply(ApplyError::LocalChanged(format!(
+                "{} (it was empty when the sync started)",
+                dst.display()
+            ))));
+        }
+        feed.phase = ReceiverPhase::StreamedManifest;
+    }
     let (count, root) = loop {
         match feed.next()? {
             Message::Entry(_) if dest.stats.entries >= max_entries => {
@@ -140,7 +157,25 @@ fn session(
                     "the manifest has more than {max_entries} entries, this receiver's limit"
                 )));
             }
+            Message::Entry(e) if stream => {
+                dest.plan(e)?;
+                let mut chunks = ChunkStream {
+                    feed: &mut feed,
+                    error: None,
+                };
+                let written = dest.write_planned(&mut chunks, progress);
+                if let Some(e) = chunks.error.take() {
+                    return Err(e);
+                }
+                written?;
+            }
             Message::Entry(e) => dest.plan(e)?,
+            Message::Chunk(c) => {
+                return Err(SessionError::Protocol(format!(
+                    "chunk {} arrived where no chunk was due",
+                    c.id
+                )));
+            }
             Message::ManifestEnd { entries, root } => break (entries, root),
             other => {
                 return Err(SessionError::Protocol(format!(
@@ -162,6 +197,9 @@ fn session(
     );
     progress.set_total(dest.progress_total());
     let wants = dest.take_wants();
+    if stream {
+        return finish(feed, tx, slot, root, progress, hello.mode, started);
+    }
     let mut chunks = ChunkStream {
         feed: &mut feed,
         error: None,
@@ -191,6 +229,19 @@ fn session(
     }
     written?;
     sent?;
+    finish(feed, tx, slot, root, progress, hello.mode, started)
+}
+
+/// The end of a session: the sender's `ChunksEnd`, then commit, verify and `Done`.
+fn finish(
+    mut feed: Feed<'_>,
+    tx: &mut dyn MessageTx,
+    slot: &mut Option<Destination>,
+    root: RootDigest,
+    progress: &dyn Progress,
+    mode: VolumeMode,
+    started: std::time::Instant,
+) -> Result<ReceiverReport, SessionError> {
     let sender_bytes_read = match feed.next()? {
         Message::ChunksEnd { bytes_read } => bytes_read,
         other => {
@@ -213,9 +264,17 @@ fn session(
         },
     })?;
     Ok(ReceiverReport {
-        mode: hello.mode,
+        mode,
         root: got,
         stats,
         sender_bytes_read,
     })
+}
+
+/// True if `path` is missing or an empty directory.
+fn is_empty_dir(path: &Path) -> bool {
+    match std::fs::read_dir(path) {
+        Ok(mut items) => items.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
 }
