@@ -9,8 +9,11 @@
 //!    copies and received chunks (each verified against its name), set its metadata.
 //! 4. **commit** — `syncfs` the temp files, rename them into place, remove what the source no
 //!    longer has, set directory metadata deepest first, `syncfs` again.
-//! 5. **verify** — walk the result and compute its root digest; only if it equals the sender's
-//!    is the state file switched to *complete, root R*.
+//! 5. **verify** — recompute the result's root digest (reading again what this run touched);
+//!    only if it equals the sender's is the state file switched to *complete, root R*.
+//!
+//! In a streamed session (an empty destination, see docs/protocol.md) phases 2 and 3 run
+//! entry by entry: each file is planned and written as soon as its chunks arrive.
 //!
 //! Nothing under a final name changes before phase 4, so an abort in phases 1–3 leaves the
 //! destination as it was (temp files are removed on a clean abort, kept for resume if the
