@@ -304,6 +304,32 @@ pub fn syncfs<Fd: AsFd>(fd: Fd) -> io::Result<()> {
     Ok(rfs::syncfs(fd)?)
 }
 
+/// Copies `len` bytes from `src` at `from` to `dst` at `to` inside the kernel
+/// (`copy_file_range`: the filesystem may share the blocks instead of copying them), or
+/// through a buffer where the kernel cannot. A source shorter than expected is
+/// `UnexpectedEof`.
+pub fn copy_range(src: &File, from: u64, dst: &File, to: u64, len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (mut from, mut to, mut left) = (from, to, len);
+    while left > 0 {
+        let step = left.min(1 << 30) as usize;
+        match rfs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), step) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n as u64,
+            Err(e) if e == rustix::io::Errno::INTR => {}
+            Err(_) => break, // not supported here: copy by hand below
+        }
+    }
+    let mut buf = vec![0u8; left.min(1 << 20) as usize];
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], from)?;
+        dst.write_all_at(&buf[..n], to)?;
+        (from, to, left) = (from + n as u64, to + n as u64, left - n as u64);
+    }
+    Ok(())
+}
+
 /// Deallocates `[offset, offset+len)` of a regular file, or writes zeros where that is not
 /// supported (block devices, some filesystems).
 pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
@@ -342,4 +368,31 @@ pub fn remove_stale_temps(volume: &std::path::Path) -> std::io::Result<(u64, u64
         }
     }
     Ok((files, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn copy_range_copies_between_offsets_and_reports_a_short_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.path().join("src"), &data).unwrap();
+        let src = File::open(dir.path().join("src")).unwrap();
+        let dst = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("dst"))
+            .unwrap();
+        copy_range(&src, 1000, &dst, 5, 200_000).unwrap();
+        let mut got = vec![0u8; 200_000];
+        dst.read_exact_at(&mut got, 5).unwrap();
+        assert_eq!(got, data[1000..201_000]);
+        let short = copy_range(&src, 250_000, &dst, 0, 100_000).unwrap_err();
+        assert_eq!(short.kind(), io::ErrorKind::UnexpectedEof);
+    }
 }

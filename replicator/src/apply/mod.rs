@@ -412,14 +412,17 @@ impl Destination {
             } else if vouched
                 .as_ref()
                 .is_some_and(|at| at.get(&off) == Some(&(id, len)))
-                || (has_old && {
-                    if old.is_none() {
-                        old = self.vol_mut().open_read(&dir, &name).ok();
-                    }
-                    old.as_ref()
-                        .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
-                })
             {
+                let file =
+                    *old_file.get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
+                Src::Clone(Loc { file, offset: off })
+            } else if has_old && {
+                if old.is_none() {
+                    old = self.vol_mut().open_read(&dir, &name).ok();
+                }
+                old.as_ref()
+                    .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
+            } {
                 let file =
                     *old_file.get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
                 Src::Local(Loc { file, offset: off })
@@ -430,7 +433,7 @@ impl Destination {
                 self.want.push(id, u64::from(len));
                 Src::Wire
             };
-            if !matches!(src, Src::Local(_)) {
+            if !matches!(src, Src::Local(_) | Src::Clone(_)) {
                 // Later occurrences copy it from here (in block mode: from the volume itself,
                 // at an offset that is written once and never again).
                 let file = *new_file.get_or_insert_with(|| {
@@ -452,7 +455,7 @@ impl Destination {
             && offsets(segments)
                 .zip(&sources)
                 .all(|((off, seg), src)| match src {
-                    Src::Local(l) => Some(l.file) == old_file && l.offset == off,
+                    Src::Local(l) | Src::Clone(l) => Some(l.file) == old_file && l.offset == off,
                     Src::Zero => range_is_zero(f, off, seg.len(), &mut buf),
                     _ => false,
                 })
@@ -571,11 +574,26 @@ impl Destination {
                     .map_err(io_err("cannot create", &shown))?;
                 self.created_temps.push((parent.clone(), temp.clone()));
                 let mut reader = LocalReader::default();
+                let mut clone = PendingClone::default();
                 for ((off, seg), src) in offsets(segments).zip(sources) {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
                     };
+                    if let Src::Clone(loc) = src
+                        && clone.extend(loc, off, len)
+                    {
+                        progress.advance(u64::from(len));
+                        continue;
+                    }
+                    let vol = self.vol.as_mut().expect("tree");
+                    self.stats.bytes_copied_locally +=
+                        clone.flush(&mut reader, vol, &self.sources, &file)?;
                     let data = match src {
+                        Src::Clone(loc) => {
+                            clone.start(loc, off, len);
+                            progress.advance(u64::from(len));
+                            continue;
+                        }
                         Src::Zero | Src::InPlace => None,
                         Src::Local(loc) => {
                             let vol = self.vol.as_mut().expect("tree");
@@ -594,6 +612,9 @@ impl Destination {
                     }
                     progress.advance(u64::from(len));
                 }
+                let vol = self.vol.as_mut().expect("tree");
+                self.stats.bytes_copied_locally +=
+                    clone.flush(&mut reader, vol, &self.sources, &file)?;
                 file.set_len(*size).map_err(io_err("cannot size", &shown))?;
                 progress.advance(
                     segments
@@ -1081,6 +1102,55 @@ fn range_is_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool {
     true
 }
 
+/// A run of vouched ranges to copy in one `copy_file_range`: contiguous in the source file
+/// and in the file being built.
+#[derive(Default)]
+struct PendingClone {
+    run: Option<(Loc, u64, u64)>,
+}
+
+impl PendingClone {
+    fn start(&mut self, from: &Loc, to: u64, len: u32) {
+        self.run = Some((*from, to, u64::from(len)));
+    }
+
+    /// Adds the range if it continues the run; false if it does not (flush, then start).
+    fn extend(&mut self, from: &Loc, to: u64, len: u32) -> bool {
+        match &mut self.run {
+            Some((run, run_to, run_len))
+                if run.file == from.file
+                    && run.offset + *run_len == from.offset
+                    && *run_to + *run_len == to =>
+            {
+                *run_len += u64::from(len);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Copies the run, if any, into `dst`; returns the bytes copied.
+    fn flush(
+        &mut self,
+        reader: &mut LocalReader,
+        vol: &mut VolumeDir,
+        files: &SourceFiles,
+        dst: &File,
+    ) -> Result<u64, ApplyError> {
+        let Some((from, to, len)) = self.run.take() else {
+            return Ok(0);
+        };
+        let (dir, name) = files.get(from.file);
+        let shown = || format!("{dir}/{}", String::from_utf8_lossy(name));
+        let src = reader.open(vol, files, from.file)?;
+        fsops::copy_range(src, from.offset, dst, to, len).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => ApplyError::LocalChanged(shown()),
+            _ => io_err("cannot copy", &shown())(e),
+        })?;
+        Ok(len)
+    }
+}
+
 /// Reads chunks back from the destination, keeping the last file open.
 #[derive(Default)]
 struct LocalReader {
@@ -1098,19 +1168,31 @@ impl LocalReader {
     ) -> Result<Bytes, ApplyError> {
         let (dir, name) = files.get(loc.file);
         let shown = || format!("{dir}/{}", String::from_utf8_lossy(name));
-        let f = match &self.open {
-            Some((n, f)) if *n == loc.file => f,
-            _ => {
-                let f = vol
-                    .open_read(dir, name)
-                    .map_err(|_| ApplyError::LocalChanged(shown()))?;
-                &self.open.insert((loc.file, f)).1
-            }
-        };
+        let f = self.open(vol, files, loc.file)?;
         let mut buf = vec![0u8; len as usize];
         if f.read_exact_at(&mut buf, loc.offset).is_err() || ChunkId::of(&buf) != *id {
             return Err(ApplyError::LocalChanged(shown()));
         }
         Ok(Bytes::from(buf))
+    }
+
+    /// Source file number `file`, opened (or still open from the last call).
+    fn open(
+        &mut self,
+        vol: &mut VolumeDir,
+        files: &SourceFiles,
+        file: u32,
+    ) -> Result<&File, ApplyError> {
+        if !matches!(&self.open, Some((n, _)) if *n == file) {
+            let (dir, name) = files.get(file);
+            let f = vol.open_read(dir, name).map_err(|_| {
+                ApplyError::LocalChanged(format!("{dir}/{}", String::from_utf8_lossy(name)))
+            })?;
+            self.open = Some((file, f));
+        }
+        let Some((_, f)) = &self.open else {
+            unreachable!("opened above")
+        };
+        Ok(f)
     }
 }

@@ -46,6 +46,10 @@ pub enum Src {
     InPlace,
     /// Copy from the destination (verified when read).
     Local(Loc),
+    /// Copy from the destination without reading it here (`copy_file_range`: done in the
+    /// kernel, and a block-sharing clone on filesystems that can): the index vouches for
+    /// these bytes, as it does for files kept as they are.
+    Clone(Loc),
     /// Wait for it from the sender.
     Wire,
 }
