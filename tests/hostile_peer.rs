@@ -445,7 +445,6 @@ fn hostile_server_answers_to_a_pull_are_rejected() {
     let escaped = tmp.path().join("escaped");
 
     let escaped_target = escaped.to_str().unwrap().as_bytes().to_vec();
-    type Script = Box<dyn FnOnce(&mut LaneTx, &mut LaneRx) + Send>;
     let cases: Vec<(&str, Script)> = vec![
         (
             "invalid entry path",
@@ -508,19 +507,7 @@ fn hostile_server_answers_to_a_pull_are_rejected() {
         ),
     ];
     for (needle, script) in cases {
-        let (addr, fp, server) = hostile_server(&tmp.path().join("liar-id"), script);
-        let out = client_sync(
-            &client,
-            &fp,
-            &format!("{addr}/vol"),
-            dst.to_str().unwrap(),
-            &tmp.path().join("state"),
-            &[],
-        );
-        server.join().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{needle}: the client accepted it");
-        assert!(err.contains(needle), "{needle}: {err}");
+        pull_is_refused(tmp.path(), &client, &dst, needle, script);
         assert_eq!(describe(&dst), before, "{needle}: destination changed");
         assert!(!escaped.exists(), "{needle}: wrote outside the destination");
     }
@@ -531,7 +518,6 @@ fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let client = Ident::create(&tmp.path().join("client-id"));
     let dst = tmp.path().join("fresh");
-    type Script = Box<dyn FnOnce(&mut LaneTx, &mut LaneRx) + Send>;
     let cases: Vec<(&str, Script)> = vec![
         (
             "hashes to",
@@ -572,25 +558,39 @@ fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
     ];
     for (needle, script) in cases {
         std::fs::create_dir_all(&dst).unwrap();
-        let (addr, fp, server) = hostile_server(&tmp.path().join("liar-id"), script);
-        let out = client_sync(
-            &client,
-            &fp,
-            &format!("{addr}/vol"),
-            dst.to_str().unwrap(),
-            &tmp.path().join("state"),
-            &[],
-        );
-        server.join().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{needle}: the client accepted it");
-        assert!(err.contains(needle), "{needle}: {err}");
+        pull_is_refused(tmp.path(), &client, &dst, needle, script);
         let left: Vec<_> = std::fs::read_dir(&dst).unwrap().collect();
         assert!(
             left.is_empty(),
             "{needle}: left {left:?} in the destination"
         );
     }
+}
+
+/// What a test-only hostile server does with one session.
+type Script = Box<dyn FnOnce(&mut LaneTx, &mut LaneRx) + Send>;
+
+/// Pulls `dst` from a test-only server playing `script`; the client must fail saying `needle`.
+fn pull_is_refused(
+    tmp: &Path,
+    client: &Ident,
+    dst: &Path,
+    needle: &str,
+    script: Script,
+) {
+    let (addr, fp, server) = hostile_server(&tmp.join("liar-id"), script);
+    let out = client_sync(
+        client,
+        &fp,
+        &format!("{addr}/vol"),
+        dst.to_str().unwrap(),
+        &tmp.join("state"),
+        &[],
+    );
+    server.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{needle}: the client accepted it");
+    assert!(err.contains(needle), "{needle}: {err}");
 }
 
 /// Exchanges hellos; true if the client asked for a streamed session.

@@ -1087,7 +1087,32 @@ fn range_has(file: &File, off: u64, len: u32, id: &ChunkId, buf: &mut Vec<u8>) -
     file.read_exact_at(buf, off).is_ok() && ChunkId::of(buf) == *id
 }
 
+/// True if `file[off..off+len]` reads as zeros. Only the parts the filesystem says hold data
+/// are read: holes are zeros by definition (a fresh copy of a disk image is mostly holes).
 fn range_is_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool {
+    use rustix::fs::SeekFrom;
+    use rustix::io::Errno;
+    let end = off + len;
+    let mut pos = off;
+    while pos < end {
+        let (data, hole) = match rfs::seek(file, SeekFrom::Data(pos)) {
+            Ok(d) if d >= end => return true,
+            Ok(d) => match rfs::seek(file, SeekFrom::Hole(d)) {
+                Ok(h) => (d, h.min(end)),
+                Err(_) => (d, end),
+            },
+            Err(Errno::NXIO) => return true, // nothing but a hole from here on
+            Err(_) => (pos, end),            // no hole support: read it all
+        };
+        if !range_reads_zero(file, data, hole - data, buf) {
+            return false;
+        }
+        pos = hole;
+    }
+    true
+}
+
+fn range_reads_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool {
     buf.resize(1 << 20, 0);
     let mut done = 0;
     while done < len {
@@ -1194,5 +1219,31 @@ impl LocalReader {
             unreachable!("opened above")
         };
         Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_ranges_are_found_in_holes_and_in_written_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(8 << 20).unwrap(); // all hole
+        f.write_all_at(&[0u8; 65536], 1 << 20).unwrap(); // allocated zeros
+        f.write_all_at(b"data", 5 << 20).unwrap();
+        let mut buf = Vec::new();
+        assert!(range_is_zero(&f, 0, 5 << 20, &mut buf));
+        assert!(range_is_zero(&f, (5 << 20) + 4, 3 << 20, &mut buf));
+        assert!(!range_is_zero(&f, 4 << 20, 2 << 20, &mut buf));
+        assert!(!range_is_zero(&f, (5 << 20) + 2, 1, &mut buf));
     }
 }
