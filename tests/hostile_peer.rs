@@ -571,13 +571,7 @@ fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
 type Script = Box<dyn FnOnce(&mut LaneTx, &mut LaneRx) + Send>;
 
 /// Pulls `dst` from a test-only server playing `script`; the client must fail saying `needle`.
-fn pull_is_refused(
-    tmp: &Path,
-    client: &Ident,
-    dst: &Path,
-    needle: &str,
-    script: Script,
-) {
+fn pull_is_refused(tmp: &Path, client: &Ident, dst: &Path, needle: &str, script: Script) {
     let (addr, fp, server) = hostile_server(&tmp.join("liar-id"), script);
     let out = client_sync(
         client,

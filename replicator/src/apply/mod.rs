@@ -21,7 +21,9 @@
 
 pub mod flusher;
 pub mod fsops;
+mod local;
 pub mod plan;
+mod verify;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -36,10 +38,10 @@ use crate::chunk::{ChunkId, Segment};
 use crate::index::{FileIndex, now_ns};
 use crate::manifest::{DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode};
 use crate::progress::Progress;
-use crate::snapshot::entry_of;
 use crate::state::TargetState;
 use crate::volume::walk::{Scanned, WalkOptions, scan_one, walk};
 use fsops::{VolumeDir, os, temp_name};
+use local::{LocalReader, PendingClone, range_has, range_is_zero};
 use plan::{Loc, Plan, SourceFiles, Src, WantList, offsets};
 
 #[derive(Debug, thiserror::Error)]
@@ -958,292 +960,11 @@ impl Destination {
         }
         Ok(())
     }
-
-    /// Recomputes the destination's digest from what is on disk, entry by entry, using the
-    /// chunk lists just written or verified for file contents. Entries this run created,
-    /// replaced or changed (and every directory, once anything changed) are read again; the
-    /// rest are as the prepare walk saw them — that walk also found everything the manifest
-    /// lacks, and the commit removed it.
-    fn verify(&self) -> Result<(RootDigest, FileIndex), ApplyError> {
-        let scan_start = now_ns();
-        let mut index = FileIndex::new(self.header.chunker);
-        let mut digest = DigestBuilder::new(&self.header);
-        if self.header.mode == VolumeMode::Block {
-            let (e, _) = &self.entries[0];
-            let s = scan_one(&self.path, &RelPath::root(), WalkOptions { xattrs: false })
-                .map_err(|err| ApplyError::Manifest(err.to_string()))?
-                .ok_or_else(|| ApplyError::Manifest("destination vanished".into()))?;
-            let size = if s.stat.is_file() {
-                s.stat.size
-            } else {
-                e.size()
-            };
-            let got = Entry {
-                path: RelPath::root(),
-                kind: EntryKind::File {
-                    size,
-                    segments: e.segments().to_vec(),
-                },
-                meta: Default::default(),
-            };
-            digest
-                .add(&got)
-                .map_err(|err| ApplyError::Manifest(err.to_string()))?;
-            if s.stat.is_file() {
-                index.record(RelPath::root(), &s.stat, e.segments().to_vec(), scan_start);
-            }
-            return Ok((digest.finish(), index));
-        }
-        let by_path: HashMap<&RelPath, &Entry> =
-            self.entries.iter().map(|(e, _)| (&e.path, e)).collect();
-        let mut check = Verifier {
-            root: &self.path,
-            by_path,
-            links: HashMap::new(),
-            index,
-            digest,
-        };
-        for (e, plan) in &self.entries {
-            // What this run did not touch is as the prepare walk saw it; the rest is read again.
-            let untouched = !self.touched
-                || (matches!(plan, Plan::Keep { meta: false })
-                    && !matches!(e.kind, EntryKind::Dir));
-            let (s, seen_at) = match self.existing.get(&e.path) {
-                Some(s) if untouched => (s.clone(), self.prepared_at),
-                _ => (
-                    scan_one(&self.path, &e.path, WalkOptions::default())
-                        .map_err(|err| ApplyError::Manifest(err.to_string()))?
-                        .ok_or_else(|| {
-                            ApplyError::LocalChanged(format!("{} vanished during the sync", e.path))
-                        })?,
-                    scan_start,
-                ),
-            };
-            check.add(s, seen_at)?;
-        }
-        Ok((check.digest.finish(), check.index))
-    }
-}
-
-/// Recomputes the digest of the destination from what is on disk, entry by entry in volume
-/// order, and records each regular file in the new receiver index.
-struct Verifier<'a> {
-    root: &'a Path,
-    /// What the manifest says each path holds: a file's content is taken to be the chunk
-    /// list just written or verified when its size agrees.
-    by_path: HashMap<&'a RelPath, &'a Entry>,
-    /// The first name seen of each multiply-linked inode.
-    links: HashMap<(u64, u64), RelPath>,
-    index: FileIndex,
-    digest: DigestBuilder,
-}
-
-impl Verifier<'_> {
-    /// Adds one entry as found on disk; `seen_at` is when its attributes were read.
-    fn add(&mut self, s: Scanned, seen_at: i128) -> Result<(), ApplyError> {
-        let inode = (s.stat.dev, s.stat.ino);
-        let entry = if s.stat.is_file() && s.stat.nlink > 1 && self.links.contains_key(&inode) {
-            Entry {
-                path: s.path.clone(),
-                kind: EntryKind::HardLink {
-                    target: self.links[&inode].clone(),
-                },
-                meta: Default::default(),
-            }
-        } else {
-            if s.stat.is_file() && s.stat.nlink > 1 {
-                self.links.insert(inode, s.path.clone());
-            }
-            let segments = match self.by_path.get(&s.path).map(|w| &w.kind) {
-                Some(EntryKind::File { size, segments }) if *size == s.stat.size => {
-                    segments.clone()
-                }
-                _ => Vec::new(),
-            };
-            let size = segments.iter().map(Segment::len).sum();
-            if s.stat.is_file() && size == s.stat.size {
-                self.index
-                    .record(s.path.clone(), &s.stat, segments.clone(), seen_at);
-            }
-            entry_of(&s, self.root, Some((size, segments)))
-                .map_err(|err| ApplyError::Manifest(err.to_string()))?
-        };
-        self.digest
-            .add(&entry)
-            .map_err(|err| ApplyError::Manifest(err.to_string()))
-    }
 }
 
 fn split(p: &RelPath) -> (RelPath, Vec<u8>) {
     match p.split_last() {
         Some((d, n)) => (d, n.to_vec()),
         None => (RelPath::root(), Vec::new()),
-    }
-}
-
-/// True if `file[off..off+len]` hashes to `id`.
-fn range_has(file: &File, off: u64, len: u32, id: &ChunkId, buf: &mut Vec<u8>) -> bool {
-    buf.resize(len as usize, 0);
-    file.read_exact_at(buf, off).is_ok() && ChunkId::of(buf) == *id
-}
-
-/// True if `file[off..off+len]` reads as zeros. Only the parts the filesystem says hold data
-/// are read: holes are zeros by definition (a fresh copy of a disk image is mostly holes).
-fn range_is_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool {
-    use rustix::fs::SeekFrom;
-    use rustix::io::Errno;
-    let end = off + len;
-    let mut pos = off;
-    while pos < end {
-        let (data, hole) = match rfs::seek(file, SeekFrom::Data(pos)) {
-            Ok(d) if d >= end => return true,
-            Ok(d) => match rfs::seek(file, SeekFrom::Hole(d)) {
-                Ok(h) => (d, h.min(end)),
-                Err(_) => (d, end),
-            },
-            Err(Errno::NXIO) => return true, // nothing but a hole from here on
-            Err(_) => (pos, end),            // no hole support: read it all
-        };
-        if !range_reads_zero(file, data, hole - data, buf) {
-            return false;
-        }
-        pos = hole;
-    }
-    true
-}
-
-fn range_reads_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool {
-    buf.resize(1 << 20, 0);
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        if file.read_exact_at(&mut buf[..n], off + done).is_err()
-            || !crate::chunk::is_zero(&buf[..n])
-        {
-            return false;
-        }
-        done += n as u64;
-    }
-    true
-}
-
-/// A run of vouched ranges to copy in one `copy_file_range`: contiguous in the source file
-/// and in the file being built.
-#[derive(Default)]
-struct PendingClone {
-    run: Option<(Loc, u64, u64)>,
-}
-
-impl PendingClone {
-    fn start(&mut self, from: &Loc, to: u64, len: u32) {
-        self.run = Some((*from, to, u64::from(len)));
-    }
-
-    /// Adds the range if it continues the run; false if it does not (flush, then start).
-    fn extend(&mut self, from: &Loc, to: u64, len: u32) -> bool {
-        match &mut self.run {
-            Some((run, run_to, run_len))
-                if run.file == from.file
-                    && run.offset + *run_len == from.offset
-                    && *run_to + *run_len == to =>
-            {
-                *run_len += u64::from(len);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Copies the run, if any, into `dst`; returns the bytes copied.
-    fn flush(
-        &mut self,
-        reader: &mut LocalReader,
-        vol: &mut VolumeDir,
-        files: &SourceFiles,
-        dst: &File,
-    ) -> Result<u64, ApplyError> {
-        let Some((from, to, len)) = self.run.take() else {
-            return Ok(0);
-        };
-        let (dir, name) = files.get(from.file);
-        let shown = || format!("{dir}/{}", String::from_utf8_lossy(name));
-        let src = reader.open(vol, files, from.file)?;
-        fsops::copy_range(src, from.offset, dst, to, len).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => ApplyError::LocalChanged(shown()),
-            _ => io_err("cannot copy", &shown())(e),
-        })?;
-        Ok(len)
-    }
-}
-
-/// Reads chunks back from the destination, keeping the last file open.
-#[derive(Default)]
-struct LocalReader {
-    open: Option<(u32, File)>,
-}
-
-impl LocalReader {
-    fn read(
-        &mut self,
-        vol: &mut VolumeDir,
-        files: &SourceFiles,
-        loc: &Loc,
-        len: u32,
-        id: &ChunkId,
-    ) -> Result<Bytes, ApplyError> {
-        let (dir, name) = files.get(loc.file);
-        let shown = || format!("{dir}/{}", String::from_utf8_lossy(name));
-        let f = self.open(vol, files, loc.file)?;
-        let mut buf = vec![0u8; len as usize];
-        if f.read_exact_at(&mut buf, loc.offset).is_err() || ChunkId::of(&buf) != *id {
-            return Err(ApplyError::LocalChanged(shown()));
-        }
-        Ok(Bytes::from(buf))
-    }
-
-    /// Source file number `file`, opened (or still open from the last call).
-    fn open(
-        &mut self,
-        vol: &mut VolumeDir,
-        files: &SourceFiles,
-        file: u32,
-    ) -> Result<&File, ApplyError> {
-        if !matches!(&self.open, Some((n, _)) if *n == file) {
-            let (dir, name) = files.get(file);
-            let f = vol.open_read(dir, name).map_err(|_| {
-                ApplyError::LocalChanged(format!("{dir}/{}", String::from_utf8_lossy(name)))
-            })?;
-            self.open = Some((file, f));
-        }
-        let Some((_, f)) = &self.open else {
-            unreachable!("opened above")
-        };
-        Ok(f)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zero_ranges_are_found_in_holes_and_in_written_zeros() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sparse");
-        let f = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.set_len(8 << 20).unwrap(); // all hole
-        f.write_all_at(&[0u8; 65536], 1 << 20).unwrap(); // allocated zeros
-        f.write_all_at(b"data", 5 << 20).unwrap();
-        let mut buf = Vec::new();
-        assert!(range_is_zero(&f, 0, 5 << 20, &mut buf));
-        assert!(range_is_zero(&f, (5 << 20) + 4, 3 << 20, &mut buf));
-        assert!(!range_is_zero(&f, 4 << 20, 2 << 20, &mut buf));
-        assert!(!range_is_zero(&f, (5 << 20) + 2, 1, &mut buf));
     }
 }

@@ -1,0 +1,133 @@
+//! Phase 5: the destination's root digest, recomputed from what is on disk.
+//!
+//! Only a destination whose digest equals the sender's is declared complete. Contents come
+//! from the chunk lists just written or verified (never re-read); everything else — kinds,
+//! sizes, attributes, links — is read again from disk for what this run touched, and taken
+//! from the prepare walk for what it left alone. The same pass builds the new receiver index.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::plan::Plan;
+use super::{ApplyError, Destination};
+use crate::chunk::Segment;
+use crate::index::{FileIndex, now_ns};
+use crate::manifest::{DigestBuilder, Entry, EntryKind, RelPath, RootDigest, VolumeMode};
+use crate::snapshot::entry_of;
+use crate::volume::walk::{Scanned, WalkOptions, scan_one};
+
+impl Destination {
+    /// Recomputes the destination's digest from what is on disk, entry by entry, using the
+    /// chunk lists just written or verified for file contents. Entries this run created,
+    /// replaced or changed (and every directory, once anything changed) are read again; the
+    /// rest are as the prepare walk saw them — that walk also found everything the manifest
+    /// lacks, and the commit removed it.
+    pub(super) fn verify(&self) -> Result<(RootDigest, FileIndex), ApplyError> {
+        let scan_start = now_ns();
+        let mut index = FileIndex::new(self.header.chunker);
+        let mut digest = DigestBuilder::new(&self.header);
+        if self.header.mode == VolumeMode::Block {
+            let (e, _) = &self.entries[0];
+            let s = scan_one(&self.path, &RelPath::root(), WalkOptions { xattrs: false })
+                .map_err(|err| ApplyError::Manifest(err.to_string()))?
+                .ok_or_else(|| ApplyError::Manifest("destination vanished".into()))?;
+            let size = if s.stat.is_file() {
+                s.stat.size
+            } else {
+                e.size()
+            };
+            let got = Entry {
+                path: RelPath::root(),
+                kind: EntryKind::File {
+                    size,
+                    segments: e.segments().to_vec(),
+                },
+                meta: Default::default(),
+            };
+            digest
+                .add(&got)
+                .map_err(|err| ApplyError::Manifest(err.to_string()))?;
+            if s.stat.is_file() {
+                index.record(RelPath::root(), &s.stat, e.segments().to_vec(), scan_start);
+            }
+            return Ok((digest.finish(), index));
+        }
+        let by_path: HashMap<&RelPath, &Entry> =
+            self.entries.iter().map(|(e, _)| (&e.path, e)).collect();
+        let mut check = Verifier {
+            root: &self.path,
+            by_path,
+            links: HashMap::new(),
+            index,
+            digest,
+        };
+        for (e, plan) in &self.entries {
+            // What this run did not touch is as the prepare walk saw it; the rest is read again.
+            let untouched = !self.touched
+                || (matches!(plan, Plan::Keep { meta: false })
+                    && !matches!(e.kind, EntryKind::Dir));
+            let (s, seen_at) = match self.existing.get(&e.path) {
+                Some(s) if untouched => (s.clone(), self.prepared_at),
+                _ => (
+                    scan_one(&self.path, &e.path, WalkOptions::default())
+                        .map_err(|err| ApplyError::Manifest(err.to_string()))?
+                        .ok_or_else(|| {
+                            ApplyError::LocalChanged(format!("{} vanished during the sync", e.path))
+                        })?,
+                    scan_start,
+                ),
+            };
+            check.add(s, seen_at)?;
+        }
+        Ok((check.digest.finish(), check.index))
+    }
+}
+
+/// Recomputes the digest of the destination from what is on disk, entry by entry in volume
+/// order, and records each regular file in the new receiver index.
+struct Verifier<'a> {
+    root: &'a Path,
+    /// What the manifest says each path holds: a file's content is taken to be the chunk
+    /// list just written or verified when its size agrees.
+    by_path: HashMap<&'a RelPath, &'a Entry>,
+    /// The first name seen of each multiply-linked inode.
+    links: HashMap<(u64, u64), RelPath>,
+    index: FileIndex,
+    digest: DigestBuilder,
+}
+
+impl Verifier<'_> {
+    /// Adds one entry as found on disk; `seen_at` is when its attributes were read.
+    fn add(&mut self, s: Scanned, seen_at: i128) -> Result<(), ApplyError> {
+        let inode = (s.stat.dev, s.stat.ino);
+        let entry = if s.stat.is_file() && s.stat.nlink > 1 && self.links.contains_key(&inode) {
+            Entry {
+                path: s.path.clone(),
+                kind: EntryKind::HardLink {
+                    target: self.links[&inode].clone(),
+                },
+                meta: Default::default(),
+            }
+        } else {
+            if s.stat.is_file() && s.stat.nlink > 1 {
+                self.links.insert(inode, s.path.clone());
+            }
+            let segments = match self.by_path.get(&s.path).map(|w| &w.kind) {
+                Some(EntryKind::File { size, segments }) if *size == s.stat.size => {
+                    segments.clone()
+                }
+                _ => Vec::new(),
+            };
+            let size = segments.iter().map(Segment::len).sum();
+            if s.stat.is_file() && size == s.stat.size {
+                self.index
+                    .record(s.path.clone(), &s.stat, segments.clone(), seen_at);
+            }
+            entry_of(&s, self.root, Some((size, segments)))
+                .map_err(|err| ApplyError::Manifest(err.to_string()))?
+        };
+        self.digest
+            .add(&entry)
+            .map_err(|err| ApplyError::Manifest(err.to_string()))
+    }
+}
