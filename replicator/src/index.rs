@@ -118,6 +118,13 @@ impl FileIndex {
         (e.fingerprint == Fingerprint::from(stat)).then_some(&e.segments[..])
     }
 
+    /// Like [`FileIndex::lookup`], moving the chunk list out: a scan consults each record
+    /// once, so the old index empties while the new one fills.
+    pub fn take(&mut self, path: &RelPath, stat: &StatInfo) -> Option<Vec<Segment>> {
+        self.lookup(path, stat)?;
+        self.entries.remove(path).map(|e| e.segments)
+    }
+
     /// Records a file; marks it racy if its stat is too close to `scan_start_ns`.
     pub fn record(
         &mut self,
@@ -274,6 +281,24 @@ mod tests {
         idx.record(p.clone(), &stat(990), vec![], now);
         assert!(idx.lookup(&p, &stat(990)).is_some());
         assert!(idx.lookup(&p, &stat(991)).is_none());
+    }
+
+    #[test]
+    fn take_moves_a_trusted_record_out_and_leaves_the_rest() {
+        let mut idx = FileIndex::new(ChunkerParams::default());
+        let p = RelPath::new(b"f".to_vec()).unwrap();
+        let segs = vec![Segment::Zero { len: 7 }];
+        let now = 1_000 * 1_000_000_000i128;
+        idx.record(p.clone(), &stat(990), segs.clone(), now);
+        assert_eq!(idx.take(&p, &stat(991)), None, "changed stat: no record");
+        assert_eq!(idx.take(&p, &stat(990)), Some(segs));
+        assert_eq!(idx.take(&p, &stat(990)), None, "taken once");
+        idx.record(p.clone(), &stat(1_000), vec![], now);
+        assert_eq!(
+            idx.take(&p, &stat(1_000)),
+            None,
+            "racy records are not trusted"
+        );
     }
 
     #[test]

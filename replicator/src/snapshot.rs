@@ -275,7 +275,7 @@ pub fn scan_tree(
 ) -> Result<(SourceMap, ScanStats), SnapshotError> {
     let mut map = SourceMap::new(root);
     let mut stats = ScanStats::default();
-    let old_index = std::mem::replace(index, FileIndex::new(opts.chunker));
+    let mut old_index = std::mem::replace(index, FileIndex::new(opts.chunker));
     let threads = opts.threads.max(1);
     let (job_tx, job_rx) = bounded::<Job>(threads * 4);
     let (done_tx, done_rx) = bounded::<Done>(1024);
@@ -366,10 +366,10 @@ pub fn scan_tree(
                     links.insert((st.dev, st.ino), scanned.path.clone());
                 }
                 let reuse = (st.is_file() && !opts.checksum)
-                    .then(|| old_index.lookup(&scanned.path, &st))
+                    .then(|| old_index.take(&scanned.path, &st))
                     .flatten();
                 if let Some(segs) = reuse {
-                    let entry = entry_of(&scanned, root, Some((st.size, segs.to_vec())))
+                    let entry = entry_of(&scanned, root, Some((st.size, segs)))
                         .map_err(|e| WalkError::Stopped(e.to_string()))?;
                     pending.insert(seq, Some((entry, 0, st)));
                 } else if st.is_file() {

@@ -52,11 +52,8 @@ impl Destination {
             }
             return Ok((digest.finish(), index));
         }
-        let by_path: HashMap<&RelPath, &Entry> =
-            self.entries.iter().map(|(e, _)| (&e.path, e)).collect();
         let mut check = Verifier {
             root: &self.path,
-            by_path,
             links: HashMap::new(),
             index,
             digest,
@@ -66,18 +63,17 @@ impl Destination {
             let untouched = !self.touched
                 || (matches!(plan, Plan::Keep { meta: false })
                     && !matches!(e.kind, EntryKind::Dir));
-            let (s, seen_at) = match self.existing.get(&e.path) {
-                Some(s) if untouched => (s.clone(), self.prepared_at),
-                _ => (
-                    scan_one(&self.path, &e.path, WalkOptions::default())
+            match self.existing.get(&e.path) {
+                Some(s) if untouched => check.add(s, e, self.prepared_at)?,
+                _ => {
+                    let s = scan_one(&self.path, &e.path, WalkOptions::default())
                         .map_err(|err| ApplyError::Manifest(err.to_string()))?
                         .ok_or_else(|| {
                             ApplyError::LocalChanged(format!("{} vanished during the sync", e.path))
-                        })?,
-                    scan_start,
-                ),
-            };
-            check.add(s, seen_at)?;
+                        })?;
+                    check.add(&s, e, scan_start)?;
+                }
+            }
         }
         Ok((check.digest.finish(), check.index))
     }
@@ -87,9 +83,6 @@ impl Destination {
 /// order, and records each regular file in the new receiver index.
 struct Verifier<'a> {
     root: &'a Path,
-    /// What the manifest says each path holds: a file's content is taken to be the chunk
-    /// list just written or verified when its size agrees.
-    by_path: HashMap<&'a RelPath, &'a Entry>,
     /// The first name seen of each multiply-linked inode.
     links: HashMap<(u64, u64), RelPath>,
     index: FileIndex,
@@ -97,8 +90,10 @@ struct Verifier<'a> {
 }
 
 impl Verifier<'_> {
-    /// Adds one entry as found on disk; `seen_at` is when its attributes were read.
-    fn add(&mut self, s: Scanned, seen_at: i128) -> Result<(), ApplyError> {
+    /// Adds one entry as found on disk (`s`, read at `seen_at`) where the manifest has `want`:
+    /// a file's content is taken to be the chunk list just written or verified when its size
+    /// agrees.
+    fn add(&mut self, s: &Scanned, want: &Entry, seen_at: i128) -> Result<(), ApplyError> {
         let inode = (s.stat.dev, s.stat.ino);
         let entry = if s.stat.is_file() && s.stat.nlink > 1 && self.links.contains_key(&inode) {
             Entry {
@@ -112,10 +107,8 @@ impl Verifier<'_> {
             if s.stat.is_file() && s.stat.nlink > 1 {
                 self.links.insert(inode, s.path.clone());
             }
-            let segments = match self.by_path.get(&s.path).map(|w| &w.kind) {
-                Some(EntryKind::File { size, segments }) if *size == s.stat.size => {
-                    segments.clone()
-                }
+            let segments = match &want.kind {
+                EntryKind::File { size, segments } if *size == s.stat.size => segments.clone(),
                 _ => Vec::new(),
             };
             let size = segments.iter().map(Segment::len).sum();
@@ -123,7 +116,7 @@ impl Verifier<'_> {
                 self.index
                     .record(s.path.clone(), &s.stat, segments.clone(), seen_at);
             }
-            entry_of(&s, self.root, Some((size, segments)))
+            entry_of(s, self.root, Some((size, segments)))
                 .map_err(|err| ApplyError::Manifest(err.to_string()))?
         };
         self.digest
