@@ -175,7 +175,7 @@ pub fn local(
     let mut ids = Vec::new();
     let mut map = match mode {
         VolumeMode::Tree => {
-            scan_tree(path, opts, &mut index, 0, &mut |e| {
+            scan_tree(path, opts, &mut index, 0, &mut |e, _| {
                 ids.extend(chunk_ids(&e));
                 Ok(())
             })?

@@ -28,7 +28,7 @@ pub fn digest_volume(
     let mut index = FileIndex::new(chunker);
     let stats = match mode {
         crate::manifest::VolumeMode::Tree => {
-            scan_tree(path, opts, &mut index, 0, &mut |e| {
+            scan_tree(path, opts, &mut index, 0, &mut |e, _| {
                 digest.add(&e).map_err(|e| e.to_string())
             })?
             .1

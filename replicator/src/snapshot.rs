@@ -123,6 +123,13 @@ impl SourceMap {
         self.chunks.contains_key(id)
     }
 
+    /// True if the first occurrence of `id` in the snapshot is in the file `path` at `offset`.
+    pub fn first_seen_at(&self, id: &ChunkId, path: &RelPath, offset: u64) -> bool {
+        self.chunks
+            .get(id)
+            .is_some_and(|l| l.offset == offset && self.files[l.file as usize] == *path)
+    }
+
     /// The length of a chunk in the snapshot (0 if it is not there).
     pub fn len_of(&self, id: &ChunkId) -> u64 {
         self.chunks.get(id).map_or(0, |l| u64::from(l.len))
@@ -148,7 +155,7 @@ impl SourceMap {
 
 /// Reads the chunk `id` back from `file` (at `path`) and checks it still has that hash: the
 /// source may have changed since it was scanned.
-pub fn read_chunk(
+fn read_chunk(
     file: &File,
     path: &Path,
     offset: u64,
@@ -265,13 +272,14 @@ type Done = (u64, Result<Option<(Entry, u64)>, SnapshotError>);
 /// Walks `root` and emits its entries in volume order.
 ///
 /// `index` is consulted for unchanged files and refreshed with what was read; `emit` receives
-/// every entry and may stop the scan by returning an error.
+/// every entry, with the source map that already holds its chunks, and may stop the scan by
+/// returning an error.
 pub fn scan_tree(
     root: &Path,
     opts: SnapshotOptions,
     index: &mut FileIndex,
     scan_start_ns: i128,
-    emit: &mut dyn FnMut(Entry) -> Result<(), String>,
+    emit: &mut dyn FnMut(Entry, &mut SourceMap) -> Result<(), String>,
 ) -> Result<(SourceMap, ScanStats), SnapshotError> {
     let mut map = SourceMap::new(root);
     let mut stats = ScanStats::default();
@@ -333,7 +341,7 @@ pub fn scan_tree(
                     map.add_file(&entry.path, segments);
                     index.record(entry.path.clone(), &stat, segments.clone(), scan_start_ns);
                 }
-                emit(entry).map_err(SnapshotError::Emit)?;
+                emit(entry, map).map_err(SnapshotError::Emit)?;
             }
             Ok(())
         };

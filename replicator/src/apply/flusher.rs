@@ -13,11 +13,14 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{Sender, bounded};
 
+use super::ApplyError;
+
 /// Files at least this large are synced early; smaller ones wait for the commit's `syncfs`.
 pub const EARLY_SYNC_MIN: u64 = 8 << 20;
 
-/// Bytes of smaller files written between two early `syncfs` calls.
-pub const EARLY_SYNCFS_EVERY: u64 = 256 << 20;
+/// Bytes written between two early syncs: a `syncfs` after this much of smaller files, an
+/// `fdatasync` after this much of an image.
+pub const EARLY_SYNC_EVERY: u64 = 256 << 20;
 
 /// Files waiting for their early sync.
 const QUEUE: usize = 2;
@@ -66,16 +69,17 @@ impl Flusher {
     }
 
     /// Waits for every queued sync; the first failure names its file.
-    pub fn finish(&mut self) -> Result<(), (String, io::Error)> {
+    pub fn finish(&mut self) -> Result<(), ApplyError> {
         self.queue = None;
-        match self.worker.take().map(JoinHandle::join) {
-            None => Ok(()),
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err((
+        let (path, e) = match self.worker.take().map(JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => return Ok(()),
+            Some(Ok(Err(failed))) => failed,
+            Some(Err(_)) => (
                 "early sync".into(),
                 io::Error::other("sync thread panicked"),
-            )),
-        }
+            ),
+        };
+        Err(super::io_err("cannot sync", &path)(e))
     }
 }
 

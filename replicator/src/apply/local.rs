@@ -98,12 +98,10 @@ impl PendingClone {
         let Some((from, to, len)) = self.run.take() else {
             return Ok(0);
         };
-        let (dir, name) = files.get(from.file);
-        let shown = || format!("{dir}/{}", String::from_utf8_lossy(name));
         let src = reader.open(vol, files, from.file)?;
         fsops::copy_range(src, from.offset, dst, to, len).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => ApplyError::LocalChanged(shown()),
-            _ => io_err("cannot copy", &shown())(e),
+            io::ErrorKind::UnexpectedEof => ApplyError::LocalChanged(files.shown(from.file)),
+            _ => io_err("cannot copy", &files.shown(from.file))(e),
         })?;
         Ok(len)
     }
@@ -124,12 +122,10 @@ impl LocalReader {
         len: u32,
         id: &ChunkId,
     ) -> Result<Bytes, ApplyError> {
-        let (dir, name) = files.get(loc.file);
-        let shown = || format!("{dir}/{}", String::from_utf8_lossy(name));
         let f = self.open(vol, files, loc.file)?;
         let mut buf = vec![0u8; len as usize];
         if f.read_exact_at(&mut buf, loc.offset).is_err() || ChunkId::of(&buf) != *id {
-            return Err(ApplyError::LocalChanged(shown()));
+            return Err(ApplyError::LocalChanged(files.shown(loc.file)));
         }
         Ok(Bytes::from(buf))
     }
@@ -143,9 +139,9 @@ impl LocalReader {
     ) -> Result<&File, ApplyError> {
         if !matches!(&self.open, Some((n, _)) if *n == file) {
             let (dir, name) = files.get(file);
-            let f = vol.open_read(dir, name).map_err(|_| {
-                ApplyError::LocalChanged(format!("{dir}/{}", String::from_utf8_lossy(name)))
-            })?;
+            let f = vol
+                .open_read(dir, name)
+                .map_err(|_| ApplyError::LocalChanged(files.shown(file)))?;
             self.open = Some((file, f));
         }
         let Some((_, f)) = &self.open else {

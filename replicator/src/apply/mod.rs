@@ -42,7 +42,7 @@ use crate::state::TargetState;
 use crate::volume::walk::{Scanned, WalkOptions, scan_one, walk};
 use fsops::{VolumeDir, os, temp_name};
 use local::{LocalReader, PendingClone, range_has, range_is_zero};
-use plan::{Loc, Plan, SourceFiles, Src, WantList, offsets};
+use plan::{Loc, Plan, SourceFiles, Src, WantList, chunks_by_offset, offsets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -203,18 +203,13 @@ impl Destination {
             }
         }
         // A block image the index vouches for needs no reading to know what it holds.
-        let mut in_place = HashMap::new();
-        if header.mode == VolumeMode::Block
-            && let Some(have) = existing.get(&RelPath::root())
-            && have.stat.is_file()
-            && let Some(segments) = index.lookup(&RelPath::root(), &have.stat)
-        {
-            for (off, seg) in offsets(segments) {
-                if let Segment::Chunk { id, len } = *seg {
-                    in_place.insert(off, (id, len));
-                }
-            }
-        }
+        let in_place = match existing.get(&RelPath::root()) {
+            Some(have) if header.mode == VolumeMode::Block && have.stat.is_file() => index
+                .lookup(&RelPath::root(), &have.stat)
+                .map(chunks_by_offset)
+                .unwrap_or_default(),
+            _ => HashMap::new(),
+        };
         Ok(Destination {
             path: path.to_path_buf(),
             digest: DigestBuilder::new(&header),
@@ -380,16 +375,9 @@ impl Destination {
             .existing
             .get(&e.path)
             .filter(|h| !block && h.stat.is_file());
-        let vouched: Option<HashMap<u64, (ChunkId, u32)>> = have
+        let vouched = have
             .and_then(|h| self.index.lookup(&e.path, &h.stat))
-            .map(|old| {
-                offsets(old)
-                    .filter_map(|(off, seg)| match *seg {
-                        Segment::Chunk { id, len } => Some((off, (id, len))),
-                        Segment::Zero { .. } => None,
-                    })
-                    .collect()
-            });
+            .map(chunks_by_offset);
         let has_old = have.is_some();
         // Opened only for offsets the index does not vouch for.
         let mut old: Option<File> = None;
@@ -598,7 +586,6 @@ impl Destination {
                         }
                         Src::Zero | Src::InPlace => None,
                         Src::Local(loc) => {
-                            let vol = self.vol.as_mut().expect("tree");
                             let d = reader.read(vol, &self.sources, loc, len, &id)?;
                             self.stats.bytes_copied_locally += u64::from(len);
                             Some(d)
@@ -632,7 +619,7 @@ impl Destination {
                     self.flusher.submit(file, shown);
                 } else {
                     self.unsynced += size;
-                    if self.unsynced >= flusher::EARLY_SYNCFS_EVERY {
+                    if self.unsynced >= flusher::EARLY_SYNC_EVERY {
                         self.unsynced = 0;
                         let vol = self.vol.as_mut().expect("tree");
                         let root = vol.root_path().display().to_string();
@@ -718,7 +705,7 @@ impl Destination {
             let mut buf = Vec::new();
             let mut unsynced = 0;
             for ((off, seg), src) in offsets(e.segments()).zip(sources) {
-                if unsynced >= flusher::EARLY_SYNC_MIN * 32 {
+                if unsynced >= flusher::EARLY_SYNC_EVERY {
                     // Let the disk work through what is written so far while more arrives.
                     let handle = file.try_clone().map_err(io_err("cannot sync", &shown))?;
                     self.flusher.submit(handle, shown.clone());
@@ -757,9 +744,7 @@ impl Destination {
                 file.set_len(size).map_err(io_err("cannot size", &shown))?;
             }
         }
-        self.flusher
-            .finish()
-            .map_err(|(path, e)| io_err("cannot sync", &path)(e))?;
+        self.flusher.finish()?;
         file.sync_all().map_err(io_err("cannot sync", &shown))?;
         Ok(())
     }
@@ -832,9 +817,7 @@ impl Destination {
     fn commit_tree(&mut self) -> Result<(), ApplyError> {
         let vol = self.vol.as_mut().expect("tree");
         let root_shown = vol.root_path().display().to_string();
-        self.flusher
-            .finish()
-            .map_err(|(path, e)| io_err("cannot sync", &path)(e))?;
+        self.flusher.finish()?;
         let changed = !self.created_temps.is_empty() || !self.created_dirs.is_empty();
         if changed {
             // Temp file data must be durable before any rename makes it visible.

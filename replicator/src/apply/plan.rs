@@ -5,6 +5,8 @@
 //! already in a partial temp file left by an interrupted run, elsewhere in the destination, or
 //! from the sender. Sources other than the sender are verified by hash when read.
 
+use std::collections::HashMap;
+
 use crate::chunk::{ChunkId, Segment};
 use crate::manifest::{Entry, EntryKind, Meta, RelPath};
 use crate::volume::walk::Scanned;
@@ -34,6 +36,12 @@ impl SourceFiles {
     pub fn get(&self, file: u32) -> (&RelPath, &[u8]) {
         let (dir, name) = &self.names[file as usize];
         (dir, name)
+    }
+
+    /// File number `file` as a path for messages.
+    pub fn shown(&self, file: u32) -> String {
+        let (dir, name) = self.get(file);
+        format!("{dir}/{}", String::from_utf8_lossy(name))
     }
 }
 
@@ -132,4 +140,14 @@ pub fn offsets(segments: &[Segment]) -> impl Iterator<Item = (u64, &Segment)> {
         *off += seg.len();
         Some((here, seg))
     })
+}
+
+/// The chunk at each offset of a file, holes left out.
+pub fn chunks_by_offset(segments: &[Segment]) -> HashMap<u64, (ChunkId, u32)> {
+    offsets(segments)
+        .filter_map(|(off, seg)| match *seg {
+            Segment::Chunk { id, len } => Some((off, (id, len))),
+            Segment::Zero { .. } => None,
+        })
+        .collect()
 }

@@ -279,10 +279,8 @@ pub fn start(
         readers.push(tokio::spawn(async move {
             let mut reader = FrameReader::default();
             loop {
-                let (batch, end) = reader.next_batch(&mut stream, &limits).await;
-                let bytes: u64 = batch.iter().filter_map(|(_, len)| *len).sum();
+                let (batch, bytes, end) = reader.next_batch(&mut stream, &limits).await;
                 received.fetch_add(bytes, Ordering::Relaxed);
-                let batch: Batch = batch.into_iter().map(|(item, _)| item).collect();
                 let failed = batch.last().is_some_and(|r| r.is_err());
                 if let Some(Err(TransportError::Other(why))) = batch.last() {
                     error.set(why.clone());
@@ -312,29 +310,18 @@ pub fn start(
 }
 
 /// Moves `first` and every frame already queued behind it (up to [`WRITE_BATCH`] bytes) into
-/// `parts`, copying small pieces together so QUIC sees a few large buffers.
+/// `parts`, for one stream write (QUIC takes the buffers as they are).
 fn gather(first: Frame, queue: &mut mpsc::Receiver<Frame>, parts: &mut Vec<Bytes>) {
-    let mut small = BytesMut::new();
     let mut total = 0;
     let mut next = Some(first);
     while let Some((head, payload)) = next.take() {
         for piece in std::iter::once(head).chain(payload) {
             total += piece.len();
-            if piece.len() < COPY_BELOW {
-                small.extend_from_slice(&piece);
-                continue;
-            }
-            if !small.is_empty() {
-                parts.push(small.split().freeze());
-            }
             parts.push(piece);
         }
         if total < WRITE_BATCH {
             next = queue.try_recv().ok();
         }
-    }
-    if !small.is_empty() {
-        parts.push(small.freeze());
     }
 }
 
@@ -345,40 +332,40 @@ pub struct FrameReader {
     ended: bool,
 }
 
-/// A parsed frame (or the error that ends the lane) and, for a frame, its length on the wire.
-type Parsed = (Result<Message, TransportError>, Option<u64>);
-
 impl FrameReader {
-    /// The frames that arrived with the next read. The flag is true when the lane is over:
-    /// cleanly finished between frames, or with the error that ends the batch.
+    /// The frames that arrived with the next read, and their bytes on the wire. The flag is
+    /// true when the lane is over: cleanly finished between frames, or with the error that
+    /// ends the batch.
     pub async fn next_batch(
         &mut self,
         stream: &mut RecvStream,
         limits: &Limits,
-    ) -> (Vec<Parsed>, bool) {
+    ) -> (Batch, u64, bool) {
         let mut batch = Vec::new();
+        let mut bytes = 0;
         loop {
             match self.parse(limits) {
-                Ok(Some(parsed)) => {
-                    batch.push(parsed);
+                Ok(Some((msg, len))) => {
+                    batch.push(Ok(msg));
+                    bytes += len;
                     continue;
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    batch.push((Err(e), None));
-                    return (batch, true);
+                    batch.push(Err(e));
+                    return (batch, bytes, true);
                 }
             }
             if !batch.is_empty() {
-                return (batch, false);
+                return (batch, bytes, false);
             }
             if self.ended {
                 if !self.buf.is_empty() {
                     let e = quinn::ReadExactError::FinishedEarly(self.buf.len());
-                    batch.push((Err(TransportError::Malformed(read_error(e))), None));
+                    batch.push(Err(TransportError::Malformed(read_error(e))));
                 }
                 // A lane that ends cleanly: the peer has nothing more to say.
-                return (batch, true);
+                return (batch, bytes, true);
             }
             let have = self.buf.len();
             self.buf.resize(have + READ_BATCH, 0);
@@ -390,15 +377,15 @@ impl FrameReader {
                 }
                 Err(e) => {
                     let e = quinn::ReadExactError::ReadError(e);
-                    batch.push((Err(TransportError::Other(read_error(e))), None));
-                    return (batch, true);
+                    batch.push(Err(TransportError::Other(read_error(e))));
+                    return (batch, bytes, true);
                 }
             }
         }
     }
 
-    /// The next whole frame in the buffer, if there is one.
-    fn parse(&mut self, limits: &Limits) -> Result<Option<Parsed>, TransportError> {
+    /// The next whole frame in the buffer and its length on the wire, if there is one.
+    fn parse(&mut self, limits: &Limits) -> Result<Option<(Message, u64)>, TransportError> {
         let Some(len) = self.buf.get(..4) else {
             return Ok(None);
         };
@@ -416,6 +403,6 @@ impl FrameReader {
         let body = frame.split_off(4).freeze();
         let msg = Message::decode_frame(&body, limits)
             .map_err(|e| TransportError::Malformed(e.to_string()))?;
-        Ok(Some((Ok(msg), Some(4 + n as u64))))
+        Ok(Some((msg, 4 + n as u64)))
     }
 }

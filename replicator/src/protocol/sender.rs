@@ -1,7 +1,5 @@
 //! Driving the sending side of a session over a transport.
 
-use std::collections::HashSet;
-use std::fs::File;
 use std::path::Path;
 
 use super::SessionError;
@@ -14,9 +12,8 @@ use crate::manifest::{
     DigestBuilder, Header, MANIFEST_VERSION, RootDigest, VolumeMode, encode_entry,
 };
 use crate::progress::Progress;
-use crate::snapshot::{ScanStats, SnapshotOptions, read_chunk, scan_block, scan_tree};
+use crate::snapshot::{ScanStats, SnapshotOptions, SourceMap, scan_block, scan_tree};
 use crate::transport::{MessageRx, MessageTx};
-use crate::volume::walk::full_path;
 
 #[derive(Clone, Copy, Debug)]
 pub struct SenderOptions {
@@ -101,33 +98,44 @@ fn session(
 
     let started = std::time::Instant::now();
     let mut digest = DigestBuilder::new(&header(opts.mode, chunker));
-    let mut policy = CompressPolicy::new(opts.compress);
-    let mut streamed = Streamed::default();
+    let mut out = Outgoing {
+        policy: CompressPolicy::new(opts.compress),
+        chunks: 0,
+        bytes: 0,
+    };
     progress.restart(if stream { "sending" } else { "scanning" }, 0);
     // A transport failure inside the scan's callback, kept as it was (the scan only carries
     // text) so it is reported as a broken connection.
     let mut failed: Option<SessionError> = None;
     let (mut map, scan) = match opts.mode {
         VolumeMode::Tree => {
-            let scanned = scan_tree(src, opts.snapshot, index, scan_start_ns, &mut |entry| {
-                progress.advance(entry.size());
-                let encoded = encode_entry(&entry);
-                digest
-                    .add_encoded(&entry, &encoded)
-                    .map_err(|e| e.to_string())?;
-                let path = entry.path.clone();
-                let segments = match (&entry.kind, stream) {
-                    (crate::manifest::EntryKind::File { segments, .. }, true) => segments.clone(),
-                    _ => Vec::new(),
-                };
-                let sent = tx.send(Message::Entry(entry)).map_err(SessionError::from);
-                sent.and_then(|()| streamed.send_new_chunks(src, &path, &segments, &mut policy, tx))
-                    .map_err(|e| {
-                        let shown = e.to_string();
-                        failed = Some(e);
-                        shown
-                    })
-            });
+            let scanned = scan_tree(
+                src,
+                opts.snapshot,
+                index,
+                scan_start_ns,
+                &mut |entry, map| {
+                    progress.advance(entry.size());
+                    let encoded = encode_entry(&entry);
+                    digest
+                        .add_encoded(&entry, &encoded)
+                        .map_err(|e| e.to_string())?;
+                    let path = entry.path.clone();
+                    let segments = match (&entry.kind, stream) {
+                        (crate::manifest::EntryKind::File { segments, .. }, true) => {
+                            segments.clone()
+                        }
+                        _ => Vec::new(),
+                    };
+                    let sent = tx.send(Message::Entry(entry)).map_err(SessionError::from);
+                    sent.and_then(|()| send_new_chunks(map, &path, &segments, &mut out, tx))
+                        .map_err(|e| {
+                            let shown = e.to_string();
+                            failed = Some(e);
+                            shown
+                        })
+                },
+            );
             match (scanned, failed.take()) {
                 (Err(_), Some(e)) => return Err(e),
                 (scanned, _) => scanned?,
@@ -154,24 +162,16 @@ fn session(
         entries = digest.entries(),
         "manifest sent"
     );
-    let mut report = SenderReport {
+    if !stream {
+        serve_wants(&mut map, &mut out, &mut phase, tx, rx, progress)?;
+    }
+    let report = SenderReport {
         root,
         scan,
-        chunks_sent: streamed.chunks,
-        bytes_sent_raw: streamed.bytes,
+        chunks_sent: out.chunks,
+        bytes_sent_raw: out.bytes,
         receiver: DoneStats::default(),
     };
-    if !stream {
-        serve_wants(
-            &mut map,
-            &mut report,
-            &mut policy,
-            &mut phase,
-            tx,
-            rx,
-            progress,
-        )?;
-    }
     tracing::debug!(
         ms = started.elapsed().as_millis(),
         chunks = report.chunks_sent,
@@ -195,59 +195,52 @@ fn session(
     }
 }
 
-/// The chunks a streamed session has sent so far: each goes out once, right after the entry
-/// of the first file that holds it.
-#[derive(Default)]
-struct Streamed {
-    sent: HashSet<ChunkId>,
+/// Chunks on their way to the receiver: compressed or not as the policy says, counted.
+struct Outgoing {
+    policy: CompressPolicy,
     chunks: u64,
     bytes: u64,
 }
 
-impl Streamed {
-    /// Sends the chunks of the file `path` (just announced) that no earlier entry had, read
-    /// back from the source and checked against their names.
-    fn send_new_chunks(
+impl Outgoing {
+    fn send(
         &mut self,
-        src: &Path,
-        path: &crate::manifest::RelPath,
-        segments: &[Segment],
-        policy: &mut CompressPolicy,
         tx: &mut dyn MessageTx,
+        id: ChunkId,
+        data: Vec<u8>,
     ) -> Result<(), SessionError> {
-        let full = full_path(src, path);
-        let mut file: Option<File> = None;
-        let mut offset = 0;
-        for seg in segments {
-            let here = offset;
-            offset += seg.len();
-            let Segment::Chunk { id, len } = *seg else {
-                continue;
-            };
-            if !self.sent.insert(id) {
-                continue;
-            }
-            let f = match &file {
-                Some(f) => f,
-                None => file.insert(File::open(&full).map_err(|source| {
-                    crate::snapshot::ServeError::Read {
-                        path: full.clone(),
-                        source,
-                    }
-                })?),
-            };
-            let data = read_chunk(f, &full, here, len, &id)?;
-            self.chunks += 1;
-            self.bytes += u64::from(len);
-            tx.send(Message::Chunk(ChunkData::encode_owned(
-                id,
-                data,
-                policy.compress(),
-            )))?;
-            policy.sent(u64::from(len), std::time::Instant::now());
-        }
+        let len = data.len() as u64;
+        self.chunks += 1;
+        self.bytes += len;
+        let chunk = ChunkData::encode_owned(id, data, self.policy.compress());
+        tx.send(Message::Chunk(chunk))?;
+        self.policy.sent(len, std::time::Instant::now());
         Ok(())
     }
+}
+
+/// Streamed sessions: sends the chunks of the file `path` (just announced) whose first
+/// occurrence in the snapshot is in it, in order, read back from the source and checked
+/// against their names.
+fn send_new_chunks(
+    map: &mut SourceMap,
+    path: &crate::manifest::RelPath,
+    segments: &[Segment],
+    out: &mut Outgoing,
+    tx: &mut dyn MessageTx,
+) -> Result<(), SessionError> {
+    let mut offset = 0;
+    for seg in segments {
+        let here = offset;
+        offset += seg.len();
+        if let Segment::Chunk { id, .. } = *seg
+            && map.first_seen_at(&id, path, here)
+        {
+            let data = map.read(&id)?;
+            out.send(tx, id, data)?;
+        }
+    }
+    Ok(())
 }
 
 /// The next message from the receiver, checked against the session's order.
@@ -262,9 +255,8 @@ fn next(phase: &mut SenderPhase, rx: &mut dyn MessageRx) -> Result<Message, Sess
 
 /// Sends the chunks the receiver asks for, want by want, until its `WantEnd`.
 fn serve_wants(
-    map: &mut crate::snapshot::SourceMap,
-    report: &mut SenderReport,
-    policy: &mut CompressPolicy,
+    map: &mut SourceMap,
+    out: &mut Outgoing,
     phase: &mut SenderPhase,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
@@ -280,11 +272,7 @@ fn serve_wants(
                 for id in ids {
                     let data = map.read(&id)?;
                     let len = data.len() as u64;
-                    report.chunks_sent += 1;
-                    report.bytes_sent_raw += len;
-                    let chunk = ChunkData::encode_owned(id, data, policy.compress());
-                    tx.send(Message::Chunk(chunk))?;
-                    policy.sent(len, std::time::Instant::now());
+                    out.send(tx, id, data)?;
                     progress.advance(len);
                 }
                 // The receiver may be waiting for the last of these.
