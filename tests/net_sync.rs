@@ -346,6 +346,30 @@ fn killed_client_then_the_rerun_resumes() {
 }
 
 #[test]
+fn abandoned_staging_over_the_size_bound_is_removed() {
+    let t = Setup::new(&["--timeout", "2", "--staging-max-gib", "0"]);
+    let src = big_source(&t);
+    let relay = Relay::start(t.server.addr);
+    let mut child = stalled_push(&t, &relay, &src, "bounded", &[]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    t.server.wait_log("result=failed");
+    // The failed session left partial files; with no room allowed, the sweep after it
+    // removes them (and says so), and a later sync still completes from scratch.
+    let log = t
+        .server
+        .wait_log("removed abandoned staging (over --staging-max-gib)");
+    let line = log
+        .lines()
+        .find(|l| l.contains("removed abandoned"))
+        .unwrap();
+    assert!(!line.contains("files=0 "), "{line}");
+    no_staging_left(&t.volume("bounded"));
+    summary(&t.sync(s(&src), &t.remote("bounded"), &[]));
+    assert_mirrors(&src, &t.volume("bounded"));
+}
+
+#[test]
 fn killed_server_fails_the_client_cleanly_and_the_rerun_resumes() {
     let mut t = Setup::new(&[]);
     let src = big_source(&t);

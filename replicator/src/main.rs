@@ -135,6 +135,9 @@ struct ServeArgs {
     /// Hours after which the partial files of an abandoned sync are removed.
     #[arg(long, default_value_t = 168.0)]
     staging_max_age_hours: f64,
+    /// GiB of partial files that abandoned syncs may keep in all; beyond it the oldest go.
+    #[arg(long, default_value_t = 64.0)]
+    staging_max_gib: f64,
     /// Hashing threads when sending (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -524,6 +527,9 @@ fn run_serve(a: ServeArgs) -> Result<(), Failure> {
             "--staging-max-age-hours must be >= 0".into(),
         ));
     }
+    if !(a.staging_max_gib.is_finite() && a.staging_max_gib >= 0.0) {
+        return Err(Failure::Usage("--staging-max-gib must be >= 0".into()));
+    }
     let opts = ServeOptions {
         listen,
         root: a.root.clone(),
@@ -540,6 +546,7 @@ fn run_serve(a: ServeArgs) -> Result<(), Failure> {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
             .max(1),
         staging_max_age: Duration::from_secs_f64(a.staging_max_age_hours * 3600.0),
+        staging_max_bytes: (a.staging_max_gib * (1u64 << 30) as f64) as u64,
         policy: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -123,7 +123,8 @@ impl Agent {
             version: replicator::protocol::message::PROTOCOL_VERSION,
             max_entries: replicator::protocol::receiver::DEFAULT_MAX_ENTRIES,
             threads: 2,
-            staging_max_age: Duration::from_secs(7 * 24 * 3600),
+            staging_max_age: replicator::net::server::DEFAULT_STAGING_MAX_AGE,
+            staging_max_bytes: replicator::net::server::DEFAULT_STAGING_MAX_BYTES,
             policy: Some(self.fencing()),
         })
         .map_err(|e| e.to_string())?;

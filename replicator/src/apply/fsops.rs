@@ -348,9 +348,9 @@ pub fn zero_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes the temp files an abandoned sync left anywhere under `volume` (without following
-/// symlinks). Returns how many files and bytes went.
-pub fn remove_stale_temps(volume: &std::path::Path) -> std::io::Result<(u64, u64)> {
+/// The temp files an abandoned sync left anywhere under `volume` (found without following
+/// symlinks): how many and how many bytes. With `remove`, they are deleted as they are found.
+pub fn stale_temps(volume: &std::path::Path, remove: bool) -> std::io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let (mut files, mut bytes) = (0, 0);
     let mut dirs = vec![volume.to_path_buf()];
@@ -362,7 +362,9 @@ pub fn remove_stale_temps(volume: &std::path::Path) -> std::io::Result<(u64, u64
                 dirs.push(entry.path());
             } else if ft.is_file() && is_temp_name(entry.file_name().as_bytes()) {
                 bytes += entry.metadata().map_or(0, |m| m.len());
-                std::fs::remove_file(entry.path())?;
+                if remove {
+                    std::fs::remove_file(entry.path())?;
+                }
                 files += 1;
             }
         }

@@ -20,7 +20,7 @@ use super::endpoint::{self, NetOptions};
 use super::identity::{Identity, TrustList};
 use super::lanes::{self, FirstError, describe};
 use super::open::{CloseCode, Direction, MAX_LANES, Open, VolumeName, encode_accept};
-use crate::apply::fsops::remove_stale_temps;
+use crate::apply::fsops::stale_temps;
 use crate::manifest::Limits;
 use crate::progress::NoProgress;
 use crate::protocol::SessionError;
@@ -35,6 +35,11 @@ use crate::volume;
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest `Open` frame.
 const MAX_OPEN: usize = 1024;
+
+/// Default of [`ServeOptions::staging_max_age`]: a week.
+pub const DEFAULT_STAGING_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Default of [`ServeOptions::staging_max_bytes`]: 64 GiB.
+pub const DEFAULT_STAGING_MAX_BYTES: u64 = 64 << 30;
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -52,6 +57,8 @@ pub struct ServeOptions {
     pub threads: usize,
     /// Partial files of a sync abandoned this long ago are removed.
     pub staging_max_age: Duration,
+    /// Partial files of abandoned syncs are removed, oldest first, beyond this many bytes.
+    pub staging_max_bytes: u64,
     /// Asked before a push or pull is accepted; an `Err` refuses the session with that text.
     /// The deployer's agents use it to refuse pushes into volumes they own (fencing).
     pub policy: Option<Policy>,
@@ -200,47 +207,106 @@ impl Server {
     }
 }
 
-/// Removes staging (partial files) of syncs abandoned longer than the configured age, at
-/// start and then hourly. Volumes in use are skipped.
+/// Bounds the staging (partial files) of abandoned syncs, at start, hourly, and after every
+/// session that failed: staging older than the configured age goes, then the oldest staging
+/// until what remains fits the configured size. Volumes in use are skipped.
 async fn sweep_loop(shared: Arc<Shared>) {
     loop {
-        let s = shared.clone();
-        let _ = tokio::task::spawn_blocking(move || sweep_once(&s)).await;
+        sweep(&shared).await;
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
+}
+
+async fn sweep(shared: &Arc<Shared>) {
+    let s = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || sweep_once(&s)).await;
+}
+
+/// One abandoned sync's partial files.
+struct Staging {
+    volume: String,
+    started_unix: u64,
+    bytes: u64,
 }
 
 fn sweep_once(shared: &Arc<Shared>) {
     let Ok(dir) = std::fs::read_dir(&shared.root) else {
         return;
     };
-    let max_age = shared.opts.staging_max_age.as_secs();
+    let mut found = Vec::new();
     for entry in dir.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if VolumeName::new(&name).is_err() {
+        if VolumeName::new(&name).is_err() || !entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        let path = shared.root.join(&name);
-        let Some(state) = shared.states.target(&path).read() else {
+        let Some(state) = shared.states.target(&shared.root.join(&name)).read() else {
             continue;
         };
         let SyncStatus::Incomplete { started_unix } = state.status else {
             continue;
         };
-        if unix_now().saturating_sub(started_unix) < max_age {
-            continue;
-        }
         let Ok(_guard) = try_lock(shared, &name, true) else {
             continue;
         };
-        match remove_stale_temps(&path) {
-            Ok((files, bytes)) if files > 0 => {
-                tracing::info!(volume = %name, files, bytes, "removed abandoned staging");
-            }
+        match stale_temps(&shared.root.join(&name), false) {
+            Ok((files, bytes)) if files > 0 => found.push(Staging {
+                volume: name,
+                started_unix,
+                bytes,
+            }),
             Ok(_) => {}
-            Err(e) => tracing::warn!(volume = %name, "cannot remove abandoned staging: {e}"),
+            Err(e) => tracing::warn!(volume = %name, "cannot measure abandoned staging: {e}"),
         }
     }
+    let now = unix_now();
+    let doomed = over_bounds(
+        found,
+        now,
+        shared.opts.staging_max_age.as_secs(),
+        shared.opts.staging_max_bytes,
+    );
+    for (staging, why) in doomed {
+        let Ok(_guard) = try_lock(shared, &staging.volume, true) else {
+            continue;
+        };
+        match stale_temps(&shared.root.join(&staging.volume), true) {
+            Ok((files, bytes)) => tracing::info!(
+                volume = %staging.volume,
+                files,
+                bytes,
+                age_s = now.saturating_sub(staging.started_unix),
+                "removed abandoned staging ({why})"
+            ),
+            Err(e) => {
+                tracing::warn!(volume = %staging.volume, "cannot remove abandoned staging: {e}")
+            }
+        }
+    }
+}
+
+/// Which stagings go: every one older than `max_age` seconds, then the oldest of the rest
+/// until the others total at most `max_bytes`.
+fn over_bounds(
+    mut found: Vec<Staging>,
+    now: u64,
+    max_age: u64,
+    max_bytes: u64,
+) -> Vec<(Staging, &'static str)> {
+    found.sort_by_key(|s| s.started_unix);
+    let mut doomed = Vec::new();
+    let mut total: u64 = found.iter().map(|s| s.bytes).sum();
+    for s in found {
+        let why = if now.saturating_sub(s.started_unix) >= max_age {
+            "older than --staging-max-age-hours"
+        } else if total > max_bytes {
+            "over --staging-max-gib"
+        } else {
+            continue;
+        };
+        total -= s.bytes;
+        doomed.push((s, why));
+    }
+    doomed
 }
 
 fn refuse(conn: &Connection, code: CloseCode, why: &str) {
@@ -342,6 +408,10 @@ async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
         result = %verdict,
         "session"
     );
+    if result.is_err() && open.direction == Direction::Push {
+        // A broken push may have left staging behind: keep the total within bounds.
+        sweep(&shared).await;
+    }
 }
 
 type Accepted = (Open, Vec<SendStream>, Vec<RecvStream>, Option<LockGuard>);
@@ -525,4 +595,42 @@ fn bench_sink(tx: &mut dyn MessageTx, rx: &mut dyn MessageRx) -> Result<(), Sess
         cpu_micros: (cpu.max(0.0) * 1e6) as u64,
     })
     .map_err(SessionError::Transport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn staging(volume: &str, started_unix: u64, bytes: u64) -> Staging {
+        Staging {
+            volume: volume.into(),
+            started_unix,
+            bytes,
+        }
+    }
+
+    fn names(doomed: &[(Staging, &str)]) -> Vec<String> {
+        doomed.iter().map(|(s, _)| s.volume.clone()).collect()
+    }
+
+    #[test]
+    fn stagings_past_the_age_go_then_the_oldest_until_the_rest_fits() {
+        let found = vec![
+            staging("new", 990, 40),
+            staging("ancient", 100, 5),
+            staging("old", 900, 30),
+            staging("middle", 950, 50),
+        ];
+        // ancient is past the age; of the others (120 bytes) old and middle must go to fit 60.
+        let doomed = over_bounds(found, 1000, 500, 60);
+        assert_eq!(names(&doomed), ["ancient", "old", "middle"]);
+        assert_eq!(doomed[0].1, "older than --staging-max-age-hours");
+        assert_eq!(doomed[1].1, "over --staging-max-gib");
+    }
+
+    #[test]
+    fn stagings_within_both_bounds_stay() {
+        let found = vec![staging("a", 990, 10), staging("b", 995, 10)];
+        assert!(over_bounds(found, 1000, 500, 20).is_empty());
+    }
 }
