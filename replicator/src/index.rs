@@ -91,7 +91,7 @@ pub struct IndexEntry {
     pub racy: bool,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FileIndex {
     pub params: Option<ChunkerParams>,
     pub entries: HashMap<RelPath, IndexEntry>,

@@ -208,7 +208,8 @@ pub fn sync_local(
 }
 
 /// The sending half of any sync: scans `src` (trusting its quick-check index unless
-/// `--checksum`), streams it over `tx`/`rx`, and saves the refreshed index.
+/// `--checksum`), streams it over `tx`/`rx`, and saves the refreshed index (once the scan is
+/// complete, while the receiver commits).
 pub fn run_source(
     src: &Path,
     mode: VolumeMode,
@@ -228,12 +229,9 @@ pub fn run_source(
             threads: opts.threads,
         },
         compress: opts.compress,
+        index_file: Some(index_path),
     };
-    let report = run_sender(src, sender_opts, &mut index, now_ns(), tx, rx, progress)?;
-    if let Err(e) = index.save(&index_path) {
-        tracing::warn!(path = %index_path.display(), "cannot save the source index: {e}");
-    }
-    Ok(report)
+    run_sender(src, sender_opts, &mut index, now_ns(), tx, rx, progress)
 }
 
 /// What a summary says about the two ends, whichever side this process played.

@@ -787,31 +787,46 @@ impl Destination {
         progress: &dyn Progress,
     ) -> Result<(RootDigest, ApplyStats), ApplyError> {
         progress.phase("committing");
+        let t = std::time::Instant::now();
         if self.header.mode == VolumeMode::Tree {
             self.commit_tree()?;
         }
         progress.phase("verifying");
-        tracing::debug!(touched = self.touched, "committed");
+        tracing::debug!(
+            touched = self.touched,
+            ms = t.elapsed().as_millis(),
+            "committed"
+        );
         if self.touched {
             // Files changed just now would be recorded as racy and read again next time.
             std::thread::sleep(std::time::Duration::from_nanos(
                 crate::index::RACY_MARGIN_FINE_NS as u64,
             ));
         }
+        let t = std::time::Instant::now();
         let (root, index) = self.verify()?;
+        tracing::debug!(ms = t.elapsed().as_millis(), "verified");
         if root != expected {
             return Err(ApplyError::DigestMismatch {
                 got: root,
                 want: expected,
             });
         }
-        index
-            .save(&self.state.index_file())
-            .map_err(io_err("cannot save index of", &self.path.display()))?;
+        // An unchanged index (the common case when nothing changed) need not be written.
+        if index != self.index {
+            index
+                .save(&self.state.index_file())
+                .map_err(io_err("cannot save index of", &self.path.display()))?;
+        }
         self.state
             .mark_complete(&self.path, root)
             .map_err(io_err("cannot write state of", &self.path.display()))?;
-        Ok((root, self.stats))
+        tracing::debug!(ms = t.elapsed().as_millis(), "index and state saved");
+        let stats = self.stats;
+        // Freeing the listing, the index and the plans of a large volume takes a while; the
+        // sender need not wait for it.
+        std::thread::spawn(move || drop((self, index)));
+        Ok((root, stats))
     }
 
     fn commit_tree(&mut self) -> Result<(), ApplyError> {
@@ -829,7 +844,10 @@ impl Destination {
         }
         let mut touched = changed;
         for (e, p) in &self.entries {
-            let shown = e.path.to_string();
+            if matches!(p, Plan::Keep { meta: false } | Plan::Dir { .. }) {
+                continue; // nothing to do here (directory attributes come last)
+            }
+            let shown = &e.path;
             let Some((parent, name)) = e.path.split_last() else {
                 continue;
             };
@@ -841,10 +859,10 @@ impl Destination {
                         .dir(&parent)
                         .map_err(io_err("cannot open directory", &parent))?;
                     if was_dir {
-                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
+                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", shown))?;
                     }
                     rfs::renameat(d, os(&temp_name(&name)), d, os(&name))
-                        .map_err(|err| io_err("cannot rename into place", &shown)(err.into()))?;
+                        .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;
                     crate::crashpoint::reached("rename");
                     touched = true;
                 }
@@ -864,13 +882,13 @@ impl Destination {
                         .dir(&parent)
                         .map_err(io_err("cannot open directory", &parent))?;
                     if was_dir {
-                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
+                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", shown))?;
                     }
-                    fsops::remove_any(d, &temp).map_err(io_err("cannot clear", &shown))?;
+                    fsops::remove_any(d, &temp).map_err(io_err("cannot clear", shown))?;
                     rfs::linkat(&td, os(&tname), d, os(&temp), AtFlags::empty())
-                        .map_err(|err| io_err("cannot link", &shown)(err.into()))?;
+                        .map_err(|err| io_err("cannot link", shown)(err.into()))?;
                     rfs::renameat(d, os(&temp), d, os(&name))
-                        .map_err(|err| io_err("cannot rename into place", &shown)(err.into()))?;
+                        .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;
                     touched = true;
                 }
                 Plan::Keep { meta: true } if !matches!(e.kind, EntryKind::Dir) => {
@@ -884,13 +902,13 @@ impl Destination {
                             rfs::OFlags::RDONLY | rfs::OFlags::NOFOLLOW | rfs::OFlags::CLOEXEC,
                             Mode::empty(),
                         )
-                        .map_err(|err| io_err("cannot open", &shown)(err.into()))?;
+                        .map_err(|err| io_err("cannot open", shown)(err.into()))?;
                         fsops::apply_meta_fd(&f, &e.meta)
-                            .map_err(io_err("cannot set attributes of", &shown))?;
+                            .map_err(io_err("cannot set attributes of", shown))?;
                     } else {
                         let symlink = matches!(e.kind, EntryKind::Symlink { .. });
                         fsops::apply_meta_at(d, &name, &e.meta, symlink)
-                            .map_err(io_err("cannot set attributes of", &shown))?;
+                            .map_err(io_err("cannot set attributes of", shown))?;
                     }
                     touched = true;
                 }
@@ -921,14 +939,14 @@ impl Destination {
             .collect();
         dirs.sort_by_key(|d| std::cmp::Reverse(d.0.path.depth()));
         for (e, _) in dirs {
-            let shown = e.path.to_string();
-            let d = vol
-                .dir(&e.path)
-                .map_err(io_err("cannot open directory", &shown))?;
+            let shown = &e.path;
             let have = self.existing.get(&e.path);
             if touched || have.is_none_or(|h| plan::meta_differs(h, &e.meta, false)) {
+                let d = vol
+                    .dir(&e.path)
+                    .map_err(io_err("cannot open directory", shown))?;
                 fsops::apply_meta_fd(d, &e.meta)
-                    .map_err(io_err("cannot set attributes of", &shown))?;
+                    .map_err(io_err("cannot set attributes of", shown))?;
                 touched = true;
             }
         }

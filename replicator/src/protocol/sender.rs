@@ -1,6 +1,6 @@
 //! Driving the sending side of a session over a transport.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::SessionError;
 use super::compression::{CompressPolicy, Compression};
@@ -15,12 +15,15 @@ use crate::progress::Progress;
 use crate::snapshot::{ScanStats, SnapshotOptions, SourceMap, scan_block, scan_tree};
 use crate::transport::{MessageRx, MessageTx};
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SenderOptions {
     pub mode: VolumeMode,
     pub snapshot: SnapshotOptions,
     /// Whether chunk payloads are compressed with zstd (see [`super::compression`]).
     pub compress: Compression,
+    /// Where the refreshed quick-check index is saved, as soon as every chunk is sent (while
+    /// the receiver commits): it describes the source alone, whatever the receiver's verdict.
+    pub index_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -180,6 +183,11 @@ fn session(
     tx.send(Message::ChunksEnd {
         bytes_read: report.scan.bytes_read,
     })?;
+    if let Some(path) = &opts.index_file
+        && let Err(e) = index.save(path)
+    {
+        tracing::warn!(path = %path.display(), "cannot save the source index: {e}");
+    }
     let done = next(&mut phase, rx)?;
     tracing::debug!(ms = started.elapsed().as_millis(), "receiver done");
     match done {
