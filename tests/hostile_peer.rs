@@ -215,11 +215,13 @@ fn check_intact(t: &mut Setup, before: &std::collections::BTreeMap<Vec<u8>, Desc
         std::thread::sleep(std::time::Duration::from_millis(50));
         log = t.server.log();
     }
-    let last = log.lines().rev().find(|l| l.contains(" session ")).unwrap();
-    assert!(
-        last.contains("result=failed") && last.contains(needle),
-        "{last}"
-    );
+    // Sessions log when they end, which need not be in the order they started.
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains(" session ") && l.contains(needle))
+        .unwrap_or_else(|| panic!("no session line with {needle:?}:\n{log}"));
+    assert!(line.contains("result=failed"), "{line}");
     assert_eq!(
         &describe(&t.server.root.join(VOLUME)),
         before,

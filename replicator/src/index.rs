@@ -145,6 +145,21 @@ impl FileIndex {
         );
     }
 
+    /// Takes a second look at racy records once the racy margin has passed since their
+    /// files last changed: a file still showing the recorded stat is recorded as seen at
+    /// `scan_start_ns` (taken before any `stat_of` call); a changed or vanished one stays racy.
+    pub fn settle_racy(
+        &mut self,
+        scan_start_ns: i128,
+        stat_of: impl Fn(&RelPath) -> Option<StatInfo>,
+    ) {
+        for (path, e) in self.entries.iter_mut().filter(|(_, e)| e.racy) {
+            if stat_of(path).is_some_and(|s| Fingerprint::from(&s) == e.fingerprint) {
+                e.racy = e.fingerprint.is_racy(scan_start_ns);
+            }
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
         w.raw(MAGIC);
@@ -281,6 +296,36 @@ mod tests {
         idx.record(p.clone(), &stat(990), vec![], now);
         assert!(idx.lookup(&p, &stat(990)).is_some());
         assert!(idx.lookup(&p, &stat(991)).is_none());
+    }
+
+    #[test]
+    fn settling_trusts_racy_records_whose_files_kept_their_stat() {
+        let mut idx = FileIndex::new(ChunkerParams::default());
+        let (kept, changed, gone) = (
+            RelPath::new(b"kept".to_vec()).unwrap(),
+            RelPath::new(b"changed".to_vec()).unwrap(),
+            RelPath::new(b"gone".to_vec()).unwrap(),
+        );
+        let then = 1_000 * 1_000_000_000i128;
+        for p in [&kept, &changed, &gone] {
+            idx.record(p.clone(), &stat(1_000), vec![], then);
+        }
+        assert!(idx.lookup(&kept, &stat(1_000)).is_none(), "racy at first");
+        let later = 1_002 * 1_000_000_000i128;
+        idx.settle_racy(later, |p| match p.as_bytes() {
+            b"kept" => Some(stat(1_000)),
+            b"changed" => Some(stat(1_001)),
+            _ => None,
+        });
+        assert!(idx.lookup(&kept, &stat(1_000)).is_some());
+        assert!(idx.lookup(&changed, &stat(1_000)).is_none());
+        assert!(idx.lookup(&changed, &stat(1_001)).is_none());
+        assert!(idx.lookup(&gone, &stat(1_000)).is_none());
+        // Settling too early leaves records racy.
+        let mut early = FileIndex::new(ChunkerParams::default());
+        early.record(kept.clone(), &stat(1_000), vec![], then);
+        early.settle_racy(then, |_| Some(stat(1_000)));
+        assert!(early.lookup(&kept, &stat(1_000)).is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::manifest::VolumeMode;
 use crate::progress::{NoProgress, Progress};
 use crate::protocol::SessionError;
 use crate::protocol::compression::Compression;
-use crate::protocol::receiver::{DEFAULT_MAX_ENTRIES, ReceiverReport, run_receiver};
+use crate::protocol::receiver::{ReceiverOptions, ReceiverReport, run_receiver};
 use crate::protocol::sender::{SenderOptions, SenderReport, run_sender};
 use crate::snapshot::SnapshotOptions;
 use crate::state::StateDir;
@@ -171,7 +171,7 @@ pub fn sync_local(
                 &mut r_tx,
                 &mut r_rx,
                 progress,
-                DEFAULT_MAX_ENTRIES,
+                ReceiverOptions::default(),
             )?;
             Ok((report, r_tx.wire_bytes()))
         });

@@ -102,6 +102,45 @@ pub struct ApplyStats {
     pub deleted: u64,
 }
 
+/// A destination declared complete: its root digest and counters, and the receiver index
+/// still to be saved.
+pub struct Committed {
+    pub root: RootDigest,
+    pub stats: ApplyStats,
+    /// The new receiver index if it differs from the one loaded.
+    index: Option<FileIndex>,
+    dest: Destination,
+}
+
+impl Committed {
+    /// Saves the receiver index. It is a cache (a stale one only costs re-reading files), so
+    /// this runs after `Done` has gone back, off the sender's wait. Files this run changed
+    /// were recorded racy by the verify scan (too close to their change to vouch for them);
+    /// once the racy margin has passed they are looked at again, so that the next sync can
+    /// trust them without reading them.
+    pub fn save_index(self) {
+        let Some(mut index) = self.index else { return };
+        let dest = &self.dest;
+        if dest.touched {
+            let margin = std::time::Duration::from_nanos(crate::index::RACY_MARGIN_FINE_NS as u64);
+            let since = dest
+                .last_change
+                .map_or(std::time::Duration::ZERO, |c| c.elapsed());
+            std::thread::sleep(margin.saturating_sub(since));
+            index.settle_racy(now_ns(), |p| {
+                scan_one(&dest.path, p, WalkOptions { xattrs: false })
+                    .ok()
+                    .flatten()
+                    .map(|s| s.stat)
+            });
+        }
+        let path = dest.state.index_file();
+        if let Err(e) = index.save(&path) {
+            tracing::warn!(path = %path.display(), "cannot save the receiver index: {e}");
+        }
+    }
+}
+
 /// One destination volume being brought to match a manifest.
 pub struct Destination {
     path: PathBuf,
@@ -122,6 +161,8 @@ pub struct Destination {
     touched: bool,
     /// When the prepare walk started: the time its stat results are recorded at.
     prepared_at: i128,
+    /// When this run last changed the destination (before its final sync).
+    last_change: Option<std::time::Instant>,
     entries: Vec<(Entry, Plan)>,
     want: WantList,
     digest: DigestBuilder,
@@ -223,6 +264,7 @@ impl Destination {
             in_place,
             touched: false,
             prepared_at,
+            last_change: None,
             entries: Vec::new(),
             want: WantList::default(),
             created_temps: Vec::new(),
@@ -785,7 +827,7 @@ impl Destination {
         mut self,
         expected: RootDigest,
         progress: &dyn Progress,
-    ) -> Result<(RootDigest, ApplyStats), ApplyError> {
+    ) -> Result<Committed, ApplyError> {
         progress.phase("committing");
         let t = std::time::Instant::now();
         if self.header.mode == VolumeMode::Tree {
@@ -797,12 +839,6 @@ impl Destination {
             ms = t.elapsed().as_millis(),
             "committed"
         );
-        if self.touched {
-            // Files changed just now would be recorded as racy and read again next time.
-            std::thread::sleep(std::time::Duration::from_nanos(
-                crate::index::RACY_MARGIN_FINE_NS as u64,
-            ));
-        }
         let t = std::time::Instant::now();
         let (root, index) = self.verify()?;
         tracing::debug!(ms = t.elapsed().as_millis(), "verified");
@@ -812,21 +848,17 @@ impl Destination {
                 want: expected,
             });
         }
-        // An unchanged index (the common case when nothing changed) need not be written.
-        if index != self.index {
-            index
-                .save(&self.state.index_file())
-                .map_err(io_err("cannot save index of", &self.path.display()))?;
-        }
         self.state
             .mark_complete(&self.path, root)
             .map_err(io_err("cannot write state of", &self.path.display()))?;
-        tracing::debug!(ms = t.elapsed().as_millis(), "index and state saved");
-        let stats = self.stats;
-        // Freeing the listing, the index and the plans of a large volume takes a while; the
-        // sender need not wait for it.
-        std::thread::spawn(move || drop((self, index)));
-        Ok((root, stats))
+        // An unchanged index (the common case when nothing changed) need not be written.
+        let index = (index != self.index).then_some(index);
+        Ok(Committed {
+            root,
+            stats: self.stats,
+            index,
+            dest: self,
+        })
     }
 
     fn commit_tree(&mut self) -> Result<(), ApplyError> {
@@ -953,6 +985,7 @@ impl Destination {
         self.touched = touched;
         crate::crashpoint::reached("commit-sync");
         if touched {
+            self.last_change = Some(std::time::Instant::now());
             fsops::syncfs(
                 vol.dir(&RelPath::root())
                     .map_err(io_err("cannot open", &root_shown))?,

@@ -18,7 +18,7 @@ use crate::manifest::Limits;
 use crate::progress::Progress;
 use crate::protocol::SessionError;
 use crate::protocol::message::PROTOCOL_VERSION;
-use crate::protocol::receiver::{DEFAULT_MAX_ENTRIES, run_receiver};
+use crate::protocol::receiver::{ReceiverOptions, run_receiver};
 use crate::state::StateDir;
 use crate::sync::{
     Ends, Summary, SyncError, SyncOptions, canonical_target, run_source, source_volume,
@@ -322,7 +322,7 @@ pub fn pull(
         &mut session.tx,
         &mut session.rx,
         progress,
-        DEFAULT_MAX_ENTRIES,
+        ReceiverOptions::default(),
     );
     let (back, sent) = (session.tx.wire_bytes(), session.rx.wire_bytes());
     match result {

@@ -25,7 +25,7 @@ use crate::manifest::Limits;
 use crate::progress::NoProgress;
 use crate::protocol::SessionError;
 use crate::protocol::message::Message;
-use crate::protocol::receiver::run_receiver;
+use crate::protocol::receiver::{ReceiverOptions, run_receiver};
 use crate::state::{StateDir, SyncStatus, unix_now};
 use crate::sync::{SyncOptions, run_source};
 use crate::transport::{MessageRx, MessageTx, TransportError};
@@ -368,7 +368,9 @@ async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let s = shared.clone();
     let o = open.clone();
     let outcome = tokio::task::spawn_blocking(move || {
-        let result = run_session(&s, &o, &mut tx, &mut rx);
+        // The volume is freed as soon as the session no longer needs it (for a push: once
+        // `Done` is sent), not after the goodbye.
+        let result = run_session(&s, &o, &mut tx, &mut rx, guard);
         let bytes = (rx.wire_bytes(), tx.wire_bytes());
         drop(tx);
         (result, bytes)
@@ -381,8 +383,6 @@ async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
             (0, 0),
         ),
     };
-    // The volume is committed (or left as it was): free it now, not after the goodbye.
-    drop(guard);
     let spoke_last = match &result {
         Ok(spoke_last) => *spoke_last,
         Err(e) => !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)),
@@ -530,17 +530,22 @@ fn run_session(
     open: &Open,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
+    guard: Option<LockGuard>,
 ) -> Result<bool, SessionError> {
     let path = shared.root.join(&open.volume);
     match open.direction {
         Direction::Push => {
+            let opts = ReceiverOptions {
+                max_entries: shared.opts.max_entries,
+                on_done: Some(Box::new(move || drop(guard))),
+            };
             run_receiver(
                 &path,
                 shared.states.target(&path),
                 tx,
                 rx,
                 &NoProgress,
-                shared.opts.max_entries,
+                opts,
             )?;
             Ok(true)
         }

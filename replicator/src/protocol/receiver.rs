@@ -8,7 +8,7 @@ use super::SessionError;
 use super::message::{DoneStats, Hello, MAX_WANT, Message, PROTOCOL_VERSION};
 use super::phase::ReceiverPhase;
 use super::sender::header;
-use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Destination};
+use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Committed, Destination};
 use crate::chunk::ChunkId;
 use crate::manifest::{RootDigest, VolumeMode};
 use crate::progress::Progress;
@@ -28,6 +28,25 @@ pub struct ReceiverReport {
 /// plan an endless manifest.
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000_000;
 
+/// How a receiver runs.
+pub struct ReceiverOptions {
+    /// Most manifest entries accepted.
+    pub max_entries: u64,
+    /// Called once `Done` is on its way, before the receiver index is saved (which may wait
+    /// out the racy margin): a server frees the volume here, so the next session need not
+    /// wait for a cache write.
+    pub on_done: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Default for ReceiverOptions {
+    fn default() -> Self {
+        ReceiverOptions {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            on_done: None,
+        }
+    }
+}
+
 /// Runs a whole session as the receiver into `dst`, accepting at most `max_entries` entries.
 pub fn run_receiver(
     dst: &Path,
@@ -35,10 +54,10 @@ pub fn run_receiver(
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
     progress: &dyn Progress,
-    max_entries: u64,
+    opts: ReceiverOptions,
 ) -> Result<ReceiverReport, SessionError> {
     let mut dest: Option<Destination> = None;
-    let result = session(dst, state, tx, rx, progress, max_entries, &mut dest);
+    let result = session(dst, state, tx, rx, progress, opts.max_entries, &mut dest);
     if let Err(e) = &result {
         if !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)) {
             let _ = tx.send(Message::Error {
@@ -53,7 +72,12 @@ pub fn run_receiver(
             d.discard();
         }
     }
-    result
+    let (report, committed) = result?;
+    if let Some(done) = opts.on_done {
+        done();
+    }
+    committed.save_index();
+    Ok(report)
 }
 
 struct Feed<'a> {
@@ -104,7 +128,7 @@ fn session(
     progress: &dyn Progress,
     max_entries: u64,
     slot: &mut Option<Destination>,
-) -> Result<ReceiverReport, SessionError> {
+) -> Result<(ReceiverReport, Committed), SessionError> {
     let mut feed = Feed {
         rx,
         phase: ReceiverPhase::Hello,
@@ -241,7 +265,7 @@ fn finish(
     progress: &dyn Progress,
     mode: VolumeMode,
     started: std::time::Instant,
-) -> Result<ReceiverReport, SessionError> {
+) -> Result<(ReceiverReport, Committed), SessionError> {
     let sender_bytes_read = match feed.next()? {
         Message::ChunksEnd { bytes_read } => bytes_read,
         other => {
@@ -253,7 +277,8 @@ fn finish(
     };
     tracing::debug!(ms = started.elapsed().as_millis(), "chunks received");
     let dest = slot.take().expect("destination prepared above");
-    let (got, stats) = dest.commit(root, progress)?;
+    let committed = dest.commit(root, progress)?;
+    let (got, stats) = (committed.root, committed.stats);
     tracing::debug!(ms = started.elapsed().as_millis(), "committed and verified");
     tx.send(Message::Done {
         root: got,
@@ -263,12 +288,14 @@ fn finish(
             bytes_copied_locally: stats.bytes_copied_locally,
         },
     })?;
-    Ok(ReceiverReport {
+    tx.flush()?;
+    let report = ReceiverReport {
         mode,
         root: got,
         stats,
         sender_bytes_read,
-    })
+    };
+    Ok((report, committed))
 }
 
 /// True if `path` is missing or an empty directory.
