@@ -93,7 +93,13 @@ pub enum ServeError {
 enum Hold {
     Writer,
     Readers(usize),
+    /// A writer past `Done`: the volume is complete and durable, only the receiver's own
+    /// bookkeeping (its index) remains. New sessions wait for it instead of being refused.
+    Finishing,
 }
+
+/// How long a new session waits for a finishing writer before it is refused as busy.
+const FINISHING_WAIT: Duration = Duration::from_secs(5);
 
 /// Who holds which volume.
 #[derive(Default)]
@@ -120,6 +126,42 @@ impl Drop for LockGuard {
     }
 }
 
+impl LockGuard {
+    /// Marks a writer's volume as finishing (see [`Hold::Finishing`]); the lock itself is
+    /// still released when the guard drops.
+    fn finisher(&self) -> impl FnOnce() + Send + 'static {
+        let (shared, name) = (self.shared.clone(), self.name.clone());
+        move || {
+            if let Ok(mut held) = shared.locks.0.lock()
+                && held.get(&name) == Some(&Hold::Writer)
+            {
+                held.insert(name, Hold::Finishing);
+            }
+        }
+    }
+}
+
+fn is_finishing(shared: &Arc<Shared>, name: &str) -> bool {
+    shared
+        .locks
+        .0
+        .lock()
+        .is_ok_and(|held| held.get(name) == Some(&Hold::Finishing))
+}
+
+/// [`try_lock`], waiting (up to [`FINISHING_WAIT`]) while a writer is only finishing.
+async fn lock_volume(shared: &Arc<Shared>, name: &str, write: bool) -> Result<LockGuard, String> {
+    let deadline = Instant::now() + FINISHING_WAIT;
+    loop {
+        match try_lock(shared, name, write) {
+            Err(_) if is_finishing(shared, name) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn try_lock(shared: &Arc<Shared>, name: &str, write: bool) -> Result<LockGuard, String> {
     let mut held = shared
         .locks
@@ -130,7 +172,7 @@ fn try_lock(shared: &Arc<Shared>, name: &str, write: bool) -> Result<LockGuard, 
         (None, true) => held.insert(name.to_string(), Hold::Writer),
         (None, false) => held.insert(name.to_string(), Hold::Readers(1)),
         (Some(Hold::Readers(n)), false) => held.insert(name.to_string(), Hold::Readers(n + 1)),
-        (Some(Hold::Writer), _) => {
+        (Some(Hold::Writer | Hold::Finishing), _) => {
             return Err(format!(
                 "volume {name} is busy: another session is writing it"
             ));
@@ -368,8 +410,8 @@ async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let s = shared.clone();
     let o = open.clone();
     let outcome = tokio::task::spawn_blocking(move || {
-        // The volume is freed as soon as the session no longer needs it (for a push: once
-        // `Done` is sent), not after the goodbye.
+        // The volume is held until the session's work is over (past `Done` a push only marks
+        // it finishing: new sessions wait for it), not until after the goodbye.
         let result = run_session(&s, &o, &mut tx, &mut rx, guard);
         let bytes = (rx.wire_bytes(), tx.wire_bytes());
         drop(tx);
@@ -436,7 +478,8 @@ async fn accept_session(
                 (policy.0)(name.as_str(), open.direction).map_err(bad)?;
             }
             let write = open.direction == Direction::Push;
-            Some(try_lock(shared, name.as_str(), write).map_err(|why| (CloseCode::Busy, why))?)
+            let guard = lock_volume(shared, name.as_str(), write).await;
+            Some(guard.map_err(|why| (CloseCode::Busy, why))?)
         }
     };
     let (sends, recvs) = accept_lanes(conn, first, open.lanes).await?;
@@ -537,7 +580,7 @@ fn run_session(
         Direction::Push => {
             let opts = ReceiverOptions {
                 max_entries: shared.opts.max_entries,
-                on_done: Some(Box::new(move || drop(guard))),
+                on_done: guard.as_ref().map(|g| Box::new(g.finisher()) as _),
             };
             run_receiver(
                 &path,

@@ -33,8 +33,8 @@ pub struct ReceiverOptions {
     /// Most manifest entries accepted.
     pub max_entries: u64,
     /// Called once `Done` is on its way, before the receiver index is saved (which may wait
-    /// out the racy margin): a server frees the volume here, so the next session need not
-    /// wait for a cache write.
+    /// out the racy margin): a server marks the volume as finishing here, so that a new
+    /// session waits for the index instead of being refused as busy.
     pub on_done: Option<Box<dyn FnOnce() + Send>>,
 }
 
