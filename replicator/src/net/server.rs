@@ -676,6 +676,55 @@ mod tests {
         assert_eq!(doomed[1].1, "over --staging-max-gib");
     }
 
+    fn shared(dir: &std::path::Path) -> Arc<Shared> {
+        let (identity, _) = Identity::load_or_create(&dir.join("id")).unwrap();
+        Arc::new(Shared {
+            opts: ServeOptions {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                root: dir.to_path_buf(),
+                authorized: dir.join("authorized"),
+                identity,
+                net: NetOptions::default(),
+                version: 2,
+                max_entries: 10,
+                threads: 1,
+                staging_max_age: DEFAULT_STAGING_MAX_AGE,
+                staging_max_bytes: DEFAULT_STAGING_MAX_BYTES,
+                policy: None,
+            },
+            root: dir.to_path_buf(),
+            states: StateDir::new(dir.join("state")),
+            locks: Locks::default(),
+        })
+    }
+
+    #[test]
+    fn a_new_session_waits_for_a_finishing_writer_but_not_for_a_working_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = shared(dir.path());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let writer = try_lock(&shared, "v", true).unwrap();
+            let busy = lock_volume(&shared, "v", false).await.err().unwrap();
+            assert!(busy.contains("busy"), "{busy}");
+            writer.finisher()();
+            let waiting = tokio::spawn({
+                let shared = shared.clone();
+                async move { lock_volume(&shared, "v", true).await.map(|_| ()) }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!waiting.is_finished(), "went past a finishing writer");
+            drop(writer);
+            waiting
+                .await
+                .unwrap()
+                .expect("the lock once the writer is done");
+        });
+    }
+
     #[test]
     fn stagings_within_both_bounds_stay() {
         let found = vec![staging("a", 990, 10), staging("b", 995, 10)];
