@@ -333,27 +333,27 @@ fn blackholed_link_times_out_and_the_rerun_resumes() {
     rerun_resumes(&t, &src, "cut");
 }
 
-#[test]
-fn killed_client_then_the_rerun_resumes() {
-    let t = Setup::new(&["--timeout", "2"]);
+/// A push into `volume` whose client is killed mid-way; returns once the server has noticed.
+fn killed_push(server_args: &[&str], volume: &str) -> (Setup, PathBuf) {
+    let t = Setup::new(server_args);
     let src = big_source(&t);
     let relay = Relay::start(t.server.addr);
-    let mut child = stalled_push(&t, &relay, &src, "kc", &[]);
+    let mut child = stalled_push(&t, &relay, &src, volume, &[]);
     child.kill().unwrap();
     child.wait().unwrap();
     t.server.wait_log("result=failed");
+    (t, src)
+}
+
+#[test]
+fn killed_client_then_the_rerun_resumes() {
+    let (t, src) = killed_push(&["--timeout", "2"], "kc");
     rerun_resumes(&t, &src, "kc");
 }
 
 #[test]
 fn abandoned_staging_over_the_size_bound_is_removed() {
-    let t = Setup::new(&["--timeout", "2", "--staging-max-gib", "0"]);
-    let src = big_source(&t);
-    let relay = Relay::start(t.server.addr);
-    let mut child = stalled_push(&t, &relay, &src, "bounded", &[]);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    t.server.wait_log("result=failed");
+    let (t, src) = killed_push(&["--timeout", "2", "--staging-max-gib", "0"], "bounded");
     // The failed session left partial files; with no room allowed, the sweep after it
     // removes them (and says so), and a later sync still completes from scratch.
     let log = t
