@@ -94,6 +94,18 @@ fn read_error(e: quinn::ReadExactError) -> String {
     }
 }
 
+/// [`read_error`] for a stream read through `AsyncRead`, which wraps quinn's error.
+fn io_read_error(e: std::io::Error) -> String {
+    let shown = e.to_string();
+    match e
+        .into_inner()
+        .map(|inner| inner.downcast::<quinn::ReadError>())
+    {
+        Some(Ok(e)) => read_error(quinn::ReadExactError::ReadError(*e)),
+        _ => shown,
+    }
+}
+
 /// A frame to write: its head, and a chunk payload sent from where it already is.
 type Frame = (Bytes, Option<Bytes>);
 
@@ -367,17 +379,13 @@ impl FrameReader {
                 // A lane that ends cleanly: the peer has nothing more to say.
                 return (batch, bytes, true);
             }
-            let have = self.buf.len();
-            self.buf.resize(have + READ_BATCH, 0);
-            match stream.read(&mut self.buf[have..]).await {
-                Ok(Some(n)) => self.buf.truncate(have + n),
-                Ok(None) => {
-                    self.buf.truncate(have);
-                    self.ended = true;
-                }
+            // `read_buf` fills spare capacity as it is, without zeroing it first.
+            self.buf.reserve(READ_BATCH);
+            match tokio::io::AsyncReadExt::read_buf(stream, &mut self.buf).await {
+                Ok(0) => self.ended = true,
+                Ok(_) => {}
                 Err(e) => {
-                    let e = quinn::ReadExactError::ReadError(e);
-                    batch.push(Err(TransportError::Other(read_error(e))));
+                    batch.push(Err(TransportError::Other(io_read_error(e))));
                     return (batch, bytes, true);
                 }
             }

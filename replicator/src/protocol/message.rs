@@ -226,19 +226,20 @@ impl Message {
 
     /// Decodes a received frame body, sharing (not copying) a chunk's payload with `body`.
     pub fn decode_frame(body: &Bytes, limits: &Limits) -> Result<Message, DecodeError> {
-        match Self::decode_body(body, limits)? {
-            Message::Chunk(mut c) => {
-                // The payload is the tail of the body: point at it instead of a copy.
-                let start = body.len() - c.payload.len();
-                c.payload = body.slice(start..);
-                Ok(Message::Chunk(c))
-            }
-            other => Ok(other),
-        }
+        Self::decode(body, Some(body), limits)
     }
 
     /// Decodes a frame body (type + payload) received from a peer.
     pub fn decode_body(body: &[u8], limits: &Limits) -> Result<Message, DecodeError> {
+        Self::decode(body, None, limits)
+    }
+
+    /// `shared`, when given, holds `body`: a chunk's payload then points into it.
+    fn decode(
+        body: &[u8],
+        shared: Option<&Bytes>,
+        limits: &Limits,
+    ) -> Result<Message, DecodeError> {
         if body.len() > MAX_FRAME {
             return Err(DecodeError::TooLong {
                 what: "frame",
@@ -314,7 +315,11 @@ impl Message {
                 };
                 let raw_len =
                     r.varint_max("chunk length", fastcdc::v2020::MAXIMUM_MAX as u64)? as u32;
-                let payload = Bytes::copy_from_slice(r.bytes("chunk payload", MAX_FRAME)?);
+                let payload = r.bytes("chunk payload", MAX_FRAME)?;
+                let payload = match shared {
+                    Some(b) => b.slice_ref(payload),
+                    None => Bytes::copy_from_slice(payload),
+                };
                 if encoding == Encoding::Raw && payload.len() != raw_len as usize {
                     return Err(DecodeError::Invalid {
                         what: "chunk",
