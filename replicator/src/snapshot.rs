@@ -8,8 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io;
-use std::os::unix::fs::FileExt;
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -162,18 +161,24 @@ fn read_chunk(
     len: u32,
     id: &ChunkId,
 ) -> Result<Vec<u8>, ServeError> {
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset)
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::UnexpectedEof => ServeError::Changed {
-                path: path.to_path_buf(),
-                id: *id,
-            },
-            _ => ServeError::Read {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
+    // Read into spare capacity (no zero-filling first); a short read means the file shrank.
+    let mut buf = Vec::with_capacity(len as usize);
+    let read_err = |source| ServeError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut reader = file;
+    reader.seek(io::SeekFrom::Start(offset)).map_err(read_err)?;
+    reader
+        .take(u64::from(len))
+        .read_to_end(&mut buf)
+        .map_err(read_err)?;
+    if buf.len() < len as usize {
+        return Err(ServeError::Changed {
+            path: path.to_path_buf(),
+            id: *id,
+        });
+    }
     if ChunkId::of(&buf) != *id {
         return Err(ServeError::Changed {
             path: path.to_path_buf(),
