@@ -141,12 +141,12 @@ impl LockGuard {
     }
 }
 
-fn is_finishing(shared: &Arc<Shared>, name: &str) -> bool {
-    shared
-        .locks
-        .0
-        .lock()
-        .is_ok_and(|held| held.get(name) == Some(&Hold::Finishing))
+/// Why a volume could not be locked.
+#[derive(Debug)]
+struct Busy {
+    why: String,
+    /// The holder is a writer only finishing (see [`Hold::Finishing`]): worth waiting for.
+    finishing: bool,
 }
 
 /// [`try_lock`], waiting (up to [`FINISHING_WAIT`]) while a writer is only finishing.
@@ -154,33 +154,35 @@ async fn lock_volume(shared: &Arc<Shared>, name: &str, write: bool) -> Result<Lo
     let deadline = Instant::now() + FINISHING_WAIT;
     loop {
         match try_lock(shared, name, write) {
-            Err(_) if is_finishing(shared, name) && Instant::now() < deadline => {
+            Err(busy) if busy.finishing && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            other => return other,
+            other => return other.map_err(|busy| busy.why),
         }
     }
 }
 
-fn try_lock(shared: &Arc<Shared>, name: &str, write: bool) -> Result<LockGuard, String> {
-    let mut held = shared
-        .locks
-        .0
-        .lock()
-        .map_err(|_| "lock table poisoned".to_string())?;
-    match (held.get(name).copied(), write) {
+fn try_lock(shared: &Arc<Shared>, name: &str, write: bool) -> Result<LockGuard, Busy> {
+    let mut held = shared.locks.0.lock().map_err(|_| Busy {
+        why: "lock table poisoned".to_string(),
+        finishing: false,
+    })?;
+    let current = held.get(name).copied();
+    match (current, write) {
         (None, true) => held.insert(name.to_string(), Hold::Writer),
         (None, false) => held.insert(name.to_string(), Hold::Readers(1)),
         (Some(Hold::Readers(n)), false) => held.insert(name.to_string(), Hold::Readers(n + 1)),
         (Some(Hold::Writer | Hold::Finishing), _) => {
-            return Err(format!(
-                "volume {name} is busy: another session is writing it"
-            ));
+            return Err(Busy {
+                why: format!("volume {name} is busy: another session is writing it"),
+                finishing: current == Some(Hold::Finishing),
+            });
         }
         (Some(Hold::Readers(_)), true) => {
-            return Err(format!(
-                "volume {name} is busy: another session is reading it"
-            ));
+            return Err(Busy {
+                why: format!("volume {name} is busy: another session is reading it"),
+                finishing: false,
+            });
         }
     };
     Ok(LockGuard {
