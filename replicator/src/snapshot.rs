@@ -173,13 +173,7 @@ fn read_chunk(
         .take(u64::from(len))
         .read_to_end(&mut buf)
         .map_err(read_err)?;
-    if buf.len() < len as usize {
-        return Err(ServeError::Changed {
-            path: path.to_path_buf(),
-            id: *id,
-        });
-    }
-    if ChunkId::of(&buf) != *id {
+    if buf.len() < len as usize || ChunkId::of(&buf) != *id {
         return Err(ServeError::Changed {
             path: path.to_path_buf(),
             id: *id,

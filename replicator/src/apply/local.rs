@@ -123,8 +123,8 @@ impl LocalReader {
         id: &ChunkId,
     ) -> Result<Bytes, ApplyError> {
         let f = self.open(vol, files, loc.file)?;
-        let mut buf = vec![0u8; len as usize];
-        if f.read_exact_at(&mut buf, loc.offset).is_err() || ChunkId::of(&buf) != *id {
+        let mut buf = Vec::new();
+        if !range_has(f, loc.offset, len, id, &mut buf) {
             return Err(ApplyError::LocalChanged(files.shown(loc.file)));
         }
         Ok(Bytes::from(buf))

@@ -47,7 +47,8 @@ impl Default for ReceiverOptions {
     }
 }
 
-/// Runs a whole session as the receiver into `dst`, accepting at most `max_entries` entries.
+/// Runs a whole session as the receiver into `dst`, accepting at most `opts.max_entries`
+/// entries; the receiver index is saved last, after `opts.on_done`.
 pub fn run_receiver(
     dst: &Path,
     state: TargetState,
