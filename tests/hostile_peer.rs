@@ -12,7 +12,8 @@ use integration_tests::*;
 use replicator::chunk::{ChunkId, ChunkerParams, Segment};
 use replicator::manifest::Limits;
 use replicator::manifest::{
-    DigestBuilder, Entry, EntryKind, Header, MANIFEST_VERSION, Meta, RelPath, VolumeMode,
+    DigestBuilder, Entry, EntryKind, Header, MANIFEST_VERSION, Meta, RelPath, RootDigest,
+    VolumeMode,
 };
 use replicator::net::client::{ClientOptions, Session, open_session};
 use replicator::net::conn::end_session;
@@ -35,6 +36,8 @@ struct Setup {
     server: ServerProc,
     /// Sessions the server has logged so far.
     sessions: usize,
+    /// The root the volume was completed at by the honest push.
+    root: RootDigest,
 }
 
 impl Setup {
@@ -54,11 +57,13 @@ impl Setup {
             client,
             server,
             sessions: 0,
+            root: RootDigest([0; 32]),
         };
         let src = t.tmp.path().join("honest");
         std::fs::create_dir_all(src.join("sub")).unwrap();
         std::fs::write(src.join("sub/kept"), bytes(1, 100_000)).unwrap();
-        summary(&t.honest_push(&src));
+        let pushed = summary(&t.honest_push(&src));
+        t.root = RootDigest::from_hex(pushed["root"].as_str().unwrap()).unwrap();
         t.sessions = 1;
         t
     }
@@ -142,12 +147,18 @@ fn file(path: &str, data: &[u8]) -> Entry {
 }
 
 fn hello() -> Message {
+    hello_with_base(None)
+}
+
+/// A hello offering a delta against `base`.
+fn hello_with_base(base: Option<RootDigest>) -> Message {
     Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         mode: VolumeMode::Tree,
         chunker: ChunkerParams::default(),
         compress: false,
         stream: false,
+        base,
     })
 }
 
@@ -348,6 +359,43 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         endpoint.wait_idle().await;
     });
     check_intact(&mut t, &before, "stream ended in the middle of a frame");
+
+    // Deltas against the volume's own manifest (which the server agrees to) that do not fit
+    // it: removing a path it never had, and changes out of order.
+    let path = |p: &str| RelPath::new(p.as_bytes().to_vec()).unwrap();
+    for (delta, needle) in [
+        (
+            vec![Message::Removed(path("never-there"))],
+            "removes never-there, which the base manifest does not have",
+        ),
+        (
+            vec![
+                Message::Removed(path("sub/kept")),
+                Message::Entry(dir("sub")),
+            ],
+            "delta entry sub is out of order",
+        ),
+    ] {
+        let mut sess = t.session();
+        sess.tx.send(hello_with_base(Some(t.root))).unwrap();
+        match sess.rx.recv().unwrap() {
+            Message::Hello(h) => assert_eq!(h.base, Some(t.root), "no delta agreed"),
+            m => panic!("unexpected {}", m.name()),
+        }
+        for m in delta {
+            sess.tx.send(m).unwrap();
+        }
+        assert!(outcome(sess).contains(needle));
+        check_intact(&mut t, &before, needle);
+    }
+
+    // A removal in a full manifest, where there is no base to remove from.
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    sess.tx.send(Message::Removed(path("sub"))).unwrap();
+    outcome(sess);
+    check_intact(&mut t, &before, "unexpected removed message");
 
     // A manifest that never ends (this server accepts 1000 entries).
     let mut sess = t.session();

@@ -109,6 +109,12 @@ fn push_and_pull_a_tree_full_then_incremental() {
         sent > 0 && sent * 4 < total,
         "incremental sent {sent} of {total}"
     );
+    // Both ends kept the first manifest: only changed entries and removed paths crossed.
+    assert_eq!(inc["manifest_delta"], true, "{inc}");
+    assert!(
+        inc["entries_sent"].as_u64() < inc["entries"].as_u64(),
+        "{inc}"
+    );
 
     // Pull it back, then pull again after another push: only the change moves, and the
     // server re-reads only what the push changed (once its writes are past the racy window).
@@ -123,6 +129,8 @@ fn push_and_pull_a_tree_full_then_incremental() {
     let again = summary(&t.sync(&t.remote("data"), s(&back), &[]));
     assert_mirrors(&src, &back);
     assert!(again["chunks_sent"].as_u64().unwrap() <= 3, "{again}");
+    assert_eq!(again["manifest_delta"], true, "{again}");
+    assert!(again["entries_sent"].as_u64().unwrap() <= 3, "{again}");
     assert!(again["bytes_read"].as_u64().unwrap() < 200_000, "{again}");
     let log = t.server.log();
     assert!(log.contains("direction=push"), "{log}");
@@ -195,9 +203,12 @@ fn refusals_name_the_fingerprints_and_versions() {
     assert!(log.contains("refused an unknown client"), "{log}");
 
     // Another protocol version.
-    let out = t.sync(s(&src), &t.remote("v"), &["--protocol-version", "3"]);
+    let ours = replicator::protocol::message::PROTOCOL_VERSION;
+    let theirs = (ours + 1).to_string();
+    let out = t.sync(s(&src), &t.remote("v"), &["--protocol-version", &theirs]);
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
-    let msg = "the server speaks version 2, the client speaks version 3";
+    let msg = format!("the server speaks version {ours}, the client speaks version {theirs}");
+    let msg = msg.as_str();
     assert!(stderr(&out).contains(msg), "{}", stderr(&out));
     t.server.wait_log(msg);
 

@@ -183,6 +183,8 @@ fn deletions_renames_and_type_changes_are_applied() {
     fs::write(src.join("linked-2"), b"shared").unwrap();
     let s = summary(&run_sync(&src, &dst, &state, &[]));
     assert_mirrors(&src, &dst);
+    // The manifest went as a delta (here nearly every entry changed or went away).
+    assert_eq!(s["manifest_delta"], true, "{s}");
     assert!(s["deleted"].as_u64().unwrap() >= 2);
     // The renamed file's data came from the destination itself, not over the wire.
     assert!(s["bytes_copied_locally"].as_u64().unwrap() >= 200_000);
@@ -246,22 +248,101 @@ fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() 
     settle();
     summary(&run_sync(&src, &dst, &state, &[]));
     settle();
-    // Nothing changed: verified from what the receiver's own walk saw, twice in a row.
+    // Nothing changed: verified from what the receiver's own walk saw, twice in a row, and
+    // not a single manifest entry crossed (the delta against the last sync is empty).
     for _ in 0..2 {
         let s = summary(&run_sync(&src, &dst, &state, &[]));
         assert_eq!(s["files_written"], 0, "{s}");
         assert_eq!(s["chunks_sent"], 0, "{s}");
+        assert_eq!(s["manifest_delta"], true, "{s}");
+        assert_eq!(s["entries_sent"], 0, "{s}");
     }
-    // Someone scribbles on the copy (same size) and adds a stray file.
+    // Someone scribbles on the copy (same size) and adds a stray file. The source did not
+    // change, so the delta is still empty: the receiver checks its copy against the whole
+    // manifest, not against what was sent.
     fs::write(dst.join("d/f-3"), bytes(999, 5000)).unwrap();
     fs::write(dst.join("d/stray"), b"not in the source").unwrap();
     let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_eq!(s["entries_sent"], 0, "{s}");
     assert_eq!(s["files_written"], 1, "{s}");
     assert_eq!(s["deleted"], 1, "{s}");
     assert_mirrors(&src, &dst);
     settle();
     let s = summary(&run_sync(&src, &dst, &state, &[]));
     assert_eq!(s["files_written"], 0, "{s}");
+}
+
+#[test]
+fn a_lost_or_damaged_delta_base_costs_a_full_manifest_and_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("src"),
+        tmp.path().join("dst"),
+        tmp.path().join("state"),
+    );
+    fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..30 {
+        fs::write(src.join(format!("d/f-{i}")), bytes(400 + i, 3000)).unwrap();
+    }
+    summary(&run_sync(&src, &dst, &state, &[]));
+    let stored = |side: &str| -> std::path::PathBuf {
+        let found: Vec<_> = walkdir_files(&state.join(side))
+            .into_iter()
+            .filter(|p| p.extension() == Some(OsStr::new("manifest")) || p.ends_with("manifest"))
+            .collect();
+        assert_eq!(found.len(), 1, "{side}: {found:?}");
+        found[0].clone()
+    };
+    // Each time one end's copy is damaged or gone: a full manifest, a correct result, and
+    // both copies renewed, so the sync after that is a delta again.
+    type Damage = fn(&Path);
+    let damages: [(&str, Damage); 3] = [
+        ("targets", |p| fs::remove_file(p).unwrap()),
+        ("sources", |p| {
+            let len = fs::metadata(p).unwrap().len();
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(len - 1)
+                .unwrap()
+        }),
+        ("targets", |p| {
+            // Same size, one bit flipped: only the hash can tell.
+            let mut b = fs::read(p).unwrap();
+            let last = b.len() - 1;
+            b[last] ^= 1;
+            fs::write(p, b).unwrap()
+        }),
+    ];
+    for (i, (side, damage)) in damages.into_iter().enumerate() {
+        fs::write(src.join(format!("d/f-{i}")), bytes(900 + i as u64, 3100)).unwrap();
+        damage(&stored(side));
+        let s = summary(&run_sync(&src, &dst, &state, &[]));
+        assert_mirrors(&src, &dst);
+        assert_eq!(s["manifest_delta"], false, "{side}: {s}");
+        assert_eq!(s["entries_sent"], s["entries"], "{side}: {s}");
+        assert_eq!(s["chunks_sent"], 1, "{side}: {s}");
+        fs::write(src.join("d/f-29"), bytes(950 + i as u64, 3000)).unwrap();
+        let s = summary(&run_sync(&src, &dst, &state, &[]));
+        assert_mirrors(&src, &dst);
+        assert_eq!(s["manifest_delta"], true, "{side}: {s}");
+        assert_eq!(s["entries_sent"], 1, "{side}: {s}");
+    }
+}
+
+/// Every regular file below `dir`.
+fn walkdir_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walkdir_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 #[test]

@@ -588,7 +588,7 @@ fn print_summary(s: &Summary, json: bool) {
         return;
     }
     println!(
-        "synced {} ({}): {} files, {} total, {} read, {} chunks sent of {} ({} on the wire), {} copied locally, {} deleted, {:.2}s\nroot {}",
+        "synced {} ({}): {} files, {} total, {} read, {} chunks sent of {} ({} on the wire), {} copied locally, {} deleted, {:.2}s\nmanifest: {} of {} entries sent{}\nroot {}",
         s.destination,
         s.mode,
         s.files,
@@ -600,6 +600,13 @@ fn print_summary(s: &Summary, json: bool) {
         human(s.bytes_copied_locally),
         s.deleted,
         s.duration_ms as f64 / 1000.0,
+        s.entries_sent,
+        s.entries,
+        if s.manifest_delta {
+            " (a delta against the last sync's)"
+        } else {
+            ""
+        },
         s.root
     );
 }

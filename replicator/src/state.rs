@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! sources/<id>.index      sender quick-check index of a source volume
+//! sources/<id>.manifest   the manifest of the source's last completed sync (delta base)
 //! targets/<id>/state.json the destination's sync state: incomplete, or complete with root R
 //! targets/<id>/index      receiver index: which destination file holds which chunks
+//! targets/<id>/manifest   the manifest the destination was completed at (delta base)
 //! ```
 //! `<id>` is derived from the volume's canonical path. Nothing is ever stored inside a volume,
 //! so an application sees no files of ours. Every state file is replaced atomically: temp file,
@@ -25,21 +27,26 @@ use crate::manifest::RootDigest;
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // Unique per write: two sessions of one server may save the same file at once (the
-    // last rename wins; neither can see the other's half-written temp file).
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()));
+    let tmp = temp_name(path);
     let mut f = File::create(&tmp)?;
     f.write_all(data)?;
     f.sync_all()?;
     drop(f);
     fs::rename(&tmp, path)?;
     fsync_dir(dir)
+}
+
+/// A fresh temp name next to `path`, unique per call: two sessions of one server may save
+/// the same file at once (the last rename wins; neither sees the other's half-written file).
+pub fn temp_name(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()))
 }
 
 /// Makes a directory's entries (creations, renames, removals) durable.
@@ -80,10 +87,12 @@ impl StateDir {
         to_hex(&h.as_bytes()[..12])
     }
 
-    pub fn source_index(&self, canonical_src: &Path) -> PathBuf {
-        self.root
-            .join("sources")
-            .join(format!("{}.index", Self::key(canonical_src)))
+    pub fn source(&self, canonical_src: &Path) -> SourceState {
+        let stem = self.root.join("sources").join(Self::key(canonical_src));
+        SourceState {
+            index: stem.with_extension("index"),
+            manifest: stem.with_extension("manifest"),
+        }
     }
 
     pub fn target(&self, canonical_dst: &Path) -> TargetState {
@@ -91,6 +100,15 @@ impl StateDir {
             dir: self.root.join("targets").join(Self::key(canonical_dst)),
         }
     }
+}
+
+/// The files describing one source volume.
+#[derive(Clone, Debug)]
+pub struct SourceState {
+    /// Quick-check index: which files are unchanged since they were last chunked.
+    pub index: PathBuf,
+    /// The manifest of the last sync a receiver completed: the base of the next delta.
+    pub manifest: PathBuf,
 }
 
 /// The files describing one destination volume.
@@ -129,6 +147,11 @@ impl TargetState {
 
     pub fn index_file(&self) -> PathBuf {
         self.dir.join("index")
+    }
+
+    /// The manifest the volume was last completed at: the base of the next delta.
+    pub fn manifest_file(&self) -> PathBuf {
+        self.dir.join("manifest")
     }
 
     pub fn read(&self) -> Option<SyncStateFile> {

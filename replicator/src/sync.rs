@@ -54,6 +54,11 @@ pub struct Summary {
     pub destination: String,
     pub files: u64,
     pub entries: u64,
+    /// Manifest items on the wire: every entry, or with `manifest_delta` only the changed
+    /// entries and the removed paths.
+    pub entries_sent: u64,
+    /// The manifest went as a delta against the one both ends kept from their last sync.
+    pub manifest_delta: bool,
     pub bytes_total: u64,
     pub bytes_read: u64,
     pub chunks_total: u64,
@@ -219,8 +224,8 @@ pub fn run_source(
     progress: &dyn Progress,
 ) -> Result<SenderReport, SessionError> {
     let states = StateDir::new(opts.state_dir.clone());
-    let index_path = states.source_index(src);
-    let mut index = FileIndex::load(&index_path, opts.chunker);
+    let state = states.source(src);
+    let mut index = FileIndex::load(&state.index, opts.chunker);
     let sender_opts = SenderOptions {
         mode,
         snapshot: SnapshotOptions {
@@ -229,7 +234,7 @@ pub fn run_source(
             threads: opts.threads,
         },
         compress: opts.compress,
-        index_file: Some(index_path),
+        state,
     };
     run_sender(src, sender_opts, &mut index, now_ns(), tx, rx, progress)
 }
@@ -251,6 +256,8 @@ impl Ends {
             destination: self.destination,
             files: r.scan.files,
             entries: r.scan.entries,
+            entries_sent: r.manifest.sent,
+            manifest_delta: r.manifest.delta,
             bytes_total: r.scan.bytes_total,
             bytes_read: r.scan.bytes_read,
             chunks_total: r.scan.chunks_total,
@@ -275,6 +282,8 @@ impl Ends {
             destination: self.destination,
             files: r.stats.files,
             entries: r.stats.entries,
+            entries_sent: r.manifest.sent,
+            manifest_delta: r.manifest.delta,
             bytes_total: r.stats.bytes_total,
             bytes_read: r.sender_bytes_read,
             chunks_total: r.stats.chunks_total,

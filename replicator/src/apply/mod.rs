@@ -36,7 +36,10 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 
 use crate::chunk::{ChunkId, Segment};
 use crate::index::{FileIndex, now_ns};
-use crate::manifest::{DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode};
+use crate::manifest::store::StoreWriter;
+use crate::manifest::{
+    DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode, encode_entry,
+};
 use crate::progress::Progress;
 use crate::state::TargetState;
 use crate::volume::walk::{Scanned, WalkOptions, scan_one, walk};
@@ -166,6 +169,8 @@ pub struct Destination {
     entries: Vec<(Entry, Plan)>,
     want: WantList,
     digest: DigestBuilder,
+    /// A copy of the manifest, kept once the destination is complete (the next delta's base).
+    store: Option<StoreWriter>,
     /// Created in this run; removed again on a clean abort.
     created_temps: Vec<(RelPath, Vec<u8>)>,
     created_dirs: Vec<RelPath>,
@@ -251,9 +256,13 @@ impl Destination {
                 .unwrap_or_default(),
             _ => HashMap::new(),
         };
+        let store = StoreWriter::create(&state.manifest_file(), &header)
+            .map_err(|e| tracing::warn!("cannot keep this manifest for the next delta: {e}"))
+            .ok();
         Ok(Destination {
             path: path.to_path_buf(),
             digest: DigestBuilder::new(&header),
+            store,
             header,
             state,
             vol,
@@ -278,9 +287,16 @@ impl Destination {
 
     /// Phase 2: plan one manifest entry (entries arrive in volume order).
     pub fn plan(&mut self, entry: Entry) -> Result<(), ApplyError> {
+        let encoded = encode_entry(&entry);
         self.digest
-            .add(&entry)
+            .add_encoded(&entry, &encoded)
             .map_err(|e| ApplyError::Manifest(e.to_string()))?;
+        if let Some(store) = &mut self.store
+            && let Err(e) = store.add(&encoded)
+        {
+            tracing::warn!("cannot keep this manifest for the next delta: {e}");
+            self.store = None;
+        }
         if self.header.mode == VolumeMode::Block && !entry.path.is_root() {
             return Err(ApplyError::Manifest(
                 "a block manifest has a single root entry".into(),
@@ -851,6 +867,9 @@ impl Destination {
         self.state
             .mark_complete(&self.path, root)
             .map_err(io_err("cannot write state of", &self.path.display()))?;
+        if let Some(Err(e)) = self.store.take().map(StoreWriter::publish) {
+            tracing::warn!("cannot keep this manifest for the next delta: {e}");
+        }
         // An unchanged index (the common case when nothing changed) need not be written.
         let index = (index != self.index).then_some(index);
         Ok(Committed {

@@ -5,8 +5,10 @@
 //! of that encoding, so it covers contents (through chunk ids) and every mirrored attribute.
 //! Two volumes mirror each other iff their manifests, hence their digests, are equal.
 
+pub mod delta;
 mod encode;
 mod path;
+pub mod store;
 
 pub use encode::{Limits, decode_entry, decode_header, encode_entry, encode_header};
 pub use path::{MAX_NAME, MAX_PATH, PathError, RelPath};

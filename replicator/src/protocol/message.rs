@@ -8,10 +8,10 @@ use bytes::Bytes;
 
 use crate::chunk::{ChunkId, ChunkerParams};
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::manifest::{self, Entry, Limits, RootDigest, VolumeMode};
+use crate::manifest::{self, Entry, Limits, RelPath, RootDigest, VolumeMode};
 
 /// Version of the session protocol (also carried in the QUIC ALPN).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either side accepts (a maximal chunk plus headers fits comfortably).
 pub const MAX_FRAME: usize = 17 << 20;
 /// Most chunk ids in one `Want` message.
@@ -30,12 +30,19 @@ pub struct Hello {
     /// then sends each file's chunks right after its entry (first occurrences only) instead
     /// of waiting for wants, and the receiver writes each file as it arrives.
     pub stream: bool,
+    /// A manifest the session can be a delta against (see [`crate::manifest::delta`]). The
+    /// sender offers the root of the last manifest it completed; a receiver whose destination
+    /// is complete at that root echoes it, and the sender then sends only changed entries and
+    /// `Removed` paths. Anything else (absent, or another root) means a full manifest.
+    pub base: Option<RootDigest>,
 }
 
 /// Bits of the hello's flags byte.
 mod hello_flags {
     pub const COMPRESS: u8 = 1;
     pub const STREAM: u8 = 2;
+    /// A base root (32 bytes) follows the flags.
+    pub const BASE: u8 = 4;
 }
 
 /// How a chunk's payload is encoded on the wire.
@@ -54,6 +61,15 @@ pub struct ChunkData {
     pub payload: Bytes,
 }
 
+/// How the manifest went over the wire.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ManifestSent {
+    /// Against a base both ends kept ([`crate::manifest::delta`]), or in full.
+    pub delta: bool,
+    /// `Entry` and `Removed` messages.
+    pub sent: u64,
+}
+
 /// What the receiver reports with `Done`, so both ends can print the same summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DoneStats {
@@ -66,8 +82,10 @@ pub struct DoneStats {
 pub enum Message {
     /// Both sides, first: versions and what is about to be synced.
     Hello(Hello),
-    /// Sender: one manifest entry, in volume order.
+    /// Sender: one manifest entry, in volume order (in a delta session: a new or changed one).
     Entry(Entry),
+    /// Sender, delta sessions only: this path of the base manifest is gone.
+    Removed(RelPath),
     /// Sender: the manifest is complete; its digest and entry count.
     ManifestEnd { entries: u64, root: RootDigest },
     /// Receiver: chunks it lacks, in the order it will consume them.
@@ -97,6 +115,7 @@ mod ty {
     pub const DONE: u8 = 8;
     pub const ERROR: u8 = 9;
     pub const BENCH_RESULT: u8 = 10;
+    pub const REMOVED: u8 = 11;
 }
 
 impl Message {
@@ -104,6 +123,7 @@ impl Message {
         match self {
             Message::Hello(_) => "hello",
             Message::Entry(_) => "entry",
+            Message::Removed(_) => "removed",
             Message::ManifestEnd { .. } => "manifest-end",
             Message::Want(_) => "want",
             Message::WantEnd => "want-end",
@@ -145,11 +165,21 @@ impl Message {
                 if h.stream {
                     flags |= hello_flags::STREAM;
                 }
+                if h.base.is_some() {
+                    flags |= hello_flags::BASE;
+                }
                 w.u8(flags);
+                if let Some(base) = &h.base {
+                    w.hash(&base.0);
+                }
             }
             Message::Entry(e) => {
                 w.u8(ty::ENTRY);
                 w.raw(&manifest::encode_entry(e));
+            }
+            Message::Removed(path) => {
+                w.u8(ty::REMOVED);
+                w.bytes(path.as_bytes());
             }
             Message::ManifestEnd { entries, root } => {
                 w.u8(ty::MANIFEST_END);
@@ -273,7 +303,7 @@ impl Message {
                     });
                 }
                 let flags = r.u8()?;
-                if flags & !(hello_flags::COMPRESS | hello_flags::STREAM) != 0 {
+                if flags & !(hello_flags::COMPRESS | hello_flags::STREAM | hello_flags::BASE) != 0 {
                     return Err(DecodeError::Invalid {
                         what: "hello",
                         why: "unknown flags",
@@ -285,9 +315,22 @@ impl Message {
                     chunker,
                     compress: flags & hello_flags::COMPRESS != 0,
                     stream: flags & hello_flags::STREAM != 0,
+                    base: match flags & hello_flags::BASE {
+                        0 => None,
+                        _ => Some(RootDigest(r.hash()?)),
+                    },
                 })
             }
             ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
+            ty::REMOVED => {
+                let bytes = r.bytes("removed path", manifest::MAX_PATH)?;
+                Message::Removed(RelPath::new(bytes.to_vec()).map_err(|e| {
+                    DecodeError::Invalid {
+                        what: "removed path",
+                        why: e.why,
+                    }
+                })?)
+            }
             ty::MANIFEST_END => Message::ManifestEnd {
                 entries: r.varint()?,
                 root: RootDigest(r.hash()?),
@@ -493,7 +536,17 @@ mod tests {
                 chunker: ChunkerParams::default(),
                 compress: true,
                 stream: true,
+                base: None,
             }),
+            Message::Hello(Hello {
+                version: 3,
+                mode: VolumeMode::Block,
+                chunker: ChunkerParams::default(),
+                compress: false,
+                stream: false,
+                base: Some(RootDigest([7; 32])),
+            }),
+            Message::Removed(RelPath::new(b"a/b c".to_vec()).unwrap()),
             Message::ManifestEnd {
                 entries: 7,
                 root: RootDigest([9; 32]),

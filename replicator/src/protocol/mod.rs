@@ -37,6 +37,8 @@ pub enum SessionError {
     Serve(#[from] crate::snapshot::ServeError),
     #[error(transparent)]
     Apply(#[from] crate::apply::ApplyError),
+    #[error(transparent)]
+    Delta(#[from] crate::manifest::delta::DeltaError),
     #[error("the receiver reports digest {got}, the source's is {want}")]
     DigestMismatch {
         got: crate::manifest::RootDigest,

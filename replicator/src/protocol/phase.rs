@@ -14,6 +14,8 @@ pub enum ReceiverPhase {
     Manifest,
     /// The manifest of a streamed session: each file's chunks follow its entry.
     StreamedManifest,
+    /// The manifest of a delta session: changed entries and removed paths.
+    DeltaManifest,
     Chunks,
     Finished,
 }
@@ -45,6 +47,8 @@ impl ReceiverPhase {
             (Manifest, Message::ManifestEnd { .. }) => Ok(Chunks),
             (StreamedManifest, Message::Entry(_) | Message::Chunk(_)) => Ok(StreamedManifest),
             (StreamedManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
+            (DeltaManifest, Message::Entry(_) | Message::Removed(_)) => Ok(DeltaManifest),
+            (DeltaManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
             (Chunks, Message::Chunk(_)) => Ok(Chunks),
             (Chunks, Message::ChunksEnd { .. }) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),
@@ -115,6 +119,7 @@ mod tests {
                 chunker: Default::default(),
                 compress: false,
                 stream,
+                base: None,
             })
         };
         assert_eq!(
@@ -129,6 +134,31 @@ mod tests {
             SenderPhase::Outcome.accept(&Message::Want(vec![])).is_err(),
             "no wants in a streamed session"
         );
+    }
+
+    #[test]
+    fn removed_paths_belong_to_delta_manifests_only() {
+        let removed = Message::Removed(crate::manifest::RelPath::new(b"a".to_vec()).unwrap());
+        let p = ReceiverPhase::DeltaManifest;
+        assert_eq!(p.accept(&removed).unwrap(), p);
+        let entry = Message::Entry(crate::manifest::Entry {
+            path: crate::manifest::RelPath::root(),
+            kind: crate::manifest::EntryKind::Dir,
+            meta: Default::default(),
+        });
+        assert_eq!(p.accept(&entry).unwrap(), p);
+        for other in [
+            ReceiverPhase::Manifest,
+            ReceiverPhase::StreamedManifest,
+            ReceiverPhase::Chunks,
+        ] {
+            assert!(other.accept(&removed).is_err(), "{other:?}");
+        }
+        let end = Message::ManifestEnd {
+            entries: 1,
+            root: RootDigest([0; 32]),
+        };
+        assert_eq!(p.accept(&end).unwrap(), ReceiverPhase::Chunks);
     }
 
     #[test]

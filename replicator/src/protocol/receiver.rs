@@ -5,12 +5,14 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::SessionError;
-use super::message::{DoneStats, Hello, MAX_WANT, Message, PROTOCOL_VERSION};
+use super::message::{DoneStats, Hello, MAX_WANT, ManifestSent, Message, PROTOCOL_VERSION};
 use super::phase::ReceiverPhase;
-use super::sender::header;
+use super::sender::{base_error, header};
 use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Committed, Destination};
 use crate::chunk::ChunkId;
-use crate::manifest::{RootDigest, VolumeMode};
+use crate::manifest::delta::Merger;
+use crate::manifest::store::StoredManifest;
+use crate::manifest::{Entry, Header, Limits, RootDigest, VolumeMode};
 use crate::progress::Progress;
 use crate::state::TargetState;
 use crate::transport::{MessageRx, MessageTx};
@@ -20,6 +22,7 @@ pub struct ReceiverReport {
     pub mode: VolumeMode,
     pub root: RootDigest,
     pub stats: ApplyStats,
+    pub manifest: ManifestSent,
     /// Source bytes the sender had to read (from `ChunksEnd`).
     pub sender_bytes_read: u64,
 }
@@ -140,9 +143,18 @@ fn session(
     // An empty destination will want every chunk: asking for them would only cost a round
     // trip and a second pass over the source, so the sender streams them with the manifest.
     let stream = hello.mode == VolumeMode::Tree && is_empty_dir(dst);
+    let header = header(hello.mode, hello.chunker);
+    // A delta needs the manifest the sender offers, intact. It only shortens the wire: the
+    // merged manifest is checked against the sender's root and planned against what the
+    // destination holds now, so the destination need not still be as that manifest says.
+    let base = match hello.base {
+        Some(offered) if !stream => stored_base(&state, &header, offered),
+        _ => None,
+    };
     tx.send(Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         stream,
+        base: base.as_ref().map(StoredManifest::root),
         ..hello.clone()
     }))?;
     if hello.version != PROTOCOL_VERSION {
@@ -156,11 +168,7 @@ fn session(
     }
     progress.phase("scanning");
     let started = std::time::Instant::now();
-    let dest = slot.insert(Destination::prepare(
-        dst,
-        header(hello.mode, hello.chunker),
-        state,
-    )?);
+    let dest = slot.insert(Destination::prepare(dst, header, state)?);
     tracing::debug!(
         ms = started.elapsed().as_millis(),
         stream,
@@ -175,15 +183,34 @@ fn session(
         }
         feed.phase = ReceiverPhase::StreamedManifest;
     }
+    let mut merger = match base {
+        Some(base) => {
+            feed.phase = ReceiverPhase::DeltaManifest;
+            let entries = base.entries(Limits::default()).map_err(base_error)?;
+            Some(Merger::new(entries))
+        }
+        None => None,
+    };
+    let plan = &mut |dest: &mut Destination, e: Entry| -> Result<(), SessionError> {
+        if dest.stats.entries >= max_entries {
+            return Err(SessionError::Protocol(format!(
+                "the manifest has more than {max_entries} entries, this receiver's limit"
+            )));
+        }
+        Ok(dest.plan(e)?)
+    };
+    let mut manifest = ManifestSent {
+        delta: merger.is_some(),
+        sent: 0,
+    };
     let (count, root) = loop {
-        match feed.next()? {
-            Message::Entry(_) if dest.stats.entries >= max_entries => {
-                return Err(SessionError::Protocol(format!(
-                    "the manifest has more than {max_entries} entries, this receiver's limit"
-                )));
-            }
+        let msg = feed.next()?;
+        if matches!(msg, Message::Entry(_) | Message::Removed(_)) {
+            manifest.sent += 1;
+        }
+        match msg {
             Message::Entry(e) if stream => {
-                dest.plan(e)?;
+                plan(dest, e)?;
                 let mut chunks = ChunkStream {
                     feed: &mut feed,
                     error: None,
@@ -194,14 +221,26 @@ fn session(
                 }
                 written?;
             }
-            Message::Entry(e) => dest.plan(e)?,
+            Message::Entry(e) => match &mut merger {
+                Some(m) => m.put(e, &mut |e| plan(dest, e))?,
+                None => plan(dest, e)?,
+            },
+            Message::Removed(path) => match &mut merger {
+                Some(m) => m.remove(path, &mut |e| plan(dest, e))?,
+                None => unreachable!("the phase machine admits removals in delta sessions only"),
+            },
             Message::Chunk(c) => {
                 return Err(SessionError::Protocol(format!(
                     "chunk {} arrived where no chunk was due",
                     c.id
                 )));
             }
-            Message::ManifestEnd { entries, root } => break (entries, root),
+            Message::ManifestEnd { entries, root } => {
+                if let Some(m) = merger.take() {
+                    m.finish(&mut |e| plan(dest, e))?;
+                }
+                break (entries, root);
+            }
             other => {
                 return Err(SessionError::Protocol(format!(
                     "unexpected {}",
@@ -222,8 +261,14 @@ fn session(
     );
     progress.set_total(dest.progress_total());
     let wants = dest.take_wants();
+    let start = SessionStart {
+        root,
+        mode: hello.mode,
+        manifest,
+        started,
+    };
     if stream {
-        return finish(feed, tx, slot, root, progress, hello.mode, started);
+        return finish(feed, tx, slot, start, progress);
     }
     let mut chunks = ChunkStream {
         feed: &mut feed,
@@ -254,7 +299,15 @@ fn session(
     }
     written?;
     sent?;
-    finish(feed, tx, slot, root, progress, hello.mode, started)
+    finish(feed, tx, slot, start, progress)
+}
+
+/// What the end of a session needs to know about its start.
+struct SessionStart {
+    root: RootDigest,
+    mode: VolumeMode,
+    manifest: ManifestSent,
+    started: std::time::Instant,
 }
 
 /// The end of a session: the sender's `ChunksEnd`, then commit, verify and `Done`.
@@ -262,11 +315,15 @@ fn finish(
     mut feed: Feed<'_>,
     tx: &mut dyn MessageTx,
     slot: &mut Option<Destination>,
-    root: RootDigest,
+    start: SessionStart,
     progress: &dyn Progress,
-    mode: VolumeMode,
-    started: std::time::Instant,
 ) -> Result<(ReceiverReport, Committed), SessionError> {
+    let SessionStart {
+        root,
+        mode,
+        manifest,
+        started,
+    } = start;
     let sender_bytes_read = match feed.next()? {
         Message::ChunksEnd { bytes_read } => bytes_read,
         other => {
@@ -294,9 +351,28 @@ fn finish(
         mode,
         root: got,
         stats,
+        manifest,
         sender_bytes_read,
     };
     Ok((report, committed))
+}
+
+/// The manifest `state`'s destination was last completed at, if it is `offered` and intact
+/// (its hash is its root).
+fn stored_base(
+    state: &TargetState,
+    header: &Header,
+    offered: RootDigest,
+) -> Option<StoredManifest> {
+    match StoredManifest::open(&state.manifest_file(), header) {
+        Ok(Some(stored)) if stored.root() == offered => Some(stored),
+        Ok(_) => None,
+        Err(e) => {
+            let path = state.manifest_file();
+            tracing::warn!(path = %path.display(), "cannot read the last manifest (asking for a full one): {e}");
+            None
+        }
+    }
 }
 
 /// True if `path` is missing or an empty directory.

@@ -1,18 +1,22 @@
 //! Driving the sending side of a session over a transport.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::SessionError;
 use super::compression::{CompressPolicy, Compression};
-use super::message::{ChunkData, DoneStats, Hello, Message, PROTOCOL_VERSION};
+use super::message::{ChunkData, DoneStats, Hello, ManifestSent, Message, PROTOCOL_VERSION};
 use super::phase::SenderPhase;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
 use crate::index::FileIndex;
+use crate::manifest::delta::Differ;
+use crate::manifest::store::{StoreWriter, StoredEntries, StoredManifest};
 use crate::manifest::{
-    DigestBuilder, Header, MANIFEST_VERSION, RootDigest, VolumeMode, encode_entry,
+    DigestBuilder, Entry, Header, Limits, MANIFEST_VERSION, RelPath, RootDigest, VolumeMode,
+    encode_entry,
 };
 use crate::progress::Progress;
 use crate::snapshot::{ScanStats, SnapshotOptions, SourceMap, scan_block, scan_tree};
+use crate::state::SourceState;
 use crate::transport::{MessageRx, MessageTx};
 
 #[derive(Clone, Debug)]
@@ -21,9 +25,11 @@ pub struct SenderOptions {
     pub snapshot: SnapshotOptions,
     /// Whether chunk payloads are compressed with zstd (see [`super::compression`]).
     pub compress: Compression,
-    /// Where the refreshed quick-check index is saved, as soon as every chunk is sent (while
-    /// the receiver commits): it describes the source alone, whatever the receiver's verdict.
-    pub index_file: Option<PathBuf>,
+    /// The source's state files. The refreshed quick-check index is saved as soon as every
+    /// chunk is sent (while the receiver commits): it describes the source alone, whatever
+    /// the receiver's verdict. The manifest is kept once the receiver confirms it, as the
+    /// base the next session may send a delta against.
+    pub state: SourceState,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -32,6 +38,7 @@ pub struct SenderReport {
     pub scan: ScanStats,
     pub chunks_sent: u64,
     pub bytes_sent_raw: u64,
+    pub manifest: ManifestSent,
     /// What the receiver reported with `Done`.
     pub receiver: DoneStats,
 }
@@ -75,15 +82,23 @@ fn session(
     progress: &dyn Progress,
 ) -> Result<SenderReport, SessionError> {
     let chunker = opts.snapshot.chunker;
+    let header = header(opts.mode, chunker);
+    let base = StoredManifest::open(&opts.state.manifest, &header).unwrap_or_else(|e| {
+        let path = opts.state.manifest.display();
+        tracing::warn!(path = %path, "cannot read the last manifest (sending a full one): {e}");
+        None
+    });
+    let offered = base.as_ref().map(StoredManifest::root);
     tx.send(Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         mode: opts.mode,
         chunker,
         compress: opts.compress != Compression::Never,
         stream: false,
+        base: offered,
     }))?;
     let mut phase = SenderPhase::Hello;
-    let stream = match next(&mut phase, rx)? {
+    let (stream, agreed) = match next(&mut phase, rx)? {
         Message::Hello(h) if h.version != PROTOCOL_VERSION => {
             return Err(SessionError::Version {
                 ours: PROTOCOL_VERSION,
@@ -95,12 +110,30 @@ fn session(
                 "the receiver asked for a streamed block session".into(),
             ));
         }
-        Message::Hello(h) => h.stream,
+        Message::Hello(h) if h.base.is_some() && (h.base != offered || h.stream) => {
+            return Err(SessionError::Protocol(
+                "the receiver asked for a delta against a manifest that was not offered".into(),
+            ));
+        }
+        Message::Hello(h) => (h.stream, h.base.is_some()),
         _ => unreachable!("the phase machine admits only hello first"),
+    };
+    let mut manifest = Manifest {
+        digest: DigestBuilder::new(&header),
+        differ: match base {
+            Some(base) if agreed => Some(Differ::new(
+                base.entries(Limits::default()).map_err(base_error)?,
+            )),
+            _ => None,
+        },
+        removed: Vec::new(),
+        store: StoreWriter::create(&opts.state.manifest, &header)
+            .map_err(|e| tracing::warn!("cannot keep this manifest for the next delta: {e}"))
+            .ok(),
+        sent: 0,
     };
 
     let started = std::time::Instant::now();
-    let mut digest = DigestBuilder::new(&header(opts.mode, chunker));
     let mut out = Outgoing {
         policy: CompressPolicy::new(opts.compress),
         chunks: 0,
@@ -119,10 +152,6 @@ fn session(
                 scan_start_ns,
                 &mut |entry, map| {
                     progress.advance(entry.size());
-                    let encoded = encode_entry(&entry);
-                    digest
-                        .add_encoded(&entry, &encoded)
-                        .map_err(|e| e.to_string())?;
                     let path = entry.path.clone();
                     let segments = match (&entry.kind, stream) {
                         (crate::manifest::EntryKind::File { segments, .. }, true) => {
@@ -130,8 +159,9 @@ fn session(
                         }
                         _ => Vec::new(),
                     };
-                    let sent = tx.send(Message::Entry(entry)).map_err(SessionError::from);
-                    sent.and_then(|()| send_new_chunks(map, &path, &segments, &mut out, tx))
+                    manifest
+                        .send(entry, tx)
+                        .and_then(|()| send_new_chunks(map, &path, &segments, &mut out, tx))
                         .map_err(|e| {
                             let shown = e.to_string();
                             failed = Some(e);
@@ -147,24 +177,12 @@ fn session(
         VolumeMode::Block => {
             let (entry, map, stats) = scan_block(src, opts.snapshot, index, scan_start_ns)?;
             progress.advance(entry.size());
-            digest
-                .add(&entry)
-                .map_err(|e| SessionError::Protocol(e.to_string()))?;
-            tx.send(Message::Entry(entry))?;
+            manifest.send(entry, tx)?;
             (map, stats)
         }
     };
-    let root = digest.finish();
-    tx.send(Message::ManifestEnd {
-        entries: digest.entries(),
-        root,
-    })?;
-
-    tracing::debug!(
-        ms = started.elapsed().as_millis(),
-        entries = digest.entries(),
-        "manifest sent"
-    );
+    let (root, entries, sent, store) = manifest.finish(tx)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), entries, "manifest sent");
     if !stream {
         serve_wants(&mut map, &mut out, &mut phase, tx, rx, progress)?;
     }
@@ -173,6 +191,7 @@ fn session(
         scan,
         chunks_sent: out.chunks,
         bytes_sent_raw: out.bytes,
+        manifest: sent,
         receiver: DoneStats::default(),
     };
     tracing::debug!(
@@ -183,24 +202,101 @@ fn session(
     tx.send(Message::ChunksEnd {
         bytes_read: report.scan.bytes_read,
     })?;
-    if let Some(path) = &opts.index_file
-        && let Err(e) = index.save(path)
-    {
-        tracing::warn!(path = %path.display(), "cannot save the source index: {e}");
+    if let Err(e) = index.save(&opts.state.index) {
+        let path = opts.state.index.display();
+        tracing::warn!(path = %path, "cannot save the source index: {e}");
     }
     let done = next(&mut phase, rx)?;
     tracing::debug!(ms = started.elapsed().as_millis(), "receiver done");
     match done {
-        Message::Done { root: got, stats } if got == root => Ok(SenderReport {
-            receiver: stats,
-            ..report
-        }),
+        Message::Done { root: got, stats } if got == root => {
+            if let Some(Err(e)) = store.map(StoreWriter::publish) {
+                tracing::warn!("cannot keep this manifest for the next delta: {e}");
+            }
+            Ok(SenderReport {
+                receiver: stats,
+                ..report
+            })
+        }
         Message::Done { root: got, .. } => Err(SessionError::DigestMismatch { got, want: root }),
         other => Err(SessionError::Protocol(format!(
             "unexpected {}",
             other.name()
         ))),
     }
+}
+
+/// The manifest on its way to the receiver: digested, kept for the next delta, and sent in
+/// full or, against an agreed base, as changed entries and removed paths.
+struct Manifest {
+    digest: DigestBuilder,
+    differ: Option<Differ<StoredEntries>>,
+    removed: Vec<RelPath>,
+    store: Option<StoreWriter>,
+    /// Entries and removals sent.
+    sent: u64,
+}
+
+impl Manifest {
+    fn send(&mut self, entry: Entry, tx: &mut dyn MessageTx) -> Result<(), SessionError> {
+        let encoded = encode_entry(&entry);
+        self.digest
+            .add_encoded(&entry, &encoded)
+            .map_err(|e| SessionError::Protocol(e.to_string()))?;
+        if let Some(store) = &mut self.store
+            && let Err(e) = store.add(&encoded)
+        {
+            tracing::warn!("cannot keep this manifest for the next delta: {e}");
+            self.store = None;
+        }
+        let changed = match &mut self.differ {
+            Some(d) => d.entry(&entry, &mut self.removed).map_err(base_error)?,
+            None => true,
+        };
+        self.send_removed(tx)?;
+        if changed {
+            self.sent += 1;
+            tx.send(Message::Entry(entry))?;
+        }
+        Ok(())
+    }
+
+    fn send_removed(&mut self, tx: &mut dyn MessageTx) -> Result<(), SessionError> {
+        for path in self.removed.drain(..) {
+            self.sent += 1;
+            tx.send(Message::Removed(path))?;
+        }
+        Ok(())
+    }
+
+    /// Sends what is left of a delta and `ManifestEnd`; the root, the entry count and the
+    /// manifest's copy, to keep once the receiver confirms the root.
+    fn finish(
+        mut self,
+        tx: &mut dyn MessageTx,
+    ) -> Result<(RootDigest, u64, ManifestSent, Option<StoreWriter>), SessionError> {
+        let delta = self.differ.is_some();
+        if let Some(d) = self.differ.take() {
+            d.finish(&mut self.removed).map_err(base_error)?;
+            self.send_removed(tx)?;
+            tracing::debug!(
+                sent = self.sent,
+                entries = self.digest.entries(),
+                "manifest sent as a delta"
+            );
+        }
+        let (root, entries) = (self.digest.finish(), self.digest.entries());
+        tx.send(Message::ManifestEnd { entries, root })?;
+        let sent = ManifestSent {
+            delta,
+            sent: self.sent,
+        };
+        Ok((root, entries, sent, self.store))
+    }
+}
+
+pub(super) fn base_error(e: std::io::Error) -> SessionError {
+    SessionError::Delta(crate::manifest::delta::DeltaError::Base(e))
 }
 
 /// Chunks on their way to the receiver: compressed or not as the policy says, counted.

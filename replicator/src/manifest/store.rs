@@ -1,0 +1,356 @@
+//! The last manifest a sync completed, kept in the state directory so that the next sync of
+//! the same pair sends only the entries that changed ([`super::delta`]).
+//!
+//! The file holds exactly the bytes the root digest hashes: the encoded header, then every
+//! entry's encoding in volume order. Its BLAKE3 hash therefore *is* its root digest, so opening
+//! one checks it in the same pass that finds its root, and a torn, stale or foreign file is
+//! never used as a base. It is a cache and is written without fsync: losing it costs one full
+//! manifest on the wire, nothing else.
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::{Entry, Header, Limits, RootDigest, decode_entry, decode_header, encode_header};
+use crate::codec::{DecodeError, Reader};
+
+/// Writes a manifest as it is produced; [`StoreWriter::publish`] puts it under its final name.
+/// Dropped unpublished, it removes its temp file.
+pub struct StoreWriter {
+    out: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl StoreWriter {
+    pub fn create(path: &Path, header: &Header) -> io::Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = crate::state::temp_name(path);
+        let mut out = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+        out.write_all(&encode_header(header))?;
+        Ok(StoreWriter {
+            out: Some(out),
+            tmp,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Appends one entry's encoding (entries in volume order).
+    pub fn add(&mut self, encoded: &[u8]) -> io::Result<()> {
+        match &mut self.out {
+            Some(out) => out.write_all(encoded),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the stored manifest with this one.
+    pub fn publish(mut self) -> io::Result<()> {
+        if let Some(out) = self.out.take() {
+            out.into_inner().map_err(|e| e.into_error())?;
+            fs::rename(&self.tmp, &self.path)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StoreWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// A stored manifest whose root digest is known (it was hashed on opening).
+pub struct StoredManifest {
+    file: File,
+    root: RootDigest,
+}
+
+impl StoredManifest {
+    /// Opens the manifest stored at `path` if there is one for volumes like `header` (same
+    /// mode and chunk sizes). The file stays open, so a later replacement does not change
+    /// what this reads.
+    pub fn open(path: &Path, header: &Header) -> io::Result<Option<StoredManifest>> {
+        let mut file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let want = encode_header(header);
+        let mut head = vec![0; want.len()];
+        match file.read_exact(&mut head) {
+            Ok(()) if head == want => {}
+            Ok(()) => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        let mut buf = vec![0; 256 * 1024];
+        loop {
+            match file.read(&mut buf)? {
+                0 => break,
+                n => {
+                    hasher.update(&buf[..n]);
+                }
+            }
+        }
+        let root = RootDigest(*hasher.finalize().as_bytes());
+        Ok(Some(StoredManifest { file, root }))
+    }
+
+    pub fn root(&self) -> RootDigest {
+        self.root
+    }
+
+    /// The entries, in order, read a buffer at a time.
+    pub fn entries(mut self, limits: Limits) -> io::Result<StoredEntries> {
+        self.file.seek(SeekFrom::Start(0))?;
+        StoredEntries::new(self.file, limits)
+    }
+}
+
+/// Entries of a stored manifest; memory holds one read buffer (at least the largest entry).
+pub struct StoredEntries<R = File> {
+    file: R,
+    buf: Vec<u8>,
+    start: usize,
+    eof: bool,
+    limits: Limits,
+}
+
+const READ_SIZE: usize = 256 * 1024;
+
+fn corrupt(e: DecodeError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("stored manifest: {e}"))
+}
+
+impl<R: Read> StoredEntries<R> {
+    /// Reads a stored manifest from `file`: the header, then entries on demand. Nothing is
+    /// trusted: every entry goes through the wire decoder and its limits.
+    pub fn new(file: R, limits: Limits) -> io::Result<Self> {
+        let mut entries = StoredEntries {
+            file,
+            buf: Vec::new(),
+            start: 0,
+            eof: false,
+            limits,
+        };
+        entries.skip_header()?;
+        Ok(entries)
+    }
+
+    fn skip_header(&mut self) -> io::Result<()> {
+        loop {
+            let mut r = Reader::new(&self.buf[self.start..]);
+            match decode_header(&mut r) {
+                Ok(_) => {
+                    self.start += r.position();
+                    return Ok(());
+                }
+                Err(DecodeError::Truncated { .. }) if !self.eof => self.refill()?,
+                Err(e) => return Err(corrupt(e)),
+            }
+        }
+    }
+
+    /// Drops what was decoded and reads more (at least as much again as is buffered, so an
+    /// entry larger than one read costs a logarithmic number of retries).
+    fn refill(&mut self) -> io::Result<()> {
+        self.buf.drain(..self.start);
+        self.start = 0;
+        let have = self.buf.len();
+        let want = READ_SIZE.max(have);
+        self.buf.resize(have + want, 0);
+        let mut filled = have;
+        while filled < self.buf.len() {
+            match self.file.read(&mut self.buf[filled..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.buf.truncate(filled);
+        Ok(())
+    }
+}
+
+impl<R: Read> Iterator for StoredEntries<R> {
+    type Item = io::Result<Entry>;
+
+    fn next(&mut self) -> Option<io::Result<Entry>> {
+        loop {
+            if self.start < self.buf.len() {
+                let mut r = Reader::new(&self.buf[self.start..]);
+                match decode_entry(&mut r, &self.limits) {
+                    Ok(e) => {
+                        self.start += r.position();
+                        return Some(Ok(e));
+                    }
+                    Err(DecodeError::Truncated { .. }) if !self.eof => {}
+                    Err(e) => {
+                        // Stop here: one error ends the sequence.
+                        self.start = self.buf.len();
+                        self.eof = true;
+                        return Some(Err(corrupt(e)));
+                    }
+                }
+            } else if self.eof {
+                return None;
+            }
+            if let Err(e) = self.refill() {
+                self.eof = true;
+                self.start = self.buf.len();
+                return Some(Err(e));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::encode_tests::arb_entry;
+    use crate::manifest::{DigestBuilder, MANIFEST_VERSION, VolumeMode, encode_entry};
+    use proptest::prelude::*;
+
+    fn header() -> Header {
+        Header {
+            version: MANIFEST_VERSION,
+            mode: VolumeMode::Tree,
+            chunker: Default::default(),
+        }
+    }
+
+    fn sorted(mut entries: Vec<Entry>) -> Vec<Entry> {
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        entries.dedup_by(|a, b| a.path == b.path);
+        entries
+    }
+
+    fn store(path: &Path, entries: &[Entry]) -> RootDigest {
+        let mut w = StoreWriter::create(path, &header()).unwrap();
+        let mut digest = DigestBuilder::new(&header());
+        for e in entries {
+            let enc = encode_entry(e);
+            digest.add_encoded(e, &enc).unwrap();
+            w.add(&enc).unwrap();
+        }
+        w.publish().unwrap();
+        digest.finish()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// What is stored reads back entry for entry, and the file's hash is the root digest.
+        #[test]
+        fn stored_manifests_read_back_with_their_root(entries in proptest::collection::vec(arb_entry(), 0..40)) {
+            let entries = sorted(entries);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m");
+            let root = store(&path, &entries);
+            let stored = StoredManifest::open(&path, &header()).unwrap().unwrap();
+            prop_assert_eq!(stored.root(), root);
+            let back: Vec<Entry> = stored.entries(Limits::default()).unwrap().map(Result::unwrap).collect();
+            prop_assert_eq!(back, entries);
+        }
+    }
+
+    proptest! {
+        /// A damaged file ends in an error, never a panic or an endless read.
+        #[test]
+        fn garbage_after_a_header_never_panics(tail in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut data = encode_header(&header());
+            data.extend_from_slice(&tail);
+            let entries = StoredEntries::new(&data[..], Limits::default()).unwrap();
+            let mut seen = 0;
+            for e in entries {
+                seen += 1;
+                prop_assert!(seen <= tail.len());
+                if e.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn entries_larger_than_a_read_decode() {
+        use crate::chunk::{ChunkId, Segment};
+        use crate::manifest::{EntryKind, Meta, RelPath};
+        // One entry of ~1.2 MB (a block image's chunk list) between two small ones.
+        let segments: Vec<Segment> = (0..30_000u32)
+            .map(|i| Segment::Chunk {
+                id: ChunkId::of(&i.to_le_bytes()),
+                len: 4096,
+            })
+            .collect();
+        let file = |name: &str, segments: Vec<Segment>| Entry {
+            path: RelPath::new(name.as_bytes().to_vec()).unwrap(),
+            kind: EntryKind::File {
+                size: segments.iter().map(Segment::len).sum(),
+                segments,
+            },
+            meta: Meta::default(),
+        };
+        let entries = vec![
+            Entry {
+                path: RelPath::root(),
+                kind: EntryKind::Dir,
+                meta: Meta::default(),
+            },
+            file("a", Vec::new()),
+            file("b", segments),
+            file("c", Vec::new()),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        store(&path, &entries);
+        let back: Vec<Entry> = StoredManifest::open(&path, &header())
+            .unwrap()
+            .unwrap()
+            .entries(Limits::default())
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(back, entries);
+    }
+
+    #[test]
+    fn other_volume_kinds_and_torn_files_are_not_bases() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        assert!(StoredManifest::open(&path, &header()).unwrap().is_none());
+        let entries = vec![Entry {
+            path: crate::manifest::RelPath::root(),
+            kind: crate::manifest::EntryKind::Dir,
+            meta: Default::default(),
+        }];
+        let root = store(&path, &entries);
+        let block = Header {
+            mode: VolumeMode::Block,
+            ..header()
+        };
+        assert!(StoredManifest::open(&path, &block).unwrap().is_none());
+        // A torn copy hashes to another root, so it never matches the one it should have.
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let torn = StoredManifest::open(&path, &header()).unwrap().unwrap();
+        assert_ne!(torn.root(), root);
+        assert!(torn.entries(Limits::default()).unwrap().any(|e| e.is_err()));
+    }
+
+    #[test]
+    fn an_unpublished_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = StoreWriter::create(&dir.path().join("m"), &header()).unwrap();
+        drop(w);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+}
