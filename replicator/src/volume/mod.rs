@@ -51,6 +51,27 @@ impl From<&Metadata> for StatInfo {
     }
 }
 
+impl From<&rustix::fs::Stat> for StatInfo {
+    // The field types of `struct stat` differ between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    fn from(s: &rustix::fs::Stat) -> Self {
+        StatInfo {
+            mode: s.st_mode as u32,
+            uid: s.st_uid as u32,
+            gid: s.st_gid as u32,
+            size: s.st_size as u64,
+            mtime_sec: s.st_mtime as i64,
+            mtime_nsec: s.st_mtime_nsec as u32,
+            ctime_sec: s.st_ctime as i64,
+            ctime_nsec: s.st_ctime_nsec as u32,
+            ino: s.st_ino as u64,
+            dev: s.st_dev as u64,
+            nlink: s.st_nlink as u64,
+            rdev: s.st_rdev as u64,
+        }
+    }
+}
+
 pub const S_IFMT: u32 = 0o170000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFREG: u32 = 0o100000;
