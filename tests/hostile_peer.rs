@@ -11,6 +11,7 @@ use integration_tests::net::*;
 use integration_tests::*;
 use replicator::chunk::{ChunkId, ChunkerParams, Segment};
 use replicator::manifest::Limits;
+use replicator::manifest::delta::{FilePatch, SegmentOp};
 use replicator::manifest::{
     DigestBuilder, Entry, EntryKind, Header, MANIFEST_VERSION, Meta, RelPath, RootDigest,
     VolumeMode,
@@ -361,7 +362,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
     check_intact(&mut t, &before, "stream ended in the middle of a frame");
 
     // Deltas against the volume's own manifest (which the server agrees to) that do not fit
-    // it: removing a path it never had, and changes out of order.
+    // it: removing a path it never had, changes out of order, a patch past its base's end.
     let path = |p: &str| RelPath::new(p.as_bytes().to_vec()).unwrap();
     for (delta, needle) in [
         (
@@ -374,6 +375,18 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
                 Message::Entry(dir("sub")),
             ],
             "delta entry sub is out of order",
+        ),
+        (
+            vec![Message::Patch(FilePatch {
+                path: path("sub/kept"),
+                meta: meta(),
+                size: 100_000,
+                ops: vec![SegmentOp::Base {
+                    start: 0,
+                    count: 50,
+                }],
+            })],
+            "a run of base segments is out of range",
         ),
     ] {
         let mut sess = t.session();

@@ -6,9 +6,12 @@
 //! meta   = perm uid gid mtime_sec:zigzag mtime_nsec xattr_count (name value)*
 //! body   = file: size seg_count (0 id:32B len | 1 len)*; symlink: target;
 //!          char/block device: rdev; hard link: target path (no meta); others: empty.
+//! patch  = path meta size op_count (0 id:32B len | 1 len | 2 base_start base_count)*
+//!          (delta sessions: a changed file described against the base entry's segments)
 //! Decoding validates everything a peer could abuse: path safety, size limits, and that a
 //! file's segments add up to its size.
 
+use super::delta::{FilePatch, SegmentOp};
 use super::{Entry, EntryKind, Header, MAX_NAME, MAX_PATH, Meta, RelPath, VolumeMode};
 use crate::chunk::{ChunkId, ChunkerParams, Segment, push_segment};
 use crate::codec::{DecodeError, Reader, Writer};
@@ -44,6 +47,8 @@ mod tag {
     pub const HARDLINK: u8 = 7;
     pub const SEG_CHUNK: u8 = 0;
     pub const SEG_ZERO: u8 = 1;
+    /// In a [`super::FilePatch`] only: a run of the base entry's segments.
+    pub const SEG_BASE: u8 = 2;
 }
 
 pub fn encode_header(h: &Header) -> Vec<u8> {
@@ -111,34 +116,14 @@ pub fn encode_entry(e: &Entry) -> Vec<u8> {
     w.u8(t);
     w.bytes(e.path.as_bytes());
     if !matches!(e.kind, EntryKind::HardLink { .. }) {
-        let m = &e.meta;
-        w.varint(u64::from(m.perm));
-        w.varint(u64::from(m.uid));
-        w.varint(u64::from(m.gid));
-        w.varint_signed(m.mtime_sec);
-        w.varint(u64::from(m.mtime_nsec));
-        w.varint(m.xattrs.len() as u64);
-        for (name, value) in &m.xattrs {
-            w.bytes(name);
-            w.bytes(value);
-        }
+        encode_meta(&mut w, &e.meta);
     }
     match &e.kind {
         EntryKind::File { size, segments } => {
             w.varint(*size);
             w.varint(segments.len() as u64);
             for s in segments {
-                match s {
-                    Segment::Chunk { id, len } => {
-                        w.u8(tag::SEG_CHUNK);
-                        w.hash(&id.0);
-                        w.varint(u64::from(*len));
-                    }
-                    Segment::Zero { len } => {
-                        w.u8(tag::SEG_ZERO);
-                        w.varint(*len);
-                    }
-                }
+                encode_segment(&mut w, s);
             }
         }
         EntryKind::Symlink { target } => w.bytes(target),
@@ -147,6 +132,129 @@ pub fn encode_entry(e: &Entry) -> Vec<u8> {
         EntryKind::Dir | EntryKind::Fifo | EntryKind::Socket => {}
     }
     w.buf
+}
+
+fn encode_meta(w: &mut Writer, m: &Meta) {
+    w.varint(u64::from(m.perm));
+    w.varint(u64::from(m.uid));
+    w.varint(u64::from(m.gid));
+    w.varint_signed(m.mtime_sec);
+    w.varint(u64::from(m.mtime_nsec));
+    w.varint(m.xattrs.len() as u64);
+    for (name, value) in &m.xattrs {
+        w.bytes(name);
+        w.bytes(value);
+    }
+}
+
+fn encode_segment(w: &mut Writer, s: &Segment) {
+    match s {
+        Segment::Chunk { id, len } => {
+            w.u8(tag::SEG_CHUNK);
+            w.hash(&id.0);
+            w.varint(u64::from(*len));
+        }
+        Segment::Zero { len } => {
+            w.u8(tag::SEG_ZERO);
+            w.varint(*len);
+        }
+    }
+}
+
+/// `path meta size op_count op*`, op = `0 id len` (chunk) | `1 len` (zeros) |
+/// `2 start count` (the base entry's segments `start..start+count`).
+pub fn encode_patch(p: &FilePatch) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.bytes(p.path.as_bytes());
+    encode_meta(&mut w, &p.meta);
+    w.varint(p.size);
+    w.varint(p.ops.len() as u64);
+    for op in &p.ops {
+        match op {
+            SegmentOp::New(s) => encode_segment(&mut w, s),
+            SegmentOp::Base { start, count } => {
+                w.u8(tag::SEG_BASE);
+                w.varint(*start);
+                w.varint(*count);
+            }
+        }
+    }
+    w.buf
+}
+
+/// Decodes a [`FilePatch`]; checking it against its base is [`FilePatch::apply`]'s job.
+pub fn decode_patch(r: &mut Reader<'_>, limits: &Limits) -> Result<FilePatch, DecodeError> {
+    let path = rel_path(r, "patch path")?;
+    let meta = decode_meta(r, limits)?;
+    let size = r.varint()?;
+    let n = r.varint_max("patch op count", limits.max_segments as u64)? as usize;
+    let mut ops = Vec::with_capacity(n.min(1024));
+    for _ in 0..n {
+        let op = match r.u8()? {
+            tag::SEG_BASE => SegmentOp::Base {
+                start: r.varint_max("base segment", limits.max_segments as u64)?,
+                count: r.varint_max("base segment count", limits.max_segments as u64)?,
+            },
+            t => SegmentOp::New(decode_segment(r, t)?),
+        };
+        ops.push(op);
+    }
+    Ok(FilePatch {
+        path,
+        meta,
+        size,
+        ops,
+    })
+}
+
+fn decode_segment(r: &mut Reader<'_>, t: u8) -> Result<Segment, DecodeError> {
+    let seg = match t {
+        tag::SEG_CHUNK => {
+            let id = ChunkId(r.hash()?);
+            let len = r.varint_max("chunk length", u64::from(u32::MAX))? as u32;
+            Segment::Chunk { id, len }
+        }
+        tag::SEG_ZERO => Segment::Zero { len: r.varint()? },
+        t => {
+            return Err(DecodeError::UnknownTag {
+                what: "segment",
+                tag: u64::from(t),
+            });
+        }
+    };
+    if seg.is_empty() {
+        return Err(DecodeError::Invalid {
+            what: "segment",
+            why: "empty",
+        });
+    }
+    Ok(seg)
+}
+
+fn decode_meta(r: &mut Reader<'_>, limits: &Limits) -> Result<Meta, DecodeError> {
+    let mut meta = Meta {
+        perm: r.varint_max("permission bits", 0o7777)? as u32,
+        uid: r.u32("uid")?,
+        gid: r.u32("gid")?,
+        mtime_sec: r.varint_signed()?,
+        mtime_nsec: r.varint_max("mtime nanoseconds", 999_999_999)? as u32,
+        xattrs: Vec::new(),
+    };
+    let n = r.varint_max("xattr count", limits.max_xattrs as u64)? as usize;
+    let mut last: Option<&[u8]> = None;
+    for _ in 0..n {
+        let name = r.bytes("xattr name", MAX_NAME)?;
+        let value = r.bytes("xattr value", limits.max_xattr_value)?;
+        if name.is_empty() || name.contains(&0) || last.is_some_and(|l| l >= name) {
+            return Err(DecodeError::Invalid {
+                what: "xattr list",
+                why: "names must be non-empty, without NUL, sorted and unique",
+            });
+        }
+        last = Some(name);
+        meta.xattrs.push((name.to_vec(), value.to_vec()));
+    }
+    Ok(meta)
 }
 
 fn rel_path(r: &mut Reader<'_>, what: &'static str) -> Result<RelPath, DecodeError> {
@@ -164,28 +272,11 @@ pub fn decode_entry(r: &mut Reader<'_>, limits: &Limits) -> Result<Entry, Decode
         });
     }
     let path = rel_path(r, "entry path")?;
-    let mut meta = Meta::default();
-    if t != tag::HARDLINK {
-        meta.perm = r.varint_max("permission bits", 0o7777)? as u32;
-        meta.uid = r.u32("uid")?;
-        meta.gid = r.u32("gid")?;
-        meta.mtime_sec = r.varint_signed()?;
-        meta.mtime_nsec = r.varint_max("mtime nanoseconds", 999_999_999)? as u32;
-        let n = r.varint_max("xattr count", limits.max_xattrs as u64)? as usize;
-        let mut last: Option<&[u8]> = None;
-        for _ in 0..n {
-            let name = r.bytes("xattr name", MAX_NAME)?;
-            let value = r.bytes("xattr value", limits.max_xattr_value)?;
-            if name.is_empty() || name.contains(&0) || last.is_some_and(|l| l >= name) {
-                return Err(DecodeError::Invalid {
-                    what: "xattr list",
-                    why: "names must be non-empty, without NUL, sorted and unique",
-                });
-            }
-            last = Some(name);
-            meta.xattrs.push((name.to_vec(), value.to_vec()));
-        }
-    }
+    let meta = if t == tag::HARDLINK {
+        Meta::default()
+    } else {
+        decode_meta(r, limits)?
+    };
     let kind = match t {
         tag::DIR => EntryKind::Dir,
         tag::FIFO => EntryKind::Fifo,
@@ -224,26 +315,8 @@ fn decode_file(r: &mut Reader<'_>, limits: &Limits) -> Result<EntryKind, DecodeE
     let mut segments = Vec::with_capacity(n.min(1024));
     let mut total = 0u64;
     for _ in 0..n {
-        let seg = match r.u8()? {
-            tag::SEG_CHUNK => {
-                let id = ChunkId(r.hash()?);
-                let len = r.varint_max("chunk length", u64::from(u32::MAX))? as u32;
-                Segment::Chunk { id, len }
-            }
-            tag::SEG_ZERO => Segment::Zero { len: r.varint()? },
-            t => {
-                return Err(DecodeError::UnknownTag {
-                    what: "segment",
-                    tag: u64::from(t),
-                });
-            }
-        };
-        if seg.is_empty() {
-            return Err(DecodeError::Invalid {
-                what: "segment",
-                why: "empty",
-            });
-        }
+        let t = r.u8()?;
+        let seg = decode_segment(r, t)?;
         total = total.checked_add(seg.len()).ok_or(DecodeError::Invalid {
             what: "file",
             why: "segment lengths overflow",

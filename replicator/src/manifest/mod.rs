@@ -10,7 +10,9 @@ mod encode;
 mod path;
 pub mod store;
 
-pub use encode::{Limits, decode_entry, decode_header, encode_entry, encode_header};
+pub use encode::{
+    Limits, decode_entry, decode_header, decode_patch, encode_entry, encode_header, encode_patch,
+};
 pub use path::{MAX_NAME, MAX_PATH, PathError, RelPath};
 
 use std::fmt;

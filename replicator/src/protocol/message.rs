@@ -8,6 +8,7 @@ use bytes::Bytes;
 
 use crate::chunk::{ChunkId, ChunkerParams};
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::manifest::delta::FilePatch;
 use crate::manifest::{self, Entry, Limits, RelPath, RootDigest, VolumeMode};
 
 /// Version of the session protocol (also carried in the QUIC ALPN).
@@ -86,6 +87,8 @@ pub enum Message {
     Entry(Entry),
     /// Sender, delta sessions only: this path of the base manifest is gone.
     Removed(RelPath),
+    /// Sender, delta sessions only: a changed file, against the base's file at its path.
+    Patch(FilePatch),
     /// Sender: the manifest is complete; its digest and entry count.
     ManifestEnd { entries: u64, root: RootDigest },
     /// Receiver: chunks it lacks, in the order it will consume them.
@@ -116,6 +119,7 @@ mod ty {
     pub const ERROR: u8 = 9;
     pub const BENCH_RESULT: u8 = 10;
     pub const REMOVED: u8 = 11;
+    pub const PATCH: u8 = 12;
 }
 
 impl Message {
@@ -124,6 +128,7 @@ impl Message {
             Message::Hello(_) => "hello",
             Message::Entry(_) => "entry",
             Message::Removed(_) => "removed",
+            Message::Patch(_) => "patch",
             Message::ManifestEnd { .. } => "manifest-end",
             Message::Want(_) => "want",
             Message::WantEnd => "want-end",
@@ -180,6 +185,10 @@ impl Message {
             Message::Removed(path) => {
                 w.u8(ty::REMOVED);
                 w.bytes(path.as_bytes());
+            }
+            Message::Patch(p) => {
+                w.u8(ty::PATCH);
+                w.raw(&manifest::encode_patch(p));
             }
             Message::ManifestEnd { entries, root } => {
                 w.u8(ty::MANIFEST_END);
@@ -322,6 +331,7 @@ impl Message {
                 })
             }
             ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
+            ty::PATCH => Message::Patch(manifest::decode_patch(&mut r, limits)?),
             ty::REMOVED => {
                 let bytes = r.bytes("removed path", manifest::MAX_PATH)?;
                 Message::Removed(RelPath::new(bytes.to_vec()).map_err(|e| {
@@ -547,6 +557,24 @@ mod tests {
                 base: Some(RootDigest([7; 32])),
             }),
             Message::Removed(RelPath::new(b"a/b c".to_vec()).unwrap()),
+            Message::Patch(FilePatch {
+                path: RelPath::new(b"big".to_vec()).unwrap(),
+                meta: Default::default(),
+                size: 10_100,
+                ops: vec![
+                    crate::manifest::delta::SegmentOp::Base {
+                        start: 3,
+                        count: 1000,
+                    },
+                    crate::manifest::delta::SegmentOp::New(crate::chunk::Segment::Zero {
+                        len: 100,
+                    }),
+                    crate::manifest::delta::SegmentOp::New(crate::chunk::Segment::Chunk {
+                        id,
+                        len: 10_000,
+                    }),
+                ],
+            }),
             Message::ManifestEnd {
                 entries: 7,
                 root: RootDigest([9; 32]),

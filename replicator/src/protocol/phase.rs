@@ -47,7 +47,9 @@ impl ReceiverPhase {
             (Manifest, Message::ManifestEnd { .. }) => Ok(Chunks),
             (StreamedManifest, Message::Entry(_) | Message::Chunk(_)) => Ok(StreamedManifest),
             (StreamedManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
-            (DeltaManifest, Message::Entry(_) | Message::Removed(_)) => Ok(DeltaManifest),
+            (DeltaManifest, Message::Entry(_) | Message::Removed(_) | Message::Patch(_)) => {
+                Ok(DeltaManifest)
+            }
             (DeltaManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
             (Chunks, Message::Chunk(_)) => Ok(Chunks),
             (Chunks, Message::ChunksEnd { .. }) => Ok(Finished),

@@ -205,7 +205,10 @@ fn session(
     };
     let (count, root) = loop {
         let msg = feed.next()?;
-        if matches!(msg, Message::Entry(_) | Message::Removed(_)) {
+        if matches!(
+            msg,
+            Message::Entry(_) | Message::Removed(_) | Message::Patch(_)
+        ) {
             manifest.sent += 1;
         }
         match msg {
@@ -228,6 +231,10 @@ fn session(
             Message::Removed(path) => match &mut merger {
                 Some(m) => m.remove(path, &mut |e| plan(dest, e))?,
                 None => unreachable!("the phase machine admits removals in delta sessions only"),
+            },
+            Message::Patch(patch) => match &mut merger {
+                Some(m) => m.patch(patch, &mut |e| plan(dest, e))?,
+                None => unreachable!("the phase machine admits patches in delta sessions only"),
             },
             Message::Chunk(c) => {
                 return Err(SessionError::Protocol(format!(

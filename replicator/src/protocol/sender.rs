@@ -8,7 +8,7 @@ use super::message::{ChunkData, DoneStats, Hello, ManifestSent, Message, PROTOCO
 use super::phase::SenderPhase;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
 use crate::index::FileIndex;
-use crate::manifest::delta::Differ;
+use crate::manifest::delta::{Differ, FilePatch, Sending};
 use crate::manifest::store::{StoreWriter, StoredEntries, StoredManifest};
 use crate::manifest::{
     DigestBuilder, Entry, Header, Limits, MANIFEST_VERSION, RelPath, RootDigest, VolumeMode,
@@ -249,15 +249,23 @@ impl Manifest {
             tracing::warn!("cannot keep this manifest for the next delta: {e}");
             self.store = None;
         }
-        let changed = match &mut self.differ {
+        let sending = match &mut self.differ {
             Some(d) => d.entry(&entry, &mut self.removed).map_err(base_error)?,
-            None => true,
+            None => Sending::Entry,
         };
         self.send_removed(tx)?;
-        if changed {
-            self.sent += 1;
-            tx.send(Message::Entry(entry))?;
-        }
+        let msg = match sending {
+            Sending::Nothing => return Ok(()),
+            Sending::Entry => Message::Entry(entry),
+            Sending::Patch(ops) => Message::Patch(FilePatch {
+                size: entry.size(),
+                path: entry.path,
+                meta: entry.meta,
+                ops,
+            }),
+        };
+        self.sent += 1;
+        tx.send(msg)?;
         Ok(())
     }
 
