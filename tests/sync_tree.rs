@@ -5,12 +5,20 @@ use std::ffi::OsStr;
 use std::fs::{self, File, FileTimes};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, PermissionsExt, symlink};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, UNIX_EPOCH};
 
 use integration_tests::*;
 use rustix::fs::{self as rfs, FileType, Mode};
+
+/// A scratch directory with the paths of a source, a destination and a state directory.
+fn volumes() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |name| tmp.path().join(name);
+    let (src, dst, state) = (path("src"), path("dst"), path("state"));
+    (tmp, src, dst, state)
+}
 
 fn set_mtime(path: &Path, secs: u64, nanos: u32) {
     let t = UNIX_EPOCH + Duration::new(secs, nanos);
@@ -108,12 +116,7 @@ fn build_awkward_tree(src: &Path) {
 
 #[test]
 fn every_awkward_case_is_mirrored() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
+    let (_tmp, src, dst, state) = volumes();
     build_awkward_tree(&src);
     let s = summary(&run_sync(&src, &dst, &state, &[]));
     assert_mirrors(&src, &dst);
@@ -151,12 +154,7 @@ fn every_awkward_case_is_mirrored() {
 
 #[test]
 fn deletions_renames_and_type_changes_are_applied() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
+    let (_tmp, src, dst, state) = volumes();
     fs::create_dir_all(src.join("will-be-file/sub")).unwrap();
     fs::write(src.join("will-be-file/sub/x"), b"x").unwrap();
     fs::write(src.join("will-be-dir"), b"file").unwrap();
@@ -193,12 +191,7 @@ fn deletions_renames_and_type_changes_are_applied() {
 
 #[test]
 fn incremental_sync_reads_and_sends_only_what_changed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
+    let (_tmp, src, dst, state) = volumes();
     fs::create_dir(&src).unwrap();
     fs::write(src.join("big"), bytes(1, 8 << 20)).unwrap();
     for i in 0..50 {
@@ -235,12 +228,7 @@ fn incremental_sync_reads_and_sends_only_what_changed() {
 
 #[test]
 fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
+    let (_tmp, src, dst, state) = volumes();
     fs::create_dir_all(src.join("d")).unwrap();
     for i in 0..20 {
         fs::write(src.join(format!("d/f-{i}")), bytes(300 + i, 5000)).unwrap();
@@ -274,12 +262,7 @@ fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() 
 
 #[test]
 fn a_lost_or_damaged_delta_base_costs_a_full_manifest_and_nothing_else() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
+    let (_tmp, src, dst, state) = volumes();
     fs::create_dir_all(src.join("d")).unwrap();
     for i in 0..30 {
         fs::write(src.join(format!("d/f-{i}")), bytes(400 + i, 3000)).unwrap();

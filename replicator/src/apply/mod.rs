@@ -291,12 +291,7 @@ impl Destination {
         self.digest
             .add_encoded(&entry, &encoded)
             .map_err(|e| ApplyError::Manifest(e.to_string()))?;
-        if let Some(store) = &mut self.store
-            && let Err(e) = store.add(&encoded)
-        {
-            tracing::warn!("cannot keep this manifest for the next delta: {e}");
-            self.store = None;
-        }
+        StoreWriter::keep(&mut self.store, &encoded);
         if self.header.mode == VolumeMode::Block && !entry.path.is_root() {
             return Err(ApplyError::Manifest(
                 "a block manifest has a single root entry".into(),

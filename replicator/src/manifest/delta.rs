@@ -260,14 +260,8 @@ impl<I: Iterator<Item = io::Result<Entry>>> Merger<I> {
         patch: FilePatch,
         emit: &mut impl FnMut(Entry) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.advance(&patch.path)?;
-        self.emit_before(&patch.path, emit)?;
-        let entry = match self.base.next() {
-            Some(Ok(b)) if b.path == patch.path => patch.apply(&b)?,
-            Some(Err(e)) => return Err(DeltaError::Base(e).into()),
-            _ => return Err(DeltaError::NotInBase(patch.path).into()),
-        };
-        emit(entry)
+        let base = self.take(&patch.path, emit)?;
+        emit(patch.apply(&base)?)
     }
 
     /// A remove: the unchanged base entries before `path` go to `emit`; the base's entry at
@@ -277,12 +271,22 @@ impl<I: Iterator<Item = io::Result<Entry>>> Merger<I> {
         path: RelPath,
         emit: &mut impl FnMut(Entry) -> Result<(), E>,
     ) -> Result<(), E> {
-        self.advance(&path)?;
-        self.emit_before(&path, emit)?;
+        self.take(&path, emit).map(drop)
+    }
+
+    /// The base entry at `path`, which must exist, once the unchanged base entries before it
+    /// went to `emit`.
+    fn take<E: From<DeltaError>>(
+        &mut self,
+        path: &RelPath,
+        emit: &mut impl FnMut(Entry) -> Result<(), E>,
+    ) -> Result<Entry, E> {
+        self.advance(path)?;
+        self.emit_before(path, emit)?;
         match self.base.next() {
-            Some(Ok(b)) if b.path == path => Ok(()),
+            Some(Ok(b)) if b.path == *path => Ok(b),
             Some(Err(e)) => Err(DeltaError::Base(e).into()),
-            _ => Err(DeltaError::NotInBase(path).into()),
+            _ => Err(DeltaError::NotInBase(path.clone()).into()),
         }
     }
 

@@ -44,6 +44,17 @@ impl StoreWriter {
         }
     }
 
+    /// Appends to `store` if there is one; after a failure it says so once and stops keeping
+    /// the manifest (the next sync then sends a full one).
+    pub fn keep(store: &mut Option<StoreWriter>, encoded: &[u8]) {
+        if let Some(s) = store
+            && let Err(e) = s.add(encoded)
+        {
+            tracing::warn!("cannot keep this manifest for the next delta: {e}");
+            *store = None;
+        }
+    }
+
     /// Replaces the stored manifest with this one.
     pub fn publish(mut self) -> io::Result<()> {
         if let Some(out) = self.out.take() {

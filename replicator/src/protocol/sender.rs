@@ -243,12 +243,7 @@ impl Manifest {
         self.digest
             .add_encoded(&entry, &encoded)
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
-        if let Some(store) = &mut self.store
-            && let Err(e) = store.add(&encoded)
-        {
-            tracing::warn!("cannot keep this manifest for the next delta: {e}");
-            self.store = None;
-        }
+        StoreWriter::keep(&mut self.store, &encoded);
         let sending = match &mut self.differ {
             Some(d) => d.entry(&entry, &mut self.removed).map_err(base_error)?,
             None => Sending::Entry,
