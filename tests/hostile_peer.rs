@@ -24,7 +24,7 @@ use replicator::net::lanes::{self, FirstError, LaneRx, LaneTx};
 use replicator::net::open::{Direction, RemoteSpec};
 use replicator::net::server::{accept_lanes, receive_open};
 use replicator::protocol::message::{
-    ChunkData, Encoding, Hello, MAX_FRAME, Message, PROTOCOL_VERSION,
+    ChunkData, Encoding, Hello, MAX_FRAME, Message, PROTOCOL_VERSION, SuffixData,
 };
 use replicator::sync::SyncOptions;
 use replicator::transport::{MessageRx, MessageTx};
@@ -287,41 +287,57 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
     assert!(outcome(sess).contains("no parent directory"));
     check_intact(&mut t, &before, "has no parent directory before it");
 
-    // A chunk whose data does not hash to its name.
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    // A chunk whose data does not hash to its name, and one sent as the tail of a chunk the
+    // server never said it holds.
     let honest = bytes(9, 5000);
-    send_manifest(
-        &mut sess,
-        &[
-            root(),
-            dir("sub"),
-            file("sub/kept", &bytes(1, 100_000)),
-            file("z", &honest),
-        ],
-    );
-    let mut wanted = Vec::new();
-    loop {
-        match sess.rx.recv().unwrap() {
-            Message::Want(ids) => wanted.extend(ids),
-            Message::WantEnd => break,
-            m => panic!("unexpected {}", m.name()),
-        }
-    }
-    assert_eq!(wanted, vec![ChunkId::of(&honest)]);
-    let forged = bytes(10, 5000);
-    sess.tx
-        .send(Message::Chunk(ChunkData {
-            id: wanted[0],
+    let forged = |id: ChunkId| {
+        Message::Chunk(ChunkData {
+            id,
             encoding: Encoding::Raw,
             raw_len: 5000,
-            payload: Bytes::from(forged),
-        }))
-        .unwrap();
-    sess.tx.send(Message::ChunksEnd { bytes_read: 0 }).unwrap();
-    assert!(outcome(sess).contains("rejected"));
-    check_intact(&mut t, &before, "hashes to");
+            payload: Bytes::from(bytes(10, 5000)),
+        })
+    };
+    let unoffered = |id: ChunkId| {
+        Message::Suffix(SuffixData::encode(
+            id,
+            ChunkId::of(&honest[..1000]),
+            1000,
+            &honest,
+            false,
+        ))
+    };
+    let cases: [(&dyn Fn(ChunkId) -> Message, &str); 2] = [
+        (&forged, "hashes to"),
+        (&unoffered, "which this receiver did not offer"),
+    ];
+    for (bad, needle) in cases {
+        let mut sess = t.session();
+        sess.tx.send(hello()).unwrap();
+        sess.rx.recv().unwrap();
+        send_manifest(
+            &mut sess,
+            &[
+                root(),
+                dir("sub"),
+                file("sub/kept", &bytes(1, 100_000)),
+                file("z", &honest),
+            ],
+        );
+        let mut wanted = Vec::new();
+        loop {
+            match sess.rx.recv().unwrap() {
+                Message::Want(ids) => wanted.extend(ids),
+                Message::WantEnd => break,
+                m => panic!("unexpected {}", m.name()),
+            }
+        }
+        assert_eq!(wanted, vec![ChunkId::of(&honest)]);
+        sess.tx.send(bad(wanted[0])).unwrap();
+        sess.tx.send(Message::ChunksEnd { bytes_read: 0 }).unwrap();
+        assert!(outcome(sess).contains(needle));
+        check_intact(&mut t, &before, needle);
+    }
 
     // A frame larger than any the protocol allows.
     let mut sess = t.session();

@@ -227,6 +227,30 @@ fn incremental_sync_reads_and_sends_only_what_changed() {
 }
 
 #[test]
+fn appending_to_a_file_sends_the_appended_bytes_not_its_old_last_chunk() {
+    let (_tmp, src, dst, state) = volumes();
+    fs::create_dir(&src).unwrap();
+    // Incompressible, so the bytes sent are the bytes that changed.
+    fs::write(src.join("log"), bytes(5, 1 << 20)).unwrap();
+    settle();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    settle();
+    for round in 0..2u64 {
+        let f = File::options().append(true).open(src.join("log")).unwrap();
+        std::io::Write::write_all(&mut &f, &bytes(60 + round, 2000)).unwrap();
+        drop(f);
+        settle();
+        let s = summary(&run_sync(&src, &dst, &state, &[]));
+        assert_mirrors(&src, &dst);
+        // The new chunk at the old last chunk's offset starts with that chunk, which the
+        // receiver holds: only what follows it crosses.
+        assert_eq!(s["chunks_sent"], 1, "{s}");
+        assert_eq!(s["bytes_sent_raw"], 2000, "{s}");
+        assert!(s["bytes_sent_wire"].as_u64().unwrap() < 6000, "{s}");
+    }
+}
+
+#[test]
 fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() {
     let (_tmp, src, dst, state) = volumes();
     fs::create_dir_all(src.join("d")).unwrap();

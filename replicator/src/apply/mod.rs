@@ -41,6 +41,7 @@ use crate::manifest::{
     DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode, encode_entry,
 };
 use crate::progress::Progress;
+use crate::protocol::message::WantHint;
 use crate::state::TargetState;
 use crate::volume::walk::{Scanned, WalkOptions, scan_one, walk};
 use fsops::{VolumeDir, os, temp_name};
@@ -88,7 +89,13 @@ fn io_err(
 
 /// Supplies received chunks, in want order, already verified.
 pub trait ChunkFeed {
-    fn next_chunk(&mut self, expect: ChunkId) -> Result<Bytes, ApplyError>;
+    /// The next chunk from the sender, which must be `expect`. `base` is the chunk this
+    /// receiver hinted `expect` starts with, and its bytes: the sender may send only the rest.
+    fn next_chunk(
+        &mut self,
+        expect: ChunkId,
+        base: Option<(ChunkId, &[u8])>,
+    ) -> Result<Bytes, ApplyError>;
 }
 
 /// Counters of the receiving side.
@@ -168,6 +175,9 @@ pub struct Destination {
     last_change: Option<std::time::Instant>,
     entries: Vec<(Entry, Plan)>,
     want: WantList,
+    /// Wanted chunks that start with the old file's chunk at the same offset (appends): that
+    /// chunk's place, length and id. Sent as hints; the sender may send only what follows.
+    suffix_bases: HashMap<ChunkId, (Loc, u32, ChunkId)>,
     digest: DigestBuilder,
     /// A copy of the manifest, kept once the destination is complete (the next delta's base).
     store: Option<StoreWriter>,
@@ -276,6 +286,7 @@ impl Destination {
             last_change: None,
             entries: Vec::new(),
             want: WantList::default(),
+            suffix_bases: HashMap::new(),
             created_temps: Vec::new(),
             created_dirs: Vec::new(),
             kept_inodes: HashSet::new(),
@@ -474,6 +485,14 @@ impl Destination {
             } else {
                 // Not seen before in this run (a second occurrence finds it in `local`).
                 self.want.push(id, u64::from(len));
+                if let Some(&(base, base_len)) = vouched.as_ref().and_then(|at| at.get(&off))
+                    && base_len < len
+                {
+                    let file = *old_file
+                        .get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
+                    let at = Loc { file, offset: off };
+                    self.suffix_bases.insert(id, (at, base_len, base));
+                }
                 Src::Wire
             };
             if !matches!(src, Src::Local(_) | Src::Clone(_)) {
@@ -550,6 +569,18 @@ impl Destination {
         self.stats.chunks_wanted = self.want.order.len() as u64;
         self.stats.bytes_wanted = self.want.bytes;
         std::mem::take(&mut self.want.order)
+    }
+
+    /// Hints for the sender: wanted chunks that start with a chunk this destination holds.
+    pub fn want_hints(&self) -> Vec<WantHint> {
+        self.suffix_bases
+            .iter()
+            .map(|(id, (_, base_len, base))| WantHint {
+                id: *id,
+                base: *base,
+                base_len: *base_len,
+            })
+            .collect()
     }
 
     /// Total bytes the progress bar covers.
@@ -643,7 +674,16 @@ impl Destination {
                             self.stats.bytes_copied_locally += u64::from(len);
                             Some(d)
                         }
-                        Src::Wire => Some(feed.next_chunk(id)?),
+                        Src::Wire => {
+                            let base = match self.suffix_bases.get(&id) {
+                                Some((at, len, base)) => {
+                                    Some((*base, reader.read(vol, &self.sources, at, *len, base)?))
+                                }
+                                None => None,
+                            };
+                            let base = base.as_ref().map(|(id, b)| (*id, &b[..]));
+                            Some(feed.next_chunk(id, base)?)
+                        }
                     };
                     if let Some(data) = data {
                         file.write_all_at(&data, off)
@@ -766,7 +806,7 @@ impl Destination {
                 }
                 match (*seg, src) {
                     (Segment::Chunk { id, .. }, Src::Wire) => {
-                        let data = feed.next_chunk(id)?;
+                        let data = feed.next_chunk(id, None)?;
                         file.write_all_at(&data, off)
                             .map_err(io_err("cannot write", &shown))?;
                         crate::crashpoint::reached("chunk");

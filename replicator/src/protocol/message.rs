@@ -71,6 +71,27 @@ pub struct ManifestSent {
     pub sent: u64,
 }
 
+/// A wanted chunk that starts with a chunk the receiver holds (an appended file's new chunk
+/// at the offset of its old last one): the sender may send only what follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WantHint {
+    pub id: ChunkId,
+    pub base: ChunkId,
+    pub base_len: u32,
+}
+
+/// A chunk sent as the bytes that follow a chunk the receiver said it holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SuffixData {
+    pub id: ChunkId,
+    pub base: ChunkId,
+    pub encoding: Encoding,
+    /// Length of the whole chunk once decoded (the base's bytes and the tail).
+    pub raw_len: u32,
+    /// The tail, raw or zstd.
+    pub payload: Bytes,
+}
+
 /// What the receiver reports with `Done`, so both ends can print the same summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DoneStats {
@@ -97,6 +118,10 @@ pub enum Message {
     WantEnd,
     /// Sender: one chunk's data.
     Chunk(ChunkData),
+    /// Receiver, before its wants: wanted chunks that start with a chunk it holds.
+    WantHints(Vec<WantHint>),
+    /// Sender: a hinted chunk, as the bytes after its base (in place of a `Chunk`).
+    Suffix(SuffixData),
     /// Sender: every wanted chunk was sent; how many source bytes it had to read.
     ChunksEnd { bytes_read: u64 },
     /// Receiver: the volume is durable and its digest is `root`; what applying it took.
@@ -120,6 +145,8 @@ mod ty {
     pub const BENCH_RESULT: u8 = 10;
     pub const REMOVED: u8 = 11;
     pub const PATCH: u8 = 12;
+    pub const WANT_HINTS: u8 = 13;
+    pub const SUFFIX: u8 = 14;
 }
 
 impl Message {
@@ -129,6 +156,8 @@ impl Message {
             Message::Entry(_) => "entry",
             Message::Removed(_) => "removed",
             Message::Patch(_) => "patch",
+            Message::WantHints(_) => "want-hints",
+            Message::Suffix(_) => "suffix",
             Message::ManifestEnd { .. } => "manifest-end",
             Message::Want(_) => "want",
             Message::WantEnd => "want-end",
@@ -189,6 +218,23 @@ impl Message {
             Message::Patch(p) => {
                 w.u8(ty::PATCH);
                 w.raw(&manifest::encode_patch(p));
+            }
+            Message::WantHints(hints) => {
+                w.u8(ty::WANT_HINTS);
+                w.varint(hints.len() as u64);
+                for h in hints {
+                    w.hash(&h.id.0);
+                    w.hash(&h.base.0);
+                    w.varint(u64::from(h.base_len));
+                }
+            }
+            Message::Suffix(c) => {
+                w.u8(ty::SUFFIX);
+                w.hash(&c.id.0);
+                w.hash(&c.base.0);
+                w.u8(c.encoding as u8);
+                w.varint(u64::from(c.raw_len));
+                w.bytes(&c.payload);
             }
             Message::ManifestEnd { entries, root } => {
                 w.u8(ty::MANIFEST_END);
@@ -332,6 +378,35 @@ impl Message {
             }
             ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
             ty::PATCH => Message::Patch(manifest::decode_patch(&mut r, limits)?),
+            ty::WANT_HINTS => {
+                let n = r.varint_max("hint count", MAX_WANT as u64)? as usize;
+                let mut hints = Vec::with_capacity(n);
+                for _ in 0..n {
+                    hints.push(WantHint {
+                        id: ChunkId(r.hash()?),
+                        base: ChunkId(r.hash()?),
+                        base_len: r
+                            .varint_max("hint base length", fastcdc::v2020::MAXIMUM_MAX as u64)?
+                            as u32,
+                    });
+                }
+                Message::WantHints(hints)
+            }
+            ty::SUFFIX => {
+                let id = ChunkId(r.hash()?);
+                let base = ChunkId(r.hash()?);
+                let encoding = decode_encoding(r.u8()?)?;
+                let raw_len =
+                    r.varint_max("chunk length", fastcdc::v2020::MAXIMUM_MAX as u64)? as u32;
+                let payload = Bytes::copy_from_slice(r.bytes("suffix payload", MAX_FRAME)?);
+                Message::Suffix(SuffixData {
+                    id,
+                    base,
+                    encoding,
+                    raw_len,
+                    payload,
+                })
+            }
             ty::REMOVED => {
                 let bytes = r.bytes("removed path", manifest::MAX_PATH)?;
                 Message::Removed(RelPath::new(bytes.to_vec()).map_err(|e| {
@@ -356,16 +431,7 @@ impl Message {
             ty::WANT_END => Message::WantEnd,
             ty::CHUNK => {
                 let id = ChunkId(r.hash()?);
-                let encoding = match r.u8()? {
-                    0 => Encoding::Raw,
-                    1 => Encoding::Zstd,
-                    t => {
-                        return Err(DecodeError::UnknownTag {
-                            what: "chunk encoding",
-                            tag: u64::from(t),
-                        });
-                    }
-                };
+                let encoding = decode_encoding(r.u8()?)?;
                 let raw_len =
                     r.varint_max("chunk length", fastcdc::v2020::MAXIMUM_MAX as u64)? as u32;
                 let payload = r.bytes("chunk payload", MAX_FRAME)?;
@@ -416,6 +482,17 @@ impl Message {
     }
 }
 
+fn decode_encoding(t: u8) -> Result<Encoding, DecodeError> {
+    match t {
+        0 => Ok(Encoding::Raw),
+        1 => Ok(Encoding::Zstd),
+        t => Err(DecodeError::UnknownTag {
+            what: "chunk encoding",
+            tag: u64::from(t),
+        }),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
     #[error("chunk {id}: payload does not decompress: {why}")]
@@ -424,6 +501,8 @@ pub enum ChunkError {
     Length { id: ChunkId, got: usize, want: u32 },
     #[error("chunk {id}: data hashes to {got}; rejected")]
     Hash { id: ChunkId, got: ChunkId },
+    #[error("chunk {id}: sent as what follows {base}, which this receiver did not offer")]
+    NotOffered { id: ChunkId, base: ChunkId },
 }
 
 thread_local! {
@@ -478,35 +557,88 @@ impl ChunkData {
 
     /// Decodes the payload and checks it against the chunk's name.
     pub fn decode_verified(&self) -> Result<Bytes, ChunkError> {
-        let data = match self.encoding {
-            Encoding::Raw => self.payload.clone(),
-            Encoding::Zstd => {
-                let limit = self.raw_len as usize;
-                let v = DECOMPRESSOR
-                    .with_borrow_mut(|d| match d {
-                        Some(d) => d.decompress(&self.payload, limit),
-                        None => zstd::bulk::decompress(&self.payload, limit),
-                    })
-                    .map_err(|e| ChunkError::Decompress {
-                        id: self.id,
-                        why: e.to_string(),
-                    })?;
-                Bytes::from(v)
+        let data = decode_payload(self.id, self.encoding, &self.payload, self.raw_len as usize)?;
+        verified(self.id, data, self.raw_len)
+    }
+}
+
+impl SuffixData {
+    /// The tail of `data` (whose first `base_len` bytes are the chunk `base`), compressed
+    /// when asked and when that makes it smaller.
+    pub fn encode(
+        id: ChunkId,
+        base: ChunkId,
+        base_len: usize,
+        data: &[u8],
+        compress: bool,
+    ) -> Self {
+        let tail = ChunkData::encode(id, &data[base_len..], compress);
+        SuffixData {
+            id,
+            base,
+            encoding: tail.encoding,
+            raw_len: data.len() as u32,
+            payload: tail.payload,
+        }
+    }
+
+    /// The whole chunk: `base` (the bytes of the chunk this receiver offered, already
+    /// verified) then the decoded tail, checked against the chunk's name.
+    pub fn decode_verified(&self, base: Option<(ChunkId, &[u8])>) -> Result<Bytes, ChunkError> {
+        let base = match base {
+            Some((id, bytes)) if id == self.base && bytes.len() < self.raw_len as usize => bytes,
+            _ => {
+                return Err(ChunkError::NotOffered {
+                    id: self.id,
+                    base: self.base,
+                });
             }
         };
-        if data.len() != self.raw_len as usize {
-            return Err(ChunkError::Length {
-                id: self.id,
-                got: data.len(),
-                want: self.raw_len,
-            });
-        }
-        let got = ChunkId::of(&data);
-        if got != self.id {
-            return Err(ChunkError::Hash { id: self.id, got });
-        }
-        Ok(data)
+        let limit = self.raw_len as usize - base.len();
+        let tail = decode_payload(self.id, self.encoding, &self.payload, limit)?;
+        let mut data = Vec::with_capacity(self.raw_len as usize);
+        data.extend_from_slice(base);
+        data.extend_from_slice(&tail);
+        verified(self.id, Bytes::from(data), self.raw_len)
     }
+}
+
+/// A payload decoded, at most `limit` bytes.
+fn decode_payload(
+    id: ChunkId,
+    encoding: Encoding,
+    payload: &Bytes,
+    limit: usize,
+) -> Result<Bytes, ChunkError> {
+    match encoding {
+        Encoding::Raw => Ok(payload.clone()),
+        Encoding::Zstd => DECOMPRESSOR
+            .with_borrow_mut(|d| match d {
+                Some(d) => d.decompress(payload, limit),
+                None => zstd::bulk::decompress(payload, limit),
+            })
+            .map(Bytes::from)
+            .map_err(|e| ChunkError::Decompress {
+                id,
+                why: e.to_string(),
+            }),
+    }
+}
+
+/// `data` if it has the announced length and hashes to `id`.
+fn verified(id: ChunkId, data: Bytes, raw_len: u32) -> Result<Bytes, ChunkError> {
+    if data.len() != raw_len as usize {
+        return Err(ChunkError::Length {
+            id,
+            got: data.len(),
+            want: raw_len,
+        });
+    }
+    let got = ChunkId::of(&data);
+    if got != id {
+        return Err(ChunkError::Hash { id, got });
+    }
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -557,6 +689,18 @@ mod tests {
                 base: Some(RootDigest([7; 32])),
             }),
             Message::Removed(RelPath::new(b"a/b c".to_vec()).unwrap()),
+            Message::WantHints(vec![WantHint {
+                id,
+                base: ChunkId([3; 32]),
+                base_len: 4000,
+            }]),
+            Message::Suffix(SuffixData::encode(
+                id,
+                ChunkId::of(&data[..4000]),
+                4000,
+                &data,
+                true,
+            )),
             Message::Patch(FilePatch {
                 path: RelPath::new(b"big".to_vec()).unwrap(),
                 meta: Default::default(),
@@ -623,6 +767,39 @@ mod tests {
         let noise = crate::demo::seeded_bytes(5, 65536);
         let c = ChunkData::encode(ChunkId::of(&noise), &noise, true);
         assert_eq!(c.encoding, Encoding::Raw);
+    }
+
+    #[test]
+    fn a_suffix_needs_the_base_it_was_offered_and_must_hash_to_its_name() {
+        let data = crate::demo::seeded_bytes(7, 30_000);
+        let (id, base) = (ChunkId::of(&data), ChunkId::of(&data[..20_000]));
+        let s = SuffixData::encode(id, base, 20_000, &data, false);
+        assert_eq!(s.payload.len(), 10_000, "only the tail goes");
+        assert_eq!(
+            s.decode_verified(Some((base, &data[..20_000]))).unwrap(),
+            data
+        );
+        assert!(matches!(
+            s.decode_verified(None),
+            Err(ChunkError::NotOffered { .. })
+        ));
+        let other = ChunkId([1; 32]);
+        assert!(matches!(
+            s.decode_verified(Some((other, &data[..20_000]))),
+            Err(ChunkError::NotOffered { .. })
+        ));
+        // The receiver's base bytes differ from the sender's: the result fails its hash.
+        let mut wrong = data[..20_000].to_vec();
+        wrong[5] ^= 1;
+        assert!(matches!(
+            s.decode_verified(Some((base, &wrong))),
+            Err(ChunkError::Hash { .. })
+        ));
+        let z = SuffixData::encode(id, base, 20_000, &data, true);
+        assert_eq!(
+            z.decode_verified(Some((base, &data[..20_000]))).unwrap(),
+            data
+        );
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl ReceiverPhase {
                 Ok(DeltaManifest)
             }
             (DeltaManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
-            (Chunks, Message::Chunk(_)) => Ok(Chunks),
+            (Chunks, Message::Chunk(_) | Message::Suffix(_)) => Ok(Chunks),
             (Chunks, Message::ChunksEnd { .. }) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),
         }
@@ -66,7 +66,7 @@ impl SenderPhase {
             // A streamed session has no want phase: chunks went out with the manifest.
             (Hello, Message::Hello(h)) if h.stream => Ok(Outcome),
             (Hello, Message::Hello(_)) => Ok(Wants),
-            (Wants, Message::Want(_)) => Ok(Wants),
+            (Wants, Message::Want(_) | Message::WantHints(_)) => Ok(Wants),
             (Wants, Message::WantEnd) => Ok(Outcome),
             (Outcome, Message::Done { .. }) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),

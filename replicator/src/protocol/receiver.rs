@@ -108,9 +108,18 @@ struct ChunkStream<'a, 'b> {
 }
 
 impl ChunkFeed for ChunkStream<'_, '_> {
-    fn next_chunk(&mut self, expect: ChunkId) -> Result<Bytes, ApplyError> {
+    fn next_chunk(
+        &mut self,
+        expect: ChunkId,
+        base: Option<(ChunkId, &[u8])>,
+    ) -> Result<Bytes, ApplyError> {
         match self.feed.next() {
             Ok(Message::Chunk(c)) if c.id == expect => Ok(c.decode_verified()?),
+            Ok(Message::Suffix(c)) if c.id == expect => Ok(c.decode_verified(base)?),
+            Ok(Message::Suffix(c)) => Err(ApplyError::UnexpectedChunk {
+                got: c.id,
+                want: expect,
+            }),
             Ok(Message::Chunk(c)) => Err(ApplyError::UnexpectedChunk {
                 got: c.id,
                 want: expect,
@@ -268,6 +277,7 @@ fn session(
     );
     progress.set_total(dest.progress_total());
     let wants = dest.take_wants();
+    let hints = dest.want_hints();
     let start = SessionStart {
         root,
         mode: hello.mode,
@@ -283,6 +293,9 @@ fn session(
     };
     let (sent, written) = std::thread::scope(|s| {
         let sender = s.spawn(|| -> Result<(), SessionError> {
+            for batch in hints.chunks(MAX_WANT) {
+                tx.send(Message::WantHints(batch.to_vec()))?;
+            }
             for batch in wants.chunks(MAX_WANT) {
                 tx.send(Message::Want(batch.to_vec()))?;
             }

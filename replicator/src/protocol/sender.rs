@@ -1,10 +1,13 @@
 //! Driving the sending side of a session over a transport.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::SessionError;
 use super::compression::{CompressPolicy, Compression};
-use super::message::{ChunkData, DoneStats, Hello, ManifestSent, Message, PROTOCOL_VERSION};
+use super::message::{
+    ChunkData, DoneStats, Hello, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
+};
 use super::phase::SenderPhase;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
 use crate::index::FileIndex;
@@ -324,6 +327,30 @@ impl Outgoing {
         self.policy.sent(len, std::time::Instant::now());
         Ok(())
     }
+
+    /// Sends `data` as what follows its first `base_len` bytes, the chunk `base`, which the
+    /// receiver holds; only the tail counts as sent.
+    fn send_suffix(
+        &mut self,
+        tx: &mut dyn MessageTx,
+        id: ChunkId,
+        base: ChunkId,
+        base_len: usize,
+        data: &[u8],
+    ) -> Result<(), SessionError> {
+        let len = (data.len() - base_len) as u64;
+        self.chunks += 1;
+        self.bytes += len;
+        let suffix = SuffixData::encode(id, base, base_len, data, self.policy.compress());
+        tx.send(Message::Suffix(suffix))?;
+        self.policy.sent(len, std::time::Instant::now());
+        Ok(())
+    }
+}
+
+/// True if the first `len` bytes of `data` (and not all of it) are the chunk `base`.
+fn starts_with(data: &[u8], base: ChunkId, len: usize) -> bool {
+    len < data.len() && ChunkId::of(&data[..len]) == base
 }
 
 /// Streamed sessions: sends the chunks of the file `path` (just announced) whose first
@@ -371,15 +398,24 @@ fn serve_wants(
 ) -> Result<(), SessionError> {
     progress.restart("sending", 0);
     let mut wanted = 0;
+    let mut hints: HashMap<ChunkId, (ChunkId, usize)> = HashMap::new();
     loop {
         match next(phase, rx)? {
+            Message::WantHints(list) => {
+                hints.extend(list.iter().map(|h| (h.id, (h.base, h.base_len as usize))));
+            }
             Message::Want(ids) => {
                 wanted += ids.iter().map(|id| map.len_of(id)).sum::<u64>();
                 progress.set_total(wanted);
                 for id in ids {
                     let data = map.read(&id)?;
                     let len = data.len() as u64;
-                    out.send(tx, id, data)?;
+                    match hints.remove(&id) {
+                        Some((base, base_len)) if starts_with(&data, base, base_len) => {
+                            out.send_suffix(tx, id, base, base_len, &data)?;
+                        }
+                        _ => out.send(tx, id, data)?,
+                    }
                     progress.advance(len);
                 }
                 // The receiver may be waiting for the last of these.
