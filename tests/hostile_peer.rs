@@ -148,18 +148,18 @@ fn file(path: &str, data: &[u8]) -> Entry {
 }
 
 fn hello() -> Message {
-    hello_with_base(None)
+    hello_with_bases(Vec::new())
 }
 
-/// A hello offering a delta against `base`.
-fn hello_with_base(base: Option<RootDigest>) -> Message {
+/// A hello offering deltas against `bases`.
+fn hello_with_bases(bases: Vec<RootDigest>) -> Message {
     Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         mode: VolumeMode::Tree,
         chunker: ChunkerParams::default(),
         compress: false,
         stream: false,
-        base,
+        bases,
     })
 }
 
@@ -406,9 +406,10 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         ),
     ] {
         let mut sess = t.session();
-        sess.tx.send(hello_with_base(Some(t.root))).unwrap();
+        let offered = vec![RootDigest([1; 32]), t.root];
+        sess.tx.send(hello_with_bases(offered)).unwrap();
         match sess.rx.recv().unwrap() {
-            Message::Hello(h) => assert_eq!(h.base, Some(t.root), "no delta agreed"),
+            Message::Hello(h) => assert_eq!(h.bases, vec![t.root], "no delta agreed"),
             m => panic!("unexpected {}", m.name()),
         }
         for m in delta {

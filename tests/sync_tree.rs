@@ -292,13 +292,18 @@ fn a_lost_or_damaged_delta_base_costs_a_full_manifest_and_nothing_else() {
         fs::write(src.join(format!("d/f-{i}")), bytes(400 + i, 3000)).unwrap();
     }
     summary(&run_sync(&src, &dst, &state, &[]));
-    let stored = |side: &str| -> std::path::PathBuf {
+    // The receiver keeps one manifest; the sender a few, named by root, in a `.manifests`
+    // directory: every one of them is damaged.
+    let stored = |side: &str| -> Vec<PathBuf> {
         let found: Vec<_> = walkdir_files(&state.join(side))
             .into_iter()
-            .filter(|p| p.extension() == Some(OsStr::new("manifest")) || p.ends_with("manifest"))
+            .filter(|p| {
+                p.ends_with("manifest")
+                    || p.parent().and_then(Path::extension) == Some(OsStr::new("manifests"))
+            })
             .collect();
-        assert_eq!(found.len(), 1, "{side}: {found:?}");
-        found[0].clone()
+        assert!(!found.is_empty(), "{side}: no kept manifest");
+        found
     };
     // Each time one end's copy is damaged or gone: a full manifest, a correct result, and
     // both copies renewed, so the sync after that is a delta again.
@@ -324,7 +329,7 @@ fn a_lost_or_damaged_delta_base_costs_a_full_manifest_and_nothing_else() {
     ];
     for (i, (side, damage)) in damages.into_iter().enumerate() {
         fs::write(src.join(format!("d/f-{i}")), bytes(900 + i as u64, 3100)).unwrap();
-        damage(&stored(side));
+        stored(side).iter().for_each(|p| damage(p));
         let s = summary(&run_sync(&src, &dst, &state, &[]));
         assert_mirrors(&src, &dst);
         assert_eq!(s["manifest_delta"], false, "{side}: {s}");
@@ -350,6 +355,38 @@ fn walkdir_files(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn a_source_synced_to_several_destinations_in_turn_sends_deltas_to_each() {
+    let (_tmp, src, dst, state) = volumes();
+    let others: Vec<PathBuf> = (1..4)
+        .map(|i| dst.with_file_name(format!("dst{i}")))
+        .collect();
+    fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..40 {
+        fs::write(src.join(format!("d/f-{i}")), bytes(500 + i, 2000)).unwrap();
+    }
+    let targets: Vec<&Path> = std::iter::once(dst.as_path())
+        .chain(others.iter().map(PathBuf::as_path))
+        .collect();
+    for t in &targets {
+        summary(&run_sync(&src, t, &state, &[]));
+    }
+    for round in 0..2u64 {
+        fs::write(src.join("d/f-7"), bytes(700 + round, 2100)).unwrap();
+        for t in &targets {
+            let s = summary(&run_sync(&src, t, &state, &[]));
+            assert_mirrors(&src, t);
+            assert_eq!(
+                s["manifest_delta"],
+                true,
+                "round {round}, {}: {s}",
+                t.display()
+            );
+            assert!(s["entries_sent"].as_u64().unwrap() <= 1, "{s}");
+        }
+    }
 }
 
 #[test]

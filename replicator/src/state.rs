@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! sources/<id>.index      sender quick-check index of a source volume
-//! sources/<id>.manifest   the manifest of the source's last completed sync (delta base)
+//! sources/<id>.manifests/ the manifests of the source's last few completed syncs, by root
 //! targets/<id>/state.json the destination's sync state: incomplete, or complete with root R
 //! targets/<id>/index      receiver index: which destination file holds which chunks
 //! targets/<id>/manifest   the manifest the destination was completed at (delta base)
@@ -91,7 +91,7 @@ impl StateDir {
         let stem = self.root.join("sources").join(Self::key(canonical_src));
         SourceState {
             index: stem.with_extension("index"),
-            manifest: stem.with_extension("manifest"),
+            manifests: stem.with_extension("manifests"),
         }
     }
 
@@ -107,8 +107,9 @@ impl StateDir {
 pub struct SourceState {
     /// Quick-check index: which files are unchanged since they were last chunked.
     pub index: PathBuf,
-    /// The manifest of the last sync a receiver completed: the base of the next delta.
-    pub manifest: PathBuf,
+    /// The manifests of the last few syncs a receiver completed, named by root: the bases
+    /// of the next deltas (see [`crate::manifest::store::Shelf`]).
+    pub manifests: PathBuf,
 }
 
 /// The files describing one destination volume.

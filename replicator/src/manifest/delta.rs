@@ -469,6 +469,11 @@ mod tests {
                     _ => push_hole(&mut new, at, u64::from(*n) + 1),
                 }
             }
+            // As a scanner would list them: adjacent holes merged.
+            let new = new.into_iter().fold(Vec::new(), |mut v, s| {
+                push_segment(&mut v, s);
+                v
+            });
             let base = file(old.clone());
             let target = file(new.clone());
             let mut d = Differ::new(std::iter::once(Ok(base.clone())));

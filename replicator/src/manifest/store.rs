@@ -56,10 +56,16 @@ impl StoreWriter {
     }
 
     /// Replaces the stored manifest with this one.
-    pub fn publish(mut self) -> io::Result<()> {
+    pub fn publish(self) -> io::Result<()> {
+        let path = self.path.clone();
+        self.publish_to(&path)
+    }
+
+    /// Puts this manifest at `path` (in the same directory as the writer's own path).
+    pub fn publish_to(mut self, path: &Path) -> io::Result<()> {
         if let Some(out) = self.out.take() {
             out.into_inner().map_err(|e| e.into_error())?;
-            fs::rename(&self.tmp, &self.path)?;
+            fs::rename(&self.tmp, path)?;
         }
         Ok(())
     }
@@ -70,6 +76,76 @@ impl Drop for StoreWriter {
         if self.out.take().is_some() {
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// The manifests of a source's last few completed syncs, each named by its root: a source
+/// synced to several destinations in turn keeps a delta base for each of them.
+pub struct Shelf {
+    dir: PathBuf,
+}
+
+impl Shelf {
+    /// Manifests kept per source.
+    pub const KEEP: usize = 4;
+
+    pub fn new(dir: PathBuf) -> Self {
+        Shelf { dir }
+    }
+
+    /// The kept manifests for volumes like `header`, newest first. One whose hash is not its
+    /// name (torn, damaged) is removed.
+    pub fn open_all(&self, header: &Header) -> Vec<StoredManifest> {
+        let mut found = Vec::new();
+        for (path, _) in self.kept() {
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(RootDigest::from_hex);
+            match StoredManifest::open(&path, header) {
+                Ok(Some(m)) if Some(m.root()) == named => found.push(m),
+                Ok(Some(_)) => {
+                    tracing::warn!(path = %path.display(), "removing a damaged kept manifest");
+                    let _ = fs::remove_file(&path);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), "cannot read a kept manifest: {e}")
+                }
+            }
+        }
+        found
+    }
+
+    /// A writer for the manifest of a session; [`Shelf::publish`] keeps it.
+    pub fn writer(&self, header: &Header) -> io::Result<StoreWriter> {
+        StoreWriter::create(&self.dir.join("new"), header)
+    }
+
+    /// Keeps `written` (whose root is `root`) and drops the oldest beyond [`Shelf::KEEP`].
+    pub fn publish(&self, written: StoreWriter, root: RootDigest) -> io::Result<()> {
+        written.publish_to(&self.dir.join(root.to_hex()))?;
+        for (old, _) in self.kept().into_iter().skip(Self::KEEP) {
+            let _ = fs::remove_file(old);
+        }
+        Ok(())
+    }
+
+    /// Kept manifests, newest first (temp files of a writer are hidden).
+    fn kept(&self) -> Vec<(PathBuf, std::time::SystemTime)> {
+        let Ok(items) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut kept: Vec<_> = items
+            .flatten()
+            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
+            .filter_map(|e| {
+                let modified = e.metadata().ok()?.modified().ok()?;
+                Some((e.path(), modified))
+            })
+            .collect();
+        kept.sort_by_key(|k| std::cmp::Reverse(k.1));
+        kept
     }
 }
 
@@ -355,6 +431,46 @@ mod tests {
         let torn = StoredManifest::open(&path, &header()).unwrap().unwrap();
         assert_ne!(torn.root(), root);
         assert!(torn.entries(Limits::default()).unwrap().any(|e| e.is_err()));
+    }
+
+    #[test]
+    fn a_shelf_keeps_the_newest_few_and_drops_damaged_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let shelf = Shelf::new(dir.path().join("shelf"));
+        let mut roots = Vec::new();
+        for i in 0..6u32 {
+            let entries = vec![Entry {
+                path: crate::manifest::RelPath::root(),
+                kind: crate::manifest::EntryKind::Dir,
+                meta: crate::manifest::Meta {
+                    uid: i,
+                    ..Default::default()
+                },
+            }];
+            let mut w = shelf.writer(&header()).unwrap();
+            let mut digest = DigestBuilder::new(&header());
+            for e in &entries {
+                let enc = encode_entry(e);
+                digest.add_encoded(e, &enc).unwrap();
+                w.add(&enc).unwrap();
+            }
+            let root = digest.finish();
+            shelf.publish(w, root).unwrap();
+            roots.push(root);
+            // mtimes must differ for "newest" to mean something.
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let kept: Vec<RootDigest> = shelf.open_all(&header()).iter().map(|m| m.root()).collect();
+        let newest: Vec<RootDigest> = roots.iter().rev().take(Shelf::KEEP).copied().collect();
+        assert_eq!(kept, newest);
+        // A damaged copy is not offered, and is removed.
+        let victim = dir.path().join("shelf").join(roots[5].to_hex());
+        let mut bytes = fs::read(&victim).unwrap();
+        bytes.push(0);
+        fs::write(&victim, bytes).unwrap();
+        let kept = shelf.open_all(&header());
+        assert_eq!(kept.len(), Shelf::KEEP - 1);
+        assert!(!victim.exists());
     }
 
     #[test]

@@ -31,18 +31,21 @@ pub struct Hello {
     /// then sends each file's chunks right after its entry (first occurrences only) instead
     /// of waiting for wants, and the receiver writes each file as it arrives.
     pub stream: bool,
-    /// A manifest the session can be a delta against (see [`crate::manifest::delta`]). The
-    /// sender offers the root of the last manifest it completed; a receiver whose destination
-    /// is complete at that root echoes it, and the sender then sends only changed entries and
-    /// `Removed` paths. Anything else (absent, or another root) means a full manifest.
-    pub base: Option<RootDigest>,
+    /// Manifests the session can be a delta against (see [`crate::manifest::delta`]). The
+    /// sender offers the roots of the last manifests it completed (at most [`MAX_BASES`]); a
+    /// receiver holding one of them echoes that one alone, and the sender then sends only
+    /// changes against it. Anything else (none, or a root not offered) means a full manifest.
+    pub bases: Vec<RootDigest>,
 }
+
+/// Most delta bases a hello may offer.
+pub const MAX_BASES: usize = 8;
 
 /// Bits of the hello's flags byte.
 mod hello_flags {
     pub const COMPRESS: u8 = 1;
     pub const STREAM: u8 = 2;
-    /// A base root (32 bytes) follows the flags.
+    /// A count (1 to [`super::MAX_BASES`]) and that many base roots follow the flags.
     pub const BASE: u8 = 4;
 }
 
@@ -199,12 +202,15 @@ impl Message {
                 if h.stream {
                     flags |= hello_flags::STREAM;
                 }
-                if h.base.is_some() {
+                if !h.bases.is_empty() {
                     flags |= hello_flags::BASE;
                 }
                 w.u8(flags);
-                if let Some(base) = &h.base {
-                    w.hash(&base.0);
+                if !h.bases.is_empty() {
+                    w.varint(h.bases.len() as u64);
+                    for base in &h.bases {
+                        w.hash(&base.0);
+                    }
                 }
             }
             Message::Entry(e) => {
@@ -370,9 +376,20 @@ impl Message {
                     chunker,
                     compress: flags & hello_flags::COMPRESS != 0,
                     stream: flags & hello_flags::STREAM != 0,
-                    base: match flags & hello_flags::BASE {
-                        0 => None,
-                        _ => Some(RootDigest(r.hash()?)),
+                    bases: match flags & hello_flags::BASE {
+                        0 => Vec::new(),
+                        _ => {
+                            let n = r.varint_max("delta bases", MAX_BASES as u64)?;
+                            if n == 0 {
+                                return Err(DecodeError::Invalid {
+                                    what: "hello",
+                                    why: "a base flag without bases",
+                                });
+                            }
+                            (0..n)
+                                .map(|_| r.hash().map(RootDigest))
+                                .collect::<Result<_, _>>()?
+                        }
                     },
                 })
             }
@@ -678,7 +695,7 @@ mod tests {
                 chunker: ChunkerParams::default(),
                 compress: true,
                 stream: true,
-                base: None,
+                bases: Vec::new(),
             }),
             Message::Hello(Hello {
                 version: 3,
@@ -686,7 +703,7 @@ mod tests {
                 chunker: ChunkerParams::default(),
                 compress: false,
                 stream: false,
-                base: Some(RootDigest([7; 32])),
+                bases: vec![RootDigest([7; 32]), RootDigest([8; 32])],
             }),
             Message::Removed(RelPath::new(b"a/b c".to_vec()).unwrap()),
             Message::WantHints(vec![WantHint {

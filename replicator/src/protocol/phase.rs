@@ -121,7 +121,7 @@ mod tests {
                 chunker: Default::default(),
                 compress: false,
                 stream,
-                base: None,
+                bases: Vec::new(),
             })
         };
         assert_eq!(

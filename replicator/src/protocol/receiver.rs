@@ -156,14 +156,14 @@ fn session(
     // A delta needs the manifest the sender offers, intact. It only shortens the wire: the
     // merged manifest is checked against the sender's root and planned against what the
     // destination holds now, so the destination need not still be as that manifest says.
-    let base = match hello.base {
-        Some(offered) if !stream => stored_base(&state, &header, offered),
-        _ => None,
+    let base = match stream {
+        false => stored_base(&state, &header, &hello.bases),
+        true => None,
     };
     tx.send(Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         stream,
-        base: base.as_ref().map(StoredManifest::root),
+        bases: base.iter().map(StoredManifest::root).collect(),
         ..hello.clone()
     }))?;
     if hello.version != PROTOCOL_VERSION {
@@ -377,15 +377,18 @@ fn finish(
     Ok((report, committed))
 }
 
-/// The manifest `state`'s destination was last completed at, if it is `offered` and intact
-/// (its hash is its root).
+/// The manifest `state`'s destination was last completed at, if it is one of those `offered`
+/// and intact (its hash is its root).
 fn stored_base(
     state: &TargetState,
     header: &Header,
-    offered: RootDigest,
+    offered: &[RootDigest],
 ) -> Option<StoredManifest> {
+    if offered.is_empty() {
+        return None;
+    }
     match StoredManifest::open(&state.manifest_file(), header) {
-        Ok(Some(stored)) if stored.root() == offered => Some(stored),
+        Ok(Some(stored)) if offered.contains(&stored.root()) => Some(stored),
         Ok(_) => None,
         Err(e) => {
             let path = state.manifest_file();

@@ -6,13 +6,13 @@ use std::path::Path;
 use super::SessionError;
 use super::compression::{CompressPolicy, Compression};
 use super::message::{
-    ChunkData, DoneStats, Hello, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
+    ChunkData, DoneStats, Hello, MAX_BASES, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
 };
 use super::phase::SenderPhase;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
 use crate::index::FileIndex;
 use crate::manifest::delta::{Differ, FilePatch, Sending};
-use crate::manifest::store::{StoreWriter, StoredEntries, StoredManifest};
+use crate::manifest::store::{Shelf, StoreWriter, StoredEntries, StoredManifest};
 use crate::manifest::{
     DigestBuilder, Entry, Header, Limits, MANIFEST_VERSION, RelPath, RootDigest, VolumeMode,
     encode_entry,
@@ -86,19 +86,17 @@ fn session(
 ) -> Result<SenderReport, SessionError> {
     let chunker = opts.snapshot.chunker;
     let header = header(opts.mode, chunker);
-    let base = StoredManifest::open(&opts.state.manifest, &header).unwrap_or_else(|e| {
-        let path = opts.state.manifest.display();
-        tracing::warn!(path = %path, "cannot read the last manifest (sending a full one): {e}");
-        None
-    });
-    let offered = base.as_ref().map(StoredManifest::root);
+    let shelf = Shelf::new(opts.state.manifests.clone());
+    let mut kept = shelf.open_all(&header);
+    kept.truncate(MAX_BASES);
+    let offered: Vec<RootDigest> = kept.iter().map(StoredManifest::root).collect();
     tx.send(Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         mode: opts.mode,
         chunker,
         compress: opts.compress != Compression::Never,
         stream: false,
-        base: offered,
+        bases: offered.clone(),
     }))?;
     let mut phase = SenderPhase::Hello;
     let (stream, agreed) = match next(&mut phase, rx)? {
@@ -113,24 +111,29 @@ fn session(
                 "the receiver asked for a streamed block session".into(),
             ));
         }
-        Message::Hello(h) if h.base.is_some() && (h.base != offered || h.stream) => {
+        Message::Hello(h)
+            if h.bases.len() > 1
+                || (!h.bases.is_empty() && h.stream)
+                || h.bases.iter().any(|b| !offered.contains(b)) =>
+        {
             return Err(SessionError::Protocol(
                 "the receiver asked for a delta against a manifest that was not offered".into(),
             ));
         }
-        Message::Hello(h) => (h.stream, h.base.is_some()),
+        Message::Hello(h) => (h.stream, h.bases.first().copied()),
         _ => unreachable!("the phase machine admits only hello first"),
     };
     let mut manifest = Manifest {
         digest: DigestBuilder::new(&header),
-        differ: match base {
-            Some(base) if agreed => Some(Differ::new(
+        differ: match kept.into_iter().find(|m| Some(m.root()) == agreed) {
+            Some(base) => Some(Differ::new(
                 base.entries(Limits::default()).map_err(base_error)?,
             )),
-            _ => None,
+            None => None,
         },
         removed: Vec::new(),
-        store: StoreWriter::create(&opts.state.manifest, &header)
+        store: shelf
+            .writer(&header)
             .map_err(|e| tracing::warn!("cannot keep this manifest for the next delta: {e}"))
             .ok(),
         sent: 0,
@@ -213,7 +216,7 @@ fn session(
     tracing::debug!(ms = started.elapsed().as_millis(), "receiver done");
     match done {
         Message::Done { root: got, stats } if got == root => {
-            if let Some(Err(e)) = store.map(StoreWriter::publish) {
+            if let Some(Err(e)) = store.map(|s| shelf.publish(s, root)) {
                 tracing::warn!("cannot keep this manifest for the next delta: {e}");
             }
             Ok(SenderReport {
