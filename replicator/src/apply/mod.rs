@@ -35,7 +35,7 @@ use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 
 use crate::chunk::{ChunkId, Segment};
-use crate::index::{FileIndex, now_ns};
+use crate::index::{FileIndex, PathMap, now_ns};
 use crate::manifest::store::StoreWriter;
 use crate::manifest::{
     DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode, encode_entry,
@@ -157,7 +157,7 @@ pub struct Destination {
     header: Header,
     state: TargetState,
     vol: Option<VolumeDir>,
-    existing: HashMap<RelPath, Scanned>,
+    existing: PathMap<Scanned>,
     index: FileIndex,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
     local: HashMap<ChunkId, Loc>,
@@ -197,7 +197,7 @@ impl Destination {
     pub fn prepare(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
         let prepared_at = now_ns();
         let index = FileIndex::load(&state.index_file(), header.chunker);
-        let mut existing = HashMap::new();
+        let mut existing = PathMap::default();
         let mut vol = None;
         match header.mode {
             VolumeMode::Tree => {
