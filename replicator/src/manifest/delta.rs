@@ -54,7 +54,8 @@ const PATCH_MIN_SEGMENTS: usize = 16;
 impl FilePatch {
     /// The new entry: `base`'s segments where the patch says, the patch's own elsewhere.
     /// Fails unless `base` is a file at the same path, every run lies within its segments,
-    /// and the result adds up to the patch's size.
+    /// the result adds up to the patch's size, and it has at most twice the base's segments
+    /// plus the patch's own (so a few bytes of patch cannot make a huge list).
     pub fn apply(self, base: &Entry) -> Result<Entry, DeltaError> {
         let bad = |why| DeltaError::BadPatch {
             path: self.path.clone(),
@@ -70,6 +71,12 @@ impl FilePatch {
         if base.path != self.path {
             return Err(bad("the base entry has another path"));
         }
+        let own = self
+            .ops
+            .iter()
+            .filter(|op| matches!(op, SegmentOp::New(_)))
+            .count();
+        let most = old.len().saturating_mul(2).saturating_add(own);
         let mut segments = Vec::new();
         for op in &self.ops {
             match *op {
@@ -81,6 +88,9 @@ impl FilePatch {
                         .and_then(|(s, c)| old.get(s..s.checked_add(c)?))
                         .filter(|run| !run.is_empty())
                         .ok_or_else(|| bad("a run of base segments is out of range"))?;
+                    if segments.len() + run.len() > most {
+                        return Err(bad("it would make more than twice the base's segments"));
+                    }
                     for s in run {
                         push_segment(&mut segments, *s);
                     }
@@ -118,7 +128,10 @@ pub enum Sending {
 /// The ops rebuilding `new` from `old`, if they are worth it (at least half of the segments
 /// come from `old`).
 fn diff_segments(old: &[Segment], new: &[Segment]) -> Option<Vec<SegmentOp>> {
-    if old.len() < PATCH_MIN_SEGMENTS || new.len() < PATCH_MIN_SEGMENTS {
+    // The receiver refuses a patch that makes more than twice the base's segments (plus
+    // the patch's own); so does this, before any work.
+    if old.len() < PATCH_MIN_SEGMENTS || new.len() < PATCH_MIN_SEGMENTS || new.len() > 2 * old.len()
+    {
         return None;
     }
     let mut first: HashMap<&Segment, usize> = HashMap::with_capacity(old.len());
@@ -540,6 +553,16 @@ mod tests {
                     count: 19,
                 }],
                 "add up",
+            ),
+            (
+                vec![
+                    SegmentOp::Base {
+                        start: 0,
+                        count: 20,
+                    };
+                    3
+                ],
+                "more than twice the base",
             ),
         ] {
             let err = patch(ops).apply(&base).unwrap_err().to_string();

@@ -405,7 +405,10 @@ fn serve_wants(
     loop {
         match next(phase, rx)? {
             Message::WantHints(list) => {
-                hints.extend(list.iter().map(|h| (h.id, (h.base, h.base_len as usize))));
+                // Only chunks this snapshot has, each once: a peer cannot grow this without
+                // bound.
+                let known = list.iter().filter(|h| map.len_of(&h.id) > 0);
+                hints.extend(known.map(|h| (h.id, (h.base, h.base_len as usize))));
             }
             Message::Want(ids) => {
                 wanted += ids.iter().map(|id| map.len_of(id)).sum::<u64>();
