@@ -147,7 +147,7 @@ fn run(cli: &Cli) -> Result<bool, String> {
         eprintln!("   {} in {} files", bytes(w.bytes), w.files);
         bench_workload(&tools, &cli.tools, &w, &mut report)?;
         if !cli.keep {
-            let _ = fs::remove_dir_all(work.join("src"));
+            let _ = tools::remove_tree(&work.join("src"));
             for &tool in &cli.tools {
                 let _ = tools.reset(tool, &w);
             }

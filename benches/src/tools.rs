@@ -7,6 +7,7 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::measure::{Measured, Usage, loopback_tx_bytes, measured_command, wait_tcp_listen};
@@ -135,7 +136,7 @@ impl Tools {
     pub fn reset(&self, tool: ToolKind, w: &Workload) -> io::Result<()> {
         let dst = self.destination(tool, w);
         match fs::symlink_metadata(&dst) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&dst)?,
+            Ok(m) if m.is_dir() => remove_tree(&dst)?,
             Ok(_) => fs::remove_file(&dst)?,
             Err(_) => {}
         }
@@ -160,6 +161,7 @@ impl Tools {
     }
 
     pub fn run(&self, tool: ToolKind, w: &Workload) -> io::Result<Outcome> {
+        settle_after_deletions();
         let wire_before = loopback_tx_bytes();
         let mut outcome = match tool {
             ToolKind::Replicator => self.run_replicator(w)?,
@@ -345,4 +347,57 @@ fn identity(replicator: &Path, dir: &Path) -> io::Result<String> {
         )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Deleting more entries than this calls for a pause before the next timed run.
+const RECENTLY_DELETED_MIN: u64 = 10_000;
+/// How long ext4 treats a freed inode as recently deleted.
+const RECENTLY_DELETED_WINDOW: Duration = Duration::from_secs(30);
+
+/// When the harness last removed a big tree.
+static LAST_BIG_DELETE: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Removes a directory tree, remembering when a big one went (see [`settle_after_deletions`]).
+pub fn remove_tree(dir: &Path) -> io::Result<()> {
+    let many = count_entries(dir, RECENTLY_DELETED_MIN) >= RECENTLY_DELETED_MIN;
+    fs::remove_dir_all(dir)?;
+    if many {
+        *LAST_BIG_DELETE.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+    Ok(())
+}
+
+/// Waits until a big deletion is 30 s old. ext4's inode allocator checks and skips every
+/// inode freed in the last 30 s, so a copy started right after a mass deletion spends most
+/// of its time there (a 50,000-file copy took 44 s instead of 4 s on this machine).
+pub fn settle_after_deletions() {
+    let last = *LAST_BIG_DELETE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(wait) = last.and_then(|t| RECENTLY_DELETED_WINDOW.checked_sub(t.elapsed())) {
+        eprintln!(
+            "   waiting {:.0} s: files deleted just now slow ext4's inode allocation",
+            wait.as_secs_f64()
+        );
+        std::thread::sleep(wait);
+    }
+}
+
+/// Entries below `dir`, counting stops at `stop`.
+fn count_entries(dir: &Path, stop: u64) -> u64 {
+    let mut count = 0;
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(items) = fs::read_dir(&d) else {
+            continue;
+        };
+        for item in items.flatten() {
+            count += 1;
+            if count >= stop {
+                return count;
+            }
+            if item.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(item.path());
+            }
+        }
+    }
+    count
 }

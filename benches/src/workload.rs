@@ -92,7 +92,7 @@ fn scaled(n: u64, scale: f64, min: u64) -> u64 {
 
 pub fn generate(kind: WorkloadKind, dir: &Path, scale: f64, seed: u64) -> io::Result<Workload> {
     if dir.exists() {
-        fs::remove_dir_all(dir)?;
+        crate::tools::remove_tree(dir)?;
     }
     fs::create_dir_all(dir)?;
     match kind {
