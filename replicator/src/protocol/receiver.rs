@@ -11,7 +11,7 @@ use super::sender::{base_error, header};
 use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Committed, Destination};
 use crate::chunk::ChunkId;
 use crate::manifest::delta::Merger;
-use crate::manifest::store::StoredManifest;
+use crate::manifest::store::{StoredEntries, StoredManifest};
 use crate::manifest::{Entry, Header, Limits, RootDigest, VolumeMode};
 use crate::progress::Progress;
 use crate::state::TargetState;
@@ -192,7 +192,7 @@ fn session(
         }
         feed.phase = ReceiverPhase::StreamedManifest;
     }
-    let mut merger = match base {
+    let merger = match base {
         Some(base) => {
             feed.phase = ReceiverPhase::DeltaManifest;
             let entries = base.entries(Limits::default()).map_err(base_error)?;
@@ -200,71 +200,8 @@ fn session(
         }
         None => None,
     };
-    let plan = &mut |dest: &mut Destination, e: Entry| -> Result<(), SessionError> {
-        if dest.stats.entries >= max_entries {
-            return Err(SessionError::Protocol(format!(
-                "the manifest has more than {max_entries} entries, this receiver's limit"
-            )));
-        }
-        Ok(dest.plan(e)?)
-    };
-    let mut manifest = ManifestSent {
-        delta: merger.is_some(),
-        sent: 0,
-    };
-    let (count, root) = loop {
-        let msg = feed.next()?;
-        if matches!(
-            msg,
-            Message::Entry(_) | Message::Removed(_) | Message::Patch(_)
-        ) {
-            manifest.sent += 1;
-        }
-        match msg {
-            Message::Entry(e) if stream => {
-                plan(dest, e)?;
-                let mut chunks = ChunkStream {
-                    feed: &mut feed,
-                    error: None,
-                };
-                let written = dest.write_planned(&mut chunks, progress);
-                if let Some(e) = chunks.error.take() {
-                    return Err(e);
-                }
-                written?;
-            }
-            Message::Entry(e) => match &mut merger {
-                Some(m) => m.put(e, &mut |e| plan(dest, e))?,
-                None => plan(dest, e)?,
-            },
-            Message::Removed(path) => match &mut merger {
-                Some(m) => m.remove(path, &mut |e| plan(dest, e))?,
-                None => unreachable!("the phase machine admits removals in delta sessions only"),
-            },
-            Message::Patch(patch) => match &mut merger {
-                Some(m) => m.patch(patch, &mut |e| plan(dest, e))?,
-                None => unreachable!("the phase machine admits patches in delta sessions only"),
-            },
-            Message::Chunk(c) => {
-                return Err(SessionError::Protocol(format!(
-                    "chunk {} arrived where no chunk was due",
-                    c.id
-                )));
-            }
-            Message::ManifestEnd { entries, root } => {
-                if let Some(m) = merger.take() {
-                    m.finish(&mut |e| plan(dest, e))?;
-                }
-                break (entries, root);
-            }
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "unexpected {}",
-                    other.name()
-                )));
-            }
-        }
-    };
+    let (count, root, manifest) =
+        receive_manifest(&mut feed, dest, merger, stream, max_entries, progress)?;
     if dest.manifest_digest() != root || dest.stats.entries != count {
         return Err(SessionError::Protocol(format!(
             "manifest digest or entry count does not match what was announced ({count} entries, root {root})"
@@ -328,6 +265,81 @@ struct SessionStart {
     mode: VolumeMode,
     manifest: ManifestSent,
     started: std::time::Instant,
+}
+
+/// The manifest phase: every entry (merged into the base in a delta session) is planned as
+/// it arrives, and in a streamed session written with its chunks. Returns the announced
+/// count and root, and how the manifest came.
+fn receive_manifest(
+    feed: &mut Feed<'_>,
+    dest: &mut Destination,
+    mut merger: Option<Merger<StoredEntries>>,
+    stream: bool,
+    max_entries: u64,
+    progress: &dyn Progress,
+) -> Result<(u64, RootDigest, ManifestSent), SessionError> {
+    let plan = &mut |dest: &mut Destination, e: Entry| -> Result<(), SessionError> {
+        if dest.stats.entries >= max_entries {
+            return Err(SessionError::Protocol(format!(
+                "the manifest has more than {max_entries} entries, this receiver's limit"
+            )));
+        }
+        Ok(dest.plan(e)?)
+    };
+    let mut manifest = ManifestSent {
+        delta: merger.is_some(),
+        sent: 0,
+    };
+    loop {
+        let msg = feed.next()?;
+        if matches!(
+            msg,
+            Message::Entry(_) | Message::Removed(_) | Message::Patch(_)
+        ) {
+            manifest.sent += 1;
+        }
+        match msg {
+            Message::Entry(e) if stream => {
+                plan(dest, e)?;
+                let mut chunks = ChunkStream { feed, error: None };
+                let written = dest.write_planned(&mut chunks, progress);
+                if let Some(e) = chunks.error.take() {
+                    return Err(e);
+                }
+                written?;
+            }
+            Message::Entry(e) => match &mut merger {
+                Some(m) => m.put(e, &mut |e| plan(dest, e))?,
+                None => plan(dest, e)?,
+            },
+            Message::Removed(path) => match &mut merger {
+                Some(m) => m.remove(path, &mut |e| plan(dest, e))?,
+                None => unreachable!("the phase machine admits removals in delta sessions only"),
+            },
+            Message::Patch(patch) => match &mut merger {
+                Some(m) => m.patch(patch, &mut |e| plan(dest, e))?,
+                None => unreachable!("the phase machine admits patches in delta sessions only"),
+            },
+            Message::Chunk(c) => {
+                return Err(SessionError::Protocol(format!(
+                    "chunk {} arrived where no chunk was due",
+                    c.id
+                )));
+            }
+            Message::ManifestEnd { entries, root } => {
+                if let Some(m) = merger.take() {
+                    m.finish(&mut |e| plan(dest, e))?;
+                }
+                return Ok((entries, root, manifest));
+            }
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {}",
+                    other.name()
+                )));
+            }
+        }
+    }
 }
 
 /// The end of a session: the sender's `ChunksEnd`, then commit, verify and `Done`.
