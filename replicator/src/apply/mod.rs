@@ -467,8 +467,7 @@ impl Destination {
                 .as_ref()
                 .is_some_and(|at| at.get(&off) == Some(&(id, len)))
             {
-                let file =
-                    *old_file.get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
+                let file = self.sources.add_once(&mut old_file, &dir, &name);
                 Src::Clone(Loc { file, offset: off })
             } else if has_old && {
                 if old.is_none() {
@@ -477,8 +476,7 @@ impl Destination {
                 old.as_ref()
                     .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
             } {
-                let file =
-                    *old_file.get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
+                let file = self.sources.add_once(&mut old_file, &dir, &name);
                 Src::Local(Loc { file, offset: off })
             } else if let Some(loc) = self.local.get(&id) {
                 Src::Local(*loc)
@@ -488,8 +486,7 @@ impl Destination {
                 if let Some(&(base, base_len)) = vouched.as_ref().and_then(|at| at.get(&off))
                     && base_len < len
                 {
-                    let file = *old_file
-                        .get_or_insert_with(|| self.sources.add(dir.clone(), name.clone()));
+                    let file = self.sources.add_once(&mut old_file, &dir, &name);
                     let at = Loc { file, offset: off };
                     self.suffix_bases.insert(id, (at, base_len, base));
                 }
@@ -498,10 +495,8 @@ impl Destination {
             if !matches!(src, Src::Local(_) | Src::Clone(_)) {
                 // Later occurrences copy it from here (in block mode: from the volume itself,
                 // at an offset that is written once and never again).
-                let file = *new_file.get_or_insert_with(|| {
-                    let name = if block { Vec::new() } else { temp.clone() };
-                    self.sources.add(dir.clone(), name)
-                });
+                let name: &[u8] = if block { &[] } else { &temp };
+                let file = self.sources.add_once(&mut new_file, &dir, name);
                 self.local.entry(id).or_insert(Loc { file, offset: off });
             }
             sources.push(src);

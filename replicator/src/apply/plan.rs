@@ -32,6 +32,11 @@ impl SourceFiles {
         u32::try_from(self.names.len() - 1).expect("fewer than 2^32 source files")
     }
 
+    /// The number of `dir`/`name`, kept in `slot`: added on first use, once per plan.
+    pub fn add_once(&mut self, slot: &mut Option<u32>, dir: &RelPath, name: &[u8]) -> u32 {
+        *slot.get_or_insert_with(|| self.add(dir.clone(), name.to_vec()))
+    }
+
     /// The directory and name of file number `file`.
     pub fn get(&self, file: u32) -> (&RelPath, &[u8]) {
         let (dir, name) = &self.names[file as usize];
