@@ -192,41 +192,19 @@ impl<I: Iterator<Item = io::Result<Entry>>> Differ<I> {
     /// Takes the next entry of the new manifest: pushes onto `removed` the base paths before
     /// it that are gone, and says how the entry goes (not at all if identical in the base).
     pub fn entry(&mut self, entry: &Entry, removed: &mut Vec<RelPath>) -> io::Result<Sending> {
-        loop {
-            match self.base.peek() {
-                None => return Ok(Sending::Entry),
-                Some(Err(_)) => {
-                    let Some(Err(e)) = self.base.next() else {
-                        unreachable!("peeked an error")
-                    };
-                    return Err(e);
-                }
-                Some(Ok(b)) if b.path < entry.path => {
-                    let Some(Ok(b)) = self.base.next() else {
-                        unreachable!("peeked an entry")
-                    };
-                    removed.push(b.path);
-                }
-                Some(Ok(b)) if b.path == entry.path => {
-                    let sending = if b == entry {
-                        Sending::Nothing
-                    } else {
-                        match (&b.kind, &entry.kind) {
-                            (
-                                EntryKind::File { segments: old, .. },
-                                EntryKind::File { segments, .. },
-                            ) => {
-                                diff_segments(old, segments).map_or(Sending::Entry, Sending::Patch)
-                            }
-                            _ => Sending::Entry,
-                        }
-                    };
-                    self.base.next();
-                    return Ok(sending);
-                }
-                Some(Ok(_)) => return Ok(Sending::Entry),
-            }
+        while let Some(gone) = next_before(&mut self.base, &entry.path) {
+            removed.push(gone?.path);
         }
+        let Some(b) = next_at(&mut self.base, &entry.path) else {
+            return Ok(Sending::Entry);
+        };
+        Ok(match (&b.kind, &entry.kind) {
+            _ if b == *entry => Sending::Nothing,
+            (EntryKind::File { segments: old, .. }, EntryKind::File { segments, .. }) => {
+                diff_segments(old, segments).map_or(Sending::Entry, Sending::Patch)
+            }
+            _ => Sending::Entry,
+        })
     }
 
     /// After the last new entry: the base paths left over, all gone.
@@ -261,9 +239,7 @@ impl<I: Iterator<Item = io::Result<Entry>>> Merger<I> {
     ) -> Result<(), E> {
         self.advance(&entry.path)?;
         self.emit_before(&entry.path, emit)?;
-        if matches!(self.base.peek(), Some(Ok(b)) if b.path == entry.path) {
-            self.base.next();
-        }
+        next_at(&mut self.base, &entry.path);
         emit(entry)
     }
 
@@ -328,24 +304,30 @@ impl<I: Iterator<Item = io::Result<Entry>>> Merger<I> {
         path: &RelPath,
         emit: &mut impl FnMut(Entry) -> Result<(), E>,
     ) -> Result<(), E> {
-        while let Some(next) = self.base.peek() {
-            match next {
-                Ok(b) if b.path >= *path => break,
-                Ok(_) => {
-                    let Some(Ok(b)) = self.base.next() else {
-                        unreachable!("peeked an entry")
-                    };
-                    emit(b)?;
-                }
-                Err(_) => {
-                    let Some(Err(e)) = self.base.next() else {
-                        unreachable!("peeked an error")
-                    };
-                    return Err(DeltaError::Base(e).into());
-                }
-            }
+        while let Some(b) = next_before(&mut self.base, path) {
+            emit(b.map_err(DeltaError::Base)?)?;
         }
         Ok(())
+    }
+}
+
+/// The base's next entry if it comes before `path`, or its read error; `None` once the base
+/// is at or past `path`.
+fn next_before<I: Iterator<Item = io::Result<Entry>>>(
+    base: &mut Peekable<I>,
+    path: &RelPath,
+) -> Option<io::Result<Entry>> {
+    base.next_if(|b| b.as_ref().map_or(true, |b| b.path < *path))
+}
+
+/// The base's next entry if it is at `path` (taken), else `None` (left in place).
+fn next_at<I: Iterator<Item = io::Result<Entry>>>(
+    base: &mut Peekable<I>,
+    path: &RelPath,
+) -> Option<Entry> {
+    match base.next_if(|b| matches!(b, Ok(b) if b.path == *path)) {
+        Some(Ok(b)) => Some(b),
+        _ => None,
     }
 }
 
