@@ -92,14 +92,8 @@ pub fn scan_one(
     } else {
         None
     };
-    let xattrs = if opts.xattrs {
-        match xattr::read_all(&full) {
-            Ok(x) => x,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(WalkError::io(&full, e)),
-        }
-    } else {
-        Vec::new()
+    let Some(xattrs) = xattrs_of(&full, opts)? else {
+        return Ok(None);
     };
     Ok(Some(Scanned {
         path: rel.clone(),
@@ -137,14 +131,34 @@ fn walk_dir(
     visit: &mut dyn FnMut(Scanned) -> Result<(), WalkError>,
 ) -> Result<(), WalkError> {
     let full = full_path(root, dir);
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = match rfs::open(&full, flags, Mode::empty()) {
+    let fd = match rfs::open(&full, DIR_FLAGS, Mode::empty()) {
         Ok(fd) => fd,
         Err(Errno::NOENT) => return Ok(()),
         Err(e) => return Err(WalkError::io(&full, e.into())),
     };
     walk_fd(root, dir, &fd, opts, visit)
 }
+
+/// How the walk opens directories: never through a symlink.
+const DIR_FLAGS: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// The extended attributes of `full` if `opts` asks for them (else none); `None` if it
+/// vanished meanwhile.
+fn xattrs_of(full: &Path, opts: WalkOptions) -> Result<Option<Xattrs>, WalkError> {
+    if !opts.xattrs {
+        return Ok(Some(Vec::new()));
+    }
+    match xattr::read_all(full) {
+        Ok(x) => Ok(Some(x)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(WalkError::io(full, e)),
+    }
+}
+
+type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Walks the children of the directory open as `fd`. Entries are looked at relative to it
 /// (`fstatat`, `readlinkat`, `openat`): a full path costs the kernel a lookup per component
@@ -186,16 +200,9 @@ fn walk_fd(
         } else {
             None
         };
-        let xattrs = if opts.xattrs {
-            // No `*xattrat` calls before Linux 6.13: these go by path.
-            let full = full_path(root, &path);
-            match xattr::read_all(&full) {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(WalkError::io(&full, e)),
-            }
-        } else {
-            Vec::new()
+        // No `*xattrat` calls before Linux 6.13: these go by path.
+        let Some(xattrs) = xattrs_of(&full_path(root, &path), opts)? else {
+            continue;
         };
         let is_dir = stat.is_dir();
         visit(Scanned {
@@ -205,8 +212,7 @@ fn walk_fd(
             link_target,
         })?;
         if is_dir {
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            match rfs::openat(fd, os_name, flags, Mode::empty()) {
+            match rfs::openat(fd, os_name, DIR_FLAGS, Mode::empty()) {
                 Ok(child) => walk_fd(root, &path, &child, opts, visit)?,
                 // Removed, or replaced by something else, since it was looked at.
                 Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => {}
