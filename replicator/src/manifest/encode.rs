@@ -257,7 +257,8 @@ fn decode_meta(r: &mut Reader<'_>, limits: &Limits) -> Result<Meta, DecodeError>
     Ok(meta)
 }
 
-fn rel_path(r: &mut Reader<'_>, what: &'static str) -> Result<RelPath, DecodeError> {
+/// A validated volume path (manifest entries, hard link targets, removed paths).
+pub fn rel_path(r: &mut Reader<'_>, what: &'static str) -> Result<RelPath, DecodeError> {
     let bytes = r.bytes(what, MAX_PATH)?;
     RelPath::new(bytes.to_vec()).map_err(|e| DecodeError::Invalid { what, why: e.why })
 }

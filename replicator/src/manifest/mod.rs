@@ -12,6 +12,7 @@ pub mod store;
 
 pub use encode::{
     Limits, decode_entry, decode_header, decode_patch, encode_entry, encode_header, encode_patch,
+    rel_path,
 };
 pub use path::{MAX_NAME, MAX_PATH, PathError, RelPath};
 

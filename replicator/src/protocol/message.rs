@@ -70,7 +70,7 @@ pub struct ChunkData {
 pub struct ManifestSent {
     /// Against a base both ends kept ([`crate::manifest::delta`]), or in full.
     pub delta: bool,
-    /// `Entry` and `Removed` messages.
+    /// `Entry`, `Patch` and `Removed` messages.
     pub sent: u64,
 }
 
@@ -412,10 +412,7 @@ impl Message {
             ty::SUFFIX => {
                 let id = ChunkId(r.hash()?);
                 let base = ChunkId(r.hash()?);
-                let encoding = decode_encoding(r.u8()?)?;
-                let raw_len =
-                    r.varint_max("chunk length", fastcdc::v2020::MAXIMUM_MAX as u64)? as u32;
-                let payload = Bytes::copy_from_slice(r.bytes("suffix payload", MAX_FRAME)?);
+                let (encoding, raw_len, payload) = decode_payload_fields(&mut r, shared)?;
                 Message::Suffix(SuffixData {
                     id,
                     base,
@@ -424,15 +421,7 @@ impl Message {
                     payload,
                 })
             }
-            ty::REMOVED => {
-                let bytes = r.bytes("removed path", manifest::MAX_PATH)?;
-                Message::Removed(RelPath::new(bytes.to_vec()).map_err(|e| {
-                    DecodeError::Invalid {
-                        what: "removed path",
-                        why: e.why,
-                    }
-                })?)
-            }
+            ty::REMOVED => Message::Removed(manifest::rel_path(&mut r, "removed path")?),
             ty::MANIFEST_END => Message::ManifestEnd {
                 entries: r.varint()?,
                 root: RootDigest(r.hash()?),
@@ -448,14 +437,7 @@ impl Message {
             ty::WANT_END => Message::WantEnd,
             ty::CHUNK => {
                 let id = ChunkId(r.hash()?);
-                let encoding = decode_encoding(r.u8()?)?;
-                let raw_len =
-                    r.varint_max("chunk length", fastcdc::v2020::MAXIMUM_MAX as u64)? as u32;
-                let payload = r.bytes("chunk payload", MAX_FRAME)?;
-                let payload = match shared {
-                    Some(b) => b.slice_ref(payload),
-                    None => Bytes::copy_from_slice(payload),
-                };
+                let (encoding, raw_len, payload) = decode_payload_fields(&mut r, shared)?;
                 if encoding == Encoding::Raw && payload.len() != raw_len as usize {
                     return Err(DecodeError::Invalid {
                         what: "chunk",
@@ -499,15 +481,29 @@ impl Message {
     }
 }
 
-fn decode_encoding(t: u8) -> Result<Encoding, DecodeError> {
-    match t {
-        0 => Ok(Encoding::Raw),
-        1 => Ok(Encoding::Zstd),
-        t => Err(DecodeError::UnknownTag {
-            what: "chunk encoding",
-            tag: u64::from(t),
-        }),
-    }
+/// `encoding raw_len payload`, as a `Chunk` and a `Suffix` carry them. With `shared` (which
+/// holds the frame), the payload points into it instead of being copied.
+fn decode_payload_fields(
+    r: &mut Reader<'_>,
+    shared: Option<&Bytes>,
+) -> Result<(Encoding, u32, Bytes), DecodeError> {
+    let encoding = match r.u8()? {
+        0 => Encoding::Raw,
+        1 => Encoding::Zstd,
+        t => {
+            return Err(DecodeError::UnknownTag {
+                what: "chunk encoding",
+                tag: u64::from(t),
+            });
+        }
+    };
+    let raw_len = r.varint_max("chunk length", fastcdc::v2020::MAXIMUM_MAX as u64)? as u32;
+    let payload = r.bytes("chunk payload", MAX_FRAME)?;
+    let payload = match shared {
+        Some(b) => b.slice_ref(payload),
+        None => Bytes::copy_from_slice(payload),
+    };
+    Ok((encoding, raw_len, payload))
 }
 
 #[derive(Debug, thiserror::Error)]

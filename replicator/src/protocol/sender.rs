@@ -233,13 +233,13 @@ fn session(
 }
 
 /// The manifest on its way to the receiver: digested, kept for the next delta, and sent in
-/// full or, against an agreed base, as changed entries and removed paths.
+/// full or, against an agreed base, as changed entries, patches and removed paths.
 struct Manifest {
     digest: DigestBuilder,
     differ: Option<Differ<StoredEntries>>,
     removed: Vec<RelPath>,
     store: Option<StoreWriter>,
-    /// Entries and removals sent.
+    /// Entries, patches and removals sent.
     sent: u64,
 }
 
