@@ -5,12 +5,14 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::SessionError;
-use super::message::{DoneStats, Hello, MAX_WANT, ManifestSent, Message, PROTOCOL_VERSION};
+use super::message::{
+    ChunkData, DoneStats, Hello, MAX_WANT, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
+};
 use super::phase::ReceiverPhase;
-use super::sender::{base_error, header};
+use super::sender::header;
 use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Committed, Destination};
 use crate::chunk::ChunkId;
-use crate::manifest::delta::Merger;
+use crate::manifest::delta::{DeltaError, Merger};
 use crate::manifest::store::{StoredEntries, StoredManifest};
 use crate::manifest::{Entry, Header, Limits, RootDigest, VolumeMode};
 use crate::progress::Progress;
@@ -116,14 +118,10 @@ impl ChunkFeed for ChunkStream<'_, '_> {
         match self.feed.next() {
             Ok(Message::Chunk(c)) if c.id == expect => Ok(c.decode_verified()?),
             Ok(Message::Suffix(c)) if c.id == expect => Ok(c.decode_verified(base)?),
-            Ok(Message::Suffix(c)) => Err(ApplyError::UnexpectedChunk {
-                got: c.id,
-                want: expect,
-            }),
-            Ok(Message::Chunk(c)) => Err(ApplyError::UnexpectedChunk {
-                got: c.id,
-                want: expect,
-            }),
+            Ok(
+                Message::Chunk(ChunkData { id: got, .. })
+                | Message::Suffix(SuffixData { id: got, .. }),
+            ) => Err(ApplyError::UnexpectedChunk { got, want: expect }),
             Ok(_) => Err(ApplyError::MissingChunks),
             Err(e) => {
                 self.error = Some(e);
@@ -195,7 +193,7 @@ fn session(
     let merger = match base {
         Some(base) => {
             feed.phase = ReceiverPhase::DeltaManifest;
-            let entries = base.entries(Limits::default()).map_err(base_error)?;
+            let entries = base.entries(Limits::default()).map_err(DeltaError::Base)?;
             Some(Merger::new(entries))
         }
         None => None,

@@ -11,7 +11,7 @@ use super::message::{
 use super::phase::SenderPhase;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
 use crate::index::FileIndex;
-use crate::manifest::delta::{Differ, FilePatch, Sending};
+use crate::manifest::delta::{DeltaError, Differ, FilePatch, Sending};
 use crate::manifest::store::{Shelf, StoreWriter, StoredEntries, StoredManifest};
 use crate::manifest::{
     DigestBuilder, Entry, Header, Limits, MANIFEST_VERSION, RelPath, RootDigest, VolumeMode,
@@ -127,7 +127,7 @@ fn session(
         digest: DigestBuilder::new(&header),
         differ: match kept.into_iter().find(|m| Some(m.root()) == agreed) {
             Some(base) => Some(Differ::new(
-                base.entries(Limits::default()).map_err(base_error)?,
+                base.entries(Limits::default()).map_err(DeltaError::Base)?,
             )),
             None => None,
         },
@@ -251,7 +251,9 @@ impl Manifest {
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
         StoreWriter::keep(&mut self.store, &encoded);
         let sending = match &mut self.differ {
-            Some(d) => d.entry(&entry, &mut self.removed).map_err(base_error)?,
+            Some(d) => d
+                .entry(&entry, &mut self.removed)
+                .map_err(DeltaError::Base)?,
             None => Sending::Entry,
         };
         self.send_removed(tx)?;
@@ -286,7 +288,7 @@ impl Manifest {
     ) -> Result<(RootDigest, u64, ManifestSent, Option<StoreWriter>), SessionError> {
         let delta = self.differ.is_some();
         if let Some(d) = self.differ.take() {
-            d.finish(&mut self.removed).map_err(base_error)?;
+            d.finish(&mut self.removed).map_err(DeltaError::Base)?;
             self.send_removed(tx)?;
             tracing::debug!(
                 sent = self.sent,
@@ -304,10 +306,6 @@ impl Manifest {
     }
 }
 
-pub(super) fn base_error(e: std::io::Error) -> SessionError {
-    SessionError::Delta(crate::manifest::delta::DeltaError::Base(e))
-}
-
 /// Chunks on their way to the receiver: compressed or not as the policy says, counted.
 struct Outgoing {
     policy: CompressPolicy,
@@ -323,12 +321,8 @@ impl Outgoing {
         data: Vec<u8>,
     ) -> Result<(), SessionError> {
         let len = data.len() as u64;
-        self.chunks += 1;
-        self.bytes += len;
         let chunk = ChunkData::encode_owned(id, data, self.policy.compress());
-        tx.send(Message::Chunk(chunk))?;
-        self.policy.sent(len, std::time::Instant::now());
-        Ok(())
+        self.send_counted(tx, Message::Chunk(chunk), len)
     }
 
     /// Sends `data` as what follows its first `base_len` bytes, the chunk `base`, which the
@@ -342,10 +336,20 @@ impl Outgoing {
         data: &[u8],
     ) -> Result<(), SessionError> {
         let len = (data.len() - base_len) as u64;
+        let suffix = SuffixData::encode(id, base, base_len, data, self.policy.compress());
+        self.send_counted(tx, Message::Suffix(suffix), len)
+    }
+
+    /// Sends one chunk's message carrying `len` bytes of chunk data, and counts them.
+    fn send_counted(
+        &mut self,
+        tx: &mut dyn MessageTx,
+        msg: Message,
+        len: u64,
+    ) -> Result<(), SessionError> {
         self.chunks += 1;
         self.bytes += len;
-        let suffix = SuffixData::encode(id, base, base_len, data, self.policy.compress());
-        tx.send(Message::Suffix(suffix))?;
+        tx.send(msg)?;
         self.policy.sent(len, std::time::Instant::now());
         Ok(())
     }
