@@ -182,6 +182,18 @@ fn raw_path_entry(raw: &[u8]) -> Bytes {
     frame(&body)
 }
 
+/// Every chunk id the peer wants, up to its `WantEnd`.
+fn wants(rx: &mut LaneRx) -> Vec<ChunkId> {
+    let mut wanted = Vec::new();
+    loop {
+        match rx.recv().unwrap() {
+            Message::Want(ids) => wanted.extend(ids),
+            Message::WantEnd => return wanted,
+            m => panic!("unexpected {}", m.name()),
+        }
+    }
+}
+
 /// A manifest: entries then the matching end message.
 fn send_manifest(sess: &mut Session, entries: &[Entry]) {
     send_manifest_to(&mut sess.tx, entries);
@@ -324,14 +336,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
                 file("z", &honest),
             ],
         );
-        let mut wanted = Vec::new();
-        loop {
-            match sess.rx.recv().unwrap() {
-                Message::Want(ids) => wanted.extend(ids),
-                Message::WantEnd => break,
-                m => panic!("unexpected {}", m.name()),
-            }
-        }
+        let wanted = wants(&mut sess.rx);
         assert_eq!(wanted, vec![ChunkId::of(&honest)]);
         sess.tx.send(bad(wanted[0])).unwrap();
         sess.tx.send(Message::ChunksEnd { bytes_read: 0 }).unwrap();
@@ -564,14 +569,7 @@ fn hostile_server_answers_to_a_pull_are_rejected() {
                         file("z", &honest),
                     ],
                 );
-                let mut wanted = Vec::new();
-                loop {
-                    match rx.recv().unwrap() {
-                        Message::Want(ids) => wanted.extend(ids),
-                        Message::WantEnd => break,
-                        m => panic!("unexpected {}", m.name()),
-                    }
-                }
+                let wanted = wants(rx);
                 for id in wanted {
                     tx.send(Message::Chunk(ChunkData {
                         id,

@@ -20,6 +20,14 @@ fn volumes() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
     (tmp, src, dst, state)
 }
 
+/// `count` files `d/f-<i>` of `len` seeded bytes each (seeds `seed`, `seed + 1`, ...).
+fn small_files(src: &Path, count: u64, seed: u64, len: usize) {
+    fs::create_dir_all(src.join("d")).unwrap();
+    for i in 0..count {
+        fs::write(src.join(format!("d/f-{i}")), bytes(seed + i, len)).unwrap();
+    }
+}
+
 fn set_mtime(path: &Path, secs: u64, nanos: u32) {
     let t = UNIX_EPOCH + Duration::new(secs, nanos);
     let f = File::options()
@@ -253,10 +261,7 @@ fn appending_to_a_file_sends_the_appended_bytes_not_its_old_last_chunk() {
 #[test]
 fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() {
     let (_tmp, src, dst, state) = volumes();
-    fs::create_dir_all(src.join("d")).unwrap();
-    for i in 0..20 {
-        fs::write(src.join(format!("d/f-{i}")), bytes(300 + i, 5000)).unwrap();
-    }
+    small_files(&src, 20, 300, 5000);
     settle();
     summary(&run_sync(&src, &dst, &state, &[]));
     settle();
@@ -287,10 +292,7 @@ fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() 
 #[test]
 fn a_lost_or_damaged_delta_base_costs_a_full_manifest_and_nothing_else() {
     let (_tmp, src, dst, state) = volumes();
-    fs::create_dir_all(src.join("d")).unwrap();
-    for i in 0..30 {
-        fs::write(src.join(format!("d/f-{i}")), bytes(400 + i, 3000)).unwrap();
-    }
+    small_files(&src, 30, 400, 3000);
     summary(&run_sync(&src, &dst, &state, &[]));
     // The receiver keeps one manifest; the sender a few, named by root, in a `.manifests`
     // directory: every one of them is damaged.
@@ -360,10 +362,7 @@ fn walkdir_files(dir: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn a_source_synced_to_several_destinations_in_turn_sends_deltas_to_each() {
     let (_tmp, src, dst, state) = volumes();
-    fs::create_dir_all(src.join("d")).unwrap();
-    for i in 0..40 {
-        fs::write(src.join(format!("d/f-{i}")), bytes(500 + i, 2000)).unwrap();
-    }
+    small_files(&src, 40, 500, 2000);
     // Four destinations, the source edited before each sync: each destination's last
     // manifest differs from the others', and all four are still kept by the source.
     let targets: Vec<PathBuf> = (0..4)
