@@ -259,6 +259,46 @@ fn appending_to_a_file_sends_the_appended_bytes_not_its_old_last_chunk() {
 }
 
 #[test]
+fn an_index_that_names_wrong_chunks_fails_the_sync_once_and_is_dropped() {
+    use replicator::chunk::{ChunkId, ChunkerParams, Segment};
+    use replicator::index::FileIndex;
+    use replicator::manifest::RelPath;
+
+    let (tmp, src, dst, state) = volumes();
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("a"), bytes(11, 100_000)).unwrap();
+    fs::write(src.join("b"), bytes(12, 5_000)).unwrap();
+    settle();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    // The index vouches for `a` with a chunk it does not hold, its stat unchanged: what a tool
+    // that restores timestamps, or a damaged index, leads to.
+    let index_file = replicator::state::StateDir::new(state.clone())
+        .source(&src.canonicalize().unwrap())
+        .index;
+    let mut index = FileIndex::load(&index_file, ChunkerParams::default());
+    let a = index
+        .entries
+        .get_mut(&RelPath::new(b"a".to_vec()).unwrap())
+        .expect("a is indexed");
+    assert!(!a.racy);
+    let Some(Segment::Chunk { id, .. }) = a.segments.first_mut() else {
+        panic!("a has a chunk")
+    };
+    *id = ChunkId::of(b"something else");
+    index.save(&index_file).unwrap();
+
+    let other = tmp.path().join("other");
+    let out = run_sync(&src, &other, &state, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("source changed during the sync"), "{err}");
+    assert!(!index_file.exists(), "the index that lied is gone");
+    let s = summary(&run_sync(&src, &other, &state, &[]));
+    assert_mirrors(&src, &other);
+    assert_eq!(s["bytes_read"], 105_000, "every file read again: {s}");
+}
+
+#[test]
 fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() {
     let (_tmp, src, dst, state) = volumes();
     small_files(&src, 20, 300, 5000);

@@ -14,12 +14,13 @@ use serde::Serialize;
 use crate::chunk::Segment;
 use crate::chunk::{ChunkId, ChunkerParams};
 use crate::digest::digest_volume;
-use crate::index::FileIndex;
 use crate::manifest::{Entry, VolumeMode};
 use crate::net::client::{ClientOptions, open_session};
 use crate::net::open::Direction;
 use crate::protocol::message::{ChunkData, Message};
-use crate::snapshot::{SnapshotError, SnapshotOptions, scan_block, scan_tree};
+use crate::snapshot::{
+    ChunkAt, ChunkReader, SnapshotError, SnapshotOptions, scan_block, scan_tree,
+};
 use crate::sync::{SyncError, SyncOptions};
 use crate::transport::{MessageRx, MessageTx};
 use crate::volume;
@@ -171,28 +172,39 @@ pub fn local(
         checksum: true,
         threads,
     };
-    let mut index = FileIndex::new(chunker);
-    let mut ids = Vec::new();
-    let mut map = match mode {
-        VolumeMode::Tree => {
-            scan_tree(path, opts, &mut index, 0, &mut |e, _| {
-                ids.extend(chunk_ids(&e));
-                Ok(())
-            })?
-            .0
-        }
-        VolumeMode::Block => {
-            let (e, map, _) = scan_block(path, opts, &mut index, 0)?;
-            ids.extend(chunk_ids(&e));
-            map
+    // The first chunks of the volume, up to the sample size, and where they are.
+    let mut sample: Vec<ChunkAt> = Vec::new();
+    let mut sampled = 0u64;
+    let mut take = |e: &Entry| {
+        for (offset, seg) in crate::apply::plan::offsets(e.segments()) {
+            if let Segment::Chunk { id, len } = *seg
+                && sampled < COMPRESS_SAMPLE
+            {
+                sampled += u64::from(len);
+                let path = e.path.clone();
+                sample.push(ChunkAt {
+                    id,
+                    path,
+                    offset,
+                    len,
+                });
+            }
         }
     };
-    let (mut raw, mut packed, mut secs) = (0u64, 0u64, 0f64);
-    for id in ids {
-        if raw >= COMPRESS_SAMPLE {
-            break;
+    match mode {
+        VolumeMode::Tree => {
+            scan_tree(path, opts, None, None, &mut |e| {
+                take(&e);
+                Ok(())
+            })?;
         }
-        let Ok(data) = map.read(&id) else { continue };
+        VolumeMode::Block => take(&scan_block(path, opts, None, None)?.0),
+    }
+    let mut reader = ChunkReader::new(path);
+    let (mut raw, mut packed, mut secs) = (0u64, 0u64, 0f64);
+    for at in &sample {
+        let Ok(data) = reader.read(at) else { continue };
+        let id = at.id;
         let t = Instant::now();
         let c = ChunkData::encode(id, &data, true);
         secs += t.elapsed().as_secs_f64();
@@ -212,12 +224,5 @@ pub fn local(
         } else {
             packed as f64 / raw as f64
         },
-    })
-}
-
-fn chunk_ids(e: &Entry) -> impl Iterator<Item = ChunkId> + '_ {
-    e.segments().iter().filter_map(|s| match s {
-        Segment::Chunk { id, .. } => Some(*id),
-        Segment::Zero { .. } => None,
     })
 }

@@ -172,6 +172,83 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Decodes a sequence of records from a byte stream (a file), holding one read buffer, never
+/// the whole stream: the stored manifest and the quick-check index are read this way.
+pub struct StreamDecoder<R> {
+    input: R,
+    buf: Vec<u8>,
+    start: usize,
+    eof: bool,
+}
+
+/// Bytes read at a time; a record larger than this doubles the buffer until it fits.
+const STREAM_READ: usize = 256 * 1024;
+
+impl<R: std::io::Read> StreamDecoder<R> {
+    pub fn new(input: R) -> Self {
+        StreamDecoder {
+            input,
+            buf: Vec::new(),
+            start: 0,
+            eof: false,
+        }
+    }
+
+    /// Decodes the next record with `decode`; `Ok(None)` at the clean end of the stream. A
+    /// record cut off by the end of the stream is an error, and so is whatever `decode` says.
+    pub fn next<T>(
+        &mut self,
+        decode: impl Fn(&mut Reader<'_>) -> Result<T, DecodeError>,
+    ) -> std::io::Result<Option<T>> {
+        loop {
+            if self.start < self.buf.len() {
+                let mut r = Reader::new(&self.buf[self.start..]);
+                match decode(&mut r) {
+                    Ok(v) => {
+                        self.start += r.position();
+                        return Ok(Some(v));
+                    }
+                    Err(DecodeError::Truncated { .. }) if !self.eof => {}
+                    Err(e) => return Err(invalid(e)),
+                }
+            } else if self.eof {
+                return Ok(None);
+            }
+            self.refill()?;
+        }
+    }
+
+    /// Drops what was decoded and reads more (at least as much again as is buffered, so a
+    /// record larger than one read costs a logarithmic number of retries).
+    fn refill(&mut self) -> std::io::Result<()> {
+        self.buf.drain(..self.start);
+        self.start = 0;
+        let have = self.buf.len();
+        self.buf.resize(have + STREAM_READ.max(have), 0);
+        let mut filled = have;
+        while filled < self.buf.len() {
+            match self.input.read(&mut self.buf[filled..]) {
+                Ok(0) => {
+                    self.eof = true;
+                    break;
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.buf.truncate(filled);
+                    return Err(e);
+                }
+            }
+        }
+        self.buf.truncate(filled);
+        Ok(())
+    }
+}
+
+fn invalid(e: DecodeError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
+}
+
 /// Lower-case hexadecimal of a byte string.
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use crate::chunk::ChunkerParams;
-use crate::index::FileIndex;
 use crate::manifest::{DigestBuilder, RootDigest};
 use crate::protocol::sender::header;
 use crate::snapshot::{ScanStats, SnapshotError, SnapshotOptions, scan_block, scan_tree};
@@ -25,16 +24,12 @@ pub fn digest_volume(
         threads,
     };
     let mut digest = DigestBuilder::new(&header(mode, chunker));
-    let mut index = FileIndex::new(chunker);
     let stats = match mode {
-        crate::manifest::VolumeMode::Tree => {
-            scan_tree(path, opts, &mut index, 0, &mut |e, _| {
-                digest.add(&e).map_err(|e| e.to_string())
-            })?
-            .1
-        }
+        crate::manifest::VolumeMode::Tree => scan_tree(path, opts, None, None, &mut |e| {
+            digest.add(&e).map_err(|e| e.to_string())
+        })?,
         crate::manifest::VolumeMode::Block => {
-            let (e, _, stats) = scan_block(path, opts, &mut index, 0)?;
+            let (e, stats) = scan_block(path, opts, None, None)?;
             digest
                 .add(&e)
                 .map_err(|e| SnapshotError::Emit(e.to_string()))?;

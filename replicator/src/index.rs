@@ -15,12 +15,13 @@
 //! chunk may be found, which is safe because every chunk read from such a place is verified.
 
 use std::collections::HashMap;
-use std::io;
-use std::path::Path;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, Write};
+use std::path::{Path, PathBuf};
 
 use crate::chunk::{ChunkerParams, Segment};
-use crate::codec::{DecodeError, Reader, Writer};
-use crate::manifest::{self, Entry, EntryKind, Limits, Meta, RelPath};
+use crate::codec::{DecodeError, Reader, StreamDecoder, Writer};
+use crate::manifest::{self, Limits, RelPath};
 use crate::volume::StatInfo;
 
 /// Timestamps within this much of the scan start are not trusted, on filesystems whose
@@ -30,7 +31,9 @@ pub const RACY_MARGIN_COARSE_NS: i128 = 1_000_000_000;
 pub const RACY_MARGIN_FINE_NS: i128 = 50_000_000;
 
 const MAGIC: &[u8; 4] = b"RPLI";
-const VERSION: u64 = 1;
+/// Version 2: records in volume order with an end mark, so the file can be written and read
+/// as a stream. An index of another version is ignored (the next scan reads every file once).
+const VERSION: u64 = 2;
 
 /// The stat fields that must be unchanged for a file's chunk list to be reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,13 +126,6 @@ impl FileIndex {
         (e.fingerprint == Fingerprint::from(stat)).then_some(&e.segments[..])
     }
 
-    /// Like [`FileIndex::lookup`], moving the chunk list out: a scan consults each record
-    /// once, so the old index empties while the new one fills.
-    pub fn take(&mut self, path: &RelPath, stat: &StatInfo) -> Option<Vec<Segment>> {
-        self.lookup(path, stat)?;
-        self.entries.remove(path).map(|e| e.segments)
-    }
-
     /// Records a file; marks it racy if its stat is too close to `scan_start_ns`.
     pub fn record(
         &mut self,
@@ -165,85 +161,41 @@ impl FileIndex {
         }
     }
 
+    /// The whole index as [`IndexWriter`] writes it: records in volume order, then the end.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::new();
-        w.raw(MAGIC);
-        w.varint(VERSION);
-        let p = self.params.unwrap_or_default();
-        w.varint(u64::from(p.min));
-        w.varint(u64::from(p.avg));
-        w.varint(u64::from(p.max));
+        encode_head(&mut w, self.params.unwrap_or_default());
         let mut paths: Vec<&RelPath> = self.entries.keys().collect();
         paths.sort();
-        w.varint(paths.len() as u64);
-        for path in paths {
-            let e = &self.entries[path];
-            let f = &e.fingerprint;
-            w.varint(f.size);
-            w.varint_signed(f.mtime_sec);
-            w.varint(u64::from(f.mtime_nsec));
-            w.varint_signed(f.ctime_sec);
-            w.varint(u64::from(f.ctime_nsec));
-            w.varint(f.ino);
-            w.u8(u8::from(e.racy));
-            // Reuse the manifest's file encoding for path + segments.
-            w.raw(&manifest::encode_entry(&Entry {
-                path: path.clone(),
-                kind: EntryKind::File {
-                    size: f.size,
-                    segments: e.segments.clone(),
-                },
-                meta: Meta::default(),
-            }));
+        for path in &paths {
+            let e = &self.entries[*path];
+            encode_record(&mut w, path, &e.fingerprint, e.racy, &e.segments);
         }
+        w.u8(TAG_END);
+        w.varint(paths.len() as u64);
+        let sum = blake3::hash(&w.buf);
+        w.hash(sum.as_bytes());
         w.buf
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let mut r = Reader::new(bytes);
-        if r.take(4)? != MAGIC || r.varint()? != VERSION {
-            return Err(DecodeError::Invalid {
-                what: "index",
-                why: "unknown format",
-            });
-        }
-        let params = ChunkerParams {
-            min: r.u32("chunk min")?,
-            avg: r.u32("chunk avg")?,
-            max: r.u32("chunk max")?,
-        };
-        let n = r.varint()?;
+        let body = checked_body(bytes)?;
+        let mut r = Reader::new(body);
+        let params = decode_head(&mut r)?;
         let mut entries = PathMap::default();
-        for _ in 0..n {
-            let size = r.varint()?;
-            let mtime_sec = r.varint_signed()?;
-            let mtime_nsec = r.u32("mtime nsec")?;
-            let ctime_sec = r.varint_signed()?;
-            let ctime_nsec = r.u32("ctime nsec")?;
-            let ino = r.varint()?;
-            let racy = r.u8()? != 0;
-            let entry = manifest::decode_entry(&mut r, &Limits::default())?;
-            let EntryKind::File { segments, .. } = entry.kind else {
-                return Err(DecodeError::Invalid {
-                    what: "index",
-                    why: "entry is not a file",
-                });
-            };
-            entries.insert(
-                entry.path,
-                IndexEntry {
-                    fingerprint: Fingerprint {
-                        size,
-                        mtime_sec,
-                        mtime_nsec,
-                        ctime_sec,
-                        ctime_nsec,
-                        ino,
-                    },
-                    segments,
-                    racy,
-                },
-            );
+        loop {
+            match decode_item(&mut r)? {
+                Item::Record(path, e) => {
+                    entries.insert(path, e);
+                }
+                Item::End(n) if n == entries.len() as u64 => break,
+                Item::End(_) => {
+                    return Err(DecodeError::Invalid {
+                        what: "index",
+                        why: "record count differs from the end mark",
+                    });
+                }
+            }
         }
         r.finish()?;
         Ok(FileIndex {
@@ -269,6 +221,292 @@ impl FileIndex {
 
     pub fn save(&self, path: &Path) -> io::Result<()> {
         crate::state::write_atomic(path, &self.encode())
+    }
+}
+
+/// One item of an index file: a record, or the end mark with the number of records.
+enum Item {
+    Record(RelPath, IndexEntry),
+    End(u64),
+}
+
+const TAG_END: u8 = 0;
+const TAG_RECORD: u8 = 1;
+
+/// The file without its last 32 bytes, if those are the BLAKE3 hash of the rest: an index is
+/// a cache, but a damaged one would name wrong chunks for unchanged files.
+fn checked_body(bytes: &[u8]) -> Result<&[u8], DecodeError> {
+    let split = bytes.len().saturating_sub(32);
+    let (body, sum) = bytes.split_at(split);
+    if sum.len() < 32 || blake3::hash(body).as_bytes()[..] != *sum {
+        return Err(DecodeError::Invalid {
+            what: "index",
+            why: "checksum does not match",
+        });
+    }
+    Ok(body)
+}
+
+/// Checks an index file's checksum in one pass over it, then rewinds it for reading.
+fn check_file(file: &mut File) -> io::Result<bool> {
+    let len = file.metadata()?.len();
+    let Some(body) = len.checked_sub(32) else {
+        return Ok(false);
+    };
+    let mut hasher = blake3::Hasher::new();
+    io::copy(&mut (&mut *file).take(body), &mut hasher)?;
+    let mut sum = [0u8; 32];
+    file.read_exact(&mut sum)?;
+    file.seek(io::SeekFrom::Start(0))?;
+    Ok(*hasher.finalize().as_bytes() == sum)
+}
+
+fn encode_head(w: &mut Writer, p: ChunkerParams) {
+    w.raw(MAGIC);
+    w.varint(VERSION);
+    w.varint(u64::from(p.min));
+    w.varint(u64::from(p.avg));
+    w.varint(u64::from(p.max));
+}
+
+fn decode_head(r: &mut Reader<'_>) -> Result<ChunkerParams, DecodeError> {
+    if r.take(4)? != MAGIC || r.varint()? != VERSION {
+        return Err(DecodeError::Invalid {
+            what: "index",
+            why: "unknown format",
+        });
+    }
+    Ok(ChunkerParams {
+        min: r.u32("chunk min")?,
+        avg: r.u32("chunk avg")?,
+        max: r.u32("chunk max")?,
+    })
+}
+
+/// `1 path mtime_sec mtime_nsec ctime_sec ctime_nsec ino racy size segment_count segment*`
+/// (the size and segments as a manifest's file entry has them).
+fn encode_record(
+    w: &mut Writer,
+    path: &RelPath,
+    f: &Fingerprint,
+    racy: bool,
+    segments: &[Segment],
+) {
+    w.u8(TAG_RECORD);
+    w.bytes(path.as_bytes());
+    w.varint_signed(f.mtime_sec);
+    w.varint(u64::from(f.mtime_nsec));
+    w.varint_signed(f.ctime_sec);
+    w.varint(u64::from(f.ctime_nsec));
+    w.varint(f.ino);
+    w.u8(u8::from(racy));
+    manifest::encode_file_body(w, f.size, segments);
+}
+
+fn decode_item(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
+    match r.u8()? {
+        TAG_END => return Ok(Item::End(r.varint()?)),
+        TAG_RECORD => {}
+        tag => {
+            return Err(DecodeError::UnknownTag {
+                what: "index item",
+                tag: u64::from(tag),
+            });
+        }
+    }
+    let path = manifest::rel_path(r, "index path")?;
+    let mtime_sec = r.varint_signed()?;
+    let mtime_nsec = r.u32("mtime nsec")?;
+    let ctime_sec = r.varint_signed()?;
+    let ctime_nsec = r.u32("ctime nsec")?;
+    let ino = r.varint()?;
+    let racy = r.u8()? != 0;
+    let (size, segments) = manifest::decode_file_body(r, &Limits::default())?;
+    let fingerprint = Fingerprint {
+        size,
+        mtime_sec,
+        mtime_nsec,
+        ctime_sec,
+        ctime_nsec,
+        ino,
+    };
+    Ok(Item::Record(
+        path,
+        IndexEntry {
+            fingerprint,
+            segments,
+            racy,
+        },
+    ))
+}
+
+/// An index file read one record at a time, in volume order. The sender's scan walks in the
+/// same order, so it consults the last scan's records without holding them: memory is one read
+/// buffer whatever the number of files.
+pub struct IndexReader {
+    input: StreamDecoder<File>,
+    /// The next record not yet asked for.
+    ahead: Option<(RelPath, IndexEntry)>,
+    ended: bool,
+}
+
+impl IndexReader {
+    /// Opens the index at `path`; `None` if there is none usable (missing, another format,
+    /// other chunk sizes): then every file is read.
+    pub fn open(path: &Path, params: ChunkerParams) -> Option<Self> {
+        let mut file = File::open(path).ok()?;
+        let mut head = [0u8; 32];
+        let n = file.read(&mut head).ok()?;
+        if decode_head(&mut Reader::new(&head[..n])).is_err() {
+            tracing::info!(path = %path.display(), "quick-check index of another version; reading every file once");
+            return None;
+        }
+        file.rewind().ok()?;
+        if !check_file(&mut file).unwrap_or(false) {
+            tracing::warn!(path = %path.display(), "quick-check index is damaged; ignoring it");
+            return None;
+        }
+        let mut input = StreamDecoder::new(file);
+        match input.next(decode_head) {
+            Ok(Some(p)) if p == params => Some(IndexReader {
+                input,
+                ahead: None,
+                ended: false,
+            }),
+            Ok(Some(_)) => {
+                tracing::info!(path = %path.display(), "index was built with other chunk sizes; ignoring it");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Like [`FileIndex::lookup`], moving the chunk list out: the chunk list recorded for
+    /// `path` if `stat` shows the file unchanged and the record is not racy. Paths must come in volume order: records before
+    /// `path` are passed over for good.
+    pub fn take(&mut self, path: &RelPath, stat: &StatInfo) -> Option<Vec<Segment>> {
+        loop {
+            match &self.ahead {
+                Some((p, _)) if p > path => return None,
+                Some((p, _)) if p == path => {
+                    let (_, e) = self.ahead.take()?;
+                    let trusted = !e.racy && e.fingerprint == Fingerprint::from(stat);
+                    return trusted.then_some(e.segments);
+                }
+                _ => {
+                    self.ahead = self.read_next();
+                    self.ahead.as_ref()?;
+                }
+            }
+        }
+    }
+
+    fn read_next(&mut self) -> Option<(RelPath, IndexEntry)> {
+        if self.ended {
+            return None;
+        }
+        match self.input.next(decode_item) {
+            Ok(Some(Item::Record(p, e))) => Some((p, e)),
+            Ok(Some(Item::End(_)) | None) => {
+                self.ended = true;
+                None
+            }
+            Err(e) => {
+                // A damaged index only costs re-reading the files it no longer describes.
+                tracing::warn!("quick-check index is damaged, ignoring the rest: {e}");
+                self.ended = true;
+                None
+            }
+        }
+    }
+}
+
+/// Writes an index record by record, in volume order, as a scan produces them;
+/// [`IndexWriter::finish`] puts it under its final name (after fsync). Dropped unfinished, it
+/// removes its temp file.
+pub struct IndexWriter {
+    out: Option<BufWriter<File>>,
+    tmp: PathBuf,
+    path: PathBuf,
+    scan_start_ns: i128,
+    records: u64,
+    /// The first write error: later records are dropped and `finish` reports it.
+    failed: Option<io::Error>,
+    scratch: Writer,
+    /// Of everything written, for the checksum at the end.
+    hasher: blake3::Hasher,
+}
+
+impl IndexWriter {
+    /// Starts the index of a scan that began at `scan_start_ns` (the racy rule's reference).
+    pub fn create(path: &Path, params: ChunkerParams, scan_start_ns: i128) -> io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = crate::state::temp_name(path);
+        let mut out = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+        let mut head = Writer::new();
+        encode_head(&mut head, params);
+        out.write_all(&head.buf)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head.buf);
+        Ok(IndexWriter {
+            hasher,
+            out: Some(out),
+            tmp,
+            path: path.to_path_buf(),
+            scan_start_ns,
+            records: 0,
+            failed: None,
+            scratch: Writer::new(),
+        })
+    }
+
+    /// Records a file (paths in volume order); racy if its stat is too close to the scan start.
+    pub fn record(&mut self, path: &RelPath, stat: &StatInfo, segments: &[Segment]) {
+        let (Some(out), None) = (&mut self.out, &self.failed) else {
+            return;
+        };
+        let fingerprint = Fingerprint::from(stat);
+        let racy = fingerprint.is_racy(self.scan_start_ns);
+        self.scratch.buf.clear();
+        encode_record(&mut self.scratch, path, &fingerprint, racy, segments);
+        self.hasher.update(&self.scratch.buf);
+        match out.write_all(&self.scratch.buf) {
+            Ok(()) => self.records += 1,
+            Err(e) => self.failed = Some(e),
+        }
+    }
+
+    /// Ends the index, makes it durable and puts it under its final name.
+    pub fn finish(mut self) -> io::Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let Some(mut out) = self.out.take() else {
+            return Ok(());
+        };
+        let mut end = Writer::new();
+        end.u8(TAG_END);
+        end.varint(self.records);
+        self.hasher.update(&end.buf);
+        end.hash(self.hasher.finalize().as_bytes());
+        out.write_all(&end.buf)?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            crate::state::fsync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for IndexWriter {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -333,22 +571,130 @@ mod tests {
         assert!(early.lookup(&kept, &stat(1_000)).is_none());
     }
 
+    fn path(p: &str) -> RelPath {
+        RelPath::new(p.as_bytes().to_vec()).unwrap()
+    }
+
+    fn segs(n: u8) -> Vec<Segment> {
+        vec![Segment::Chunk {
+            id: ChunkId([n; 32]),
+            len: 5,
+        }]
+    }
+
     #[test]
-    fn take_moves_a_trusted_record_out_and_leaves_the_rest() {
-        let mut idx = FileIndex::new(ChunkerParams::default());
-        let p = RelPath::new(b"f".to_vec()).unwrap();
-        let segs = vec![Segment::Zero { len: 7 }];
+    fn a_streamed_index_answers_in_volume_order_and_skips_what_it_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("index");
         let now = 1_000 * 1_000_000_000i128;
-        idx.record(p.clone(), &stat(990), segs.clone(), now);
-        assert_eq!(idx.take(&p, &stat(991)), None, "changed stat: no record");
-        assert_eq!(idx.take(&p, &stat(990)), Some(segs));
-        assert_eq!(idx.take(&p, &stat(990)), None, "taken once");
-        idx.record(p.clone(), &stat(1_000), vec![], now);
+        let mut w = IndexWriter::create(&file, ChunkerParams::default(), now).unwrap();
+        w.record(&path("a"), &stat(990), &segs(1));
+        w.record(&path("a/b"), &stat(990), &segs(2));
+        w.record(&path("a.x"), &stat(1_000), &segs(3)); // racy
+        w.record(&path("c"), &stat(990), &segs(4));
+        w.record(&path("d"), &stat(990), &segs(5));
+        w.finish().unwrap();
+
+        let mut r = IndexReader::open(&file, ChunkerParams::default()).unwrap();
+        assert_eq!(r.take(&path("a"), &stat(990)), Some(segs(1)));
+        assert_eq!(r.take(&path("a/b"), &stat(991)), None, "changed stat");
+        assert_eq!(r.take(&path("a.x"), &stat(1_000)), None, "racy");
+        assert_eq!(r.take(&path("b"), &stat(990)), None, "never recorded");
         assert_eq!(
-            idx.take(&p, &stat(1_000)),
-            None,
-            "racy records are not trusted"
+            r.take(&path("d"), &stat(990)),
+            Some(segs(5)),
+            "c passed over"
         );
+        assert_eq!(
+            r.take(&path("c"), &stat(990)),
+            None,
+            "behind the reader now"
+        );
+        assert_eq!(r.take(&path("e"), &stat(990)), None);
+
+        // The same file loads whole for the receiver, and an index it saves streams back.
+        let whole = FileIndex::load(&file, ChunkerParams::default());
+        assert_eq!(whole.entries.len(), 5);
+        assert_eq!(whole.locate(&path("a.x"), &stat(1_000)), Some(&segs(3)[..]));
+        whole.save(&file).unwrap();
+        let mut again = IndexReader::open(&file, ChunkerParams::default()).unwrap();
+        assert_eq!(again.take(&path("c"), &stat(990)), Some(segs(4)));
+        let other = ChunkerParams {
+            avg: ChunkerParams::default().avg * 2,
+            ..ChunkerParams::default()
+        };
+        assert!(
+            IndexReader::open(&file, other).is_none(),
+            "other chunk sizes"
+        );
+    }
+
+    #[test]
+    fn an_unfinished_or_damaged_index_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("index");
+        let now = 1_000 * 1_000_000_000i128;
+        let mut w = IndexWriter::create(&file, ChunkerParams::default(), now).unwrap();
+        w.record(&path("a"), &stat(990), &segs(1));
+        drop(w);
+        assert!(
+            !file.exists(),
+            "dropped unfinished: nothing under the final name"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no temp left"
+        );
+
+        let mut w = IndexWriter::create(&file, ChunkerParams::default(), now).unwrap();
+        w.record(&path("a"), &stat(990), &segs(1));
+        w.record(&path("b"), &stat(990), &segs(2));
+        w.finish().unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let n = bytes.len();
+        bytes[n - 40] ^= 0xff; // a chunk id in the last record
+        std::fs::write(&file, &bytes).unwrap();
+        assert!(IndexReader::open(&file, ChunkerParams::default()).is_none());
+        assert!(FileIndex::decode(&bytes).is_err());
+        assert!(
+            FileIndex::load(&file, ChunkerParams::default())
+                .entries
+                .is_empty()
+        );
+        bytes[n - 10] ^= 0xff;
+        bytes.truncate(n - 3);
+        std::fs::write(&file, &bytes).unwrap();
+        assert!(
+            IndexReader::open(&file, ChunkerParams::default()).is_none(),
+            "cut short"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn written_records_read_back_in_order(
+            names in proptest::collection::btree_set("[a-c]{1,3}(/[a-c]{1,2})?", 0..30),
+            asked in proptest::collection::vec(proptest::bool::ANY, 30),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("index");
+            let mut paths: Vec<RelPath> = names.iter().map(|n| path(n)).collect();
+            paths.sort();
+            let mut w = IndexWriter::create(&file, ChunkerParams::default(), i128::MAX / 2).unwrap();
+            for (i, p) in paths.iter().enumerate() {
+                w.record(p, &stat(10), &segs(i as u8));
+            }
+            w.finish().unwrap();
+            let whole = FileIndex::load(&file, ChunkerParams::default());
+            proptest::prop_assert_eq!(whole.entries.len(), paths.len());
+            let mut r = IndexReader::open(&file, ChunkerParams::default()).unwrap();
+            for (i, p) in paths.iter().enumerate() {
+                if asked[i] {
+                    proptest::prop_assert_eq!(r.take(p, &stat(10)), Some(segs(i as u8)));
+                }
+            }
+        }
     }
 
     #[test]

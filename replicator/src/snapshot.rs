@@ -3,8 +3,9 @@
 //! Scanning is a small pipeline: this thread walks the tree (cheap `stat`s) while worker threads
 //! read, chunk and hash file contents; a reorder buffer puts results back into volume order
 //! before they are emitted, so the manifest streams out while later files are still hashing.
-//! Files whose fingerprint matches the sender's index are not read at all. The returned
-//! [`SourceMap`] says where each chunk can be read back when the receiver asks for it.
+//! Files whose fingerprint matches the sender's index are not read at all. Nothing here holds
+//! the whole tree: the index is read and written as a stream in volume order, and chunks the
+//! receiver asks for later are found again in the kept manifest ([`WantedChunks`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -14,7 +15,8 @@ use std::path::{Path, PathBuf};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::chunk::{ChunkId, Chunker, ChunkerParams, Segment};
-use crate::index::FileIndex;
+use crate::index::{IndexReader, IndexWriter};
+use crate::manifest::store::StoredEntries;
 use crate::manifest::{Entry, EntryKind, Meta, RelPath};
 use crate::volume::sparse::SparseReader;
 use crate::volume::walk::{Scanned, WalkError, WalkOptions, full_path, walk};
@@ -57,25 +59,9 @@ pub struct ScanStats {
     pub chunks_total: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Location {
-    file: u32,
-    offset: u64,
-    len: u32,
-}
-
-/// Where each chunk of the snapshot lives in the source, to serve the receiver's wants.
-#[derive(Debug)]
-pub struct SourceMap {
-    root: PathBuf,
-    files: Vec<RelPath>,
-    chunks: HashMap<ChunkId, Location>,
-    open: Option<(u32, File)>,
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("peer asked for chunk {0} which is not in the snapshot")]
+    #[error("peer asked for chunk {0}, which is not in the rest of the snapshot")]
     Unknown(ChunkId),
     #[error(
         "source changed during the sync: {path} (chunk {id} no longer matches); run the sync again"
@@ -87,68 +73,100 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot keep this sync's manifest in the state directory: {0}")]
+    Spool(#[source] io::Error),
 }
 
-impl SourceMap {
+/// Reads chunks back from the source, checking each against its name, with the last file
+/// opened kept open (chunks are asked for in volume order, so runs come from one file).
+pub struct ChunkReader {
+    root: PathBuf,
+    open: Option<(RelPath, File)>,
+}
+
+impl ChunkReader {
+    /// Reads below `root` (a tree), or `root` itself for the root path (a block volume).
     pub fn new(root: &Path) -> Self {
-        SourceMap {
+        ChunkReader {
             root: root.to_path_buf(),
-            files: Vec::new(),
-            chunks: HashMap::new(),
             open: None,
         }
     }
 
-    /// Registers the chunks of a file entry as readable from `path`.
-    pub fn add_file(&mut self, path: &RelPath, segments: &[Segment]) {
-        let file = self.files.len() as u32;
-        let mut offset = 0u64;
-        let mut any = false;
-        for seg in segments {
-            if let Segment::Chunk { id, len } = *seg {
-                self.chunks
-                    .entry(id)
-                    .or_insert(Location { file, offset, len });
-                any = true;
+    pub fn read(&mut self, at: &ChunkAt) -> Result<Vec<u8>, ServeError> {
+        let path = full_path(&self.root, &at.path);
+        let file = match &self.open {
+            Some((p, f)) if *p == at.path => f,
+            _ => {
+                let f = File::open(&path).map_err(|source| ServeError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                &self.open.insert((at.path.clone(), f)).1
             }
-            offset += seg.len();
-        }
-        if any {
-            self.files.push(path.clone());
-        }
-    }
-
-    pub fn contains(&self, id: &ChunkId) -> bool {
-        self.chunks.contains_key(id)
-    }
-
-    /// True if the first occurrence of `id` in the snapshot is in the file `path` at `offset`.
-    pub fn first_seen_at(&self, id: &ChunkId, path: &RelPath, offset: u64) -> bool {
-        self.chunks
-            .get(id)
-            .is_some_and(|l| l.offset == offset && self.files[l.file as usize] == *path)
-    }
-
-    /// The length of a chunk in the snapshot (0 if it is not there).
-    pub fn len_of(&self, id: &ChunkId) -> u64 {
-        self.chunks.get(id).map_or(0, |l| u64::from(l.len))
-    }
-
-    /// Reads a chunk back from the source and checks it still has the same hash.
-    pub fn read(&mut self, id: &ChunkId) -> Result<Vec<u8>, ServeError> {
-        let loc = *self.chunks.get(id).ok_or(ServeError::Unknown(*id))?;
-        let path = full_path(&self.root, &self.files[loc.file as usize]);
-        if self.open.as_ref().map(|(f, _)| *f) != Some(loc.file) {
-            let f = File::open(&path).map_err(|source| ServeError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            self.open = Some((loc.file, f));
-        }
-        let Some((_, file)) = &self.open else {
-            unreachable!("file opened above")
         };
-        read_chunk(file, &path, loc.offset, loc.len, id)
+        read_chunk(file, &path, at.offset, at.len, &at.id)
+    }
+}
+
+/// Where a chunk of the snapshot is: a file and an offset in it.
+#[derive(Clone, Debug)]
+pub struct ChunkAt {
+    pub id: ChunkId,
+    pub path: RelPath,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// Finds the chunks a receiver wants in the snapshot's manifest, as kept on disk.
+///
+/// A receiver asks for each chunk where it first needs it from the wire, planning entries in
+/// volume order, so its wants come in manifest order: one forward pass over the manifest finds
+/// them all, and the sender holds no map of where every chunk is (that map was the larger part
+/// of its memory on trees of many files).
+pub struct WantedChunks<R> {
+    entries: StoredEntries<R>,
+    /// The file being searched: its path and segments, the next segment and its offset.
+    file: Option<(RelPath, Vec<Segment>, usize, u64)>,
+}
+
+impl<R: Read> WantedChunks<R> {
+    pub fn new(entries: StoredEntries<R>) -> Self {
+        WantedChunks {
+            entries,
+            file: None,
+        }
+    }
+
+    /// The next place at or after the last chunk found that holds `id`.
+    pub fn locate(&mut self, id: &ChunkId) -> Result<ChunkAt, ServeError> {
+        loop {
+            if let Some((path, segments, next, offset)) = &mut self.file {
+                while let Some(seg) = segments.get(*next) {
+                    let here = *offset;
+                    *next += 1;
+                    *offset += seg.len();
+                    if let Segment::Chunk { id: found, len } = *seg
+                        && found == *id
+                    {
+                        return Ok(ChunkAt {
+                            id: *id,
+                            path: path.clone(),
+                            offset: here,
+                            len,
+                        });
+                    }
+                }
+            }
+            let entry = self
+                .entries
+                .next()
+                .ok_or(ServeError::Unknown(*id))?
+                .map_err(ServeError::Spool)?;
+            if let EntryKind::File { segments, .. } = entry.kind {
+                self.file = Some((entry.path, segments, 0, 0));
+            }
+        }
     }
 }
 
@@ -270,19 +288,16 @@ type Done = (u64, Result<Option<(Entry, u64)>, SnapshotError>);
 
 /// Walks `root` and emits its entries in volume order.
 ///
-/// `index` is consulted for unchanged files and refreshed with what was read; `emit` receives
-/// every entry, with the source map that already holds its chunks, and may stop the scan by
-/// returning an error.
+/// `reuse` (the last scan's index) is consulted for unchanged files, `record` receives every
+/// file's chunk list; `emit` receives every entry and may stop the scan by returning an error.
 pub fn scan_tree(
     root: &Path,
     opts: SnapshotOptions,
-    index: &mut FileIndex,
-    scan_start_ns: i128,
-    emit: &mut dyn FnMut(Entry, &mut SourceMap) -> Result<(), String>,
-) -> Result<(SourceMap, ScanStats), SnapshotError> {
-    let mut map = SourceMap::new(root);
+    mut reuse: Option<&mut IndexReader>,
+    mut record: Option<&mut IndexWriter>,
+    emit: &mut dyn FnMut(Entry) -> Result<(), String>,
+) -> Result<ScanStats, SnapshotError> {
     let mut stats = ScanStats::default();
-    let mut old_index = std::mem::replace(index, FileIndex::new(opts.chunker));
     let threads = opts.threads.max(1);
     let (job_tx, job_rx) = bounded::<Job>(threads * 4);
     let (done_tx, done_rx) = bounded::<Done>(1024);
@@ -319,9 +334,7 @@ pub fn scan_tree(
         // Emits every entry that is ready, in order.
         let mut flush = |pending: &mut BTreeMap<u64, Option<(Entry, u64, StatInfo)>>,
                          next_emit: &mut u64,
-                         map: &mut SourceMap,
-                         stats: &mut ScanStats,
-                         index: &mut FileIndex|
+                         stats: &mut ScanStats|
          -> Result<(), SnapshotError> {
             while let Some(slot) = pending.remove(next_emit) {
                 *next_emit += 1;
@@ -337,10 +350,11 @@ pub fn scan_tree(
                         .iter()
                         .filter(|s| matches!(s, Segment::Chunk { .. }))
                         .count() as u64;
-                    map.add_file(&entry.path, segments);
-                    index.record(entry.path.clone(), &stat, segments.clone(), scan_start_ns);
+                    if let Some(index) = record.as_deref_mut() {
+                        index.record(&entry.path, &stat, segments);
+                    }
                 }
-                emit(entry, map).map_err(SnapshotError::Emit)?;
+                emit(entry).map_err(SnapshotError::Emit)?;
             }
             Ok(())
         };
@@ -372,10 +386,11 @@ pub fn scan_tree(
                 if st.is_file() && st.nlink > 1 {
                     links.insert((st.dev, st.ino), scanned.path.clone());
                 }
-                let reuse = (st.is_file() && !opts.checksum)
-                    .then(|| old_index.take(&scanned.path, &st))
-                    .flatten();
-                if let Some(segs) = reuse {
+                let reused = match reuse.as_deref_mut() {
+                    Some(index) if st.is_file() && !opts.checksum => index.take(&scanned.path, &st),
+                    _ => None,
+                };
+                if let Some(segs) = reused {
                     let entry = entry_of(&scanned, root, Some((st.size, segs)))
                         .map_err(|e| WalkError::Stopped(e.to_string()))?;
                     pending.insert(seq, Some((entry, 0, st)));
@@ -400,20 +415,20 @@ pub fn scan_tree(
                 let Some(msg) = msg else { break };
                 absorb(msg, &mut pending, &mut stats_of)
                     .map_err(|e| WalkError::Stopped(e.to_string()))?;
-                flush(&mut pending, &mut next_emit, &mut map, &mut stats, index)
+                flush(&mut pending, &mut next_emit, &mut stats)
                     .map_err(|e| WalkError::Stopped(e.to_string()))?;
             }
-            flush(&mut pending, &mut next_emit, &mut map, &mut stats, index)
+            flush(&mut pending, &mut next_emit, &mut stats)
                 .map_err(|e| WalkError::Stopped(e.to_string()))
         });
         drop(job_tx);
         walked?;
         for msg in done_rx.iter() {
             absorb(msg, &mut pending, &mut stats_of)?;
-            flush(&mut pending, &mut next_emit, &mut map, &mut stats, index)?;
+            flush(&mut pending, &mut next_emit, &mut stats)?;
         }
-        flush(&mut pending, &mut next_emit, &mut map, &mut stats, index)?;
-        Ok((map, stats))
+        flush(&mut pending, &mut next_emit, &mut stats)?;
+        Ok(stats)
     })
 }
 
@@ -421,9 +436,9 @@ pub fn scan_tree(
 pub fn scan_block(
     path: &Path,
     opts: SnapshotOptions,
-    index: &mut FileIndex,
-    scan_start_ns: i128,
-) -> Result<(Entry, SourceMap, ScanStats), SnapshotError> {
+    reuse: Option<&mut IndexReader>,
+    record: Option<&mut IndexWriter>,
+) -> Result<(Entry, ScanStats), SnapshotError> {
     let meta = std::fs::metadata(path).map_err(|source| SnapshotError::Read {
         path: path.to_path_buf(),
         source,
@@ -431,9 +446,12 @@ pub fn scan_block(
     let stat = StatInfo::from(&meta);
     let root = RelPath::root();
     // Block devices do not update mtime on write: never trust their index entry.
-    let reusable = stat.is_file() && !opts.checksum;
-    let (size, segments, read) = match reusable.then(|| index.lookup(&root, &stat)).flatten() {
-        Some(segs) => (stat.size, segs.to_vec(), 0),
+    let reused = match reuse {
+        Some(index) if stat.is_file() && !opts.checksum => index.take(&root, &stat),
+        _ => None,
+    };
+    let (size, segments, read) = match reused {
+        Some(segs) => (stat.size, segs, 0),
         None => {
             let mut chunker = Chunker::new(opts.chunker);
             chunk_file(&mut chunker, path, &stat)?.ok_or_else(|| SnapshotError::Read {
@@ -442,13 +460,11 @@ pub fn scan_block(
             })?
         }
     };
-    let mut fresh = FileIndex::new(opts.chunker);
-    if stat.is_file() {
-        fresh.record(root.clone(), &stat, segments.clone(), scan_start_ns);
+    if let Some(index) = record
+        && stat.is_file()
+    {
+        index.record(&root, &stat, &segments);
     }
-    *index = fresh;
-    let mut map = SourceMap::new(path);
-    map.add_file(&root, &segments);
     let stats = ScanStats {
         entries: 1,
         files: 1,
@@ -464,5 +480,69 @@ pub fn scan_block(
         kind: EntryKind::File { size, segments },
         meta: Meta::default(),
     };
-    Ok((entry, map, stats))
+    Ok((entry, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{
+        Header, Limits, MANIFEST_VERSION, VolumeMode, encode_entry, encode_header,
+    };
+
+    fn file(path: &str, chunks: &[(u8, u32)]) -> Entry {
+        let segments: Vec<Segment> = chunks
+            .iter()
+            .map(|&(n, len)| Segment::Chunk {
+                id: ChunkId([n; 32]),
+                len,
+            })
+            .collect();
+        Entry {
+            path: RelPath::new(path.as_bytes().to_vec()).unwrap(),
+            kind: EntryKind::File {
+                size: segments.iter().map(Segment::len).sum(),
+                segments,
+            },
+            meta: Meta::default(),
+        }
+    }
+
+    #[test]
+    fn wanted_chunks_are_found_going_forward_only() {
+        let header = Header {
+            version: MANIFEST_VERSION,
+            mode: VolumeMode::Tree,
+            chunker: ChunkerParams::default(),
+        };
+        let mut bytes = encode_header(&header);
+        let root = Entry {
+            path: RelPath::root(),
+            kind: EntryKind::Dir,
+            meta: Meta::default(),
+        };
+        for e in [
+            root,
+            file("a", &[(1, 10), (2, 20)]),
+            file("b", &[(3, 30), (1, 10)]),
+        ] {
+            bytes.extend(encode_entry(&e));
+        }
+        let entries = StoredEntries::new(&bytes[..], Limits::default()).unwrap();
+        let mut wanted = WantedChunks::new(entries);
+        let at = |w: &mut WantedChunks<&[u8]>, n: u8| {
+            w.locate(&ChunkId([n; 32]))
+                .map(|at| (at.path.to_string(), at.offset, at.len))
+        };
+        assert_eq!(at(&mut wanted, 1).unwrap(), ("a".into(), 0, 10));
+        // 2 is passed over: asked later, it is behind the search.
+        assert_eq!(at(&mut wanted, 3).unwrap(), ("b".into(), 0, 30));
+        assert_eq!(
+            at(&mut wanted, 1).unwrap(),
+            ("b".into(), 30, 10),
+            "a later copy"
+        );
+        assert!(matches!(at(&mut wanted, 2), Err(ServeError::Unknown(_))));
+        assert!(matches!(at(&mut wanted, 9), Err(ServeError::Unknown(_))));
+    }
 }

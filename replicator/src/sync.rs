@@ -10,7 +10,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::chunk::ChunkerParams;
-use crate::index::{FileIndex, now_ns};
+use crate::index::now_ns;
 use crate::manifest::VolumeMode;
 use crate::progress::{NoProgress, Progress};
 use crate::protocol::SessionError;
@@ -225,7 +225,6 @@ pub fn run_source(
 ) -> Result<SenderReport, SessionError> {
     let states = StateDir::new(opts.state_dir.clone());
     let state = states.source(src);
-    let mut index = FileIndex::load(&state.index, opts.chunker);
     let sender_opts = SenderOptions {
         mode,
         snapshot: SnapshotOptions {
@@ -236,7 +235,7 @@ pub fn run_source(
         compress: opts.compress,
         state,
     };
-    run_sender(src, sender_opts, &mut index, now_ns(), tx, rx, progress)
+    run_sender(src, sender_opts, now_ns(), tx, rx, progress)
 }
 
 /// What a summary says about the two ends, whichever side this process played.

@@ -119,19 +119,22 @@ pub fn encode_entry(e: &Entry) -> Vec<u8> {
         encode_meta(&mut w, &e.meta);
     }
     match &e.kind {
-        EntryKind::File { size, segments } => {
-            w.varint(*size);
-            w.varint(segments.len() as u64);
-            for s in segments {
-                encode_segment(&mut w, s);
-            }
-        }
+        EntryKind::File { size, segments } => encode_file_body(&mut w, *size, segments),
         EntryKind::Symlink { target } => w.bytes(target),
         EntryKind::CharDevice { rdev } | EntryKind::BlockDevice { rdev } => w.varint(*rdev),
         EntryKind::HardLink { target } => w.bytes(target.as_bytes()),
         EntryKind::Dir | EntryKind::Fifo | EntryKind::Socket => {}
     }
     w.buf
+}
+
+/// A file's `size segment_count segment*` (also the quick-check index's record body).
+pub fn encode_file_body(w: &mut Writer, size: u64, segments: &[Segment]) {
+    w.varint(size);
+    w.varint(segments.len() as u64);
+    for s in segments {
+        encode_segment(w, s);
+    }
 }
 
 fn encode_meta(w: &mut Writer, m: &Meta) {
@@ -299,7 +302,10 @@ pub fn decode_entry(r: &mut Reader<'_>, limits: &Limits) -> Result<Entry, Decode
         tag::HARDLINK => EntryKind::HardLink {
             target: rel_path(r, "hard link target")?,
         },
-        _ => decode_file(r, limits)?,
+        _ => {
+            let (size, segments) = decode_file_body(r, limits)?;
+            EntryKind::File { size, segments }
+        }
     };
     if path.is_root() && !matches!(kind, EntryKind::Dir | EntryKind::File { .. }) {
         return Err(DecodeError::Invalid {
@@ -310,7 +316,11 @@ pub fn decode_entry(r: &mut Reader<'_>, limits: &Limits) -> Result<Entry, Decode
     Ok(Entry { path, kind, meta })
 }
 
-fn decode_file(r: &mut Reader<'_>, limits: &Limits) -> Result<EntryKind, DecodeError> {
+/// Decodes what [`encode_file_body`] wrote: the size and the segments, which must add up to it.
+pub fn decode_file_body(
+    r: &mut Reader<'_>,
+    limits: &Limits,
+) -> Result<(u64, Vec<Segment>), DecodeError> {
     let size = r.varint()?;
     let n = r.varint_max("segment count", limits.max_segments as u64)? as usize;
     let mut segments = Vec::with_capacity(n.min(1024));
@@ -337,7 +347,7 @@ fn decode_file(r: &mut Reader<'_>, limits: &Limits) -> Result<EntryKind, DecodeE
             why: "segments do not add up to the size",
         });
     }
-    Ok(EntryKind::File { size, segments })
+    Ok((size, segments))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use super::{Entry, Header, Limits, RootDigest, decode_entry, decode_header, encode_header};
-use crate::codec::{DecodeError, Reader};
+use crate::codec::StreamDecoder;
 
 /// Writes a manifest as it is produced; [`StoreWriter::publish`] puts it under its final name.
 /// Dropped unpublished, it removes its temp file.
@@ -42,6 +42,14 @@ impl StoreWriter {
             Some(out) => out.write_all(encoded),
             None => Ok(()),
         }
+    }
+
+    /// What was written so far, read back from the file; the writer can still be published.
+    pub fn read_back(&mut self, limits: Limits) -> io::Result<StoredEntries> {
+        if let Some(out) = &mut self.out {
+            out.flush()?;
+        }
+        StoredEntries::new(File::open(&self.tmp)?, limits)
     }
 
     /// Appends to `store` if there is one; after a failure it says so once and stops keeping
@@ -201,70 +209,36 @@ impl StoredManifest {
 
 /// Entries of a stored manifest; memory holds one read buffer (at least the largest entry).
 pub struct StoredEntries<R = File> {
-    file: R,
-    buf: Vec<u8>,
-    start: usize,
-    eof: bool,
+    input: StreamDecoder<R>,
     limits: Limits,
+    /// After an error the sequence ends.
+    failed: bool,
 }
 
-const READ_SIZE: usize = 256 * 1024;
-
-fn corrupt(e: DecodeError) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("stored manifest: {e}"))
+fn corrupt(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("stored manifest: {e}"))
 }
 
 impl<R: Read> StoredEntries<R> {
     /// Reads a stored manifest from `file`: the header, then entries on demand. Nothing is
     /// trusted: every entry goes through the wire decoder and its limits.
     pub fn new(file: R, limits: Limits) -> io::Result<Self> {
-        let mut entries = StoredEntries {
-            file,
-            buf: Vec::new(),
-            start: 0,
-            eof: false,
+        let mut input = StreamDecoder::new(file);
+        match input.next(decode_header) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(corrupt(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "no header",
+                )));
+            }
+            Err(e) => return Err(corrupt(e)),
+        }
+        Ok(StoredEntries {
+            input,
             limits,
-        };
-        entries.skip_header()?;
-        Ok(entries)
-    }
-
-    fn skip_header(&mut self) -> io::Result<()> {
-        loop {
-            let mut r = Reader::new(&self.buf[self.start..]);
-            match decode_header(&mut r) {
-                Ok(_) => {
-                    self.start += r.position();
-                    return Ok(());
-                }
-                Err(DecodeError::Truncated { .. }) if !self.eof => self.refill()?,
-                Err(e) => return Err(corrupt(e)),
-            }
-        }
-    }
-
-    /// Drops what was decoded and reads more (at least as much again as is buffered, so an
-    /// entry larger than one read costs a logarithmic number of retries).
-    fn refill(&mut self) -> io::Result<()> {
-        self.buf.drain(..self.start);
-        self.start = 0;
-        let have = self.buf.len();
-        let want = READ_SIZE.max(have);
-        self.buf.resize(have + want, 0);
-        let mut filled = have;
-        while filled < self.buf.len() {
-            match self.file.read(&mut self.buf[filled..]) {
-                Ok(0) => {
-                    self.eof = true;
-                    break;
-                }
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.buf.truncate(filled);
-        Ok(())
+            failed: false,
+        })
     }
 }
 
@@ -272,29 +246,15 @@ impl<R: Read> Iterator for StoredEntries<R> {
     type Item = io::Result<Entry>;
 
     fn next(&mut self) -> Option<io::Result<Entry>> {
-        loop {
-            if self.start < self.buf.len() {
-                let mut r = Reader::new(&self.buf[self.start..]);
-                match decode_entry(&mut r, &self.limits) {
-                    Ok(e) => {
-                        self.start += r.position();
-                        return Some(Ok(e));
-                    }
-                    Err(DecodeError::Truncated { .. }) if !self.eof => {}
-                    Err(e) => {
-                        // Stop here: one error ends the sequence.
-                        self.start = self.buf.len();
-                        self.eof = true;
-                        return Some(Err(corrupt(e)));
-                    }
-                }
-            } else if self.eof {
-                return None;
-            }
-            if let Err(e) = self.refill() {
-                self.eof = true;
-                self.start = self.buf.len();
-                return Some(Err(e));
+        if self.failed {
+            return None;
+        }
+        let limits = self.limits;
+        match self.input.next(|r| decode_entry(r, &limits)) {
+            Ok(entry) => entry.map(Ok),
+            Err(e) => {
+                self.failed = true;
+                Some(Err(corrupt(e)))
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Driving the sending side of a session over a transport.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use super::SessionError;
@@ -10,7 +10,7 @@ use super::message::{
 };
 use super::phase::SenderPhase;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
-use crate::index::FileIndex;
+use crate::index::{IndexReader, IndexWriter};
 use crate::manifest::delta::{DeltaError, Differ, FilePatch, Sending};
 use crate::manifest::store::{Shelf, StoreWriter, StoredEntries, StoredManifest};
 use crate::manifest::{
@@ -18,7 +18,10 @@ use crate::manifest::{
     encode_entry,
 };
 use crate::progress::Progress;
-use crate::snapshot::{ScanStats, SnapshotOptions, SourceMap, scan_block, scan_tree};
+use crate::snapshot::{
+    ChunkAt, ChunkReader, ScanStats, ServeError, SnapshotOptions, WantedChunks, scan_block,
+    scan_tree,
+};
 use crate::state::SourceState;
 use crate::transport::{MessageRx, MessageTx};
 
@@ -54,17 +57,25 @@ pub fn header(mode: VolumeMode, chunker: ChunkerParams) -> Header {
     }
 }
 
-/// Runs a whole session as the sender of `src`. `index` is read and refreshed.
+/// Runs a whole session as the sender of `src`. Its quick-check index is read and refreshed.
 pub fn run_sender(
     src: &Path,
     opts: SenderOptions,
-    index: &mut FileIndex,
     scan_start_ns: i128,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
     progress: &dyn Progress,
 ) -> Result<SenderReport, SessionError> {
-    let result = session(src, opts, index, scan_start_ns, tx, rx, progress);
+    let index = opts.state.index.clone();
+    let result = session(src, opts, scan_start_ns, tx, rx, progress);
+    if let Err(SessionError::Serve(ServeError::Changed { .. })) = &result {
+        // A chunk read back does not match what the scan recorded: the file changed since, or
+        // the index named wrong chunks for a file that looked unchanged (its stat restored by
+        // a tool, say). Either way the next run reads every file again.
+        if std::fs::remove_file(&index).is_ok() {
+            tracing::info!(path = %index.display(), "dropped the source index after a mismatch");
+        }
+    }
     if let Err(e) = &result
         && !matches!(e, SessionError::Peer(_) | SessionError::Transport(_))
     {
@@ -78,7 +89,6 @@ pub fn run_sender(
 fn session(
     src: &Path,
     opts: SenderOptions,
-    index: &mut FileIndex,
     scan_start_ns: i128,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
@@ -132,12 +142,14 @@ fn session(
             None => None,
         },
         removed: Vec::new(),
-        store: shelf
-            .writer(&header)
-            .map_err(|e| tracing::warn!("cannot keep this manifest for the next delta: {e}"))
-            .ok(),
+        store: shelf.writer(&header).map_err(ServeError::Spool)?,
         sent: 0,
     };
+    let mut reuse = IndexReader::open(&opts.state.index, chunker);
+    let mut record = IndexWriter::create(&opts.state.index, chunker, scan_start_ns)
+        .map_err(|e| tracing::warn!("cannot refresh the source index: {e}"))
+        .ok();
+    let mut reader = ChunkReader::new(src);
 
     let started = std::time::Instant::now();
     let mut out = Outgoing {
@@ -149,14 +161,16 @@ fn session(
     // A transport failure inside the scan's callback, kept as it was (the scan only carries
     // text) so it is reported as a broken connection.
     let mut failed: Option<SessionError> = None;
-    let (mut map, scan) = match opts.mode {
+    let scan = match opts.mode {
         VolumeMode::Tree => {
+            // Streamed sessions send each chunk after the entry it first appears in.
+            let mut seen: HashSet<ChunkId, foldhash::fast::RandomState> = HashSet::default();
             let scanned = scan_tree(
                 src,
                 opts.snapshot,
-                index,
-                scan_start_ns,
-                &mut |entry, map| {
+                reuse.as_mut(),
+                record.as_mut(),
+                &mut |entry| {
                     progress.advance(entry.size());
                     let path = entry.path.clone();
                     let segments = match (&entry.kind, stream) {
@@ -167,7 +181,9 @@ fn session(
                     };
                     manifest
                         .send(entry, tx)
-                        .and_then(|()| send_new_chunks(map, &path, &segments, &mut out, tx))
+                        .and_then(|()| {
+                            send_new_chunks(&mut seen, &mut reader, path, &segments, &mut out, tx)
+                        })
                         .map_err(|e| {
                             let shown = e.to_string();
                             failed = Some(e);
@@ -181,16 +197,28 @@ fn session(
             }
         }
         VolumeMode::Block => {
-            let (entry, map, stats) = scan_block(src, opts.snapshot, index, scan_start_ns)?;
+            let (entry, stats) = scan_block(src, opts.snapshot, reuse.as_mut(), record.as_mut())?;
             progress.advance(entry.size());
             manifest.send(entry, tx)?;
-            (map, stats)
+            stats
         }
     };
-    let (root, entries, sent, store) = manifest.finish(tx)?;
+    drop(reuse);
+    let (root, entries, sent, mut store) = manifest.finish(tx)?;
     tracing::debug!(ms = started.elapsed().as_millis(), entries, "manifest sent");
     if !stream {
-        serve_wants(&mut map, &mut out, &mut phase, tx, rx, progress)?;
+        let mut wanted = WantedChunks::new(
+            store
+                .read_back(Limits::default())
+                .map_err(ServeError::Spool)?,
+        );
+        let mut serve = Serve {
+            wanted: &mut wanted,
+            reader: &mut reader,
+            out: &mut out,
+            max_hints: scan.chunks_total,
+        };
+        serve.run(&mut phase, tx, rx, progress)?;
     }
     let report = SenderReport {
         root,
@@ -208,7 +236,7 @@ fn session(
     tx.send(Message::ChunksEnd {
         bytes_read: report.scan.bytes_read,
     })?;
-    if let Err(e) = index.save(&opts.state.index) {
+    if let Some(Err(e)) = record.map(IndexWriter::finish) {
         let path = opts.state.index.display();
         tracing::warn!(path = %path, "cannot save the source index: {e}");
     }
@@ -216,7 +244,7 @@ fn session(
     tracing::debug!(ms = started.elapsed().as_millis(), "receiver done");
     match done {
         Message::Done { root: got, stats } if got == root => {
-            if let Some(Err(e)) = store.map(|s| shelf.publish(s, root)) {
+            if let Err(e) = shelf.publish(store, root) {
                 tracing::warn!("cannot keep this manifest for the next delta: {e}");
             }
             Ok(SenderReport {
@@ -238,7 +266,9 @@ struct Manifest {
     digest: DigestBuilder,
     differ: Option<Differ<StoredEntries>>,
     removed: Vec<RelPath>,
-    store: Option<StoreWriter>,
+    /// The manifest as sent, kept on disk: the next delta's base once the receiver confirms
+    /// it, and where this session finds the chunks the receiver asks for.
+    store: StoreWriter,
     /// Entries, patches and removals sent.
     sent: u64,
 }
@@ -249,7 +279,7 @@ impl Manifest {
         self.digest
             .add_encoded(&entry, &encoded)
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
-        StoreWriter::keep(&mut self.store, &encoded);
+        self.store.add(&encoded).map_err(ServeError::Spool)?;
         let sending = match &mut self.differ {
             Some(d) => d
                 .entry(&entry, &mut self.removed)
@@ -285,7 +315,7 @@ impl Manifest {
     fn finish(
         mut self,
         tx: &mut dyn MessageTx,
-    ) -> Result<(RootDigest, u64, ManifestSent, Option<StoreWriter>), SessionError> {
+    ) -> Result<(RootDigest, u64, ManifestSent, StoreWriter), SessionError> {
         let delta = self.differ.is_some();
         if let Some(d) = self.differ.take() {
             d.finish(&mut self.removed).map_err(DeltaError::Base)?;
@@ -360,26 +390,32 @@ fn starts_with(data: &[u8], base: ChunkId, len: usize) -> bool {
     len < data.len() && ChunkId::of(&data[..len]) == base
 }
 
-/// Streamed sessions: sends the chunks of the file `path` (just announced) whose first
-/// occurrence in the snapshot is in it, in order, read back from the source and checked
-/// against their names.
+/// Streamed sessions: sends the chunks of the file `path` (just announced) that appear in it
+/// for the first time in the snapshot, in order, read back from the source and checked against
+/// their names. `seen` holds the ids sent so far.
 fn send_new_chunks(
-    map: &mut SourceMap,
-    path: &crate::manifest::RelPath,
+    seen: &mut HashSet<ChunkId, foldhash::fast::RandomState>,
+    reader: &mut ChunkReader,
+    path: RelPath,
     segments: &[Segment],
     out: &mut Outgoing,
     tx: &mut dyn MessageTx,
 ) -> Result<(), SessionError> {
-    let mut offset = 0;
+    let mut at = ChunkAt {
+        id: ChunkId([0; 32]),
+        path,
+        offset: 0,
+        len: 0,
+    };
     for seg in segments {
-        let here = offset;
-        offset += seg.len();
-        if let Segment::Chunk { id, .. } = *seg
-            && map.first_seen_at(&id, path, here)
+        if let Segment::Chunk { id, len } = *seg
+            && seen.insert(id)
         {
-            let data = map.read(&id)?;
+            (at.id, at.len) = (id, len);
+            let data = reader.read(&at)?;
             out.send(tx, id, data)?;
         }
+        at.offset += seg.len();
     }
     Ok(())
 }
@@ -394,49 +430,66 @@ fn next(phase: &mut SenderPhase, rx: &mut dyn MessageRx) -> Result<Message, Sess
     Ok(msg)
 }
 
-/// Sends the chunks the receiver asks for, want by want, until its `WantEnd`.
-fn serve_wants(
-    map: &mut SourceMap,
-    out: &mut Outgoing,
-    phase: &mut SenderPhase,
-    tx: &mut dyn MessageTx,
-    rx: &mut dyn MessageRx,
-    progress: &dyn Progress,
-) -> Result<(), SessionError> {
-    progress.restart("sending", 0);
-    let mut wanted = 0;
-    let mut hints: HashMap<ChunkId, (ChunkId, usize)> = HashMap::new();
-    loop {
-        match next(phase, rx)? {
-            Message::WantHints(list) => {
-                // Only chunks this snapshot has, each once: a peer cannot grow this without
-                // bound.
-                let known = list.iter().filter(|h| map.len_of(&h.id) > 0);
-                hints.extend(known.map(|h| (h.id, (h.base, h.base_len as usize))));
-            }
-            Message::Want(ids) => {
-                wanted += ids.iter().map(|id| map.len_of(id)).sum::<u64>();
-                progress.set_total(wanted);
-                for id in ids {
-                    let data = map.read(&id)?;
-                    let len = data.len() as u64;
-                    match hints.remove(&id) {
-                        Some((base, base_len)) if starts_with(&data, base, base_len) => {
-                            out.send_suffix(tx, id, base, base_len, &data)?;
-                        }
-                        _ => out.send(tx, id, data)?,
+/// Serving the receiver's wants: each is found in the kept manifest, read back and sent.
+struct Serve<'a> {
+    wanted: &'a mut WantedChunks<std::fs::File>,
+    reader: &'a mut ChunkReader,
+    out: &'a mut Outgoing,
+    /// Hints kept at most (the snapshot's chunk count): a peer cannot grow them without bound.
+    max_hints: u64,
+}
+
+impl Serve<'_> {
+    /// Sends the chunks the receiver asks for, want by want, until its `WantEnd`.
+    fn run(
+        &mut self,
+        phase: &mut SenderPhase,
+        tx: &mut dyn MessageTx,
+        rx: &mut dyn MessageRx,
+        progress: &dyn Progress,
+    ) -> Result<(), SessionError> {
+        progress.restart("sending", 0);
+        let mut wanted = 0;
+        let mut hints: HashMap<ChunkId, (ChunkId, usize)> = HashMap::new();
+        loop {
+            match next(phase, rx)? {
+                Message::WantHints(list) => {
+                    if (hints.len() + list.len()) as u64 > self.max_hints {
+                        return Err(SessionError::Protocol(
+                            "more append hints than the snapshot has chunks".into(),
+                        ));
                     }
-                    progress.advance(len);
+                    hints.extend(list.iter().map(|h| (h.id, (h.base, h.base_len as usize))));
                 }
-                // The receiver may be waiting for the last of these.
-                tx.flush()?;
-            }
-            Message::WantEnd => return Ok(()),
-            other => {
-                return Err(SessionError::Protocol(format!(
-                    "unexpected {}",
-                    other.name()
-                )));
+                Message::Want(ids) => {
+                    // Found first, so the progress total grows by the batch before it is sent.
+                    let found = ids
+                        .iter()
+                        .map(|id| self.wanted.locate(id))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    wanted += found.iter().map(|at| u64::from(at.len)).sum::<u64>();
+                    progress.set_total(wanted);
+                    for at in &found {
+                        let data = self.reader.read(at)?;
+                        let len = data.len() as u64;
+                        match hints.remove(&at.id) {
+                            Some((base, base_len)) if starts_with(&data, base, base_len) => {
+                                self.out.send_suffix(tx, at.id, base, base_len, &data)?;
+                            }
+                            _ => self.out.send(tx, at.id, data)?,
+                        }
+                        progress.advance(len);
+                    }
+                    // The receiver may be waiting for the last of these.
+                    tx.flush()?;
+                }
+                Message::WantEnd => return Ok(()),
+                other => {
+                    return Err(SessionError::Protocol(format!(
+                        "unexpected {}",
+                        other.name()
+                    )));
+                }
             }
         }
     }
