@@ -94,6 +94,20 @@ pub struct IndexEntry {
     pub racy: bool,
 }
 
+impl IndexEntry {
+    /// True if `stat` shows the file unchanged since this record and the record may be trusted
+    /// (it is not racy): its content is this chunk list without reading it.
+    pub fn vouches(&self, stat: &StatInfo) -> bool {
+        !self.racy && self.locates(stat)
+    }
+
+    /// True if `stat` shows the file unchanged, racy or not: where chunks probably are
+    /// (callers verify what they read).
+    pub fn locates(&self, stat: &StatInfo) -> bool {
+        self.fingerprint == Fingerprint::from(stat)
+    }
+}
+
 /// Maps keyed by volume paths. Their keys come from this host's own disk (a walk, its own
 /// index), so a fast hash with a per-process seed serves: SipHash was ~5% of the CPU of a
 /// sync that changed nothing.
@@ -116,14 +130,15 @@ impl FileIndex {
     /// The recorded chunk list of `path` if `stat` shows the file unchanged since and the
     /// record is not racy: the content may be trusted without reading it.
     pub fn lookup(&self, path: &RelPath, stat: &StatInfo) -> Option<&[Segment]> {
-        self.locate(path, stat).filter(|_| !self.entries[path].racy)
+        let e = self.entries.get(path)?;
+        e.vouches(stat).then_some(&e.segments[..])
     }
 
     /// The recorded chunk list of `path` if `stat` is unchanged, racy or not: where chunks
     /// probably are (callers verify what they read).
     pub fn locate(&self, path: &RelPath, stat: &StatInfo) -> Option<&[Segment]> {
         let e = self.entries.get(path)?;
-        (e.fingerprint == Fingerprint::from(stat)).then_some(&e.segments[..])
+        e.locates(stat).then_some(&e.segments[..])
     }
 
     /// Records a file; marks it racy if its stat is too close to `scan_start_ns`.
@@ -144,21 +159,6 @@ impl FileIndex {
                 racy,
             },
         );
-    }
-
-    /// Takes a second look at racy records once the racy margin has passed since their
-    /// files last changed: a file still showing the recorded stat is recorded as seen at
-    /// `scan_start_ns` (taken before any `stat_of` call); a changed or vanished one stays racy.
-    pub fn settle_racy(
-        &mut self,
-        scan_start_ns: i128,
-        stat_of: impl Fn(&RelPath) -> Option<StatInfo>,
-    ) {
-        for (path, e) in self.entries.iter_mut().filter(|(_, e)| e.racy) {
-            if stat_of(path).is_some_and(|s| Fingerprint::from(&s) == e.fingerprint) {
-                e.racy = e.fingerprint.is_racy(scan_start_ns);
-            }
-        }
     }
 
     /// The whole index as [`IndexWriter`] writes it: records in volume order, then the end.
@@ -348,6 +348,17 @@ pub struct IndexReader {
     /// The next record not yet asked for.
     ahead: Option<(RelPath, IndexEntry)>,
     ended: bool,
+    /// Records decoded so far.
+    read: u64,
+}
+
+/// Every record, in volume order.
+impl Iterator for IndexReader {
+    type Item = (RelPath, IndexEntry);
+
+    fn next(&mut self) -> Option<(RelPath, IndexEntry)> {
+        self.ahead.take().or_else(|| self.read_next())
+    }
 }
 
 impl IndexReader {
@@ -372,6 +383,7 @@ impl IndexReader {
                 input,
                 ahead: None,
                 ended: false,
+                read: 0,
             }),
             Ok(Some(_)) => {
                 tracing::info!(path = %path.display(), "index was built with other chunk sizes; ignoring it");
@@ -381,18 +393,13 @@ impl IndexReader {
         }
     }
 
-    /// Like [`FileIndex::lookup`], moving the chunk list out: the chunk list recorded for
-    /// `path` if `stat` shows the file unchanged and the record is not racy. Paths must come in volume order: records before
+    /// The record of `path`, if there is one. Paths must come in volume order: records before
     /// `path` are passed over for good.
-    pub fn take(&mut self, path: &RelPath, stat: &StatInfo) -> Option<Vec<Segment>> {
+    pub fn get(&mut self, path: &RelPath) -> Option<&IndexEntry> {
         loop {
             match &self.ahead {
                 Some((p, _)) if p > path => return None,
-                Some((p, _)) if p == path => {
-                    let (_, e) = self.ahead.take()?;
-                    let trusted = !e.racy && e.fingerprint == Fingerprint::from(stat);
-                    return trusted.then_some(e.segments);
-                }
+                Some((p, _)) if p == path => return self.ahead.as_ref().map(|(_, e)| e),
                 _ => {
                     self.ahead = self.read_next();
                     self.ahead.as_ref()?;
@@ -401,12 +408,30 @@ impl IndexReader {
         }
     }
 
+    /// Like [`FileIndex::lookup`], moving the chunk list out: the chunk list recorded for
+    /// `path` if `stat` shows the file unchanged and the record is not racy (paths in volume
+    /// order, as for [`IndexReader::get`]).
+    pub fn take_trusted(&mut self, path: &RelPath, stat: &StatInfo) -> Option<Vec<Segment>> {
+        self.get(path)?;
+        let (_, e) = self.ahead.take()?;
+        e.vouches(stat).then_some(e.segments)
+    }
+
+    /// The number of records in the whole index (reading what is left of it).
+    pub fn count_all(&mut self) -> u64 {
+        while self.read_next().is_some() {}
+        self.read
+    }
+
     fn read_next(&mut self) -> Option<(RelPath, IndexEntry)> {
         if self.ended {
             return None;
         }
         match self.input.next(decode_item) {
-            Ok(Some(Item::Record(p, e))) => Some((p, e)),
+            Ok(Some(Item::Record(p, e))) => {
+                self.read += 1;
+                Some((p, e))
+            }
             Ok(Some(Item::End(_)) | None) => {
                 self.ended = true;
                 None
@@ -435,6 +460,7 @@ pub struct IndexWriter {
     scratch: Writer,
     /// Of everything written, for the checksum at the end.
     hasher: blake3::Hasher,
+    racy: u64,
 }
 
 impl IndexWriter {
@@ -452,6 +478,7 @@ impl IndexWriter {
         hasher.update(&head.buf);
         Ok(IndexWriter {
             hasher,
+            racy: 0,
             out: Some(out),
             tmp,
             path: path.to_path_buf(),
@@ -464,13 +491,46 @@ impl IndexWriter {
 
     /// Records a file (paths in volume order); racy if its stat is too close to the scan start.
     pub fn record(&mut self, path: &RelPath, stat: &StatInfo, segments: &[Segment]) {
+        self.record_seen_at(path, stat, segments, self.scan_start_ns);
+    }
+
+    /// Like [`IndexWriter::record`] for a stat taken at `seen_at` rather than at the start.
+    pub fn record_seen_at(
+        &mut self,
+        path: &RelPath,
+        stat: &StatInfo,
+        segments: &[Segment],
+        seen_at: i128,
+    ) {
+        let fingerprint = Fingerprint::from(stat);
+        let racy = fingerprint.is_racy(seen_at);
+        self.write(path, &fingerprint, racy, segments);
+    }
+
+    /// Records written so far.
+    pub fn records(&self) -> u64 {
+        self.records
+    }
+
+    /// Racy records written: files too recently changed to vouch for, worth a second look
+    /// once the racy margin has passed ([`settle_racy`]).
+    pub fn racy(&self) -> u64 {
+        self.racy
+    }
+
+    fn write(
+        &mut self,
+        path: &RelPath,
+        fingerprint: &Fingerprint,
+        racy: bool,
+        segments: &[Segment],
+    ) {
         let (Some(out), None) = (&mut self.out, &self.failed) else {
             return;
         };
-        let fingerprint = Fingerprint::from(stat);
-        let racy = fingerprint.is_racy(self.scan_start_ns);
+        self.racy += u64::from(racy);
         self.scratch.buf.clear();
-        encode_record(&mut self.scratch, path, &fingerprint, racy, segments);
+        encode_record(&mut self.scratch, path, fingerprint, racy, segments);
         self.hasher.update(&self.scratch.buf);
         match out.write_all(&self.scratch.buf) {
             Ok(()) => self.records += 1,
@@ -510,6 +570,30 @@ impl Drop for IndexWriter {
     }
 }
 
+/// Rewrites the index at `path` after a second look at its racy records, once the racy margin
+/// has passed since their files last changed: a file still showing the recorded stat is
+/// recorded as seen at `scan_start_ns` (taken before any `stat_of` call); a changed or
+/// vanished one stays racy. The receiver does this for the files it has just written, so the
+/// next sync can trust them without reading them.
+pub fn settle_racy(
+    path: &Path,
+    params: ChunkerParams,
+    scan_start_ns: i128,
+    stat_of: impl Fn(&RelPath) -> Option<StatInfo>,
+) -> io::Result<()> {
+    let Some(old) = IndexReader::open(path, params) else {
+        return Ok(());
+    };
+    let mut new = IndexWriter::create(path, params, scan_start_ns)?;
+    for (p, e) in old {
+        match stat_of(&p).filter(|s| e.racy && e.locates(s)) {
+            Some(stat) => new.record(&p, &stat, &e.segments),
+            None => new.write(&p, &e.fingerprint, e.racy, &e.segments),
+        }
+    }
+    new.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,32 +627,42 @@ mod tests {
 
     #[test]
     fn settling_trusts_racy_records_whose_files_kept_their_stat() {
-        let mut idx = FileIndex::new(ChunkerParams::default());
-        let (kept, changed, gone) = (
-            RelPath::new(b"kept".to_vec()).unwrap(),
-            RelPath::new(b"changed".to_vec()).unwrap(),
-            RelPath::new(b"gone".to_vec()).unwrap(),
-        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("index");
+        let params = ChunkerParams::default();
+        let (kept, changed, gone) = (path("kept"), path("changed"), path("gone"));
         let then = 1_000 * 1_000_000_000i128;
-        for p in [&kept, &changed, &gone] {
-            idx.record(p.clone(), &stat(1_000), vec![], then);
-        }
-        assert!(idx.lookup(&kept, &stat(1_000)).is_none(), "racy at first");
+        let write = || {
+            let mut w = IndexWriter::create(&file, params, then).unwrap();
+            for p in [&changed, &gone, &kept] {
+                w.record(p, &stat(1_000), &segs(1));
+            }
+            assert_eq!(w.racy(), 3);
+            w.finish().unwrap();
+        };
+        write();
+        let load = || FileIndex::load(&file, params);
+        assert!(
+            load().lookup(&kept, &stat(1_000)).is_none(),
+            "racy at first"
+        );
         let later = 1_002 * 1_000_000_000i128;
-        idx.settle_racy(later, |p| match p.as_bytes() {
+        settle_racy(&file, params, later, |p| match p.as_bytes() {
             b"kept" => Some(stat(1_000)),
             b"changed" => Some(stat(1_001)),
             _ => None,
-        });
-        assert!(idx.lookup(&kept, &stat(1_000)).is_some());
-        assert!(idx.lookup(&changed, &stat(1_000)).is_none());
-        assert!(idx.lookup(&changed, &stat(1_001)).is_none());
-        assert!(idx.lookup(&gone, &stat(1_000)).is_none());
+        })
+        .unwrap();
+        let settled = load();
+        assert_eq!(settled.entries.len(), 3);
+        assert!(settled.lookup(&kept, &stat(1_000)).is_some());
+        assert!(settled.lookup(&changed, &stat(1_000)).is_none());
+        assert!(settled.lookup(&changed, &stat(1_001)).is_none());
+        assert!(settled.lookup(&gone, &stat(1_000)).is_none());
         // Settling too early leaves records racy.
-        let mut early = FileIndex::new(ChunkerParams::default());
-        early.record(kept.clone(), &stat(1_000), vec![], then);
-        early.settle_racy(then, |_| Some(stat(1_000)));
-        assert!(early.lookup(&kept, &stat(1_000)).is_none());
+        write();
+        settle_racy(&file, params, then, |_| Some(stat(1_000))).unwrap();
+        assert!(load().lookup(&kept, &stat(1_000)).is_none());
     }
 
     fn path(p: &str) -> RelPath {
@@ -596,21 +690,29 @@ mod tests {
         w.finish().unwrap();
 
         let mut r = IndexReader::open(&file, ChunkerParams::default()).unwrap();
-        assert_eq!(r.take(&path("a"), &stat(990)), Some(segs(1)));
-        assert_eq!(r.take(&path("a/b"), &stat(991)), None, "changed stat");
-        assert_eq!(r.take(&path("a.x"), &stat(1_000)), None, "racy");
-        assert_eq!(r.take(&path("b"), &stat(990)), None, "never recorded");
+        assert_eq!(r.take_trusted(&path("a"), &stat(990)), Some(segs(1)));
         assert_eq!(
-            r.take(&path("d"), &stat(990)),
+            r.take_trusted(&path("a/b"), &stat(991)),
+            None,
+            "changed stat"
+        );
+        assert_eq!(r.take_trusted(&path("a.x"), &stat(1_000)), None, "racy");
+        assert_eq!(
+            r.take_trusted(&path("b"), &stat(990)),
+            None,
+            "never recorded"
+        );
+        assert_eq!(
+            r.take_trusted(&path("d"), &stat(990)),
             Some(segs(5)),
             "c passed over"
         );
         assert_eq!(
-            r.take(&path("c"), &stat(990)),
+            r.take_trusted(&path("c"), &stat(990)),
             None,
             "behind the reader now"
         );
-        assert_eq!(r.take(&path("e"), &stat(990)), None);
+        assert_eq!(r.take_trusted(&path("e"), &stat(990)), None);
 
         // The same file loads whole for the receiver, and an index it saves streams back.
         let whole = FileIndex::load(&file, ChunkerParams::default());
@@ -618,7 +720,7 @@ mod tests {
         assert_eq!(whole.locate(&path("a.x"), &stat(1_000)), Some(&segs(3)[..]));
         whole.save(&file).unwrap();
         let mut again = IndexReader::open(&file, ChunkerParams::default()).unwrap();
-        assert_eq!(again.take(&path("c"), &stat(990)), Some(segs(4)));
+        assert_eq!(again.take_trusted(&path("c"), &stat(990)), Some(segs(4)));
         let other = ChunkerParams {
             avg: ChunkerParams::default().avg * 2,
             ..ChunkerParams::default()
@@ -691,7 +793,7 @@ mod tests {
             let mut r = IndexReader::open(&file, ChunkerParams::default()).unwrap();
             for (i, p) in paths.iter().enumerate() {
                 if asked[i] {
-                    proptest::prop_assert_eq!(r.take(p, &stat(10)), Some(segs(i as u8)));
+                    proptest::prop_assert_eq!(r.take_trusted(p, &stat(10)), Some(segs(i as u8)));
                 }
             }
         }

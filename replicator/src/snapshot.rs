@@ -387,7 +387,9 @@ pub fn scan_tree(
                     links.insert((st.dev, st.ino), scanned.path.clone());
                 }
                 let reused = match reuse.as_deref_mut() {
-                    Some(index) if st.is_file() && !opts.checksum => index.take(&scanned.path, &st),
+                    Some(index) if st.is_file() && !opts.checksum => {
+                        index.take_trusted(&scanned.path, &st)
+                    }
                     _ => None,
                 };
                 if let Some(segs) = reused {
@@ -447,7 +449,7 @@ pub fn scan_block(
     let root = RelPath::root();
     // Block devices do not update mtime on write: never trust their index entry.
     let reused = match reuse {
-        Some(index) if stat.is_file() && !opts.checksum => index.take(&root, &stat),
+        Some(index) if stat.is_file() && !opts.checksum => index.take_trusted(&root, &stat),
         _ => None,
     };
     let (size, segments, read) = match reused {

@@ -35,7 +35,7 @@ use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 
 use crate::chunk::{ChunkId, Segment};
-use crate::index::{FileIndex, PathMap, now_ns};
+use crate::index::{IndexReader, IndexWriter, PathMap, now_ns};
 use crate::manifest::store::StoreWriter;
 use crate::manifest::{
     DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode, encode_entry,
@@ -117,8 +117,8 @@ pub struct ApplyStats {
 pub struct Committed {
     pub root: RootDigest,
     pub stats: ApplyStats,
-    /// The new receiver index if it differs from the one loaded.
-    index: Option<FileIndex>,
+    /// The new receiver index, unless it is the one loaded.
+    index: Option<IndexWriter>,
     dest: Destination,
 }
 
@@ -129,23 +129,25 @@ impl Committed {
     /// once the racy margin has passed they are looked at again, so that the next sync can
     /// trust them without reading them.
     pub fn save_index(self) {
-        let Some(mut index) = self.index else { return };
+        let Some(index) = self.index else { return };
         let dest = &self.dest;
-        if dest.touched {
+        let path = dest.state.index_file();
+        let racy = index.racy();
+        let mut saved = index.finish();
+        if saved.is_ok() && racy > 0 {
             let margin = std::time::Duration::from_nanos(crate::index::RACY_MARGIN_FINE_NS as u64);
             let since = dest
                 .last_change
                 .map_or(std::time::Duration::ZERO, |c| c.elapsed());
             std::thread::sleep(margin.saturating_sub(since));
-            index.settle_racy(now_ns(), |p| {
+            saved = crate::index::settle_racy(&path, dest.header.chunker, now_ns(), |p| {
                 scan_one(&dest.path, p, WalkOptions { xattrs: false })
                     .ok()
                     .flatten()
                     .map(|s| s.stat)
             });
         }
-        let path = dest.state.index_file();
-        if let Err(e) = index.save(&path) {
+        if let Err(e) = saved {
             tracing::warn!(path = %path.display(), "cannot save the receiver index: {e}");
         }
     }
@@ -158,7 +160,8 @@ pub struct Destination {
     state: TargetState,
     vol: Option<VolumeDir>,
     existing: PathMap<Scanned>,
-    index: FileIndex,
+    /// The receiver index, read along with the manifest (both in volume order).
+    index: Option<IndexReader>,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
     local: HashMap<ChunkId, Loc>,
     /// The files `local` points into.
@@ -196,7 +199,7 @@ impl Destination {
     /// Phase 1: look at the destination and mark it incomplete.
     pub fn prepare(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
         let prepared_at = now_ns();
-        let index = FileIndex::load(&state.index_file(), header.chunker);
+        let index_file = state.index_file();
         let mut existing = PathMap::default();
         let mut vol = None;
         match header.mode {
@@ -239,12 +242,13 @@ impl Destination {
         // them. Every chunk read from these is verified, so racy records may be used too.
         let mut local = HashMap::new();
         let mut sources = SourceFiles::default();
+        let records = IndexReader::open(&index_file, header.chunker);
         if header.mode == VolumeMode::Tree {
-            for (p, e) in &index.entries {
-                let Some(have) = existing.get(p) else {
+            for (p, e) in records.into_iter().flatten() {
+                let Some(have) = existing.get(&p) else {
                     continue;
                 };
-                if !have.stat.is_file() || index.locate(p, &have.stat).is_none() {
+                if !have.stat.is_file() || !e.locates(&have.stat) {
                     continue;
                 }
                 let Some((dir, name)) = p.split_last() else {
@@ -258,11 +262,15 @@ impl Destination {
                 }
             }
         }
+        // A second pass over the index goes along with the manifest.
+        let mut index = IndexReader::open(&index_file, header.chunker);
         // A block image the index vouches for needs no reading to know what it holds.
         let in_place = match existing.get(&RelPath::root()) {
             Some(have) if header.mode == VolumeMode::Block && have.stat.is_file() => index
-                .lookup(&RelPath::root(), &have.stat)
-                .map(chunks_by_offset)
+                .as_mut()
+                .and_then(|i| i.get(&RelPath::root()))
+                .filter(|e| e.vouches(&have.stat))
+                .map(|e| chunks_by_offset(&e.segments))
                 .unwrap_or_default(),
             _ => HashMap::new(),
         };
@@ -373,7 +381,11 @@ impl Destination {
             EntryKind::File { segments, .. } => {
                 if let Some(h) = have
                     && h.stat.is_file()
-                    && self.index.lookup(&e.path, &h.stat) == Some(&segments[..])
+                    && self
+                        .index
+                        .as_mut()
+                        .and_then(|i| i.get(&e.path))
+                        .is_some_and(|r| r.vouches(&h.stat) && r.segments == *segments)
                     // Two names of one destination inode cannot both stay if the source has
                     // two separate files: the second one is rebuilt.
                     && (h.stat.nlink == 1 || self.kept_inodes.insert((h.stat.dev, h.stat.ino)))
@@ -439,9 +451,10 @@ impl Destination {
             .existing
             .get(&e.path)
             .filter(|h| !block && h.stat.is_file());
-        let vouched = have
-            .and_then(|h| self.index.lookup(&e.path, &h.stat))
-            .map(chunks_by_offset);
+        let vouched = have.and_then(|h| {
+            let r = self.index.as_mut()?.get(&e.path)?;
+            r.vouches(&h.stat).then(|| chunks_by_offset(&r.segments))
+        });
         let has_old = have.is_some();
         // Opened only for offsets the index does not vouch for.
         let mut old: Option<File> = None;
@@ -900,8 +913,6 @@ impl Destination {
         if let Some(Err(e)) = self.store.take().map(StoreWriter::publish) {
             tracing::warn!("cannot keep this manifest for the next delta: {e}");
         }
-        // An unchanged index (the common case when nothing changed) need not be written.
-        let index = (index != self.index).then_some(index);
         Ok(Committed {
             root,
             stats: self.stats,

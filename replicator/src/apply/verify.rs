@@ -3,7 +3,8 @@
 //! Only a destination whose digest equals the sender's is declared complete. Contents come
 //! from the chunk lists just written or verified (never re-read); everything else — kinds,
 //! sizes, attributes, links — is read again from disk for what this run touched, and taken
-//! from the prepare walk for what it left alone. The same pass builds the new receiver index.
+//! from the prepare walk for what it left alone. The same pass writes the new receiver index
+//! (a stream in volume order, like the manifest), unless it would equal the last one.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -11,9 +12,10 @@ use std::path::Path;
 use super::plan::Plan;
 use super::{ApplyError, Destination};
 use crate::chunk::Segment;
-use crate::index::{FileIndex, now_ns};
+use crate::index::{Fingerprint, IndexReader, IndexWriter, now_ns};
 use crate::manifest::{DigestBuilder, Entry, EntryKind, RelPath, RootDigest, VolumeMode};
 use crate::snapshot::entry_of;
+use crate::volume::StatInfo;
 use crate::volume::walk::{Scanned, WalkOptions, scan_one};
 
 impl Destination {
@@ -22,9 +24,16 @@ impl Destination {
     /// replaced or changed (and every directory, once anything changed) are read again; the
     /// rest are as the prepare walk saw them — that walk also found everything the manifest
     /// lacks, and the commit removed it.
-    pub(super) fn verify(&self) -> Result<(RootDigest, FileIndex), ApplyError> {
+    pub(super) fn verify(&self) -> Result<(RootDigest, Option<IndexWriter>), ApplyError> {
         let scan_start = now_ns();
-        let mut index = FileIndex::new(self.header.chunker);
+        let file = self.state.index_file();
+        let mut index = NewIndex {
+            writer: IndexWriter::create(&file, self.header.chunker, scan_start)
+                .map_err(|e| tracing::warn!("cannot write the receiver index: {e}"))
+                .ok(),
+            old: IndexReader::open(&file, self.header.chunker),
+            same: true,
+        };
         let mut digest = DigestBuilder::new(&self.header);
         if self.header.mode == VolumeMode::Block {
             let (e, _) = &self.entries[0];
@@ -48,9 +57,9 @@ impl Destination {
                 .add(&got)
                 .map_err(|err| ApplyError::Manifest(err.to_string()))?;
             if s.stat.is_file() {
-                index.record(RelPath::root(), &s.stat, e.segments().to_vec(), scan_start);
+                index.record(&RelPath::root(), &s.stat, e.segments(), scan_start);
             }
-            return Ok((digest.finish(), index));
+            return Ok((digest.finish(), index.changed()));
         }
         let mut check = Verifier {
             root: &self.path,
@@ -75,7 +84,41 @@ impl Destination {
                 }
             }
         }
-        Ok((check.digest.finish(), check.index))
+        Ok((check.digest.finish(), check.index.changed()))
+    }
+}
+
+/// The receiver index this verify pass writes, and whether it differs from the last one.
+struct NewIndex {
+    writer: Option<IndexWriter>,
+    old: Option<IndexReader>,
+    /// No record so far differs from the old index's.
+    same: bool,
+}
+
+impl NewIndex {
+    fn record(&mut self, path: &RelPath, stat: &StatInfo, segments: &[Segment], seen_at: i128) {
+        let Some(writer) = &mut self.writer else {
+            return;
+        };
+        if self.same {
+            let racy = Fingerprint::from(stat).is_racy(seen_at);
+            self.same = self
+                .old
+                .as_mut()
+                .and_then(|o| o.get(path))
+                .is_some_and(|o| o.locates(stat) && o.racy == racy && o.segments == segments);
+        }
+        writer.record_seen_at(path, stat, segments, seen_at);
+    }
+
+    /// The new index, unless it is the old one again (the common case when nothing changed:
+    /// then nothing is written).
+    fn changed(self) -> Option<IndexWriter> {
+        let writer = self.writer?;
+        let old_records = self.old.map(|mut o| o.count_all());
+        let same = self.same && old_records == Some(writer.records());
+        (!same).then_some(writer)
     }
 }
 
@@ -85,7 +128,7 @@ struct Verifier<'a> {
     root: &'a Path,
     /// The first name seen of each multiply-linked inode.
     links: HashMap<(u64, u64), RelPath>,
-    index: FileIndex,
+    index: NewIndex,
     digest: DigestBuilder,
 }
 
@@ -113,8 +156,7 @@ impl Verifier<'_> {
             };
             let size = segments.iter().map(Segment::len).sum();
             if s.stat.is_file() && size == s.stat.size {
-                self.index
-                    .record(s.path.clone(), &s.stat, segments.clone(), seen_at);
+                self.index.record(&s.path, &s.stat, &segments, seen_at);
             }
             entry_of(s, self.root, Some((size, segments)))
                 .map_err(|err| ApplyError::Manifest(err.to_string()))?
