@@ -35,7 +35,7 @@ use bytes::Bytes;
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 
 use crate::chunk::{ChunkId, Segment};
-use crate::index::{IndexReader, IndexWriter, PathMap, now_ns};
+use crate::index::{IndexReader, IndexWriter, now_ns};
 use crate::manifest::store::StoreWriter;
 use crate::manifest::{
     DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode, encode_entry,
@@ -43,7 +43,7 @@ use crate::manifest::{
 use crate::progress::Progress;
 use crate::protocol::message::WantHint;
 use crate::state::TargetState;
-use crate::volume::walk::{Scanned, WalkOptions, scan_one, walk};
+use crate::volume::walk::{Listing, WalkOptions, scan_one, walk};
 use fsops::{VolumeDir, os, temp_name};
 use local::{LocalReader, PendingClone, range_has, range_is_zero};
 use plan::{Loc, Plan, SourceFiles, Src, WantList, chunks_by_offset, offsets};
@@ -159,7 +159,7 @@ pub struct Destination {
     header: Header,
     state: TargetState,
     vol: Option<VolumeDir>,
-    existing: PathMap<Scanned>,
+    existing: Listing,
     /// The receiver index, read along with the manifest (both in volume order).
     index: Option<IndexReader>,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
@@ -200,7 +200,7 @@ impl Destination {
     pub fn prepare(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
         let prepared_at = now_ns();
         let index_file = state.index_file();
-        let mut existing = PathMap::default();
+        let mut existing = Listing::default();
         let mut vol = None;
         match header.mode {
             VolumeMode::Tree => {
@@ -216,7 +216,7 @@ impl Destination {
                     Err(e) => return Err(io_err("cannot stat", &path.display())(e)),
                 }
                 walk(path, WalkOptions::default(), &mut |s| {
-                    existing.insert(s.path.clone(), s);
+                    existing.insert(s);
                     Ok(())
                 })
                 .map_err(|e| ApplyError::Manifest(e.to_string()))?;
@@ -231,7 +231,7 @@ impl Destination {
                 if let Some(s) = scan_one(path, &RelPath::root(), WalkOptions { xattrs: false })
                     .map_err(|e| ApplyError::Manifest(e.to_string()))?
                 {
-                    existing.insert(RelPath::root(), s);
+                    existing.insert(s);
                 }
             }
         }
@@ -254,7 +254,7 @@ impl Destination {
                 let Some((dir, name)) = p.split_last() else {
                     continue;
                 };
-                let file = sources.add(dir, name.to_vec());
+                let file = sources.add(&dir, name);
                 for (off, seg) in offsets(&e.segments) {
                     if let Segment::Chunk { id, .. } = seg {
                         local.entry(*id).or_insert(Loc { file, offset: off });
@@ -530,7 +530,7 @@ impl Destination {
                     _ => false,
                 })
         {
-            let have = &self.existing[&e.path];
+            let have = self.existing.get(&e.path).expect("checked above");
             if have.stat.nlink > 1 {
                 self.kept_inodes.insert((have.stat.dev, have.stat.ino));
             }
@@ -549,7 +549,7 @@ impl Destination {
 
     /// True if the prepare walk found nothing below the destination's root.
     pub fn is_empty(&self) -> bool {
-        self.existing.keys().all(RelPath::is_root)
+        self.existing.iter().all(|s| s.path.is_root())
     }
 
     /// Phase 3 for one entry, in a streamed session: writes the entry planned last, taking the
@@ -1008,11 +1008,17 @@ impl Destination {
             }
         }
         // Remove what the source no longer has, children before parents.
-        let wanted: HashSet<&RelPath> = self.entries.iter().map(|(e, _)| &e.path).collect();
+        // Entries are in volume order: a binary search finds whether the source has a path.
+        let wanted = |p: &RelPath| {
+            self.entries
+                .binary_search_by(|(e, _)| e.path.cmp(p))
+                .is_ok()
+        };
         let mut extra: Vec<&RelPath> = self
             .existing
-            .keys()
-            .filter(|p| !wanted.contains(p))
+            .iter()
+            .map(|s| &s.path)
+            .filter(|p| !wanted(p))
             .collect();
         extra.sort();
         vol.invalidate();

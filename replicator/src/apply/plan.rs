@@ -19,28 +19,40 @@ pub struct Loc {
     pub offset: u64,
 }
 
-/// The destination files that chunks may be copied from, each named once.
+/// The destination files that chunks may be copied from, each named once. A million of them
+/// are a million directory numbers and name ends plus the names' bytes: files are added in
+/// volume order, so a directory is stored once per run of its files.
 #[derive(Debug, Default)]
 pub struct SourceFiles {
-    names: Vec<(RelPath, Vec<u8>)>,
+    dirs: Vec<RelPath>,
+    /// Per file: its directory's number and where its name ends in `names`.
+    files: Vec<(u32, usize)>,
+    names: Vec<u8>,
 }
 
 impl SourceFiles {
     /// Adds the file `name` in directory `dir`; returns its number.
-    pub fn add(&mut self, dir: RelPath, name: Vec<u8>) -> u32 {
-        self.names.push((dir, name));
-        u32::try_from(self.names.len() - 1).expect("fewer than 2^32 source files")
+    pub fn add(&mut self, dir: &RelPath, name: &[u8]) -> u32 {
+        if self.dirs.last() != Some(dir) {
+            self.dirs.push(dir.clone());
+        }
+        let dir = u32::try_from(self.dirs.len() - 1).expect("fewer than 2^32 directories");
+        self.names.extend_from_slice(name);
+        self.files.push((dir, self.names.len()));
+        u32::try_from(self.files.len() - 1).expect("fewer than 2^32 source files")
     }
 
     /// The number of `dir`/`name`, kept in `slot`: added on first use, once per plan.
     pub fn add_once(&mut self, slot: &mut Option<u32>, dir: &RelPath, name: &[u8]) -> u32 {
-        *slot.get_or_insert_with(|| self.add(dir.clone(), name.to_vec()))
+        *slot.get_or_insert_with(|| self.add(dir, name))
     }
 
     /// The directory and name of file number `file`.
     pub fn get(&self, file: u32) -> (&RelPath, &[u8]) {
-        let (dir, name) = &self.names[file as usize];
-        (dir, name)
+        let i = file as usize;
+        let start = i.checked_sub(1).map_or(0, |prev| self.files[prev].1);
+        let (dir, end) = self.files[i];
+        (&self.dirs[dir as usize], &self.names[start..end])
     }
 
     /// File number `file` as a path for messages.
@@ -155,4 +167,38 @@ pub fn chunks_by_offset(segments: &[Segment]) -> HashMap<u64, (ChunkId, u32)> {
             Segment::Zero { .. } => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_files_give_back_what_was_added_with_each_directory_run_stored_once() {
+        let dir = |p: &[u8]| RelPath::new(p.to_vec()).unwrap();
+        let mut files = SourceFiles::default();
+        let added = [
+            (dir(b""), &b"top"[..]),
+            (dir(b"a"), b"x"),
+            (dir(b"a"), b""),
+            (dir(b"a"), b"yy"),
+            (dir(b"a/b"), b"z"),
+            (dir(b"a"), b"w"),
+        ];
+        for (i, (d, n)) in added.iter().enumerate() {
+            assert_eq!(files.add(d, n), i as u32);
+        }
+        for (i, (d, n)) in added.iter().enumerate() {
+            assert_eq!(files.get(i as u32), (d, *n));
+        }
+        assert_eq!(files.dirs.len(), 4, "a run of one directory is stored once");
+        let mut slot = None;
+        let n = files.add_once(&mut slot, &dir(b"c"), b"v");
+        assert_eq!(
+            files.add_once(&mut slot, &dir(b"d"), b"u"),
+            n,
+            "once per slot"
+        );
+        assert_eq!(files.shown(n), "c/v");
+    }
 }
