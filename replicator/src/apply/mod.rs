@@ -46,7 +46,7 @@ use crate::state::TargetState;
 use crate::volume::walk::{Listing, WalkOptions, scan_one, walk};
 use fsops::{VolumeDir, os, temp_name};
 use local::{LocalReader, PendingClone, range_has, range_is_zero};
-use plan::{Loc, Plan, SourceFiles, Src, WantList, chunks_by_offset, offsets};
+use plan::{ChunkPlaces, Loc, Plan, SourceFiles, Src, WantList, chunks_by_offset, offsets};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -163,7 +163,7 @@ pub struct Destination {
     /// The receiver index, read along with the manifest (both in volume order).
     index: Option<IndexReader>,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
-    local: HashMap<ChunkId, Loc>,
+    local: ChunkPlaces,
     /// The files `local` points into.
     sources: SourceFiles,
     /// Block image: the chunk at each offset, when the index vouches for the image (a
@@ -240,7 +240,7 @@ impl Destination {
             .map_err(io_err("cannot write state of", &path.display()))?;
         // Where chunks probably are: files whose stat is unchanged since the index recorded
         // them. Every chunk read from these is verified, so racy records may be used too.
-        let mut local = HashMap::new();
+        let mut local = ChunkPlaces::default();
         let mut sources = SourceFiles::default();
         let records = IndexReader::open(&index_file, header.chunker);
         if header.mode == VolumeMode::Tree {
@@ -257,7 +257,7 @@ impl Destination {
                 let file = sources.add(&dir, name);
                 for (off, seg) in offsets(&e.segments) {
                     if let Segment::Chunk { id, .. } = seg {
-                        local.entry(*id).or_insert(Loc { file, offset: off });
+                        local.add(id, Loc { file, offset: off });
                     }
                 }
             }
@@ -492,7 +492,7 @@ impl Destination {
                 let file = self.sources.add_once(&mut old_file, &dir, &name);
                 Src::Local(Loc { file, offset: off })
             } else if let Some(loc) = self.local.get(&id) {
-                Src::Local(*loc)
+                Src::Local(loc)
             } else {
                 // Not seen before in this run (a second occurrence finds it in `local`).
                 self.want.push(id, u64::from(len));
@@ -510,7 +510,7 @@ impl Destination {
                 // at an offset that is written once and never again).
                 let name: &[u8] = if block { &[] } else { &temp };
                 let file = self.sources.add_once(&mut new_file, &dir, name);
-                self.local.entry(id).or_insert(Loc { file, offset: off });
+                self.local.add(&id, Loc { file, offset: off });
             }
             sources.push(src);
         }

@@ -19,6 +19,23 @@ pub struct Loc {
     pub offset: u64,
 }
 
+/// Where chunks can be found in the destination, by [`ChunkId::prefix`]: every chunk read
+/// from such a place is checked against its whole id, so two chunks with one prefix could
+/// only fail a sync (as a changed destination does), never corrupt it.
+#[derive(Debug, Default)]
+pub struct ChunkPlaces(HashMap<u128, Loc, foldhash::fast::RandomState>);
+
+impl ChunkPlaces {
+    pub fn get(&self, id: &ChunkId) -> Option<Loc> {
+        self.0.get(&id.prefix()).copied()
+    }
+
+    /// Records `loc` for `id` unless a place is known already.
+    pub fn add(&mut self, id: &ChunkId, loc: Loc) {
+        self.0.entry(id.prefix()).or_insert(loc);
+    }
+}
+
 /// The destination files that chunks may be copied from, each named once. A million of them
 /// are a million directory numbers and name ends plus the names' bytes: files are added in
 /// volume order, so a directory is stored once per run of its files.

@@ -390,18 +390,16 @@ fn starts_with(data: &[u8], base: ChunkId, len: usize) -> bool {
     len < data.len() && ChunkId::of(&data[..len]) == base
 }
 
-/// The chunks a streamed session has sent, by the first 128 bits of their ids: half the
-/// memory of whole ids (a million chunks: ~50 MiB at the table's peak), and finding two
-/// different chunks with one prefix takes ~2^64 work. Such a pair could only make a sync
-/// fail (the receiver, which checks whole ids, would miss the second), never corrupt it.
+/// The chunks a streamed session has sent, by [`ChunkId::prefix`] (a million chunks: ~50 MiB
+/// at the table's peak). Two chunks with one prefix could only make a sync fail (the
+/// receiver, which checks whole ids, would miss the second), never corrupt it.
 #[derive(Default)]
 struct SentChunks(HashSet<u128, foldhash::fast::RandomState>);
 
 impl SentChunks {
     /// True the first time `id` is seen.
     fn first(&mut self, id: &ChunkId) -> bool {
-        let prefix: [u8; 16] = id.0[..16].try_into().expect("16 of 32 bytes");
-        self.0.insert(u128::from_le_bytes(prefix))
+        self.0.insert(id.prefix())
     }
 }
 
