@@ -21,9 +21,10 @@ pub struct Loc {
 
 /// Where chunks can be found in the destination, by [`ChunkId::prefix`]: every chunk read
 /// from such a place is checked against its whole id, so two chunks with one prefix could
-/// only fail a sync (as a changed destination does), never corrupt it.
+/// only fail a sync (as a changed destination does), never corrupt it. Ids planned from the
+/// peer's manifest are keys here too, so the table keeps std's keyed SipHash.
 #[derive(Debug, Default)]
-pub struct ChunkPlaces(HashMap<u128, Loc, foldhash::fast::RandomState>);
+pub struct ChunkPlaces(HashMap<u128, Loc>);
 
 impl ChunkPlaces {
     pub fn get(&self, id: &ChunkId) -> Option<Loc> {
