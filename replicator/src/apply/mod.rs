@@ -160,6 +160,9 @@ pub struct Destination {
     state: TargetState,
     vol: Option<VolumeDir>,
     existing: Listing,
+    /// Manifest entries planned so far that the prepare walk found (each path once): when
+    /// this reaches the listing's size, the destination holds nothing the source lacks.
+    matched: usize,
     /// The receiver index, read along with the manifest (both in volume order).
     index: Option<IndexReader>,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
@@ -285,6 +288,7 @@ impl Destination {
             state,
             vol,
             existing,
+            matched: 0,
             index,
             local,
             sources,
@@ -363,6 +367,7 @@ impl Destination {
 
     fn plan_entry(&mut self, e: &Entry) -> Result<Plan, ApplyError> {
         let have = self.existing.get(&e.path);
+        self.matched += usize::from(have.is_some());
         Ok(match &e.kind {
             EntryKind::Dir => match have {
                 Some(h) if h.stat.is_dir() => Plan::Dir {
@@ -1007,19 +1012,18 @@ impl Destination {
                 _ => {}
             }
         }
-        // Remove what the source no longer has, children before parents.
-        // Entries are in volume order: a binary search finds whether the source has a path.
-        let wanted = |p: &RelPath| {
-            self.entries
-                .binary_search_by(|(e, _)| e.path.cmp(p))
-                .is_ok()
-        };
-        let mut extra: Vec<&RelPath> = self
-            .existing
-            .iter()
-            .map(|s| &s.path)
-            .filter(|p| !wanted(p))
-            .collect();
+        // Remove what the source no longer has, children before parents. When every path the
+        // prepare walk found is also in the manifest (the usual incremental), there is none.
+        let mut extra: Vec<&RelPath> = Vec::new();
+        if self.matched < self.existing.len() {
+            let wanted: HashSet<&RelPath> = self.entries.iter().map(|(e, _)| &e.path).collect();
+            extra.extend(
+                self.existing
+                    .iter()
+                    .map(|s| &s.path)
+                    .filter(|p| !wanted.contains(p)),
+            );
+        }
         extra.sort();
         vol.invalidate();
         for p in extra.into_iter().rev() {

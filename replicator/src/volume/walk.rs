@@ -69,6 +69,14 @@ impl Listing {
         self.0.get(path).map(|b| &*b.0)
     }
 
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// Every entry, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Scanned> {
         self.0.iter().map(|b| &*b.0)
