@@ -487,6 +487,12 @@ impl Destination {
             {
                 let file = self.sources.add_once(&mut old_file, &dir, &name);
                 Src::Clone(Loc { file, offset: off })
+            } else if let Some(loc) = vouched.as_ref().and_then(|_| self.local.get(&id)) {
+                // Where the index vouches for the old file, a chunk it does not list at this
+                // offset is rarely there: after an insertion every later chunk moved, and
+                // reading each at its old offset would hash the whole file for nothing.
+                // The chunk places know where it is.
+                Src::Local(loc)
             } else if has_old && {
                 if old.is_none() {
                     old = self.vol_mut().open_read(&dir, &name).ok();
