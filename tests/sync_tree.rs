@@ -299,6 +299,28 @@ fn an_index_that_names_wrong_chunks_fails_the_sync_once_and_is_dropped() {
 }
 
 #[test]
+fn a_file_cut_short_inside_its_last_chunk_sends_nothing() {
+    let (_tmp, src, dst, state) = volumes();
+    fs::create_dir(&src).unwrap();
+    let data = bytes(21, 1 << 20);
+    fs::write(src.join("f"), &data).unwrap();
+    settle();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    settle();
+    // The new last chunk is the first bytes of the old one: the destination holds them at the
+    // same offset, though no chunk it knows of has that id.
+    File::options()
+        .write(true)
+        .open(src.join("f"))
+        .unwrap()
+        .set_len((1 << 20) - 1000)
+        .unwrap();
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+    assert_eq!(s["bytes_sent_raw"], 0, "{s}");
+}
+
+#[test]
 fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() {
     let (_tmp, src, dst, state) = volumes();
     small_files(&src, 20, 300, 5000);
