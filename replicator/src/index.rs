@@ -10,9 +10,14 @@
 //! filesystem keeps whole seconds ([`RACY_MARGIN_COARSE_NS`]), 50 ms where it keeps sub-second
 //! times ([`RACY_MARGIN_FINE_NS`]; the kernel stamps files from a clock that ticks at least
 //! every 10 ms). Too wide a margin costs real time: every file the receiver just wrote would
-//! be re-read on the next sync. [`FileIndex::lookup`] ignores racy entries, so the
-//! next sync reads such a file again; [`FileIndex::locate`] still offers them as places where a
-//! chunk may be found, which is safe because every chunk read from such a place is verified.
+//! be re-read on the next sync. [`IndexEntry::vouches`] ignores racy entries, so the
+//! next sync reads such a file again; [`IndexEntry::locates`] still offers them as places where
+//! a chunk may be found, which is safe because every chunk read from such a place is verified.
+//!
+//! The file holds records in volume order, an end mark and a BLAKE3 checksum. Syncs read it
+//! ([`IndexReader`]) and write it ([`IndexWriter`]) as streams, in step with the walk or the
+//! manifest, so neither end holds it whole; [`FileIndex`] is the whole index in memory, for
+//! tests and tools.
 
 use std::collections::HashMap;
 use std::fs::File;

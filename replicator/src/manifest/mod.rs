@@ -1,7 +1,7 @@
 //! Snapshots of a volume: entries with their attributes and chunk lists, and the root digest.
 //!
 //! A manifest is a header followed by entries in volume order (see [`RelPath`]'s `Ord`). Its
-//! encoding ([`encode`]) is deterministic and versioned, and the root digest is the BLAKE3 hash
+//! encoding (`encode`) is deterministic and versioned, and the root digest is the BLAKE3 hash
 //! of that encoding, so it covers contents (through chunk ids) and every mirrored attribute.
 //! Two volumes mirror each other iff their manifests, hence their digests, are equal.
 
@@ -21,7 +21,7 @@ use std::fmt;
 use crate::chunk::{ChunkerParams, Segment};
 use crate::codec::{from_hex, to_hex};
 
-/// Version of the manifest encoding; bumped on any change to [`encode`].
+/// Version of the manifest encoding; bumped on any change to `encode`.
 pub const MANIFEST_VERSION: u32 = 1;
 
 /// What kind of volume a manifest describes.
