@@ -321,6 +321,32 @@ fn a_file_cut_short_inside_its_last_chunk_sends_nothing() {
 }
 
 #[test]
+fn the_receiver_index_is_rewritten_only_when_it_changes() {
+    use std::os::unix::fs::MetadataExt;
+
+    let (_tmp, src, dst, state) = volumes();
+    small_files(&src, 30, 40, 2000);
+    settle();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    let states = replicator::state::StateDir::new(state.clone());
+    let index = states.target(&dst.canonicalize().unwrap()).index_file();
+    let inode = || fs::metadata(&index).unwrap().ino();
+    // The first sync wrote every file, so its index was rewritten once more after the racy
+    // margin; a sync that finds everything as recorded leaves the file alone.
+    let first = inode();
+    for _ in 0..2 {
+        summary(&run_sync(&src, &dst, &state, &[]));
+        assert_eq!(inode(), first, "an unchanged index was written again");
+    }
+    // A changed file changes its record: the index is replaced.
+    fs::write(src.join("d/f-3"), bytes(99, 2500)).unwrap();
+    settle();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    assert_ne!(inode(), first);
+    assert_mirrors(&src, &dst);
+}
+
+#[test]
 fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() {
     let (_tmp, src, dst, state) = volumes();
     small_files(&src, 20, 300, 5000);
