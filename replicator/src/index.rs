@@ -21,12 +21,13 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, Write};
+use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use crate::chunk::{ChunkerParams, Segment};
 use crate::codec::{DecodeError, Reader, StreamDecoder, Writer};
 use crate::manifest::{self, Limits, RelPath};
+use crate::state::PendingFile;
 use crate::volume::StatInfo;
 
 /// Timestamps within this much of the scan start are not trusted, on filesystems whose
@@ -455,8 +456,7 @@ impl IndexReader {
 /// [`IndexWriter::finish`] puts it under its final name (after fsync). Dropped unfinished, it
 /// removes its temp file.
 pub struct IndexWriter {
-    out: Option<BufWriter<File>>,
-    tmp: PathBuf,
+    file: PendingFile,
     path: PathBuf,
     scan_start_ns: i128,
     records: u64,
@@ -471,21 +471,16 @@ pub struct IndexWriter {
 impl IndexWriter {
     /// Starts the index of a scan that began at `scan_start_ns` (the racy rule's reference).
     pub fn create(path: &Path, params: ChunkerParams, scan_start_ns: i128) -> io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = crate::state::temp_name(path);
-        let mut out = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+        let mut file = PendingFile::create(path)?;
         let mut head = Writer::new();
         encode_head(&mut head, params);
-        out.write_all(&head.buf)?;
+        file.write_all(&head.buf)?;
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head.buf);
         Ok(IndexWriter {
             hasher,
             racy: 0,
-            out: Some(out),
-            tmp,
+            file,
             path: path.to_path_buf(),
             scan_start_ns,
             records: 0,
@@ -530,14 +525,14 @@ impl IndexWriter {
         racy: bool,
         segments: &[Segment],
     ) {
-        let (Some(out), None) = (&mut self.out, &self.failed) else {
+        if self.failed.is_some() {
             return;
-        };
+        }
         self.racy += u64::from(racy);
         self.scratch.buf.clear();
         encode_record(&mut self.scratch, path, fingerprint, racy, segments);
         self.hasher.update(&self.scratch.buf);
-        match out.write_all(&self.scratch.buf) {
+        match self.file.write_all(&self.scratch.buf) {
             Ok(()) => self.records += 1,
             Err(e) => self.failed = Some(e),
         }
@@ -548,30 +543,13 @@ impl IndexWriter {
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
-        let Some(mut out) = self.out.take() else {
-            return Ok(());
-        };
         let mut end = Writer::new();
         end.u8(TAG_END);
         end.varint(self.records);
         self.hasher.update(&end.buf);
         end.hash(self.hasher.finalize().as_bytes());
-        out.write_all(&end.buf)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        std::fs::rename(&self.tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            crate::state::fsync_dir(dir)?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for IndexWriter {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+        self.file.write_all(&end.buf)?;
+        self.file.commit(&self.path, true)
     }
 }
 

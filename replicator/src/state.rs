@@ -25,20 +25,73 @@ use crate::manifest::RootDigest;
 
 /// Writes `data` to `path` so that a crash leaves either the old or the new content.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir)?;
-    let tmp = temp_name(path);
-    let mut f = File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, path)?;
-    fsync_dir(dir)
+    let mut file = PendingFile::create(path)?;
+    file.write_all(data)?;
+    file.commit(path, true)
+}
+
+/// A file written as a stream under a temp name next to where it will go; [`PendingFile::commit`]
+/// renames it into place. Dropped uncommitted, it removes the temp file, so nothing
+/// half-written is ever found under the final name.
+pub struct PendingFile {
+    out: Option<io::BufWriter<File>>,
+    tmp: PathBuf,
+}
+
+impl PendingFile {
+    /// Starts a file that will replace `path` (creating its directory if need be).
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        fs::create_dir_all(dir)?;
+        let tmp = temp_name(path);
+        let out = io::BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
+        Ok(PendingFile {
+            out: Some(out),
+            tmp,
+        })
+    }
+
+    pub fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.out.as_mut().expect("not committed").write_all(data)
+    }
+
+    /// The file as written so far, opened for reading.
+    pub fn reopen(&mut self) -> io::Result<File> {
+        self.out.as_mut().expect("not committed").flush()?;
+        File::open(&self.tmp)
+    }
+
+    /// Puts the file at `path`. `durable`: its data and the rename are fsynced first (a cache
+    /// that is cheap to lose need not be).
+    pub fn commit(mut self, path: &Path, durable: bool) -> io::Result<()> {
+        let out = self.out.take().expect("committed once");
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        if durable {
+            file.sync_all()?;
+        }
+        let committed = fs::rename(&self.tmp, path);
+        if committed.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        committed?;
+        match path.parent() {
+            Some(dir) if durable => fsync_dir(dir),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if self.out.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// A fresh temp name next to `path`, unique per call: two sessions of one server may save
 /// the same file at once (the last rename wins; neither sees the other's half-written file).
-pub fn temp_name(path: &Path) -> PathBuf {
+fn temp_name(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()

@@ -8,48 +8,38 @@
 //! manifest on the wire, nothing else.
 
 use std::fs::{self, File};
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use super::{Entry, Header, Limits, RootDigest, decode_entry, decode_header, encode_header};
 use crate::codec::StreamDecoder;
+use crate::state::PendingFile;
 
 /// Writes a manifest as it is produced; [`StoreWriter::publish`] puts it under its final name.
 /// Dropped unpublished, it removes its temp file.
 pub struct StoreWriter {
-    out: Option<BufWriter<File>>,
-    tmp: PathBuf,
+    file: PendingFile,
     path: PathBuf,
 }
 
 impl StoreWriter {
     pub fn create(path: &Path, header: &Header) -> io::Result<Self> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir)?;
-        let tmp = crate::state::temp_name(path);
-        let mut out = BufWriter::with_capacity(256 * 1024, File::create(&tmp)?);
-        out.write_all(&encode_header(header))?;
+        let mut file = PendingFile::create(path)?;
+        file.write_all(&encode_header(header))?;
         Ok(StoreWriter {
-            out: Some(out),
-            tmp,
+            file,
             path: path.to_path_buf(),
         })
     }
 
     /// Appends one entry's encoding (entries in volume order).
     pub fn add(&mut self, encoded: &[u8]) -> io::Result<()> {
-        match &mut self.out {
-            Some(out) => out.write_all(encoded),
-            None => Ok(()),
-        }
+        self.file.write_all(encoded)
     }
 
     /// What was written so far, read back from the file; the writer can still be published.
     pub fn read_back(&mut self, limits: Limits) -> io::Result<StoredEntries> {
-        if let Some(out) = &mut self.out {
-            out.flush()?;
-        }
-        StoredEntries::new(File::open(&self.tmp)?, limits)
+        StoredEntries::new(self.file.reopen()?, limits)
     }
 
     /// Appends to `store` if there is one; after a failure it says so once and stops keeping
@@ -69,21 +59,10 @@ impl StoreWriter {
         self.publish_to(&path)
     }
 
-    /// Puts this manifest at `path` (in the same directory as the writer's own path).
-    pub fn publish_to(mut self, path: &Path) -> io::Result<()> {
-        if let Some(out) = self.out.take() {
-            out.into_inner().map_err(|e| e.into_error())?;
-            fs::rename(&self.tmp, path)?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for StoreWriter {
-    fn drop(&mut self) {
-        if self.out.take().is_some() {
-            let _ = fs::remove_file(&self.tmp);
-        }
+    /// Puts this manifest at `path` (in the same directory as the writer's own path). It is a
+    /// cache: not fsynced.
+    pub fn publish_to(self, path: &Path) -> io::Result<()> {
+        self.file.commit(path, false)
     }
 }
 
