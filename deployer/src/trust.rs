@@ -125,13 +125,7 @@ fn write_lines(path: &Path, lines: &BTreeSet<String>) -> io::Result<()> {
 }
 
 fn write_atomic(path: &Path, text: &str) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, text)?;
-    fs::File::open(&tmp)?.sync_all()?;
-    fs::rename(&tmp, path)
+    replicator::state::write_atomic(path, text.as_bytes())
 }
 
 #[cfg(test)]
