@@ -11,7 +11,7 @@ use std::io::{self, Read};
 
 use fastcdc::v2020::{self, Normalization};
 
-use crate::codec::{from_hex, to_hex};
+use crate::codec::{DecodeError, Reader, Writer, from_hex, to_hex};
 
 /// The name of a chunk: the BLAKE3 hash of its bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,6 +103,22 @@ impl Default for ChunkerParams {
 }
 
 impl ChunkerParams {
+    /// `min avg max` as varints: how manifest headers, Hellos and indexes carry them.
+    pub fn encode(&self, w: &mut Writer) {
+        w.varint(u64::from(self.min));
+        w.varint(u64::from(self.avg));
+        w.varint(u64::from(self.max));
+    }
+
+    /// Reads what [`ChunkerParams::encode`] wrote (not yet validated).
+    pub fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(ChunkerParams {
+            min: r.u32("chunk min")?,
+            avg: r.u32("chunk avg")?,
+            max: r.u32("chunk max")?,
+        })
+    }
+
     /// Checks the bounds FastCDC accepts (and that they are ordered).
     pub fn validate(&self) -> Result<(), String> {
         let (min, avg, max) = (self.min as usize, self.avg as usize, self.max as usize);

@@ -270,9 +270,7 @@ fn check_file(file: &mut File) -> io::Result<bool> {
 fn encode_head(w: &mut Writer, p: ChunkerParams) {
     w.raw(MAGIC);
     w.varint(VERSION);
-    w.varint(u64::from(p.min));
-    w.varint(u64::from(p.avg));
-    w.varint(u64::from(p.max));
+    p.encode(w);
 }
 
 fn decode_head(r: &mut Reader<'_>) -> Result<ChunkerParams, DecodeError> {
@@ -282,11 +280,7 @@ fn decode_head(r: &mut Reader<'_>) -> Result<ChunkerParams, DecodeError> {
             why: "unknown format",
         });
     }
-    Ok(ChunkerParams {
-        min: r.u32("chunk min")?,
-        avg: r.u32("chunk avg")?,
-        max: r.u32("chunk max")?,
-    })
+    ChunkerParams::decode(r)
 }
 
 /// `1 path mtime_sec mtime_nsec ctime_sec ctime_nsec ino racy size segment_count segment*`

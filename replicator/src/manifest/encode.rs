@@ -55,14 +55,28 @@ pub fn encode_header(h: &Header) -> Vec<u8> {
     let mut w = Writer::new();
     w.raw(MAGIC);
     w.varint(u64::from(h.version));
-    w.u8(match h.mode {
+    encode_mode(&mut w, h.mode);
+    h.chunker.encode(&mut w);
+    w.buf
+}
+
+/// A volume mode's byte (0 tree, 1 block), in a manifest header and a Hello.
+pub fn encode_mode(w: &mut Writer, mode: VolumeMode) {
+    w.u8(match mode {
         VolumeMode::Tree => 0,
         VolumeMode::Block => 1,
     });
-    w.varint(u64::from(h.chunker.min));
-    w.varint(u64::from(h.chunker.avg));
-    w.varint(u64::from(h.chunker.max));
-    w.buf
+}
+
+pub fn decode_mode(r: &mut Reader<'_>) -> Result<VolumeMode, DecodeError> {
+    match r.u8()? {
+        0 => Ok(VolumeMode::Tree),
+        1 => Ok(VolumeMode::Block),
+        t => Err(DecodeError::UnknownTag {
+            what: "volume mode",
+            tag: u64::from(t),
+        }),
+    }
 }
 
 pub fn decode_header(r: &mut Reader<'_>) -> Result<Header, DecodeError> {
@@ -73,21 +87,8 @@ pub fn decode_header(r: &mut Reader<'_>) -> Result<Header, DecodeError> {
         });
     }
     let version = r.u32("manifest version")?;
-    let mode = match r.u8()? {
-        0 => VolumeMode::Tree,
-        1 => VolumeMode::Block,
-        t => {
-            return Err(DecodeError::UnknownTag {
-                what: "volume mode",
-                tag: u64::from(t),
-            });
-        }
-    };
-    let chunker = ChunkerParams {
-        min: r.u32("chunk min")?,
-        avg: r.u32("chunk avg")?,
-        max: r.u32("chunk max")?,
-    };
+    let mode = decode_mode(r)?;
+    let chunker = ChunkerParams::decode(r)?;
     if chunker.validate().is_err() {
         return Err(DecodeError::Invalid {
             what: "manifest header",

@@ -11,8 +11,8 @@ mod path;
 pub mod store;
 
 pub use encode::{
-    Limits, decode_entry, decode_file_body, decode_header, decode_patch, encode_entry,
-    encode_file_body, encode_header, encode_patch, rel_path,
+    Limits, decode_entry, decode_file_body, decode_header, decode_mode, decode_patch, encode_entry,
+    encode_file_body, encode_header, encode_mode, encode_patch, rel_path,
 };
 pub use path::{MAX_NAME, MAX_PATH, PathError, RelPath};
 

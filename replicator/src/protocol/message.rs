@@ -188,13 +188,8 @@ impl Message {
             Message::Hello(h) => {
                 w.u8(ty::HELLO);
                 w.varint(u64::from(h.version));
-                w.u8(match h.mode {
-                    VolumeMode::Tree => 0,
-                    VolumeMode::Block => 1,
-                });
-                w.varint(u64::from(h.chunker.min));
-                w.varint(u64::from(h.chunker.avg));
-                w.varint(u64::from(h.chunker.max));
+                manifest::encode_mode(&mut w, h.mode);
+                h.chunker.encode(&mut w);
                 let mut flags = 0;
                 if h.compress {
                     flags |= hello_flags::COMPRESS;
@@ -342,21 +337,8 @@ impl Message {
         let msg = match r.u8()? {
             ty::HELLO => {
                 let version = r.u32("version")?;
-                let mode = match r.u8()? {
-                    0 => VolumeMode::Tree,
-                    1 => VolumeMode::Block,
-                    t => {
-                        return Err(DecodeError::UnknownTag {
-                            what: "volume mode",
-                            tag: u64::from(t),
-                        });
-                    }
-                };
-                let chunker = ChunkerParams {
-                    min: r.u32("chunk min")?,
-                    avg: r.u32("chunk avg")?,
-                    max: r.u32("chunk max")?,
-                };
+                let mode = manifest::decode_mode(&mut r)?;
+                let chunker = ChunkerParams::decode(&mut r)?;
                 if chunker.validate().is_err() {
                     return Err(DecodeError::Invalid {
                         what: "hello",
