@@ -1,8 +1,8 @@
 //! The receiver's side: turning a manifest plus chunks into a durable, verified destination.
 //!
 //! Phases, each finishing before the next starts:
-//! 1. **prepare** — walk the destination (`stat` only) and load the receiver index; mark the
-//!    destination *incomplete* in its state file.
+//! 1. **prepare** — walk the destination (`stat` only) into a spool file, and note where the
+//!    receiver index says its chunks are; mark the destination *incomplete* in its state file.
 //! 2. **plan** — for each incoming entry decide what to do ([`plan::Plan`]) and which chunks
 //!    must come from the sender (the want list).
 //! 3. **write** — build every new file under a temp name in its final directory, from local
@@ -15,24 +15,33 @@
 //! In a streamed session (an empty destination, see docs/protocol.md) phases 2 and 3 run
 //! entry by entry: each file is planned and written as soon as its chunks arrive.
 //!
+//! Memory does not grow with the volume's entries: the walk and the manifest both come in
+//! volume order, so planning merges the walk's spool with the incoming entries, and each
+//! planned entry goes to a second spool ([`spool`]) that the write, commit and verify passes
+//! read front to back. What stays in memory grows with chunks instead (where the
+//! destination's chunks are, what this run wants) and with hard-linked inodes.
+//!
 //! Nothing under a final name changes before phase 4, so an abort in phases 1–3 leaves the
 //! destination as it was (temp files are removed on a clean abort, kept for resume if the
 //! connection broke). See docs/architecture.md for the crash-safety argument.
 
+mod commit;
 pub mod flusher;
 pub mod fsops;
 mod local;
 pub mod plan;
+mod spool;
+#[cfg(test)]
+mod tests;
 mod verify;
+mod write;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode};
 
 use crate::chunk::{ChunkId, Segment};
 use crate::index::{IndexReader, IndexWriter, now_ns};
@@ -40,13 +49,13 @@ use crate::manifest::store::StoreWriter;
 use crate::manifest::{
     DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode, encode_entry,
 };
-use crate::progress::Progress;
 use crate::protocol::message::WantHint;
 use crate::state::TargetState;
-use crate::volume::walk::{Listing, WalkOptions, scan_one, walk};
-use fsops::{VolumeDir, os, temp_name};
-use local::{LocalReader, PendingClone, range_has, range_is_zero};
+use crate::volume::walk::{Scanned, WalkError, WalkOptions, scan_one, walk};
+use fsops::{VolumeDir, temp_name};
+use local::{range_has, range_is_zero};
 use plan::{ChunkPlaces, Loc, Plan, SourceFiles, Src, WantList, chunks_by_offset, offsets};
+use spool::{Planned, Spool, SpoolReader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -82,7 +91,7 @@ pub enum ApplyError {
 fn io_err(
     what: &'static str,
     path: &dyn std::fmt::Display,
-) -> impl FnOnce(io::Error) -> ApplyError {
+) -> impl FnOnce(io::Error) -> ApplyError + use<> {
     let path = path.to_string();
     move |source| ApplyError::Io { what, path, source }
 }
@@ -159,10 +168,18 @@ pub struct Destination {
     header: Header,
     state: TargetState,
     vol: Option<VolumeDir>,
-    existing: Listing,
-    /// Manifest entries planned so far that the prepare walk found (each path once): when
-    /// this reaches the listing's size, the destination holds nothing the source lacks.
-    matched: usize,
+    /// What the prepare walk found, read along with the manifest (both in volume order).
+    found: Found,
+    /// The prepare walk found something below the root.
+    found_below_root: bool,
+    /// Every planned entry and every destination path the manifest lacks, in volume order.
+    planned: Spool<Planned>,
+    /// The entry planned last: a streamed session writes it at once; a block volume has
+    /// no other.
+    last: Option<(Entry, Plan)>,
+    /// The directories among the entries on the path to the one planned last.
+    ancestors: Vec<RelPath>,
+    links: Links,
     /// The receiver index, read along with the manifest (both in volume order).
     index: Option<IndexReader>,
     /// Chunks available somewhere in the destination (trusted by index, or planned this run).
@@ -179,7 +196,6 @@ pub struct Destination {
     prepared_at: i128,
     /// When this run last changed the destination (before its final sync).
     last_change: Option<std::time::Instant>,
-    entries: Vec<(Entry, Plan)>,
     want: WantList,
     /// Wanted chunks that start with the old file's chunk at the same offset (appends): that
     /// chunk's place, length and id. Sent as hints; the sender may send only what follows.
@@ -187,10 +203,15 @@ pub struct Destination {
     digest: DigestBuilder,
     /// A copy of the manifest, kept once the destination is complete (the next delta's base).
     store: Option<StoreWriter>,
-    /// Created in this run; removed again on a clean abort.
-    created_temps: Vec<(RelPath, Vec<u8>)>,
-    created_dirs: Vec<RelPath>,
+    /// Records of `planned` the write phase has started on: a clean abort removes what they
+    /// created.
+    written: u64,
+    /// The write phase created something (a temp file or a directory).
+    created: bool,
+    /// Destination inodes with several names that one of them keeps (see `plan_entry`).
     kept_inodes: HashSet<(u64, u64)>,
+    /// Bytes of every file in the manifest: what the progress bar covers.
+    bytes_planned: u64,
     /// Syncs big finished files while later ones are written.
     flusher: flusher::Flusher,
     /// Bytes of small files written since the last early `syncfs`.
@@ -198,13 +219,84 @@ pub struct Destination {
     pub stats: ApplyStats,
 }
 
+/// The spool of the prepare walk, read in step with the manifest.
+struct Found {
+    reader: SpoolReader<Scanned>,
+    ahead: Option<Scanned>,
+}
+
+impl Found {
+    fn peek(&mut self) -> io::Result<Option<&Scanned>> {
+        if self.ahead.is_none() {
+            self.ahead = self.reader.next()?;
+        }
+        Ok(self.ahead.as_ref())
+    }
+
+    /// The next entry found before `bound` (all that are left, without one): a path the
+    /// manifest lacks.
+    fn take_before(&mut self, bound: Option<&RelPath>) -> io::Result<Option<Scanned>> {
+        Ok(match self.peek()? {
+            Some(s) if bound.is_none_or(|b| s.path < *b) => self.ahead.take(),
+            _ => None,
+        })
+    }
+
+    /// The entry found at `path`, once every entry before it has been taken.
+    fn take_at(&mut self, path: &RelPath) -> io::Result<Option<Scanned>> {
+        Ok(match self.peek()? {
+            Some(s) if s.path == *path => self.ahead.take(),
+            _ => None,
+        })
+    }
+}
+
+/// Hard links wait for the end of the manifest to be checked: whether a target is an
+/// earlier regular file, and whether it is kept as it is, are in the spool by then.
+/// Memory grows with hard links only.
+#[derive(Debug, Default)]
+struct Links {
+    pending: Vec<PendingLink>,
+    /// Links found already in place: their target is kept, and the destination has both
+    /// names on one inode.
+    kept: HashSet<RelPath>,
+}
+
+#[derive(Debug)]
+struct PendingLink {
+    path: RelPath,
+    target: RelPath,
+    /// The inode the destination has at `path`, if a regular file.
+    inode: Option<(u64, u64)>,
+}
+
+/// What the check of hard links needs to know about a target.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    kept: bool,
+    inode: Option<(u64, u64)>,
+}
+
+fn file_inode(have: Option<&Scanned>) -> Option<(u64, u64)> {
+    have.filter(|h| h.stat.is_file())
+        .map(|h| (h.stat.dev, h.stat.ino))
+}
+
 impl Destination {
     /// Phase 1: look at the destination and mark it incomplete.
     pub fn prepare(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
         let prepared_at = now_ns();
         let index_file = state.index_file();
-        let mut existing = Listing::default();
+        let scratch = state.dir.clone();
+        let scratch_err = || io_err("cannot write a scratch file in", &scratch.display());
+        let mut found = Spool::create(&scratch).map_err(scratch_err())?;
+        let planned = Spool::create(&scratch).map_err(scratch_err())?;
         let mut vol = None;
+        // Where chunks probably are: files whose stat is unchanged since the index recorded
+        // them. Every chunk read from these is verified, so racy records may be used too.
+        let mut local = ChunkPlaces::default();
+        let mut sources = SourceFiles::default();
+        let mut found_below_root = false;
         match header.mode {
             VolumeMode::Tree => {
                 match std::fs::symlink_metadata(path) {
@@ -218,9 +310,23 @@ impl Destination {
                     }
                     Err(e) => return Err(io_err("cannot stat", &path.display())(e)),
                 }
+                // The index is in volume order too: it is read in step with the walk.
+                let mut records = IndexReader::open(&index_file, header.chunker);
                 walk(path, WalkOptions::default(), &mut |s| {
-                    existing.insert(s);
-                    Ok(())
+                    found_below_root |= !s.path.is_root();
+                    if let Some(r) = records.as_mut().and_then(|i| i.get(&s.path))
+                        && s.stat.is_file()
+                        && r.locates(&s.stat)
+                        && let Some((dir, name)) = s.path.split_last()
+                    {
+                        let file = sources.add(&dir, name);
+                        for (off, seg) in offsets(&r.segments) {
+                            if let Segment::Chunk { id, .. } = seg {
+                                local.add(id, Loc { file, offset: off });
+                            }
+                        }
+                    }
+                    found.push(&s).map_err(|e| WalkError::io(&scratch, e))
                 })
                 .map_err(|e| ApplyError::Manifest(e.to_string()))?;
                 vol = Some(VolumeDir::open(path).map_err(io_err("cannot open", &path.display()))?);
@@ -234,41 +340,21 @@ impl Destination {
                 if let Some(s) = scan_one(path, &RelPath::root(), WalkOptions { xattrs: false })
                     .map_err(|e| ApplyError::Manifest(e.to_string()))?
                 {
-                    existing.insert(s);
+                    found.push(&s).map_err(scratch_err())?;
                 }
             }
         }
         state
             .mark_incomplete(path)
             .map_err(io_err("cannot write state of", &path.display()))?;
-        // Where chunks probably are: files whose stat is unchanged since the index recorded
-        // them. Every chunk read from these is verified, so racy records may be used too.
-        let mut local = ChunkPlaces::default();
-        let mut sources = SourceFiles::default();
-        let records = IndexReader::open(&index_file, header.chunker);
-        if header.mode == VolumeMode::Tree {
-            for (p, e) in records.into_iter().flatten() {
-                let Some(have) = existing.get(&p) else {
-                    continue;
-                };
-                if !have.stat.is_file() || !e.locates(&have.stat) {
-                    continue;
-                }
-                let Some((dir, name)) = p.split_last() else {
-                    continue;
-                };
-                let file = sources.add(&dir, name);
-                for (off, seg) in offsets(&e.segments) {
-                    if let Segment::Chunk { id, .. } = seg {
-                        local.add(id, Loc { file, offset: off });
-                    }
-                }
-            }
-        }
+        let mut found = Found {
+            reader: found.read().map_err(scratch_err())?,
+            ahead: None,
+        };
         // A second pass over the index goes along with the manifest.
         let mut index = IndexReader::open(&index_file, header.chunker);
         // A block image the index vouches for needs no reading to know what it holds.
-        let in_place = match existing.get(&RelPath::root()) {
+        let in_place = match found.peek().map_err(scratch_err())? {
             Some(have) if header.mode == VolumeMode::Block && have.stat.is_file() => index
                 .as_mut()
                 .and_then(|i| i.get(&RelPath::root()))
@@ -287,8 +373,12 @@ impl Destination {
             header,
             state,
             vol,
-            existing,
-            matched: 0,
+            found,
+            found_below_root,
+            planned,
+            last: None,
+            ancestors: Vec::new(),
+            links: Links::default(),
             index,
             local,
             sources,
@@ -296,16 +386,20 @@ impl Destination {
             touched: false,
             prepared_at,
             last_change: None,
-            entries: Vec::new(),
             want: WantList::default(),
             suffix_bases: HashMap::new(),
-            created_temps: Vec::new(),
-            created_dirs: Vec::new(),
+            written: 0,
+            created: false,
             kept_inodes: HashSet::new(),
+            bytes_planned: 0,
             flusher: flusher::Flusher::default(),
             unsynced: 0,
             stats: ApplyStats::default(),
         })
+    }
+
+    fn scratch_err(&self) -> impl FnOnce(io::Error) -> ApplyError + use<> {
+        io_err("cannot use a scratch file in", &self.state.dir.display())
     }
 
     /// Phase 2: plan one manifest entry (entries arrive in volume order).
@@ -320,29 +414,32 @@ impl Destination {
                 "a block manifest has a single root entry".into(),
             ));
         }
+        self.check_parent(&entry)?;
+        // What the destination has before this entry, the manifest lacks.
+        while let Some(extra) = self
+            .found
+            .take_before(Some(&entry.path))
+            .map_err(self.scratch_err())?
+        {
+            self.planned
+                .push(&Planned::Extra(extra))
+                .map_err(self.scratch_err())?;
+        }
+        let have = self
+            .found
+            .take_at(&entry.path)
+            .map_err(self.scratch_err())?;
         if let EntryKind::HardLink { target } = &entry.kind {
-            let ok = self
-                .earlier(target)
-                .is_some_and(|e| matches!(e.kind, EntryKind::File { .. }));
-            if !ok {
-                return Err(ApplyError::Manifest(format!(
-                    "hard link {} points to {}, which is not an earlier regular file",
-                    entry.path, target
-                )));
+            if *target >= entry.path {
+                return Err(not_an_earlier_file(&entry.path, target));
             }
+            self.links.pending.push(PendingLink {
+                path: entry.path.clone(),
+                target: target.clone(),
+                inode: file_inode(have.as_ref()),
+            });
         }
-        if let Some((parent, _)) = entry.path.split_last() {
-            let parent_ok = self
-                .earlier(&parent)
-                .is_some_and(|e| matches!(e.kind, EntryKind::Dir));
-            if !parent_ok {
-                return Err(ApplyError::Manifest(format!(
-                    "entry {} has no parent directory before it",
-                    entry.path
-                )));
-            }
-        }
-        let plan = self.plan_entry(&entry)?;
+        let plan = self.plan_entry(&entry, have.as_ref())?;
         self.stats.entries += 1;
         if let EntryKind::File { size, segments } = &entry.kind {
             self.stats.files += 1;
@@ -351,23 +448,91 @@ impl Destination {
                 .iter()
                 .filter(|s| matches!(s, Segment::Chunk { .. }))
                 .count() as u64;
+            self.bytes_planned += size;
         }
-        self.entries.push((entry, plan));
+        let record = Planned::Entry { entry, have, plan };
+        self.planned.push(&record).map_err(self.scratch_err())?;
+        if let Planned::Entry { entry, plan, .. } = record {
+            self.last = Some((entry, plan));
+        }
         Ok(())
     }
 
-    /// An entry planned earlier, found by binary search (entries arrive in volume order, which
-    /// the digest builder enforces before anything else looks at an entry).
-    fn earlier(&self, path: &RelPath) -> Option<&Entry> {
-        self.entries
-            .binary_search_by(|(e, _)| e.path.cmp(path))
-            .ok()
-            .map(|i| &self.entries[i].0)
+    /// Every entry but the root needs a directory entry before it as its parent. Entries come
+    /// in volume order (the digest builder checks that first), so the parent, if any, is
+    /// among the directories on the path to the entry before.
+    fn check_parent(&mut self, entry: &Entry) -> Result<(), ApplyError> {
+        if let Some((parent, _)) = entry.path.split_last() {
+            while self
+                .ancestors
+                .last()
+                .is_some_and(|a| !parent.starts_with(a))
+            {
+                self.ancestors.pop();
+            }
+            if self.ancestors.last() != Some(&parent) {
+                return Err(ApplyError::Manifest(format!(
+                    "entry {} has no parent directory before it",
+                    entry.path
+                )));
+            }
+        }
+        if matches!(entry.kind, EntryKind::Dir) {
+            self.ancestors.push(entry.path.clone());
+        }
+        Ok(())
     }
 
-    fn plan_entry(&mut self, e: &Entry) -> Result<Plan, ApplyError> {
-        let have = self.existing.get(&e.path);
-        self.matched += usize::from(have.is_some());
+    /// The end of the manifest: what the destination has after the last entry, the manifest
+    /// lacks; every hard link's target is checked, and links already in place are kept.
+    pub fn end_manifest(&mut self) -> Result<(), ApplyError> {
+        while let Some(extra) = self.found.take_before(None).map_err(self.scratch_err())? {
+            self.planned
+                .push(&Planned::Extra(extra))
+                .map_err(self.scratch_err())?;
+        }
+        if self.links.pending.is_empty() {
+            return Ok(());
+        }
+        let mut targets: HashMap<RelPath, Option<Target>> = self
+            .links
+            .pending
+            .iter()
+            .map(|l| (l.target.clone(), None))
+            .collect();
+        let mut steps = self.planned.read().map_err(self.scratch_err())?;
+        while let Some(step) = steps.next().map_err(self.scratch_err())? {
+            if let Planned::Entry { entry, have, plan } = step
+                && matches!(entry.kind, EntryKind::File { .. })
+                && let Some(t) = targets.get_mut(&entry.path)
+            {
+                *t = Some(Target {
+                    kept: matches!(plan, Plan::Keep { .. }),
+                    inode: file_inode(have.as_ref()),
+                });
+            }
+        }
+        for link in std::mem::take(&mut self.links.pending) {
+            let Some(target) = targets.get(&link.target).copied().flatten() else {
+                return Err(not_an_earlier_file(&link.path, &link.target));
+            };
+            if target.kept && link.inode.is_some() && link.inode == target.inode {
+                self.links.kept.insert(link.path);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the planned steps from the start.
+    fn steps(&mut self) -> Result<Steps, ApplyError> {
+        let reader = self.planned.read().map_err(self.scratch_err())?;
+        Ok(Steps {
+            reader,
+            scratch: self.state.dir.clone(),
+        })
+    }
+
+    fn plan_entry(&mut self, e: &Entry, have: Option<&Scanned>) -> Result<Plan, ApplyError> {
         Ok(match &e.kind {
             EntryKind::Dir => match have {
                 Some(h) if h.stat.is_dir() => Plan::Dir {
@@ -400,25 +565,10 @@ impl Destination {
                             && plan::meta_differs(h, &e.meta, false),
                     });
                 }
-                self.plan_build(e, segments)?
+                self.plan_build(e, segments, have)?
             }
-            EntryKind::HardLink { target } => {
-                let target_kept = self
-                    .entries
-                    .binary_search_by(|(t, _)| t.path.cmp(target))
-                    .is_ok_and(|i| matches!(self.entries[i].1, Plan::Keep { .. }));
-                let same_inode = match (have, self.existing.get(target)) {
-                    (Some(a), Some(b)) => {
-                        a.stat.is_file() && a.stat.ino == b.stat.ino && a.stat.dev == b.stat.dev
-                    }
-                    _ => false,
-                };
-                if target_kept && same_inode {
-                    Plan::Keep { meta: false }
-                } else {
-                    Plan::Link
-                }
-            }
+            // Kept instead if `end_manifest` finds it in place.
+            EntryKind::HardLink { .. } => Plan::Link,
             kind => match have {
                 Some(h) if plan::same_special(h, kind) => Plan::Keep {
                     meta: plan::meta_differs(h, &e.meta, matches!(kind, EntryKind::Symlink { .. })),
@@ -428,39 +578,44 @@ impl Destination {
         })
     }
 
+    /// A partial temp file for `name` in `dir` left by an interrupted run, if there is one.
+    fn partial_temp(&mut self, dir: &RelPath, temp: &[u8]) -> Option<File> {
+        let vol = self.vol.as_mut()?;
+        let d = vol.dir(dir).ok()?;
+        let is_file = fsops::stat_at(d, temp)
+            .ok()
+            .flatten()
+            .is_some_and(|s| rustix::fs::FileType::from_raw_mode(s.st_mode).is_file());
+        if is_file {
+            vol.open_read(dir, temp).ok()
+        } else {
+            None
+        }
+    }
+
     /// Picks a source for every segment of a file to build.
-    fn plan_build(&mut self, e: &Entry, segments: &[Segment]) -> Result<Plan, ApplyError> {
+    fn plan_build(
+        &mut self,
+        e: &Entry,
+        segments: &[Segment],
+        have: Option<&Scanned>,
+    ) -> Result<Plan, ApplyError> {
         let block = self.header.mode == VolumeMode::Block;
-        let (dir, name) = match e.path.split_last() {
-            Some((d, n)) => (d, n.to_vec()),
-            None => (RelPath::root(), Vec::new()),
-        };
+        let (dir, name) = split(&e.path);
         let temp = temp_name(&name);
-        let temp_path = (!block).then(|| dir.join(&temp).ok()).flatten();
         // A partial temp file from an interrupted run (tree), or the device/image itself (block).
         let partial: Option<File> = if block {
-            self.existing
-                .get(&e.path)
-                .and_then(|_| File::open(&self.path).ok())
+            have.and_then(|_| File::open(&self.path).ok())
         } else {
-            match &temp_path {
-                Some(tp) if self.existing.get(tp).is_some_and(|s| s.stat.is_file()) => {
-                    self.vol_mut().open_read(&dir, &temp).ok()
-                }
-                _ => None,
-            }
+            self.partial_temp(&dir, &temp)
         };
         // The old file at this path: what the index vouches it holds at each offset, or else
         // the file itself, to check by hash.
-        let have = self
-            .existing
-            .get(&e.path)
-            .filter(|h| !block && h.stat.is_file());
+        let have = have.filter(|h| !block && h.stat.is_file());
         let vouched = have.and_then(|h| {
             let r = self.index.as_mut()?.get(&e.path)?;
             r.vouches(&h.stat).then(|| chunks_by_offset(&r.segments))
         });
-        let has_old = have.is_some();
         // Opened only for offsets the index does not vouch for.
         let mut old: Option<File> = None;
         let mut sources = Vec::with_capacity(segments.len());
@@ -493,7 +648,7 @@ impl Destination {
                 // reading each at its old offset would hash the whole file for nothing.
                 // The chunk places know where it is.
                 Src::Local(loc)
-            } else if has_old && {
+            } else if have.is_some() && {
                 if old.is_none() {
                     old = self.vol_mut().open_read(&dir, &name).ok();
                 }
@@ -528,11 +683,9 @@ impl Destination {
         // An existing file that already holds exactly this content (the index could not vouch
         // for it, but every chunk checked out) is kept rather than rewritten.
         // A hard-linked inode can stay under its first name only (see `plan_entry`).
-        if let Some(f) = &old
-            && self.existing.get(&e.path).is_some_and(|h| {
-                h.stat.size == e.size()
-                    && (h.stat.nlink == 1 || !self.kept_inodes.contains(&(h.stat.dev, h.stat.ino)))
-            })
+        if let (Some(f), Some(have)) = (&old, have)
+            && have.stat.size == e.size()
+            && (have.stat.nlink == 1 || !self.kept_inodes.contains(&(have.stat.dev, have.stat.ino)))
             && offsets(segments)
                 .zip(&sources)
                 .all(|((off, seg), src)| match src {
@@ -541,7 +694,6 @@ impl Destination {
                     _ => false,
                 })
         {
-            let have = self.existing.get(&e.path).expect("checked above");
             if have.stat.nlink > 1 {
                 self.kept_inodes.insert((have.stat.dev, have.stat.ino));
             }
@@ -560,22 +712,7 @@ impl Destination {
 
     /// True if the prepare walk found nothing below the destination's root.
     pub fn is_empty(&self) -> bool {
-        self.existing.iter().all(|s| s.path.is_root())
-    }
-
-    /// Phase 3 for one entry, in a streamed session: writes the entry planned last, taking the
-    /// chunks it needs from the sender from `feed` now.
-    pub fn write_planned(
-        &mut self,
-        feed: &mut dyn ChunkFeed,
-        progress: &dyn Progress,
-    ) -> Result<(), ApplyError> {
-        let Some((e, p)) = self.entries.pop() else {
-            return Ok(());
-        };
-        let result = self.write_entry(&e, &p, feed, progress);
-        self.entries.push((e, p));
-        result
+        !self.found_below_root
     }
 
     /// The digest of the manifest received so far.
@@ -604,471 +741,38 @@ impl Destination {
 
     /// Total bytes the progress bar covers.
     pub fn progress_total(&self) -> u64 {
-        self.entries.iter().map(|(e, _)| e.size()).sum()
+        self.bytes_planned
     }
+}
 
-    /// Phase 3: build temp files from local copies and the feed.
-    pub fn write(
-        &mut self,
-        feed: &mut dyn ChunkFeed,
-        progress: &dyn Progress,
-    ) -> Result<(), ApplyError> {
-        progress.phase("writing");
-        if self.header.mode == VolumeMode::Block {
-            return self.write_block(feed, progress);
-        }
-        let entries = std::mem::take(&mut self.entries);
-        let result = (|| {
-            for (e, p) in &entries {
-                self.write_entry(e, p, feed, progress)?;
-            }
-            Ok(())
-        })();
-        self.entries = entries;
-        result
-    }
+fn not_an_earlier_file(path: &RelPath, target: &RelPath) -> ApplyError {
+    ApplyError::Manifest(format!(
+        "hard link {path} points to {target}, which is not an earlier regular file"
+    ))
+}
 
-    fn write_entry(
-        &mut self,
-        e: &Entry,
-        p: &Plan,
-        feed: &mut dyn ChunkFeed,
-        progress: &dyn Progress,
-    ) -> Result<(), ApplyError> {
-        let shown = e.path.to_string();
-        match (p, &e.kind) {
-            (
-                Plan::Dir {
-                    create: true,
-                    replace,
-                },
-                _,
-            ) if !e.path.is_root() => {
-                let (parent, name) = split(&e.path);
-                let vol = self.vol_mut();
-                let d = vol
-                    .dir(&parent)
-                    .map_err(io_err("cannot open directory", &parent))?;
-                if *replace {
-                    fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
-                }
-                rfs::mkdirat(d, os(&name), Mode::from_raw_mode(0o700))
-                    .map_err(|e| io_err("cannot create directory", &shown)(e.into()))?;
-                self.created_dirs.push(e.path.clone());
-            }
-            (Plan::Build { sources, resume }, EntryKind::File { size, segments }) => {
-                let (parent, name) = split(&e.path);
-                let temp = temp_name(&name);
-                let vol = self.vol.as_mut().expect("tree");
-                let d = vol
-                    .dir(&parent)
-                    .map_err(io_err("cannot open directory", &parent))?;
-                let file = fsops::create_temp(d, &temp, *resume)
-                    .map_err(io_err("cannot create", &shown))?;
-                self.created_temps.push((parent.clone(), temp.clone()));
-                let mut reader = LocalReader::default();
-                let mut clone = PendingClone::default();
-                for ((off, seg), src) in offsets(segments).zip(sources) {
-                    let Segment::Chunk { id, len } = *seg else {
-                        continue;
-                    };
-                    if let Src::Clone(loc) = src
-                        && clone.extend(loc, off, len)
-                    {
-                        progress.advance(u64::from(len));
-                        continue;
-                    }
-                    let vol = self.vol.as_mut().expect("tree");
-                    self.stats.bytes_copied_locally +=
-                        clone.flush(&mut reader, vol, &self.sources, &file)?;
-                    let data = match src {
-                        Src::Clone(loc) => {
-                            clone.start(loc, off, len);
-                            progress.advance(u64::from(len));
-                            continue;
-                        }
-                        Src::Zero | Src::InPlace => None,
-                        Src::Local(loc) => {
-                            let d = reader.read(vol, &self.sources, loc, len, &id)?;
-                            self.stats.bytes_copied_locally += u64::from(len);
-                            Some(d)
-                        }
-                        Src::Wire => {
-                            let base = match self.suffix_bases.get(&id) {
-                                Some((at, len, base)) => {
-                                    Some((*base, reader.read(vol, &self.sources, at, *len, base)?))
-                                }
-                                None => None,
-                            };
-                            let base = base.as_ref().map(|(id, b)| (*id, &b[..]));
-                            Some(feed.next_chunk(id, base)?)
-                        }
-                    };
-                    if let Some(data) = data {
-                        file.write_all_at(&data, off)
-                            .map_err(io_err("cannot write", &shown))?;
-                        if *src == Src::Wire {
-                            crate::crashpoint::reached("chunk");
-                        }
-                    }
-                    progress.advance(u64::from(len));
-                }
-                let vol = self.vol.as_mut().expect("tree");
-                self.stats.bytes_copied_locally +=
-                    clone.flush(&mut reader, vol, &self.sources, &file)?;
-                file.set_len(*size).map_err(io_err("cannot size", &shown))?;
-                progress.advance(
-                    segments
-                        .iter()
-                        .filter(|s| matches!(s, Segment::Zero { .. }))
-                        .map(Segment::len)
-                        .sum(),
-                );
-                fsops::apply_meta_fd(&file, &e.meta)
-                    .map_err(io_err("cannot set attributes of", &shown))?;
-                self.stats.files_written += 1;
-                if *size >= flusher::EARLY_SYNC_MIN {
-                    self.flusher.submit(file, shown);
-                } else {
-                    self.unsynced += size;
-                    if self.unsynced >= flusher::EARLY_SYNC_EVERY {
-                        self.unsynced = 0;
-                        let vol = self.vol.as_mut().expect("tree");
-                        let root = vol.root_path().display().to_string();
-                        let handle = vol
-                            .dir(&RelPath::root())
-                            .and_then(|d| d.try_clone())
-                            .map_err(io_err("cannot sync", &root))?;
-                        self.flusher.submit_filesystem(File::from(handle), root);
-                    }
-                }
-            }
-            (Plan::Special, kind) => {
-                let (parent, name) = split(&e.path);
-                let temp = temp_name(&name);
-                let vol = self.vol_mut();
-                let d = vol
-                    .dir(&parent)
-                    .map_err(io_err("cannot open directory", &parent))?;
-                fsops::remove_any(d, &temp).map_err(io_err("cannot clear", &shown))?;
-                let perm = Mode::from_raw_mode(e.meta.perm);
-                let made = match kind {
-                    EntryKind::Symlink { target } => rfs::symlinkat(os(target), d, os(&temp)),
-                    EntryKind::Fifo => rfs::mknodat(d, os(&temp), FileType::Fifo, perm, 0),
-                    EntryKind::Socket => rfs::mknodat(d, os(&temp), FileType::Socket, perm, 0),
-                    EntryKind::CharDevice { rdev } => {
-                        rfs::mknodat(d, os(&temp), FileType::CharacterDevice, perm, *rdev)
-                    }
-                    EntryKind::BlockDevice { rdev } => {
-                        rfs::mknodat(d, os(&temp), FileType::BlockDevice, perm, *rdev)
-                    }
-                    _ => unreachable!("special plans are only made for special kinds"),
-                };
-                made.map_err(|err| io_err("cannot create", &shown)(err.into()))?;
-                let d = self
-                    .vol_mut()
-                    .dir(&parent)
-                    .map_err(io_err("cannot open directory", &parent))?;
-                fsops::apply_meta_at(d, &temp, &e.meta, matches!(kind, EntryKind::Symlink { .. }))
-                    .map_err(io_err("cannot set attributes of", &shown))?;
-                self.created_temps.push((parent, temp));
-            }
-            _ => {}
-        }
-        Ok(())
-    }
+/// The planned steps read back in order.
+struct Steps {
+    reader: SpoolReader<Planned>,
+    scratch: PathBuf,
+}
 
-    fn write_block(
-        &mut self,
-        feed: &mut dyn ChunkFeed,
-        progress: &dyn Progress,
-    ) -> Result<(), ApplyError> {
-        let (e, p) = self
-            .entries
-            .first()
-            .cloned()
-            .ok_or_else(|| ApplyError::Manifest("empty block manifest".into()))?;
-        let shown = self.path.display().to_string();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&self.path)
-            .map_err(io_err("cannot open", &shown))?;
-        let is_device = file
-            .metadata()
-            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
-            .unwrap_or(false);
-        let have = crate::volume::volume_size(&file).map_err(io_err("cannot size", &shown))?;
-        let size = e.size();
-        if is_device && have < size {
-            return Err(ApplyError::DeviceTooSmall {
-                path: self.path.clone(),
-                have,
-                need: size,
-            });
-        }
-        if let Plan::Build { sources, .. } = &p {
-            self.touched = sources.iter().any(|s| *s != Src::InPlace) || have != size;
-            if !is_device && have > size {
-                file.set_len(size).map_err(io_err("cannot size", &shown))?;
-            }
-            let mut buf = Vec::new();
-            let mut unsynced = 0;
-            for ((off, seg), src) in offsets(e.segments()).zip(sources) {
-                if unsynced >= flusher::EARLY_SYNC_EVERY {
-                    // Let the disk work through what is written so far while more arrives.
-                    let handle = file.try_clone().map_err(io_err("cannot sync", &shown))?;
-                    self.flusher.submit(handle, shown.clone());
-                    unsynced = 0;
-                }
-                match (*seg, src) {
-                    (Segment::Chunk { id, .. }, Src::Wire) => {
-                        let data = feed.next_chunk(id, None)?;
-                        file.write_all_at(&data, off)
-                            .map_err(io_err("cannot write", &shown))?;
-                        crate::crashpoint::reached("chunk");
-                        self.stats.files_written = 1;
-                        unsynced += data.len() as u64;
-                    }
-                    (Segment::Chunk { id, len }, Src::Local(loc)) => {
-                        if !range_has(&file, loc.offset, len, &id, &mut buf) {
-                            return Err(ApplyError::LocalChanged(shown.clone()));
-                        }
-                        file.write_all_at(&buf, off)
-                            .map_err(io_err("cannot write", &shown))?;
-                        self.stats.bytes_copied_locally += u64::from(len);
-                    }
-                    (Segment::Zero { len }, _) if off < have => {
-                        // Only punch where the old content may hold data.
-                        let end = (off + len).min(have);
-                        if !range_is_zero(&file, off, end - off, &mut buf) {
-                            fsops::zero_range(&file, off, end - off)
-                                .map_err(io_err("cannot zero", &shown))?;
-                        }
-                    }
-                    _ => {}
-                }
-                progress.advance(seg.len());
-            }
-            if !is_device {
-                file.set_len(size).map_err(io_err("cannot size", &shown))?;
-            }
-        }
-        self.flusher.finish()?;
-        file.sync_all().map_err(io_err("cannot sync", &shown))?;
-        Ok(())
-    }
-
-    /// Removes what this run created; used when the sync is abandoned on purpose.
-    pub fn discard(&mut self) {
-        let Some(vol) = self.vol.as_mut() else { return };
-        // Directories whose entries we touch; their mtimes are put back afterwards.
-        let mut touched: Vec<RelPath> = Vec::new();
-        for (dir, temp) in self.created_temps.drain(..).rev() {
-            if let Ok(d) = vol.dir(&dir) {
-                let _ = fsops::remove_any(d, &temp);
-            }
-            touched.push(dir);
-        }
-        for dir in self.created_dirs.drain(..).rev() {
-            let (parent, name) = split(&dir);
-            vol.invalidate();
-            if let Ok(d) = vol.dir(&parent) {
-                let _ = rfs::unlinkat(d, os(&name), AtFlags::REMOVEDIR);
-            }
-            touched.push(parent);
-        }
-        touched.sort();
-        touched.dedup();
-        for dir in touched {
-            if let Some(had) = self.existing.get(&dir)
-                && had.stat.is_dir()
-                && let Ok(d) = vol.dir(&dir)
+impl Steps {
+    /// The next step, a hard link with the plan `end_manifest` decided for it.
+    fn next(&mut self, links: &Links) -> Result<Option<Planned>, ApplyError> {
+        let step = self.reader.next().map_err(io_err(
+            "cannot read a scratch file in",
+            &self.scratch.display(),
+        ))?;
+        Ok(step.map(|mut s| {
+            if let Planned::Entry { entry, plan, .. } = &mut s
+                && matches!(entry.kind, EntryKind::HardLink { .. })
+                && links.kept.contains(&entry.path)
             {
-                let _ = fsops::set_mtime_fd(d, had.stat.mtime_sec, had.stat.mtime_nsec);
+                *plan = Plan::Keep { meta: false };
             }
-        }
-    }
-
-    /// Phases 4 and 5: make everything durable and visible, then verify and record.
-    pub fn commit(
-        mut self,
-        expected: RootDigest,
-        progress: &dyn Progress,
-    ) -> Result<Committed, ApplyError> {
-        progress.phase("committing");
-        let t = std::time::Instant::now();
-        if self.header.mode == VolumeMode::Tree {
-            self.commit_tree()?;
-        }
-        progress.phase("verifying");
-        tracing::debug!(
-            touched = self.touched,
-            ms = t.elapsed().as_millis(),
-            "committed"
-        );
-        let t = std::time::Instant::now();
-        let (root, index) = self.verify()?;
-        tracing::debug!(ms = t.elapsed().as_millis(), "verified");
-        if root != expected {
-            return Err(ApplyError::DigestMismatch {
-                got: root,
-                want: expected,
-            });
-        }
-        self.state
-            .mark_complete(&self.path, root)
-            .map_err(io_err("cannot write state of", &self.path.display()))?;
-        if let Some(Err(e)) = self.store.take().map(StoreWriter::publish) {
-            tracing::warn!("cannot keep this manifest for the next delta: {e}");
-        }
-        Ok(Committed {
-            root,
-            stats: self.stats,
-            index,
-            dest: self,
-        })
-    }
-
-    fn commit_tree(&mut self) -> Result<(), ApplyError> {
-        let vol = self.vol.as_mut().expect("tree");
-        let root_shown = vol.root_path().display().to_string();
-        self.flusher.finish()?;
-        let changed = !self.created_temps.is_empty() || !self.created_dirs.is_empty();
-        if changed {
-            // Temp file data must be durable before any rename makes it visible.
-            fsops::syncfs(
-                vol.dir(&RelPath::root())
-                    .map_err(io_err("cannot open", &root_shown))?,
-            )
-            .map_err(io_err("cannot sync", &root_shown))?;
-        }
-        let mut touched = changed;
-        for (e, p) in &self.entries {
-            if matches!(p, Plan::Keep { meta: false } | Plan::Dir { .. }) {
-                continue; // nothing to do here (directory attributes come last)
-            }
-            let shown = &e.path;
-            let Some((parent, name)) = e.path.split_last() else {
-                continue;
-            };
-            let name = name.to_vec();
-            let was_dir = self.existing.get(&e.path).is_some_and(|s| s.stat.is_dir());
-            match p {
-                Plan::Build { .. } | Plan::Special => {
-                    let d = vol
-                        .dir(&parent)
-                        .map_err(io_err("cannot open directory", &parent))?;
-                    if was_dir {
-                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", shown))?;
-                    }
-                    rfs::renameat(d, os(&temp_name(&name)), d, os(&name))
-                        .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;
-                    crate::crashpoint::reached("rename");
-                    touched = true;
-                }
-                Plan::Link => {
-                    let EntryKind::HardLink { target } = &e.kind else {
-                        continue;
-                    };
-                    let (tparent, tname) = split(target);
-                    let temp = temp_name(&name);
-                    let td = vol
-                        .dir(&tparent)
-                        .map_err(io_err("cannot open directory", &tparent))?;
-                    let td = td
-                        .try_clone()
-                        .map_err(io_err("cannot open directory", &tparent))?;
-                    let d = vol
-                        .dir(&parent)
-                        .map_err(io_err("cannot open directory", &parent))?;
-                    if was_dir {
-                        fsops::remove_any(d, &name).map_err(io_err("cannot replace", shown))?;
-                    }
-                    fsops::remove_any(d, &temp).map_err(io_err("cannot clear", shown))?;
-                    rfs::linkat(&td, os(&tname), d, os(&temp), AtFlags::empty())
-                        .map_err(|err| io_err("cannot link", shown)(err.into()))?;
-                    rfs::renameat(d, os(&temp), d, os(&name))
-                        .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;
-                    touched = true;
-                }
-                Plan::Keep { meta: true } if !matches!(e.kind, EntryKind::Dir) => {
-                    let d = vol
-                        .dir(&parent)
-                        .map_err(io_err("cannot open directory", &parent))?;
-                    if let EntryKind::File { .. } = e.kind {
-                        let f = rfs::openat(
-                            d,
-                            os(&name),
-                            rfs::OFlags::RDONLY | rfs::OFlags::NOFOLLOW | rfs::OFlags::CLOEXEC,
-                            Mode::empty(),
-                        )
-                        .map_err(|err| io_err("cannot open", shown)(err.into()))?;
-                        fsops::apply_meta_fd(&f, &e.meta)
-                            .map_err(io_err("cannot set attributes of", shown))?;
-                    } else {
-                        let symlink = matches!(e.kind, EntryKind::Symlink { .. });
-                        fsops::apply_meta_at(d, &name, &e.meta, symlink)
-                            .map_err(io_err("cannot set attributes of", shown))?;
-                    }
-                    touched = true;
-                }
-                _ => {}
-            }
-        }
-        // Remove what the source no longer has, children before parents. When every path the
-        // prepare walk found is also in the manifest (the usual incremental), there is none.
-        let mut extra: Vec<&RelPath> = Vec::new();
-        if self.matched < self.existing.len() {
-            let wanted: HashSet<&RelPath> = self.entries.iter().map(|(e, _)| &e.path).collect();
-            extra.extend(
-                self.existing
-                    .iter()
-                    .map(|s| &s.path)
-                    .filter(|p| !wanted.contains(p)),
-            );
-        }
-        extra.sort();
-        vol.invalidate();
-        for p in extra.into_iter().rev() {
-            let (parent, name) = split(p);
-            let Ok(d) = vol.dir(&parent) else { continue }; // parent already gone or replaced
-            fsops::remove_any(d, &name).map_err(io_err("cannot delete", p))?;
-            self.stats.deleted += 1;
-            touched = true;
-        }
-        // Directory attributes last, deepest first: creating children changed their mtimes.
-        let mut dirs: Vec<&(Entry, Plan)> = self
-            .entries
-            .iter()
-            .filter(|(e, _)| matches!(e.kind, EntryKind::Dir))
-            .collect();
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.0.path.depth()));
-        for (e, _) in dirs {
-            let shown = &e.path;
-            let have = self.existing.get(&e.path);
-            if touched || have.is_none_or(|h| plan::meta_differs(h, &e.meta, false)) {
-                let d = vol
-                    .dir(&e.path)
-                    .map_err(io_err("cannot open directory", shown))?;
-                fsops::apply_meta_fd(d, &e.meta)
-                    .map_err(io_err("cannot set attributes of", shown))?;
-                touched = true;
-            }
-        }
-        self.touched = touched;
-        crate::crashpoint::reached("commit-sync");
-        if touched {
-            self.last_change = Some(std::time::Instant::now());
-            fsops::syncfs(
-                vol.dir(&RelPath::root())
-                    .map_err(io_err("cannot open", &root_shown))?,
-            )
-            .map_err(io_err("cannot sync", &root_shown))?;
-        }
-        Ok(())
+            s
+        }))
     }
 }
 

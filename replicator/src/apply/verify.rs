@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::plan::Plan;
+use super::spool::Planned;
 use super::{ApplyError, Destination};
 use crate::chunk::Segment;
 use crate::index::{Fingerprint, IndexReader, IndexWriter, now_ns};
@@ -24,7 +25,7 @@ impl Destination {
     /// replaced or changed (and every directory, once anything changed) are read again; the
     /// rest are as the prepare walk saw them — that walk also found everything the manifest
     /// lacks, and the commit removed it.
-    pub(super) fn verify(&self) -> Result<(RootDigest, Option<IndexWriter>), ApplyError> {
+    pub(super) fn verify(&mut self) -> Result<(RootDigest, Option<IndexWriter>), ApplyError> {
         let scan_start = now_ns();
         let file = self.state.index_file();
         let mut index = NewIndex {
@@ -36,7 +37,10 @@ impl Destination {
         };
         let mut digest = DigestBuilder::new(&self.header);
         if self.header.mode == VolumeMode::Block {
-            let (e, _) = &self.entries[0];
+            let (e, _) = self
+                .last
+                .as_ref()
+                .ok_or_else(|| ApplyError::Manifest("empty block manifest".into()))?;
             let s = scan_one(&self.path, &RelPath::root(), WalkOptions { xattrs: false })
                 .map_err(|err| ApplyError::Manifest(err.to_string()))?
                 .ok_or_else(|| ApplyError::Manifest("destination vanished".into()))?;
@@ -61,26 +65,35 @@ impl Destination {
             }
             return Ok((digest.finish(), index.changed()));
         }
+        let mut steps = self.steps()?;
         let mut check = Verifier {
             root: &self.path,
             links: HashMap::new(),
             index,
             digest,
         };
-        for (e, plan) in &self.entries {
+        while let Some(step) = steps.next(&self.links)? {
+            let Planned::Entry {
+                entry: e,
+                have,
+                plan,
+            } = step
+            else {
+                continue; // removed by the commit
+            };
             // What this run did not touch is as the prepare walk saw it; the rest is read again.
             let untouched = !self.touched
                 || (matches!(plan, Plan::Keep { meta: false })
                     && !matches!(e.kind, EntryKind::Dir));
-            match self.existing.get(&e.path) {
-                Some(s) if untouched => check.add(s, e, self.prepared_at)?,
+            match have {
+                Some(s) if untouched => check.add(&s, &e, self.prepared_at)?,
                 _ => {
                     let s = scan_one(&self.path, &e.path, WalkOptions::default())
                         .map_err(|err| ApplyError::Manifest(err.to_string()))?
                         .ok_or_else(|| {
                             ApplyError::LocalChanged(format!("{} vanished during the sync", e.path))
                         })?;
-                    check.add(&s, e, scan_start)?;
+                    check.add(&s, &e, scan_start)?;
                 }
             }
         }

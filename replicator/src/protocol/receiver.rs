@@ -328,6 +328,7 @@ fn receive_manifest(
                 if let Some(m) = merger.take() {
                     m.finish(&mut |e| plan(dest, e))?;
                 }
+                dest.end_manifest()?;
                 return Ok((entries, root, manifest));
             }
             other => {

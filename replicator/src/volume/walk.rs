@@ -5,10 +5,7 @@
 //! manifest's entry order and two walks can be merged without sorting. It never follows
 //! symlinks and never crosses into a path the caller excludes.
 
-use std::borrow::Borrow;
-use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -27,60 +24,6 @@ pub struct Scanned {
     pub stat: StatInfo,
     pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     pub link_target: Option<Vec<u8>>,
-}
-
-/// Walked entries looked up by path. Each [`Scanned`] carries its path, so the set keys on
-/// it instead of storing every path twice, and holds it boxed: a table is up to half empty
-/// (a million entries take 2^21 slots), and an empty slot of 8 bytes wastes less than one of
-/// 160. For a million-entry destination that is ~200 MB less than a map of paths to entries.
-#[derive(Debug, Default)]
-pub struct Listing(HashSet<ByPath, foldhash::fast::RandomState>);
-
-#[derive(Debug)]
-struct ByPath(Box<Scanned>);
-
-impl Borrow<RelPath> for ByPath {
-    fn borrow(&self) -> &RelPath {
-        &self.0.path
-    }
-}
-
-impl PartialEq for ByPath {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.path == other.0.path
-    }
-}
-
-impl Eq for ByPath {}
-
-impl Hash for ByPath {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.path.hash(state);
-    }
-}
-
-impl Listing {
-    /// Adds `s`, replacing an entry with the same path.
-    pub fn insert(&mut self, s: Scanned) {
-        self.0.replace(ByPath(Box::new(s)));
-    }
-
-    pub fn get(&self, path: &RelPath) -> Option<&Scanned> {
-        self.0.get(path).map(|b| &*b.0)
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Every entry, in no particular order.
-    pub fn iter(&self) -> impl Iterator<Item = &Scanned> {
-        self.0.iter().map(|b| &*b.0)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,29 +226,6 @@ fn walk_fd(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_listing_finds_entries_by_path_and_keeps_the_latest() {
-        let scanned = |p: &[u8], size| Scanned {
-            path: RelPath::new(p.to_vec()).unwrap(),
-            stat: StatInfo {
-                size,
-                ..Default::default()
-            },
-            xattrs: Vec::new(),
-            link_target: None,
-        };
-        let mut listing = Listing::default();
-        listing.insert(scanned(b"", 0));
-        listing.insert(scanned(b"a", 1));
-        listing.insert(scanned(b"a/b", 2));
-        listing.insert(scanned(b"a", 3));
-        let path = |p: &[u8]| RelPath::new(p.to_vec()).unwrap();
-        assert_eq!(listing.get(&path(b"a")).map(|s| s.stat.size), Some(3));
-        assert_eq!(listing.get(&path(b"a/b")).map(|s| s.stat.size), Some(2));
-        assert!(listing.get(&path(b"b")).is_none());
-        assert_eq!(listing.iter().count(), 3);
-    }
 
     #[test]
     fn walk_order_matches_volume_order() {

@@ -1,0 +1,348 @@
+//! The receiver's passes driven directly with hand-made manifests: what a hostile or odd
+//! manifest gets, and what the commit and discard passes leave on disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+
+use super::{ApplyError, ApplyStats, ChunkFeed, Destination};
+use crate::chunk::{ChunkId, ChunkerParams, Segment};
+use crate::manifest::{Entry, EntryKind, Header, MANIFEST_VERSION, Meta, RelPath, VolumeMode};
+use crate::progress::NoProgress;
+use crate::state::TargetState;
+
+struct Chunks(HashMap<ChunkId, Bytes>);
+
+impl ChunkFeed for Chunks {
+    fn next_chunk(
+        &mut self,
+        expect: ChunkId,
+        _base: Option<(ChunkId, &[u8])>,
+    ) -> Result<Bytes, ApplyError> {
+        self.0
+            .get(&expect)
+            .cloned()
+            .ok_or(ApplyError::MissingChunks)
+    }
+}
+
+fn path(p: &str) -> RelPath {
+    RelPath::new(p.as_bytes().to_vec()).unwrap()
+}
+
+fn meta(perm: u32) -> Meta {
+    Meta {
+        perm,
+        uid: rustix::process::getuid().as_raw(),
+        gid: rustix::process::getgid().as_raw(),
+        mtime_sec: 1_600_000_000,
+        mtime_nsec: 0,
+        xattrs: Vec::new(),
+    }
+}
+
+fn dir(p: &str) -> Entry {
+    Entry {
+        path: path(p),
+        kind: EntryKind::Dir,
+        meta: meta(0o755),
+    }
+}
+
+fn file(p: &str, data: &[u8]) -> Entry {
+    Entry {
+        path: path(p),
+        kind: EntryKind::File {
+            size: data.len() as u64,
+            segments: vec![Segment::Chunk {
+                id: ChunkId::of(data),
+                len: data.len() as u32,
+            }],
+        },
+        meta: meta(0o644),
+    }
+}
+
+fn link(p: &str, target: &str) -> Entry {
+    Entry {
+        path: path(p),
+        kind: EntryKind::HardLink {
+            target: path(target),
+        },
+        meta: Meta::default(),
+    }
+}
+
+fn symlink(p: &str, target: &str) -> Entry {
+    Entry {
+        path: path(p),
+        kind: EntryKind::Symlink {
+            target: target.as_bytes().to_vec(),
+        },
+        meta: meta(0o777),
+    }
+}
+
+struct Volume {
+    _tmp: tempfile::TempDir,
+    dst: PathBuf,
+    state: PathBuf,
+}
+
+impl Volume {
+    fn new() -> Volume {
+        let tmp = tempfile::tempdir().unwrap();
+        let dst = tmp.path().join("dst");
+        std::fs::create_dir(&dst).unwrap();
+        Volume {
+            dst,
+            state: tmp.path().join("state"),
+            _tmp: tmp,
+        }
+    }
+
+    /// Plans `entries`, writes and commits them, as a session does; a failure before the
+    /// commit discards what was written.
+    fn apply(&self, entries: Vec<Entry>) -> Result<ApplyStats, ApplyError> {
+        let chunks: HashMap<ChunkId, Bytes> = entries
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+            .map(|e| {
+                let data = Bytes::from(std::fs::read(self.content_of(e)).unwrap_or_default());
+                (ChunkId::of(&data), data)
+            })
+            .collect();
+        let header = Header {
+            version: MANIFEST_VERSION,
+            mode: VolumeMode::Tree,
+            chunker: ChunkerParams::default(),
+        };
+        let state = TargetState {
+            dir: self.state.clone(),
+        };
+        let mut dest = Destination::prepare(&self.dst, header, state)?;
+        let planned = (|| {
+            for e in entries {
+                dest.plan(e)?;
+            }
+            dest.end_manifest()?;
+            dest.take_wants();
+            dest.write(&mut Chunks(chunks), &NoProgress)
+        })();
+        if let Err(e) = planned {
+            dest.discard();
+            return Err(e);
+        }
+        let root = dest.manifest_digest();
+        let committed = dest.commit(root, &NoProgress)?;
+        let stats = committed.stats;
+        committed.save_index();
+        Ok(stats)
+    }
+
+    /// Where the test keeps the bytes of a file entry (outside the volume).
+    fn content_of(&self, e: &Entry) -> PathBuf {
+        self.state
+            .with_extension("contents")
+            .join(ChunkId::of(e.path.as_bytes()).to_hex())
+    }
+
+    fn file(&self, p: &str, data: &[u8]) -> Entry {
+        let e = file(p, data);
+        let at = self.content_of(&e);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::write(at, data).unwrap();
+        e
+    }
+
+    /// Every path below the destination with its kind, size, inode and mtime.
+    fn listing(&self) -> BTreeMap<String, (u32, u64, u64, i64)> {
+        let mut out = BTreeMap::new();
+        list(&self.dst, &self.dst, &mut out);
+        out
+    }
+}
+
+fn list(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, u64, u64, i64)>) {
+    for item in std::fs::read_dir(dir).unwrap() {
+        let p = item.unwrap().path();
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        out.insert(rel, (m.mode(), m.size(), m.ino(), m.mtime()));
+        if m.is_dir() {
+            list(root, &p, out);
+        }
+    }
+}
+
+fn refused(result: Result<ApplyStats, ApplyError>, needle: &str) {
+    match result {
+        Err(e) => assert!(e.to_string().contains(needle), "{e}"),
+        Ok(_) => panic!("accepted; expected an error containing {needle:?}"),
+    }
+}
+
+#[test]
+fn a_hard_link_must_name_an_earlier_regular_file_and_a_refused_manifest_changes_nothing() {
+    let v = Volume::new();
+    v.apply(vec![dir(""), v.file("keep", b"kept")]).unwrap();
+    let before = v.listing();
+    let bad_targets: [(&str, Vec<Entry>); 5] = [
+        ("a later file", vec![v.file("z", b"later")]),
+        ("a missing path", vec![]),
+        ("a directory", vec![dir("c-dir")]),
+        ("a symlink", vec![symlink("c-sym", "keep")]),
+        ("another link", vec![link("c-link", "keep")]),
+    ];
+    for (why, extra) in bad_targets {
+        let target = match extra.first() {
+            Some(e) => e.path.to_string(),
+            None => "a-nowhere".to_string(),
+        };
+        let mut entries = vec![
+            dir(""),
+            v.file("b-new", b"new data"),
+            v.file("keep", b"kept"),
+        ];
+        entries.push(link("m-link", &target));
+        entries.extend(extra);
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        refused(v.apply(entries), "not an earlier regular file");
+        assert_eq!(v.listing(), before, "the destination changed after {why}");
+    }
+}
+
+#[test]
+fn an_entry_without_its_parent_directory_before_it_is_refused() {
+    let v = Volume::new();
+    let entries = vec![dir(""), dir("a"), v.file("a/x", b"x"), v.file("b/y", b"y")];
+    refused(v.apply(entries), "no parent directory");
+    assert!(v.listing().is_empty(), "{:?}", v.listing());
+}
+
+#[test]
+fn hard_links_already_in_place_are_kept_and_missing_ones_made() {
+    let v = Volume::new();
+    let tree = |v: &Volume| {
+        vec![
+            dir(""),
+            v.file("a", b"shared"),
+            link("b", "a"),
+            dir("d"),
+            link("d/c", "a"),
+        ]
+    };
+    v.apply(tree(&v)).unwrap();
+    let first = v.listing();
+    assert_eq!(first["a"].2, first["b"].2, "one inode");
+    assert_eq!(first["a"].2, first["d/c"].2, "one inode");
+    let again = v.apply(tree(&v)).unwrap();
+    assert_eq!(again.files_written, 0);
+    assert_eq!(v.listing(), first, "nothing was touched");
+    // One name replaced by a separate file: the link is made again.
+    std::fs::remove_file(v.dst.join("d/c")).unwrap();
+    std::fs::write(v.dst.join("d/c"), b"shared").unwrap();
+    v.apply(tree(&v)).unwrap();
+    let fixed = v.listing();
+    assert_eq!(fixed["a"].2, fixed["d/c"].2);
+}
+
+#[test]
+fn temp_files_of_an_interrupted_run_are_resumed_or_removed() {
+    let v = Volume::new();
+    v.apply(vec![dir(""), dir("d"), v.file("d/old", b"old")])
+        .unwrap();
+    // An interrupted run left a temp file for a name the manifest still has (resumed) and
+    // one for a name it no longer has (removed).
+    let data = b"the whole content of a file";
+    std::fs::write(
+        v.dst
+            .join("d")
+            .join(std::str::from_utf8(&super::temp_name(b"new")).unwrap()),
+        &data[..10],
+    )
+    .unwrap();
+    std::fs::write(
+        v.dst
+            .join("d")
+            .join(std::str::from_utf8(&super::temp_name(b"gone")).unwrap()),
+        b"stale",
+    )
+    .unwrap();
+    let s = v
+        .apply(vec![
+            dir(""),
+            dir("d"),
+            v.file("d/new", data),
+            v.file("d/old", b"old"),
+        ])
+        .unwrap();
+    assert_eq!(std::fs::read(v.dst.join("d/new")).unwrap(), data);
+    let names: Vec<String> = v.listing().into_keys().collect();
+    assert_eq!(names, ["d", "d/new", "d/old"]);
+    assert_eq!(s.deleted, 1, "the stale temp file");
+}
+
+#[test]
+fn a_directory_replaced_by_a_file_takes_its_contents_with_it() {
+    let v = Volume::new();
+    v.apply(vec![
+        dir(""),
+        dir("a"),
+        v.file("a/x", b"x"),
+        dir("a/y"),
+        v.file("a/y/z", b"z"),
+        v.file("b", b"b"),
+    ])
+    .unwrap();
+    let s = v
+        .apply(vec![dir(""), v.file("a", b"now a file"), v.file("b", b"b")])
+        .unwrap();
+    assert_eq!(std::fs::read(v.dst.join("a")).unwrap(), b"now a file");
+    let names: Vec<String> = v.listing().into_keys().collect();
+    assert_eq!(names, ["a", "b"]);
+    assert_eq!(s.files_written, 1);
+}
+
+#[test]
+fn removed_subtrees_are_counted_entry_by_entry() {
+    let v = Volume::new();
+    v.apply(vec![
+        dir(""),
+        dir("gone"),
+        dir("gone/deep"),
+        v.file("gone/deep/f", b"f"),
+        v.file("gone/g", b"g"),
+        v.file("stays", b"s"),
+    ])
+    .unwrap();
+    let s = v.apply(vec![dir(""), v.file("stays", b"s")]).unwrap();
+    assert_eq!(s.deleted, 4);
+    let names: Vec<String> = v.listing().into_keys().collect();
+    assert_eq!(names, ["stays"]);
+}
+
+#[test]
+fn a_discarded_run_removes_what_it_created_and_puts_directory_times_back() {
+    let v = Volume::new();
+    v.apply(vec![dir(""), dir("d"), v.file("d/f", b"f")])
+        .unwrap();
+    let before = v.listing();
+    // Everything is written, then a chunk for the last file never comes.
+    let mut entries = vec![
+        dir(""),
+        dir("d"),
+        v.file("d/f", b"f"),
+        v.file("d/new", b"new"),
+        dir("d/sub"),
+        v.file("d/sub/x", b"x"),
+    ];
+    entries.push(file("e-missing", b"no chunk for this one"));
+    refused(
+        v.apply(entries),
+        "stopped before sending every wanted chunk",
+    );
+    assert_eq!(v.listing(), before);
+}

@@ -1,0 +1,292 @@
+//! Phase 3: building new files under temp names from local copies and received chunks.
+//!
+//! Every file to build is written under its temp name in its final directory (so the
+//! commit's rename is atomic), with its chunks in order: copies from the destination are
+//! verified by hash as they are read (or cloned in the kernel where the index vouches for
+//! them), received chunks were verified by the feed. Big files are handed to the flusher as
+//! they finish. A block volume is written in place, range by range.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use rustix::fs::{self as rfs, FileType, Mode};
+
+use super::fsops::{self, os, temp_name};
+use super::local::{LocalReader, PendingClone, range_has, range_is_zero};
+use super::plan::{Plan, Src, offsets};
+use super::spool::Planned;
+use super::{ApplyError, ChunkFeed, Destination, flusher, io_err, split};
+use crate::chunk::Segment;
+use crate::manifest::{Entry, EntryKind, RelPath, VolumeMode};
+use crate::progress::Progress;
+
+impl Destination {
+    /// Phase 3 for one entry, in a streamed session: writes the entry planned last, taking the
+    /// chunks it needs from the sender from `feed` now.
+    pub fn write_planned(
+        &mut self,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        let Some((e, p)) = self.last.take() else {
+            return Ok(());
+        };
+        self.written = self.planned.len();
+        let result = self.write_entry(&e, &p, feed, progress);
+        self.last = Some((e, p));
+        result
+    }
+
+    /// Phase 3: build temp files from local copies and the feed.
+    pub fn write(
+        &mut self,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        progress.phase("writing");
+        if self.header.mode == VolumeMode::Block {
+            return self.write_block(feed, progress);
+        }
+        let mut steps = self.planned.read().map_err(self.scratch_err())?;
+        while let Some(step) = steps.next().map_err(self.scratch_err())? {
+            self.written += 1;
+            if let Planned::Entry { entry, plan, .. } = step {
+                self.write_entry(&entry, &plan, feed, progress)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_entry(
+        &mut self,
+        e: &Entry,
+        p: &Plan,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        let shown = e.path.to_string();
+        match (p, &e.kind) {
+            (
+                Plan::Dir {
+                    create: true,
+                    replace,
+                },
+                _,
+            ) if !e.path.is_root() => {
+                let (parent, name) = split(&e.path);
+                let vol = self.vol_mut();
+                let d = vol
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                if *replace {
+                    fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
+                }
+                rfs::mkdirat(d, os(&name), Mode::from_raw_mode(0o700))
+                    .map_err(|e| io_err("cannot create directory", &shown)(e.into()))?;
+                self.created = true;
+            }
+            (Plan::Build { sources, resume }, EntryKind::File { size, segments }) => {
+                let (parent, name) = split(&e.path);
+                let temp = temp_name(&name);
+                let vol = self.vol.as_mut().expect("tree");
+                let d = vol
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                let file = fsops::create_temp(d, &temp, *resume)
+                    .map_err(io_err("cannot create", &shown))?;
+                self.created = true;
+                let mut reader = LocalReader::default();
+                let mut clone = PendingClone::default();
+                for ((off, seg), src) in offsets(segments).zip(sources) {
+                    let Segment::Chunk { id, len } = *seg else {
+                        continue;
+                    };
+                    if let Src::Clone(loc) = src
+                        && clone.extend(loc, off, len)
+                    {
+                        progress.advance(u64::from(len));
+                        continue;
+                    }
+                    let vol = self.vol.as_mut().expect("tree");
+                    self.stats.bytes_copied_locally +=
+                        clone.flush(&mut reader, vol, &self.sources, &file)?;
+                    let data = match src {
+                        Src::Clone(loc) => {
+                            clone.start(loc, off, len);
+                            progress.advance(u64::from(len));
+                            continue;
+                        }
+                        Src::Zero | Src::InPlace => None,
+                        Src::Local(loc) => {
+                            let d = reader.read(vol, &self.sources, loc, len, &id)?;
+                            self.stats.bytes_copied_locally += u64::from(len);
+                            Some(d)
+                        }
+                        Src::Wire => {
+                            let base = match self.suffix_bases.get(&id) {
+                                Some((at, len, base)) => {
+                                    Some((*base, reader.read(vol, &self.sources, at, *len, base)?))
+                                }
+                                None => None,
+                            };
+                            let base = base.as_ref().map(|(id, b)| (*id, &b[..]));
+                            Some(feed.next_chunk(id, base)?)
+                        }
+                    };
+                    if let Some(data) = data {
+                        file.write_all_at(&data, off)
+                            .map_err(io_err("cannot write", &shown))?;
+                        if *src == Src::Wire {
+                            crate::crashpoint::reached("chunk");
+                        }
+                    }
+                    progress.advance(u64::from(len));
+                }
+                let vol = self.vol.as_mut().expect("tree");
+                self.stats.bytes_copied_locally +=
+                    clone.flush(&mut reader, vol, &self.sources, &file)?;
+                file.set_len(*size).map_err(io_err("cannot size", &shown))?;
+                progress.advance(
+                    segments
+                        .iter()
+                        .filter(|s| matches!(s, Segment::Zero { .. }))
+                        .map(Segment::len)
+                        .sum(),
+                );
+                fsops::apply_meta_fd(&file, &e.meta)
+                    .map_err(io_err("cannot set attributes of", &shown))?;
+                self.stats.files_written += 1;
+                if *size >= flusher::EARLY_SYNC_MIN {
+                    self.flusher.submit(file, shown);
+                } else {
+                    self.unsynced += size;
+                    if self.unsynced >= flusher::EARLY_SYNC_EVERY {
+                        self.unsynced = 0;
+                        let vol = self.vol.as_mut().expect("tree");
+                        let root = vol.root_path().display().to_string();
+                        let handle = vol
+                            .dir(&RelPath::root())
+                            .and_then(|d| d.try_clone())
+                            .map_err(io_err("cannot sync", &root))?;
+                        self.flusher.submit_filesystem(File::from(handle), root);
+                    }
+                }
+            }
+            (Plan::Special, kind) => {
+                let (parent, name) = split(&e.path);
+                let temp = temp_name(&name);
+                let vol = self.vol_mut();
+                let d = vol
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                fsops::remove_any(d, &temp).map_err(io_err("cannot clear", &shown))?;
+                let perm = Mode::from_raw_mode(e.meta.perm);
+                let made = match kind {
+                    EntryKind::Symlink { target } => rfs::symlinkat(os(target), d, os(&temp)),
+                    EntryKind::Fifo => rfs::mknodat(d, os(&temp), FileType::Fifo, perm, 0),
+                    EntryKind::Socket => rfs::mknodat(d, os(&temp), FileType::Socket, perm, 0),
+                    EntryKind::CharDevice { rdev } => {
+                        rfs::mknodat(d, os(&temp), FileType::CharacterDevice, perm, *rdev)
+                    }
+                    EntryKind::BlockDevice { rdev } => {
+                        rfs::mknodat(d, os(&temp), FileType::BlockDevice, perm, *rdev)
+                    }
+                    _ => unreachable!("special plans are only made for special kinds"),
+                };
+                made.map_err(|err| io_err("cannot create", &shown)(err.into()))?;
+                let d = self
+                    .vol_mut()
+                    .dir(&parent)
+                    .map_err(io_err("cannot open directory", &parent))?;
+                fsops::apply_meta_at(d, &temp, &e.meta, matches!(kind, EntryKind::Symlink { .. }))
+                    .map_err(io_err("cannot set attributes of", &shown))?;
+                self.created = true;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn write_block(
+        &mut self,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
+        let (e, p) = self
+            .last
+            .clone()
+            .ok_or_else(|| ApplyError::Manifest("empty block manifest".into()))?;
+        self.written = self.planned.len();
+        let shown = self.path.display().to_string();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&self.path)
+            .map_err(io_err("cannot open", &shown))?;
+        let is_device = file
+            .metadata()
+            .map(|m| std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()))
+            .unwrap_or(false);
+        let have = crate::volume::volume_size(&file).map_err(io_err("cannot size", &shown))?;
+        let size = e.size();
+        if is_device && have < size {
+            return Err(ApplyError::DeviceTooSmall {
+                path: self.path.clone(),
+                have,
+                need: size,
+            });
+        }
+        if let Plan::Build { sources, .. } = &p {
+            self.touched = sources.iter().any(|s| *s != Src::InPlace) || have != size;
+            if !is_device && have > size {
+                file.set_len(size).map_err(io_err("cannot size", &shown))?;
+            }
+            let mut buf = Vec::new();
+            let mut unsynced = 0;
+            for ((off, seg), src) in offsets(e.segments()).zip(sources) {
+                if unsynced >= flusher::EARLY_SYNC_EVERY {
+                    // Let the disk work through what is written so far while more arrives.
+                    let handle = file.try_clone().map_err(io_err("cannot sync", &shown))?;
+                    self.flusher.submit(handle, shown.clone());
+                    unsynced = 0;
+                }
+                match (*seg, src) {
+                    (Segment::Chunk { id, .. }, Src::Wire) => {
+                        let data = feed.next_chunk(id, None)?;
+                        file.write_all_at(&data, off)
+                            .map_err(io_err("cannot write", &shown))?;
+                        crate::crashpoint::reached("chunk");
+                        self.stats.files_written = 1;
+                        unsynced += data.len() as u64;
+                    }
+                    (Segment::Chunk { id, len }, Src::Local(loc)) => {
+                        if !range_has(&file, loc.offset, len, &id, &mut buf) {
+                            return Err(ApplyError::LocalChanged(shown.clone()));
+                        }
+                        file.write_all_at(&buf, off)
+                            .map_err(io_err("cannot write", &shown))?;
+                        self.stats.bytes_copied_locally += u64::from(len);
+                    }
+                    (Segment::Zero { len }, _) if off < have => {
+                        // Only punch where the old content may hold data.
+                        let end = (off + len).min(have);
+                        if !range_is_zero(&file, off, end - off, &mut buf) {
+                            fsops::zero_range(&file, off, end - off)
+                                .map_err(io_err("cannot zero", &shown))?;
+                        }
+                    }
+                    _ => {}
+                }
+                progress.advance(seg.len());
+            }
+            if !is_device {
+                file.set_len(size).map_err(io_err("cannot size", &shown))?;
+            }
+        }
+        self.flusher.finish()?;
+        file.sync_all().map_err(io_err("cannot sync", &shown))?;
+        Ok(())
+    }
+}
