@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 
 use crate::chunk::{ChunkId, Segment};
-use crate::index::{IndexReader, IndexWriter, now_ns};
+use crate::index::{IndexEntry, IndexReader, IndexWriter, now_ns};
 use crate::manifest::store::StoreWriter;
 use crate::manifest::{
     DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode, encode_entry,
@@ -54,7 +54,10 @@ use crate::state::TargetState;
 use crate::volume::walk::{Scanned, WalkError, WalkOptions, scan_one, walk};
 use fsops::{VolumeDir, temp_name};
 use local::{range_has, range_is_zero};
-use plan::{ChunkPlaces, Loc, Plan, SourceFiles, Src, WantList, chunks_by_offset, offsets};
+use plan::{
+    ChunkFilter, ChunkPlaces, Loc, Plan, SourceFiles, Src, WantList, chunks_by_offset,
+    first_offsets, offsets,
+};
 use spool::{Planned, Spool, SpoolReader};
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +173,8 @@ pub struct Destination {
     vol: Option<VolumeDir>,
     /// What the prepare walk found, read along with the manifest (both in volume order).
     found: Found,
+    /// The same, for another pass (building `dst_chunks`).
+    walked: Spool<Scanned>,
     /// The prepare walk found something below the root.
     found_below_root: bool,
     /// Every planned entry and every destination path the manifest lacks, in volume order.
@@ -182,9 +187,11 @@ pub struct Destination {
     links: Links,
     /// The receiver index, read along with the manifest (both in volume order).
     index: Option<IndexReader>,
-    /// Chunks available somewhere in the destination (trusted by index, or planned this run).
+    /// Where chunks planned this run will be (a later occurrence copies the first).
     local: ChunkPlaces,
-    /// The files `local` points into.
+    /// Where the destination's chunks are, per its index.
+    dst_chunks: DstChunks,
+    /// The files `local` and `dst_chunks` point into.
     sources: SourceFiles,
     /// Block image: the chunk at each offset, when the index vouches for the image (a
     /// regular file whose stat is unchanged since the last sync wrote it).
@@ -217,6 +224,22 @@ pub struct Destination {
     /// Bytes of small files written since the last early `syncfs`.
     unsynced: u64,
     pub stats: ApplyStats,
+}
+
+/// Where the destination's chunks are, for copies across files: a filter until a lookup
+/// needs a place, then a table built by one pass over the walk's spool and the index.
+enum DstChunks {
+    Filtered(ChunkFilter),
+    Placed(ChunkPlaces),
+}
+
+/// The index record of a regular file the walk found, if its stat still matches (the file
+/// then probably holds the chunks listed: every chunk read from it is verified).
+fn located<'a>(index: &'a mut Option<IndexReader>, s: &Scanned) -> Option<&'a IndexEntry> {
+    index
+        .as_mut()?
+        .get(&s.path)
+        .filter(|r| s.stat.is_file() && r.locates(&s.stat))
 }
 
 /// The spool of the prepare walk, read in step with the manifest.
@@ -292,10 +315,11 @@ impl Destination {
         let mut found = Spool::create(&scratch).map_err(scratch_err())?;
         let planned = Spool::create(&scratch).map_err(scratch_err())?;
         let mut vol = None;
-        // Where chunks probably are: files whose stat is unchanged since the index recorded
-        // them. Every chunk read from these is verified, so racy records may be used too.
-        let mut local = ChunkPlaces::default();
-        let mut sources = SourceFiles::default();
+        // Which chunks the destination probably holds: those of files whose stat is unchanged
+        // since the index recorded them (every chunk read is verified, so racy records count
+        // too). A chunk takes at least 34 bytes of an index record.
+        let index_len = std::fs::metadata(&index_file).map_or(0, |m| m.len());
+        let mut filter = ChunkFilter::with_capacity(index_len / 34);
         let mut found_below_root = false;
         match header.mode {
             VolumeMode::Tree => {
@@ -314,15 +338,10 @@ impl Destination {
                 let mut records = IndexReader::open(&index_file, header.chunker);
                 walk(path, WalkOptions::default(), &mut |s| {
                     found_below_root |= !s.path.is_root();
-                    if let Some(r) = records.as_mut().and_then(|i| i.get(&s.path))
-                        && s.stat.is_file()
-                        && r.locates(&s.stat)
-                        && let Some((dir, name)) = s.path.split_last()
-                    {
-                        let file = sources.add(&dir, name);
-                        for (off, seg) in offsets(&r.segments) {
+                    if let Some(r) = located(&mut records, &s) {
+                        for seg in &r.segments {
                             if let Segment::Chunk { id, .. } = seg {
-                                local.add(id, Loc { file, offset: off });
+                                filter.add(id);
                             }
                         }
                     }
@@ -347,8 +366,9 @@ impl Destination {
         state
             .mark_incomplete(path)
             .map_err(io_err("cannot write state of", &path.display()))?;
+        let mut walked = found;
         let mut found = Found {
-            reader: found.read().map_err(scratch_err())?,
+            reader: walked.read().map_err(scratch_err())?,
             ahead: None,
         };
         // A second pass over the index goes along with the manifest.
@@ -374,14 +394,16 @@ impl Destination {
             state,
             vol,
             found,
+            walked,
             found_below_root,
             planned,
             last: None,
             ancestors: Vec::new(),
             links: Links::default(),
             index,
-            local,
-            sources,
+            local: ChunkPlaces::default(),
+            dst_chunks: DstChunks::Filtered(filter),
+            sources: SourceFiles::default(),
             in_place,
             touched: false,
             prepared_at,
@@ -578,6 +600,51 @@ impl Destination {
         })
     }
 
+    /// Where a copy of chunk `id` is in the destination: planned this run, or (the filter
+    /// permitting) in a file the index locates; the table of those is built on first need.
+    fn find_local(&mut self, id: &ChunkId) -> Result<Option<Loc>, ApplyError> {
+        if let Some(loc) = self.local.get(id) {
+            return Ok(Some(loc));
+        }
+        if let DstChunks::Filtered(filter) = &self.dst_chunks {
+            if !filter.may_hold(id) {
+                return Ok(None);
+            }
+            let started = std::time::Instant::now();
+            let places = self.place_dst_chunks()?;
+            tracing::debug!(
+                ms = started.elapsed().as_millis(),
+                "chunk places of the destination found"
+            );
+            self.dst_chunks = DstChunks::Placed(places);
+        }
+        Ok(match &self.dst_chunks {
+            DstChunks::Placed(places) => places.get(id),
+            DstChunks::Filtered(_) => None,
+        })
+    }
+
+    /// Where every chunk of the files the index locates is: one pass over the walk's spool
+    /// and the index, both in volume order.
+    fn place_dst_chunks(&mut self) -> Result<ChunkPlaces, ApplyError> {
+        let mut places = ChunkPlaces::default();
+        let mut records = IndexReader::open(&self.state.index_file(), self.header.chunker);
+        let mut walked = self.walked.read().map_err(self.scratch_err())?;
+        while let Some(s) = walked.next().map_err(self.scratch_err())? {
+            if let Some(r) = located(&mut records, &s)
+                && let Some((dir, name)) = s.path.split_last()
+            {
+                let file = self.sources.add(&dir, name);
+                for (off, seg) in offsets(&r.segments) {
+                    if let Segment::Chunk { id, .. } = seg {
+                        places.add(id, Loc { file, offset: off });
+                    }
+                }
+            }
+        }
+        Ok(places)
+    }
+
     /// A partial temp file for `name` in `dir` left by an interrupted run, if there is one.
     fn partial_temp(&mut self, dir: &RelPath, temp: &[u8]) -> Option<File> {
         let vol = self.vol.as_mut()?;
@@ -614,8 +681,13 @@ impl Destination {
         let have = have.filter(|h| !block && h.stat.is_file());
         let vouched = have.and_then(|h| {
             let r = self.index.as_mut()?.get(&e.path)?;
-            r.vouches(&h.stat).then(|| chunks_by_offset(&r.segments))
+            r.vouches(&h.stat)
+                .then(|| (chunks_by_offset(&r.segments), first_offsets(&r.segments)))
         });
+        let (vouched, vouched_ids) = match vouched {
+            Some((at, ids)) => (Some(at), ids),
+            None => (None, HashMap::new()),
+        };
         // Opened only for offsets the index does not vouch for.
         let mut old: Option<File> = None;
         let mut sources = Vec::with_capacity(segments.len());
@@ -642,11 +714,17 @@ impl Destination {
             {
                 let file = self.sources.add_once(&mut old_file, &dir, &name);
                 Src::Clone(Loc { file, offset: off })
-            } else if let Some(loc) = vouched.as_ref().and_then(|_| self.local.get(&id)) {
+            } else if let Some(&at) = vouched_ids.get(&id.prefix()) {
                 // Where the index vouches for the old file, a chunk it does not list at this
                 // offset is rarely there: after an insertion every later chunk moved, and
                 // reading each at its old offset would hash the whole file for nothing.
-                // The chunk places know where it is.
+                // The index says where in the old file it is now.
+                let file = self.sources.add_once(&mut old_file, &dir, &name);
+                Src::Local(Loc { file, offset: at })
+            } else if let Some(loc) = match vouched {
+                Some(_) => self.find_local(&id)?,
+                None => None,
+            } {
                 Src::Local(loc)
             } else if have.is_some() && {
                 if old.is_none() {
@@ -657,7 +735,7 @@ impl Destination {
             } {
                 let file = self.sources.add_once(&mut old_file, &dir, &name);
                 Src::Local(Loc { file, offset: off })
-            } else if let Some(loc) = self.local.get(&id) {
+            } else if let Some(loc) = self.find_local(&id)? {
                 Src::Local(loc)
             } else {
                 // Not seen before in this run (a second occurrence finds it in `local`).

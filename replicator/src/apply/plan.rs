@@ -37,6 +37,60 @@ impl ChunkPlaces {
     }
 }
 
+/// Which chunks the destination may hold, per its index: a Bloom filter of 16 bits per
+/// chunk (2 MiB per million) that answers "no" for all but ~0.06% of chunks it lacks. It
+/// stands in for [`ChunkPlaces`] of the whole destination until a lookup needs a place, so
+/// a sync whose new chunks are nowhere in the destination (the usual incremental) never
+/// builds that table.
+#[derive(Debug, Default)]
+pub struct ChunkFilter {
+    words: Vec<u64>,
+}
+
+/// Bits set per chunk.
+const FILTER_PROBES: u64 = 8;
+
+impl ChunkFilter {
+    /// A filter for up to `chunks` chunks at the designed error rate (more only raise it).
+    pub fn with_capacity(chunks: u64) -> Self {
+        let bits = chunks.saturating_mul(16);
+        ChunkFilter {
+            words: vec![0; usize::try_from(bits.div_ceil(64)).unwrap_or(usize::MAX)],
+        }
+    }
+
+    /// The bits of `id`: double hashing over the id's last 16 bytes (uniform for real chunks;
+    /// the first 16 key the tables, so the two do not fail together).
+    fn probes(&self, id: &ChunkId) -> impl Iterator<Item = (usize, u64)> + use<> {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&id.0[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (h1, h2) = (word(16), word(24) | 1);
+        let bits = self.words.len() as u128 * 64;
+        (0..FILTER_PROBES).map(move |i| {
+            let h = h1.wrapping_add(i.wrapping_mul(h2));
+            let bit = ((u128::from(h) * bits) >> 64) as u64;
+            ((bit / 64) as usize, 1u64 << (bit % 64))
+        })
+    }
+
+    pub fn add(&mut self, id: &ChunkId) {
+        if self.words.is_empty() {
+            return;
+        }
+        for (w, b) in self.probes(id) {
+            self.words[w] |= b;
+        }
+    }
+
+    /// False if `id` was certainly never added.
+    pub fn may_hold(&self, id: &ChunkId) -> bool {
+        !self.words.is_empty() && self.probes(id).all(|(w, b)| self.words[w] & b != 0)
+    }
+}
+
 /// The destination files that chunks may be copied from, each named once. A million of them
 /// are a million directory numbers and name ends plus the names' bytes: files are added in
 /// volume order, so a directory is stored once per run of its files.
@@ -187,9 +241,40 @@ pub fn chunks_by_offset(segments: &[Segment]) -> HashMap<u64, (ChunkId, u32)> {
         .collect()
 }
 
+/// Where each chunk of a file first is, by [`ChunkId::prefix`] (whole ids are checked when
+/// read).
+pub fn first_offsets(segments: &[Segment]) -> HashMap<u128, u64> {
+    let mut at = HashMap::new();
+    for (off, seg) in offsets(segments) {
+        if let Segment::Chunk { id, .. } = seg {
+            at.entry(id.prefix()).or_insert(off);
+        }
+    }
+    at
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chunk_filter_holds_what_was_added_and_little_else() {
+        let id = |i: u64| ChunkId::of(&i.to_le_bytes());
+        let mut filter = ChunkFilter::with_capacity(10_000);
+        for i in 0..10_000 {
+            filter.add(&id(i));
+        }
+        assert!((0..10_000).all(|i| filter.may_hold(&id(i))));
+        let false_hits = (10_000..110_000)
+            .filter(|i| filter.may_hold(&id(*i)))
+            .count();
+        assert!(
+            false_hits < 300,
+            "{false_hits} of 100,000 absent chunks hit"
+        );
+        let empty = ChunkFilter::with_capacity(0);
+        assert!(!empty.may_hold(&id(1)));
+    }
 
     #[test]
     fn source_files_give_back_what_was_added_with_each_directory_run_stored_once() {

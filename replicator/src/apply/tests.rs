@@ -106,9 +106,19 @@ impl Volume {
     /// Plans `entries`, writes and commits them, as a session does; a failure before the
     /// commit discards what was written.
     fn apply(&self, entries: Vec<Entry>) -> Result<ApplyStats, ApplyError> {
+        self.apply_with(entries, true).map(|(stats, _)| stats)
+    }
+
+    /// Like `apply`; `offer`: whether the feed has the chunks at all. Also says whether the
+    /// table of the destination's chunk places was built.
+    fn apply_with(
+        &self,
+        entries: Vec<Entry>,
+        offer: bool,
+    ) -> Result<(ApplyStats, bool), ApplyError> {
         let chunks: HashMap<ChunkId, Bytes> = entries
             .iter()
-            .filter(|e| matches!(e.kind, EntryKind::File { .. }))
+            .filter(|e| offer && matches!(e.kind, EntryKind::File { .. }))
             .map(|e| {
                 let data = Bytes::from(std::fs::read(self.content_of(e)).unwrap_or_default());
                 (ChunkId::of(&data), data)
@@ -135,11 +145,12 @@ impl Volume {
             dest.discard();
             return Err(e);
         }
+        let placed = matches!(dest.dst_chunks, super::DstChunks::Placed(_));
         let root = dest.manifest_digest();
         let committed = dest.commit(root, &NoProgress)?;
         let stats = committed.stats;
         committed.save_index();
-        Ok(stats)
+        Ok((stats, placed))
     }
 
     /// Where the test keeps the bytes of a file entry (outside the volume).
@@ -345,4 +356,51 @@ fn a_discarded_run_removes_what_it_created_and_puts_directory_times_back() {
         "stopped before sending every wanted chunk",
     );
     assert_eq!(v.listing(), before);
+}
+
+#[test]
+fn renamed_files_are_copied_from_the_destination_whose_chunk_places_are_found_only_when_needed() {
+    let v = Volume::new();
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let big = |v: &Volume, p: &str| v.file(p, &data);
+    v.apply(vec![dir(""), big(&v, "a"), v.file("small", b"s")])
+        .unwrap();
+    // Nothing new: no lookup, no table.
+    let (_, placed) = v
+        .apply_with(vec![dir(""), big(&v, "a"), v.file("small", b"s")], false)
+        .unwrap();
+    assert!(!placed);
+    // A new chunk the destination lacks: the filter answers, still no table.
+    let (s, placed) = v
+        .apply_with(
+            vec![
+                dir(""),
+                big(&v, "a"),
+                v.file("new", b"n"),
+                v.file("small", b"s"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert!(!placed);
+    assert_eq!(s.chunks_wanted, 1);
+    // A rename: the chunk is found in the old name's file, nothing comes from the sender.
+    let (s, placed) = v
+        .apply_with(
+            vec![
+                dir(""),
+                v.file("new", b"n"),
+                big(&v, "renamed"),
+                v.file("small", b"s"),
+            ],
+            false,
+        )
+        .unwrap();
+    assert!(placed);
+    assert_eq!(s.chunks_wanted, 0);
+    assert_eq!(s.bytes_copied_locally, data.len() as u64);
+    assert_eq!(std::fs::read(v.dst.join("renamed")).unwrap(), data);
+    assert!(!v.dst.join("a").exists());
 }
