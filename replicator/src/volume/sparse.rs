@@ -37,6 +37,14 @@ impl<'a> SparseReader<'a> {
         }
     }
 
+    /// Reads `file[start..end]` (holes as zeros), for one of several threads cutting a file.
+    pub fn range(file: &'a File, start: u64, end: u64) -> Self {
+        SparseReader {
+            pos: start,
+            ..SparseReader::new(file, end)
+        }
+    }
+
     /// Finds the data region at or after `pos`.
     fn locate(&mut self) -> io::Result<(u64, u64)> {
         if !self.holes_supported {
@@ -62,6 +70,19 @@ impl<'a> SparseReader<'a> {
         };
         Ok((data, hole))
     }
+}
+
+/// The bytes of `file[..size]` that are not holes: what reading it through a
+/// [`SparseReader`] costs.
+pub fn data_bytes(file: &File, size: u64) -> io::Result<u64> {
+    let mut probe = SparseReader::new(file, size);
+    let mut total = 0;
+    while probe.pos < size {
+        let (start, end) = probe.locate()?;
+        total += end.saturating_sub(start);
+        probe.pos = end.max(start).max(probe.pos + 1);
+    }
+    Ok(total)
 }
 
 impl Read for SparseReader<'_> {
@@ -127,5 +148,11 @@ mod tests {
         assert_eq!(all.iter().filter(|&&b| b != 0).count(), 8192);
         // Data regions are block-granular; anything near 8 MiB means holes were read.
         assert!(r.bytes_read < 1 << 20, "read {} bytes", r.bytes_read);
+        assert_eq!(data_bytes(&f, 8 << 20).unwrap(), r.bytes_read);
+        let mut part = Vec::new();
+        SparseReader::range(&f, (4 << 20) - 10, (4 << 20) + 10)
+            .read_to_end(&mut part)
+            .unwrap();
+        assert_eq!(part, [&[0u8; 10][..], &[9u8; 10][..]].concat());
     }
 }

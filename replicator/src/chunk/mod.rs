@@ -6,6 +6,8 @@
 //! verify every chunk before it is stored. All-zero chunks are not named: they become
 //! [`Segment::Zero`], which is neither sent nor written (holes stay holes).
 
+pub mod parallel;
+
 use std::fmt;
 use std::io::{self, Read};
 
