@@ -798,9 +798,15 @@ impl Destination {
         self.digest.finish()
     }
 
+    /// A streamed session: the sender sends every chunk new to the destination unasked, so
+    /// wanted chunks are only counted, not listed.
+    pub fn stream(&mut self) {
+        self.want.unasked = true;
+    }
+
     /// The ordered list of chunks to request from the sender.
     pub fn take_wants(&mut self) -> Vec<ChunkId> {
-        self.stats.chunks_wanted = self.want.order.len() as u64;
+        self.stats.chunks_wanted = self.want.count;
         self.stats.bytes_wanted = self.want.bytes;
         std::mem::take(&mut self.want.order)
     }

@@ -212,12 +212,18 @@ pub fn same_special(have: &Scanned, kind: &EntryKind) -> bool {
 #[derive(Debug, Default)]
 pub struct WantList {
     pub order: Vec<ChunkId>,
+    pub count: u64,
     pub bytes: u64,
+    /// Only counted: in a streamed session the sender sends every new chunk unasked.
+    pub unasked: bool,
 }
 
 impl WantList {
     pub fn push(&mut self, id: ChunkId, len: u64) {
-        self.order.push(id);
+        if !self.unasked {
+            self.order.push(id);
+        }
+        self.count += 1;
         self.bytes += len;
     }
 }

@@ -189,6 +189,7 @@ fn session(
             ))));
         }
         feed.phase = ReceiverPhase::StreamedManifest;
+        dest.stream();
     }
     let merger = match base {
         Some(base) => {
