@@ -111,6 +111,30 @@ impl Destination {
         }
     }
 
+    /// Makes what this run wrote durable, for a rerun to resume from: the session broke
+    /// (the data is in temp files the next run hash-checks, so this only saves resending it
+    /// after a power loss).
+    pub fn keep_for_resume(&mut self) {
+        let started = std::time::Instant::now();
+        let kept = self
+            .flusher
+            .finish()
+            .and_then(|()| match self.vol.as_mut() {
+                Some(vol) if self.created => vol
+                    .dir(&RelPath::root())
+                    .and_then(fsops::syncfs)
+                    .map_err(io_err("cannot sync", &self.path.display())),
+                _ => Ok(()),
+            });
+        match kept {
+            Ok(()) => tracing::debug!(
+                ms = started.elapsed().as_millis(),
+                "partial files kept for the rerun"
+            ),
+            Err(e) => tracing::warn!("partial files kept for the rerun, not synced: {e}"),
+        }
+    }
+
     /// Phases 4 and 5: make everything durable and visible, then verify and record.
     pub fn commit(
         mut self,

@@ -72,10 +72,12 @@ pub fn run_receiver(
         }
         // A failure on purpose (source error, bad data) leaves the destination as it was; a
         // broken connection keeps partial files so the rerun resumes.
-        if let Some(d) = dest.as_mut()
-            && !e.is_disconnect()
-        {
-            d.discard();
+        if let Some(d) = dest.as_mut() {
+            if e.is_disconnect() {
+                d.keep_for_resume();
+            } else {
+                d.discard();
+            }
         }
     }
     let (report, committed) = result?;
