@@ -178,6 +178,11 @@ impl Destination {
     fn commit_tree(&mut self) -> Result<(), ApplyError> {
         let root_shown = self.path.display().to_string();
         self.flusher.finish()?;
+        if !self.created && !self.commit_work {
+            // Every entry is as the manifest says and nothing is extra: the pass would only
+            // read the spool.
+            return Ok(());
+        }
         let vol = self.vol.as_mut().expect("tree");
         if self.created {
             // Temp file data must be durable before any rename makes it visible.

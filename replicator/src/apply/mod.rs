@@ -215,6 +215,8 @@ pub struct Destination {
     written: u64,
     /// The write phase created something (a temp file or a directory).
     created: bool,
+    /// Some planned step has work for the commit pass (beyond what `created` implies).
+    commit_work: bool,
     /// Destination inodes with several names that one of them keeps (see `plan_entry`).
     kept_inodes: HashSet<(u64, u64)>,
     /// Bytes of every file in the manifest: what the progress bar covers.
@@ -412,6 +414,7 @@ impl Destination {
             suffix_bases: HashMap::new(),
             written: 0,
             created: false,
+            commit_work: false,
             kept_inodes: HashSet::new(),
             bytes_planned: 0,
             flusher: flusher::Flusher::default(),
@@ -446,6 +449,7 @@ impl Destination {
             self.planned
                 .push(&Planned::Extra(extra))
                 .map_err(self.scratch_err())?;
+            self.commit_work = true;
         }
         let have = self
             .found
@@ -472,6 +476,18 @@ impl Destination {
                 .count() as u64;
             self.bytes_planned += size;
         }
+        self.commit_work |= match &plan {
+            Plan::Keep { meta } => *meta,
+            // Decided at the end of the manifest.
+            Plan::Link => false,
+            Plan::Dir { create, .. } => {
+                *create
+                    || have
+                        .as_ref()
+                        .is_none_or(|h| plan::meta_differs(h, &entry.meta, false))
+            }
+            Plan::Build { .. } | Plan::Special => true,
+        };
         let record = Planned::Entry { entry, have, plan };
         self.planned.push(&record).map_err(self.scratch_err())?;
         if let Planned::Entry { entry, plan, .. } = record {
@@ -512,6 +528,7 @@ impl Destination {
             self.planned
                 .push(&Planned::Extra(extra))
                 .map_err(self.scratch_err())?;
+            self.commit_work = true;
         }
         if self.links.pending.is_empty() {
             return Ok(());
@@ -540,6 +557,8 @@ impl Destination {
             };
             if target.kept && link.inode.is_some() && link.inode == target.inode {
                 self.links.kept.insert(link.path);
+            } else {
+                self.commit_work = true;
             }
         }
         Ok(())

@@ -404,3 +404,25 @@ fn renamed_files_are_copied_from_the_destination_whose_chunk_places_are_found_on
     assert_eq!(std::fs::read(v.dst.join("renamed")).unwrap(), data);
     assert!(!v.dst.join("a").exists());
 }
+
+#[test]
+fn attributes_changed_in_the_destination_alone_are_put_back() {
+    let v = Volume::new();
+    let tree = |v: &Volume| vec![dir(""), dir("d"), v.file("d/f", b"f")];
+    v.apply(tree(&v)).unwrap();
+    let before = v.listing();
+    let untouched = v.apply(tree(&v)).unwrap();
+    assert_eq!((untouched.files_written, untouched.deleted), (0, 0));
+    // A directory's mtime, then a file's mode, changed behind the sync's back.
+    let d = std::fs::File::open(v.dst.join("d")).unwrap();
+    d.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(5))
+        .unwrap();
+    assert_ne!(v.listing(), before);
+    v.apply(tree(&v)).unwrap();
+    assert_eq!(v.listing(), before);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(v.dst.join("d/f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = v.apply(tree(&v)).unwrap();
+    assert_eq!(s.files_written, 0, "kept, attributes fixed in place");
+    assert_eq!(v.listing(), before);
+}
