@@ -848,6 +848,15 @@ impl Destination {
     }
 }
 
+/// Decodes `data` as the records of the receiver's scratch files, for the fuzz target: a
+/// damaged scratch file must give an error, never a panic.
+#[doc(hidden)]
+pub fn decode_scratch_records(data: &[u8]) {
+    use spool::Record;
+    let _ = Planned::decode(&mut crate::codec::Reader::new(data));
+    let _ = Scanned::decode(&mut crate::codec::Reader::new(data));
+}
+
 fn not_an_earlier_file(path: &RelPath, target: &RelPath) -> ApplyError {
     ApplyError::Manifest(format!(
         "hard link {path} points to {target}, which is not an earlier regular file"

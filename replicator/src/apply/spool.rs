@@ -433,6 +433,12 @@ mod tests {
     }
 
     proptest! {
+        /// A damaged record is an error, never a panic.
+        #[test]
+        fn garbage_does_not_decode_into_a_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            crate::apply::decode_scratch_records(&data);
+        }
+
         /// Whatever is pushed reads back the same, in order, from every reader.
         #[test]
         fn planned_records_read_back_as_pushed(
