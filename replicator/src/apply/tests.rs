@@ -271,14 +271,14 @@ fn temp_files_of_an_interrupted_run_are_resumed_or_removed() {
     std::fs::write(
         v.dst
             .join("d")
-            .join(std::str::from_utf8(&super::temp_name(b"new")).unwrap()),
+            .join(std::str::from_utf8(&super::fsops::temp_name(b"new")).unwrap()),
         &data[..10],
     )
     .unwrap();
     std::fs::write(
         v.dst
             .join("d")
-            .join(std::str::from_utf8(&super::temp_name(b"gone")).unwrap()),
+            .join(std::str::from_utf8(&super::fsops::temp_name(b"gone")).unwrap()),
         b"stale",
     )
     .unwrap();
