@@ -235,19 +235,7 @@ impl Destination {
                     let was_dir = have.as_ref().is_some_and(|s| s.stat.is_dir());
                     match &plan {
                         Plan::Build { .. } | Plan::Special if !entry.path.is_root() => {
-                            let d = vol
-                                .dir(&parent)
-                                .map_err(io_err("cannot open directory", &parent))?;
-                            if was_dir {
-                                fsops::remove_any(d, &name)
-                                    .map_err(io_err("cannot replace", shown))?;
-                            }
-                            rfs::renameat(d, os(&temp_name(&name)), d, os(&name)).map_err(
-                                |err| io_err("cannot rename into place", shown)(err.into()),
-                            )?;
-                            if was_dir {
-                                vol.invalidate();
-                            }
+                            rename_into_place(vol, &parent, &name, was_dir, shown)?;
                             crate::crashpoint::reached("rename");
                             changes_parent = true;
                         }
@@ -264,19 +252,10 @@ impl Destination {
                             let d = vol
                                 .dir(&parent)
                                 .map_err(io_err("cannot open directory", &parent))?;
-                            if was_dir {
-                                fsops::remove_any(d, &name)
-                                    .map_err(io_err("cannot replace", shown))?;
-                            }
                             fsops::remove_any(d, &temp).map_err(io_err("cannot clear", shown))?;
                             rfs::linkat(&td, os(&tname), d, os(&temp), AtFlags::empty())
                                 .map_err(|err| io_err("cannot link", shown)(err.into()))?;
-                            rfs::renameat(d, os(&temp), d, os(&name)).map_err(|err| {
-                                io_err("cannot rename into place", shown)(err.into())
-                            })?;
-                            if was_dir {
-                                vol.invalidate();
-                            }
+                            rename_into_place(vol, &parent, &name, was_dir, shown)?;
                             changes_parent = true;
                         }
                         Plan::Keep { meta: true } if !matches!(entry.kind, EntryKind::Dir) => {
@@ -375,6 +354,29 @@ impl Destination {
         fsops::apply_meta_fd(fd, &d.meta).map_err(io_err("cannot set attributes of", &d.path))?;
         Ok(true)
     }
+}
+
+/// Renames the temp name of `name` in `parent` over `name`, removing what was there first
+/// if it was a directory (a rename cannot replace one with a file).
+fn rename_into_place(
+    vol: &mut fsops::VolumeDir,
+    parent: &RelPath,
+    name: &[u8],
+    was_dir: bool,
+    shown: &RelPath,
+) -> Result<(), ApplyError> {
+    let d = vol
+        .dir(parent)
+        .map_err(io_err("cannot open directory", parent))?;
+    if was_dir {
+        fsops::remove_any(d, name).map_err(io_err("cannot replace", shown))?;
+    }
+    rfs::renameat(d, os(&temp_name(name)), d, os(name))
+        .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;
+    if was_dir {
+        vol.invalidate();
+    }
+    Ok(())
 }
 
 /// The innermost directory in `open` that `path` is not inside of, taken off the stack.
