@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use crate::chunk::table::ChunkTable;
 use crate::chunk::{ChunkId, Segment};
 use crate::manifest::{Entry, EntryKind, Meta, RelPath};
 use crate::volume::walk::Scanned;
@@ -19,21 +20,21 @@ pub struct Loc {
     pub offset: u64,
 }
 
-/// Where chunks can be found in the destination, by [`ChunkId::prefix`]: every chunk read
-/// from such a place is checked against its whole id, so two chunks with one prefix could
+/// Where chunks can be found in the destination. Every chunk read from such a place is
+/// checked against its whole id, so two chunks with one prefix (see [`ChunkTable`]) could
 /// only fail a sync (as a changed destination does), never corrupt it. Ids planned from the
 /// peer's manifest are keys here too, so the table keeps std's keyed SipHash.
 #[derive(Debug, Default)]
-pub struct ChunkPlaces(HashMap<u128, Loc>);
+pub struct ChunkPlaces(ChunkTable<Loc>);
 
 impl ChunkPlaces {
     pub fn get(&self, id: &ChunkId) -> Option<Loc> {
-        self.0.get(&id.prefix()).copied()
+        self.0.get(id).copied()
     }
 
     /// Records `loc` for `id` unless a place is known already.
     pub fn add(&mut self, id: &ChunkId, loc: Loc) {
-        self.0.entry(id.prefix()).or_insert(loc);
+        self.0.insert_new(id, loc);
     }
 }
 

@@ -7,6 +7,7 @@
 //! [`Segment::Zero`], which is neither sent nor written (holes stay holes).
 
 pub mod parallel;
+pub mod table;
 
 use std::fmt;
 use std::io::{self, Read};

@@ -1,6 +1,6 @@
 //! Driving the sending side of a session over a transport.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 
 use super::SessionError;
@@ -9,6 +9,7 @@ use super::message::{
     ChunkData, DoneStats, Hello, MAX_BASES, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
 };
 use super::phase::SenderPhase;
+use crate::chunk::table::ChunkTable;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
 use crate::index::{IndexReader, IndexWriter};
 use crate::manifest::delta::{DeltaError, Differ, FilePatch, Sending};
@@ -390,16 +391,16 @@ fn starts_with(data: &[u8], base: ChunkId, len: usize) -> bool {
     len < data.len() && ChunkId::of(&data[..len]) == base
 }
 
-/// The chunks a streamed session has sent, by [`ChunkId::prefix`] (a million chunks: ~50 MiB
-/// at the table's peak). Two chunks with one prefix could only make a sync fail (the
-/// receiver, which checks whole ids, would miss the second), never corrupt it.
+/// The chunks a streamed session has sent (a million chunks: ~25 MiB). Two chunks with one
+/// prefix (see [`ChunkTable`]) could only make a sync fail (the receiver, which checks whole
+/// ids, would miss the second), never corrupt it. Keys come from this host's own disk.
 #[derive(Default)]
-struct SentChunks(HashSet<u128, foldhash::fast::RandomState>);
+struct SentChunks(ChunkTable<(), foldhash::fast::RandomState>);
 
 impl SentChunks {
     /// True the first time `id` is seen.
     fn first(&mut self, id: &ChunkId) -> bool {
-        self.0.insert(id.prefix())
+        self.0.insert_new(id, ())
     }
 }
 
