@@ -564,3 +564,30 @@ fn bad_flags_are_usage_errors() {
     let out = Command::new(replicator_bin()).arg("sync").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_state_directory_that_cannot_be_written_fails_the_sync_and_changes_nothing() {
+    let (tmp, src, dst, state) = volumes();
+    small_files(&src, 20, 3, 2000);
+    summary(&run_sync(&src, &dst, &state, &[]));
+    fs::write(src.join("new"), b"new file").unwrap();
+    let before = describe(&dst);
+    // Not writable whoever runs it (root included): a regular file is in the way.
+    let blocker = tmp.path().join("blocker");
+    fs::write(&blocker, b"").unwrap();
+    let out = run_sync(&src, &dst, &blocker.join("state"), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("blocker"),
+        "the error names the path: {stderr}"
+    );
+    assert_eq!(
+        describe(&dst),
+        before,
+        "destination changed after a failed sync"
+    );
+    // With its state directory back, the sync completes.
+    summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+}
