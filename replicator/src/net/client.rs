@@ -78,6 +78,18 @@ impl Session {
             tasks,
         } = self;
         drop(tx);
+        let stats = conn.stats();
+        tracing::debug!(
+            mtu = stats.path.current_mtu,
+            rtt_us = stats.path.rtt.as_micros() as u64,
+            cwnd = stats.path.cwnd,
+            sent_packets = stats.path.sent_packets,
+            lost_packets = stats.path.lost_packets,
+            congestion_events = stats.path.congestion_events,
+            black_holes = stats.path.black_holes_detected,
+            udp_datagrams_sent = stats.udp_tx.datagrams,
+            "QUIC path at the end of the session"
+        );
         runtime.block_on(async {
             end_session(&conn, tasks, spoke_last, ok).await;
             drop(rx);
