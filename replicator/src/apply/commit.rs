@@ -78,10 +78,17 @@ impl Destination {
                         d.touched = true;
                     }
                 }
-                Plan::Dir { create: true, .. } if !entry.path.is_root() => {
+                Plan::Dir {
+                    create: true,
+                    replace,
+                } if !entry.path.is_root() => {
                     if !inside_created {
                         if let Ok(d) = vol.dir(&parent) {
                             let _ = fsops::remove_any(d, &name);
+                            if replace {
+                                // What the directory was to replace, set aside by the write.
+                                let _ = rfs::renameat(d, os(&temp_name(&name)), d, os(&name));
+                            }
                         }
                         vol.invalidate();
                         if let Some(d) = open.last_mut() {
@@ -257,6 +264,17 @@ impl Destination {
                                 .map_err(|err| io_err("cannot link", shown)(err.into()))?;
                             rename_into_place(vol, &parent, &name, was_dir, shown)?;
                             changes_parent = true;
+                        }
+                        Plan::Dir {
+                            create: true,
+                            replace: true,
+                        } => {
+                            // The entry the new directory replaced, set aside by the write.
+                            let d = vol
+                                .dir(&parent)
+                                .map_err(io_err("cannot open directory", &parent))?;
+                            fsops::remove_any(d, &temp_name(&name))
+                                .map_err(io_err("cannot replace", shown))?;
                         }
                         Plan::Keep { meta: true } if !matches!(entry.kind, EntryKind::Dir) => {
                             let d = vol

@@ -359,6 +359,39 @@ fn a_discarded_run_removes_what_it_created_and_puts_directory_times_back() {
 }
 
 #[test]
+fn a_discarded_run_puts_back_a_file_it_was_replacing_with_a_directory() {
+    let v = Volume::new();
+    v.apply(vec![dir(""), v.file("a", b"keep me"), v.file("b", b"b")])
+        .unwrap();
+    let before = v.listing();
+    // "a" becomes a directory with a file in it, then a chunk never comes.
+    refused(
+        v.apply(vec![
+            dir(""),
+            dir("a"),
+            v.file("a/x", b"x"),
+            v.file("b", b"b"),
+            file("c-missing", b"no chunk for this one"),
+        ]),
+        "stopped before sending every wanted chunk",
+    );
+    assert_eq!(v.listing(), before);
+    assert_eq!(std::fs::read(v.dst.join("a")).unwrap(), b"keep me");
+    // The same change with every chunk: "a" is a directory and nothing of the file is left.
+    let s = v
+        .apply(vec![
+            dir(""),
+            dir("a"),
+            v.file("a/x", b"x"),
+            v.file("b", b"b"),
+        ])
+        .unwrap();
+    let names: Vec<String> = v.listing().into_keys().collect();
+    assert_eq!(names, ["a", "a/x", "b"]);
+    assert_eq!(s.files_written, 1);
+}
+
+#[test]
 fn renamed_files_are_copied_from_the_destination_whose_chunk_places_are_found_only_when_needed() {
     let v = Volume::new();
     let data: Vec<u8> = (0..100_000u32)

@@ -79,7 +79,12 @@ impl Destination {
                     .dir(&parent)
                     .map_err(io_err("cannot open directory", &parent))?;
                 if *replace {
-                    fsops::remove_any(d, &name).map_err(io_err("cannot replace", &shown))?;
+                    // Set aside, not removed: a run that fails puts it back, the commit
+                    // removes it.
+                    let aside = temp_name(&name);
+                    fsops::remove_any(d, &aside).map_err(io_err("cannot replace", &shown))?;
+                    rfs::renameat(d, os(&name), d, os(&aside))
+                        .map_err(|e| io_err("cannot replace", &shown)(e.into()))?;
                 }
                 rfs::mkdirat(d, os(&name), Mode::from_raw_mode(0o700))
                     .map_err(|e| io_err("cannot create directory", &shown)(e.into()))?;
