@@ -84,9 +84,19 @@ impl Destination {
                 } if !entry.path.is_root() => {
                     if !inside_created {
                         if let Ok(d) = vol.dir(&parent) {
-                            let _ = fsops::remove_any(d, &name);
-                            if replace {
-                                // What the directory was to replace, set aside by the write.
+                            // A directory replaces only a non-directory, and a write that
+                            // fails puts that back: a directory at the name is this run's,
+                            // with what it replaced set aside beside it.
+                            let ours = !replace
+                                || fsops::stat_at(d, &name).is_ok_and(|s| {
+                                    s.is_some_and(|s| {
+                                        rfs::FileType::from_raw_mode(s.st_mode).is_dir()
+                                    })
+                                });
+                            if ours {
+                                let _ = fsops::remove_any(d, &name);
+                            }
+                            if replace && ours {
                                 let _ = rfs::renameat(d, os(&temp_name(&name)), d, os(&name));
                             }
                         }

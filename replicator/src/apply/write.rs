@@ -86,8 +86,12 @@ impl Destination {
                     rfs::renameat(d, os(&name), d, os(&aside))
                         .map_err(|e| io_err("cannot replace", &shown)(e.into()))?;
                 }
-                rfs::mkdirat(d, os(&name), Mode::from_raw_mode(0o700))
-                    .map_err(|e| io_err("cannot create directory", &shown)(e.into()))?;
+                if let Err(e) = rfs::mkdirat(d, os(&name), Mode::from_raw_mode(0o700)) {
+                    if *replace {
+                        let _ = rfs::renameat(d, os(&temp_name(&name)), d, os(&name));
+                    }
+                    return Err(io_err("cannot create directory", &shown)(e.into()));
+                }
                 self.created = true;
             }
             (Plan::Build { sources, resume }, EntryKind::File { size, segments }) => {
