@@ -234,6 +234,34 @@ fn incremental_sync_reads_and_sends_only_what_changed() {
     assert_eq!(c["chunks_sent"], 0);
 }
 
+/// A first sync sends a repeated chunk once while it holds its slot in the window both ends
+/// keep (docs/protocol.md, streamed sessions), and again after another chunk took the slot.
+#[test]
+fn a_first_sync_sends_a_repeated_chunk_again_only_after_its_window_slot_was_taken() {
+    use replicator::chunk::ChunkId;
+    use replicator::chunk::window::slot;
+    let content = |i: u32| format!("one small file, variant {i}\n").into_bytes();
+    let a = content(0);
+    let slot_of = |c: &[u8]| slot(&ChunkId::of(c));
+    let find = |same: bool| {
+        (1..)
+            .map(content)
+            .find(|x| (slot_of(x) == slot_of(&a)) == same)
+    };
+    let (b, c) = (find(true).unwrap(), find(false).unwrap());
+    for (middle, sent) in [(&b, 3), (&c, 2)] {
+        let (_tmp, src, dst, state) = volumes();
+        fs::create_dir(&src).unwrap();
+        for (name, body) in [("1", &a), ("2", middle), ("3", &a), ("4", &a)] {
+            fs::write(src.join(name), body).unwrap();
+        }
+        let s = summary(&run_sync(&src, &dst, &state, &[]));
+        assert_mirrors(&src, &dst);
+        assert_eq!(s["chunks_total"], 4, "{s}");
+        assert_eq!(s["chunks_sent"], sent, "{s}");
+    }
+}
+
 #[test]
 fn appending_to_a_file_sends_the_appended_bytes_not_its_old_last_chunk() {
     let (_tmp, src, dst, state) = volumes();

@@ -298,3 +298,62 @@ impl Ends {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+    use super::*;
+    use crate::chunk::ChunkId;
+    use crate::chunk::window::{ChunkWindow, WINDOW_SLOTS};
+    use crate::progress::NoProgress;
+    use std::fs;
+
+    /// A first sync is streamed, and both ends decide by their windows which chunks go on the
+    /// wire. Unit tests run with a window of 64 slots, so 600 one-chunk files drawn from 300
+    /// contents evict and reuse slots all the time (and the receiver renumbers the files it
+    /// can copy from): the copy must be exact, and exactly the chunks the window rule says
+    /// are sent.
+    #[test]
+    fn a_streamed_first_sync_sends_what_the_window_rule_says_and_mirrors_the_source() {
+        const { assert!(WINDOW_SLOTS < 300, "the test needs evictions") };
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fs::create_dir(&src).unwrap();
+        let content = |k: u64| format!("content {k:03} ").repeat(1 + (k % 40) as usize);
+        let mut window: ChunkWindow<()> = ChunkWindow::default();
+        let mut expected = 0;
+        let mut pick = 1u64;
+        for i in 0..600 {
+            pick = pick
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let body = content((pick >> 33) % 300);
+            // Names sort as they are created: the window sees them in this order.
+            fs::write(src.join(format!("f{i:04}")), &body).unwrap();
+            if window.first(&ChunkId::of(body.as_bytes())) {
+                expected += 1;
+            }
+        }
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            ..SyncOptions::default()
+        };
+        let first = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        assert_eq!(first.chunks_sent, expected);
+        assert!(
+            expected < 600 && expected > 300,
+            "some copied, some sent again"
+        );
+        for i in 0..600 {
+            let name = format!("f{i:04}");
+            assert_eq!(
+                fs::read(src.join(&name)).unwrap(),
+                fs::read(dst.join(&name)).unwrap(),
+                "{name}"
+            );
+        }
+        let again = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        assert_eq!(again.chunks_sent, 0);
+        assert_eq!(again.root, first.root);
+    }
+}

@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 
+use crate::chunk::window::ChunkWindow;
 use crate::chunk::{ChunkId, Segment};
 use crate::index::{IndexEntry, IndexReader, IndexWriter, now_ns};
 use crate::manifest::store::StoreWriter;
@@ -426,6 +427,7 @@ impl Destination {
     /// wanted chunks are only counted, not listed.
     pub fn stream(&mut self) {
         self.want.unasked = true;
+        self.local = ChunkPlaces::Recent(ChunkWindow::default());
     }
 
     /// The ordered list of chunks to request from the sender.

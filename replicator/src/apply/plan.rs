@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use crate::chunk::table::ChunkTable;
+use crate::chunk::window::ChunkWindow;
 use crate::chunk::{ChunkId, Segment};
 use crate::manifest::{Entry, EntryKind, Meta, RelPath};
 use crate::volume::walk::Scanned;
@@ -24,17 +25,48 @@ pub struct Loc {
 /// checked against its whole id, so two chunks with one prefix (see [`ChunkTable`]) could
 /// only fail a sync (as a changed destination does), never corrupt it. Ids planned from the
 /// peer's manifest are keys here too, so the table keeps std's keyed SipHash.
-#[derive(Debug, Default)]
-pub struct ChunkPlaces(ChunkTable<Loc>);
+#[derive(Debug)]
+pub enum ChunkPlaces {
+    /// Every chunk added, the first place of each.
+    All(ChunkTable<Loc>),
+    /// A streamed session's recent chunks, by the rule the sender follows (see
+    /// [`ChunkWindow`]): a chunk it sends takes its slot, and a later occurrence is copied
+    /// from it while the slot holds it. Fixed memory; slot choice by a peer's ids can only
+    /// make that peer send more.
+    Recent(ChunkWindow<(u32, u64)>),
+}
+
+impl Default for ChunkPlaces {
+    fn default() -> Self {
+        ChunkPlaces::All(ChunkTable::default())
+    }
+}
 
 impl ChunkPlaces {
     pub fn get(&self, id: &ChunkId) -> Option<Loc> {
-        self.0.get(id).copied()
+        match self {
+            ChunkPlaces::All(t) => t.get(id).copied(),
+            ChunkPlaces::Recent(w) => w.get(id).map(|&(file, offset)| Loc { file, offset }),
+        }
     }
 
-    /// Records `loc` for `id` unless a place is known already.
+    /// Records `loc` for `id`: unless a place is known already, or, in a window, in its slot.
     pub fn add(&mut self, id: &ChunkId, loc: Loc) {
-        self.0.insert_new(id, loc);
+        match self {
+            ChunkPlaces::All(t) => {
+                t.insert_new(id, loc);
+            }
+            ChunkPlaces::Recent(w) => w.put(id, (loc.file, loc.offset)),
+        }
+    }
+
+    /// The file numbers held, for renumbering them (a window only: a full table is never
+    /// renumbered).
+    pub fn window_files(&mut self) -> Option<impl Iterator<Item = &mut u32>> {
+        match self {
+            ChunkPlaces::All(_) => None,
+            ChunkPlaces::Recent(w) => Some(w.values_mut().map(|(file, _)| file)),
+        }
     }
 }
 
@@ -126,6 +158,33 @@ impl SourceFiles {
         let start = i.checked_sub(1).map_or(0, |prev| self.files[prev].1);
         let (dir, end) = self.files[i];
         (&self.dirs[dir as usize], &self.names[start..end])
+    }
+
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Keeps only the files `refs` number, renumbering them (in their old order, so a
+    /// directory stays stored once per run of its files).
+    pub fn retain<'a>(&mut self, refs: impl Iterator<Item = &'a mut u32>) {
+        let mut refs: Vec<&mut u32> = refs.collect();
+        let mut live: Vec<u32> = refs.iter().map(|r| **r).collect();
+        live.sort_unstable();
+        live.dedup();
+        let mut kept = SourceFiles::default();
+        for &file in &live {
+            let (dir, name) = self.get(file);
+            kept.add(dir, name);
+        }
+        for r in &mut refs {
+            let (Ok(new) | Err(new)) = live.binary_search(r);
+            **r = new as u32;
+        }
+        *self = kept;
     }
 
     /// File number `file` as a path for messages.
@@ -310,5 +369,29 @@ mod tests {
             "once per slot"
         );
         assert_eq!(files.shown(n), "c/v");
+    }
+
+    #[test]
+    fn retained_source_files_keep_their_names_under_new_numbers() {
+        let dir = |p: &[u8]| RelPath::new(p.to_vec()).unwrap();
+        let mut files = SourceFiles::default();
+        for (d, n) in [
+            (b"a", b"1"),
+            (b"a", b"2"),
+            (b"b", b"3"),
+            (b"b", b"4"),
+            (b"c", b"5"),
+        ] {
+            files.add(&dir(d), n);
+        }
+        // Held twice, out of order: file 3 (b/4), file 0 (a/1), file 3 again.
+        let mut held = [3u32, 0, 3];
+        files.retain(held.iter_mut());
+        assert_eq!(files.len(), 2);
+        assert_eq!(held, [1, 0, 1]);
+        assert_eq!(files.shown(0), "a/1");
+        assert_eq!(files.shown(1), "b/4");
+        assert_eq!(files.add(&dir(b"b"), b"6"), 2);
+        assert_eq!(files.dirs.len(), 2, "b's run goes on");
     }
 }

@@ -15,8 +15,9 @@ use super::fsops::{self, os, temp_name};
 use super::local::{LocalReader, PendingClone, range_has, range_is_zero};
 use super::plan::{Plan, Src, offsets};
 use super::spool::Planned;
-use super::{ApplyError, ChunkFeed, Destination, flusher, io_err, split};
+use super::{ApplyError, ChunkFeed, Destination, DstChunks, flusher, io_err, split};
 use crate::chunk::Segment;
+use crate::chunk::window::WINDOW_SLOTS;
 use crate::manifest::{Entry, EntryKind, RelPath, VolumeMode};
 use crate::progress::Progress;
 
@@ -34,7 +35,31 @@ impl Destination {
         self.written = self.planned.len();
         let result = self.write_entry(&e, &p, feed, progress);
         self.last = Some((e, p));
+        if result.is_ok() {
+            self.forget_unheld_sources();
+        }
         result
+    }
+
+    /// A streamed session numbers every file it writes a chunk to, and only the files its
+    /// window holds chunks of can be copied from later; once the numbers reach twice the
+    /// window's slots, the others are dropped. A million files keep a window's worth of names.
+    fn forget_unheld_sources(&mut self) {
+        if self.sources.len() < 2 * WINDOW_SLOTS
+            || !self.suffix_bases.is_empty()
+            || matches!(self.dst_chunks, DstChunks::Placed(_))
+        {
+            return;
+        }
+        if let Some(held) = self.local.window_files() {
+            let before = self.sources.len();
+            self.sources.retain(held);
+            tracing::trace!(
+                before,
+                after = self.sources.len(),
+                "source files renumbered"
+            );
+        }
     }
 
     /// Phase 3: build temp files from local copies and the feed.

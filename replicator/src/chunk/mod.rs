@@ -8,6 +8,7 @@
 
 pub mod parallel;
 pub mod table;
+pub mod window;
 
 use std::fmt;
 use std::io::{self, Read};

@@ -12,7 +12,7 @@ use crate::manifest::delta::FilePatch;
 use crate::manifest::{self, Entry, Limits, RelPath, RootDigest, VolumeMode};
 
 /// Version of the session protocol (also carried in the QUIC ALPN).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame either side accepts (a maximal chunk plus headers fits comfortably).
 pub const MAX_FRAME: usize = 17 << 20;
 /// Most chunk ids in one `Want` message.

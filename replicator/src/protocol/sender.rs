@@ -9,7 +9,7 @@ use super::message::{
     ChunkData, DoneStats, Hello, MAX_BASES, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
 };
 use super::phase::SenderPhase;
-use crate::chunk::table::ChunkTable;
+use crate::chunk::window::ChunkWindow;
 use crate::chunk::{ChunkId, ChunkerParams, Segment};
 use crate::index::{IndexReader, IndexWriter};
 use crate::manifest::delta::{DeltaError, Differ, FilePatch, Sending};
@@ -391,22 +391,21 @@ fn starts_with(data: &[u8], base: ChunkId, len: usize) -> bool {
     len < data.len() && ChunkId::of(&data[..len]) == base
 }
 
-/// The chunks a streamed session has sent (a million chunks: ~25 MiB). Two chunks with one
-/// prefix (see [`ChunkTable`]) could only make a sync fail (the receiver, which checks whole
-/// ids, would miss the second), never corrupt it. Keys come from this host's own disk.
+/// The chunks a streamed session has sent that the receiver can still copy: the window both
+/// ends keep by one rule (see [`ChunkWindow`]), 4 MiB however large the volume.
 #[derive(Default)]
-struct SentChunks(ChunkTable<(), foldhash::fast::RandomState>);
+struct SentChunks(ChunkWindow<()>);
 
 impl SentChunks {
-    /// True the first time `id` is seen.
+    /// True if `id` must be sent: not sent yet, or its slot taken since.
     fn first(&mut self, id: &ChunkId) -> bool {
-        self.0.insert_new(id, ())
+        self.0.first(id)
     }
 }
 
-/// Streamed sessions: sends the chunks of the file `path` (just announced) that appear in it
-/// for the first time in the snapshot, in order, read back from the source and checked against
-/// their names.
+/// Streamed sessions: sends the chunks of the file `path` (just announced) that the receiver
+/// cannot copy from an earlier file or segment (see [`SentChunks`]), in order, read back from
+/// the source and checked against their names.
 fn send_new_chunks(
     seen: &mut SentChunks,
     reader: &mut ChunkReader,
