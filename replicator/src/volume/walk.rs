@@ -227,6 +227,19 @@ fn walk_fd(
 mod tests {
     use super::*;
 
+    /// The paths a walk of `r` reports, checked to come in volume order; `during` sees each.
+    fn walked(r: &Path, during: &mut dyn FnMut(&RelPath)) -> Vec<RelPath> {
+        let mut seen: Vec<RelPath> = Vec::new();
+        walk(r, WalkOptions::default(), &mut |s| {
+            during(&s.path);
+            seen.push(s.path);
+            Ok(())
+        })
+        .unwrap();
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "not in volume order");
+        seen
+    }
+
     #[test]
     fn walk_order_matches_volume_order() {
         let dir = tempfile::tempdir().unwrap();
@@ -238,17 +251,41 @@ mod tests {
             std::fs::write(r.join(f), b"x").unwrap();
         }
         std::os::unix::fs::symlink("/nonexistent", r.join("c/dangling")).unwrap();
-        let mut seen = Vec::new();
-        walk(r, WalkOptions::default(), &mut |s| {
-            seen.push(s.path.clone());
-            Ok(())
-        })
-        .unwrap();
-        let mut sorted = seen.clone();
-        sorted.sort();
-        assert_eq!(seen, sorted);
+        let seen = walked(r, &mut |_| {});
         assert_eq!(seen.len(), 10);
         assert!(seen.iter().any(|p| p.as_bytes() == b"c/dangling"));
+    }
+
+    /// Large nested directories, an entry removed while the walk runs: the walk reports what
+    /// is there, in order, skipping what vanished; a walk its visitor stops ends there.
+    #[test]
+    fn entries_that_vanish_are_skipped_and_a_stopped_walk_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        for d in ["big", "big/sub"] {
+            std::fs::create_dir(r.join(d)).unwrap();
+            for i in 0..700 {
+                std::fs::write(r.join(format!("{d}/f{i:04}")), b"x").unwrap();
+            }
+        }
+        let seen = walked(r, &mut |path| {
+            if path.as_bytes() == b"big/f0100" {
+                // Vanishes after the listing: skipped, not an error.
+                std::fs::remove_file(r.join("big/f0500")).unwrap();
+            }
+        });
+        assert_eq!(seen.len(), 1 + 2 + 1399);
+        assert!(!seen.iter().any(|p| p.as_bytes() == b"big/f0500"));
+        let mut visited = 0;
+        let stopped = walk(r, WalkOptions::default(), &mut |_| {
+            visited += 1;
+            match visited {
+                50 => Err(WalkError::Stopped("enough".into())),
+                _ => Ok(()),
+            }
+        });
+        assert!(matches!(stopped, Err(WalkError::Stopped(_))));
+        assert_eq!(visited, 50);
     }
 
     /// The walk stats relative to directory handles, `scan_one` by path: both must record
