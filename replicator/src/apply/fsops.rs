@@ -30,6 +30,30 @@ pub fn is_temp_name(name: &[u8]) -> bool {
     name.len() == 25 && name.starts_with(b".rpl-") && name.ends_with(b".tmp")
 }
 
+/// The 8 bytes a name [`temp_name`] produces is made from (its hex digits), for keeping many
+/// temp names in a third of their room; `None` for any other name.
+pub fn temp_tag(name: &[u8]) -> Option<[u8; 8]> {
+    if !is_temp_name(name) {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut tag = [0u8; 8];
+    for (i, pair) in name[5..21].chunks(2).enumerate() {
+        tag[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(tag)
+}
+
+/// The temp name `tag` was taken from (see [`temp_tag`]).
+pub fn temp_name_of(tag: &[u8; 8]) -> Vec<u8> {
+    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+    format!(".rpl-{hex}.tmp").into_bytes()
+}
+
 pub fn os(name: &[u8]) -> &OsStr {
     OsStr::from_bytes(name)
 }

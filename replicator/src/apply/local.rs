@@ -140,7 +140,7 @@ impl LocalReader {
         if !matches!(&self.open, Some((n, _)) if *n == file) {
             let (dir, name) = files.get(file);
             let f = vol
-                .open_read(dir, name)
+                .open_read(dir, &name)
                 .map_err(|_| ApplyError::LocalChanged(files.shown(file)))?;
             self.open = Some((file, f));
         }

@@ -5,8 +5,10 @@
 //! already in a partial temp file left by an interrupted run, elsewhere in the destination, or
 //! from the sender. Sources other than the sender are verified by hash when read.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
+use super::fsops;
 use crate::chunk::table::ChunkTable;
 use crate::chunk::window::ChunkWindow;
 use crate::chunk::{ChunkId, Segment};
@@ -126,14 +128,19 @@ impl ChunkFilter {
 
 /// The destination files that chunks may be copied from, each named once. A million of them
 /// are a million directory numbers and name ends plus the names' bytes: files are added in
-/// volume order, so a directory is stored once per run of its files.
+/// volume order, so a directory is stored once per run of its files, and a temp name (most of
+/// a first sync's) is kept as the 8 bytes it is made from.
 #[derive(Debug, Default)]
 pub struct SourceFiles {
     dirs: Vec<RelPath>,
-    /// Per file: its directory's number and where its name ends in `names`.
+    /// Per file: its directory's number ([`TEMP`] set for a temp name kept as its tag) and
+    /// where its name ends in `names`.
     files: Vec<(u32, usize)>,
     names: Vec<u8>,
 }
+
+/// Marks a file whose name is kept as a [`fsops::temp_tag`].
+const TEMP: u32 = 1 << 31;
 
 impl SourceFiles {
     /// Adds the file `name` in directory `dir`; returns its number.
@@ -141,8 +148,17 @@ impl SourceFiles {
         if self.dirs.last() != Some(dir) {
             self.dirs.push(dir.clone());
         }
-        let dir = u32::try_from(self.dirs.len() - 1).expect("fewer than 2^32 directories");
-        self.names.extend_from_slice(name);
+        let mut dir = u32::try_from(self.dirs.len() - 1)
+            .ok()
+            .filter(|d| d & TEMP == 0)
+            .expect("fewer than 2^31 directories");
+        match fsops::temp_tag(name) {
+            Some(tag) => {
+                self.names.extend_from_slice(&tag);
+                dir |= TEMP;
+            }
+            None => self.names.extend_from_slice(name),
+        }
         self.files.push((dir, self.names.len()));
         u32::try_from(self.files.len() - 1).expect("fewer than 2^32 source files")
     }
@@ -153,11 +169,16 @@ impl SourceFiles {
     }
 
     /// The directory and name of file number `file`.
-    pub fn get(&self, file: u32) -> (&RelPath, &[u8]) {
+    pub fn get(&self, file: u32) -> (&RelPath, Cow<'_, [u8]>) {
         let i = file as usize;
         let start = i.checked_sub(1).map_or(0, |prev| self.files[prev].1);
         let (dir, end) = self.files[i];
-        (&self.dirs[dir as usize], &self.names[start..end])
+        let stored = &self.names[start..end];
+        let name = match <&[u8; 8]>::try_from(stored) {
+            Ok(tag) if dir & TEMP != 0 => Cow::Owned(fsops::temp_name_of(tag)),
+            _ => Cow::Borrowed(stored),
+        };
+        (&self.dirs[(dir & !TEMP) as usize], name)
     }
 
     pub fn len(&self) -> usize {
@@ -178,7 +199,7 @@ impl SourceFiles {
         let mut kept = SourceFiles::default();
         for &file in &live {
             let (dir, name) = self.get(file);
-            kept.add(dir, name);
+            kept.add(dir, &name);
         }
         for r in &mut refs {
             let (Ok(new) | Err(new)) = live.binary_search(r);
@@ -190,7 +211,7 @@ impl SourceFiles {
     /// File number `file` as a path for messages.
     pub fn shown(&self, file: u32) -> String {
         let (dir, name) = self.get(file);
-        format!("{dir}/{}", String::from_utf8_lossy(name))
+        format!("{dir}/{}", String::from_utf8_lossy(&name))
     }
 }
 
@@ -358,7 +379,8 @@ mod tests {
             assert_eq!(files.add(d, n), i as u32);
         }
         for (i, (d, n)) in added.iter().enumerate() {
-            assert_eq!(files.get(i as u32), (d, *n));
+            let (dir, name) = files.get(i as u32);
+            assert_eq!((dir, &*name), (d, *n));
         }
         assert_eq!(files.dirs.len(), 4, "a run of one directory is stored once");
         let mut slot = None;
@@ -369,6 +391,28 @@ mod tests {
             "once per slot"
         );
         assert_eq!(files.shown(n), "c/v");
+    }
+
+    #[test]
+    fn temp_names_are_kept_as_their_tags_and_given_back_whole() {
+        let dir = RelPath::new(b"d".to_vec()).unwrap();
+        let mut files = SourceFiles::default();
+        let temp = fsops::temp_name(b"data.db");
+        // Temp-shaped but not hex: kept as it is.
+        let odd = b".rpl-0123456789abcdeZ.tmp".to_vec();
+        let numbers: Vec<u32> = [&temp, &odd, &b"plain".to_vec()]
+            .iter()
+            .map(|n| files.add(&dir, n))
+            .collect();
+        assert_eq!(files.names.len(), 8 + 25 + 5);
+        for (n, name) in numbers.iter().zip([&temp, &odd, &b"plain".to_vec()]) {
+            let (d, got) = files.get(*n);
+            assert_eq!((d, &*got), (&dir, &name[..]));
+        }
+        assert_eq!(
+            files.shown(numbers[0]),
+            format!("d/{}", String::from_utf8_lossy(&temp))
+        );
     }
 
     #[test]
