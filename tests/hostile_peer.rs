@@ -633,6 +633,35 @@ fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
                 until_client_gives_up(rx);
             }),
         ),
+        (
+            // A sender that counts on the receiver remembering every chunk: it withholds a
+            // repeated chunk whose window slot another chunk took in between.
+            "received entry where chunk",
+            Box::new(|tx, rx| {
+                greet_streamed(tx, rx);
+                let a = b"the first content".to_vec();
+                let slot_of = |c: &[u8]| replicator::chunk::window::slot(&ChunkId::of(c));
+                let b = (0u32..)
+                    .map(|i| format!("content {i}").into_bytes())
+                    .find(|b| slot_of(b) == slot_of(&a))
+                    .unwrap();
+                tx.send(Message::Entry(root())).unwrap();
+                for (name, data, send) in [("1", &a, true), ("2", &b, true), ("3", &a, false)] {
+                    tx.send(Message::Entry(file(name, data))).unwrap();
+                    if send {
+                        tx.send(Message::Chunk(ChunkData::encode(
+                            ChunkId::of(data),
+                            data,
+                            false,
+                        )))
+                        .unwrap();
+                    }
+                }
+                tx.send(Message::Entry(file("4", b"after"))).unwrap();
+                tx.flush().unwrap();
+                until_client_gives_up(rx);
+            }),
+        ),
     ];
     for (needle, script) in cases {
         std::fs::create_dir_all(&dst).unwrap();

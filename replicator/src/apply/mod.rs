@@ -81,6 +81,8 @@ pub enum ApplyError {
     Chunk(#[from] crate::protocol::message::ChunkError),
     #[error("the sender stopped before sending every wanted chunk")]
     MissingChunks,
+    #[error("received {got} where chunk {want} was due")]
+    NotAChunk { got: &'static str, want: ChunkId },
     #[error("manifest: {0}")]
     Manifest(String),
     #[error("after applying, the destination digest is {got} but the source's is {want}")]

@@ -124,7 +124,10 @@ impl ChunkFeed for ChunkStream<'_, '_> {
                 Message::Chunk(ChunkData { id: got, .. })
                 | Message::Suffix(SuffixData { id: got, .. }),
             ) => Err(ApplyError::UnexpectedChunk { got, want: expect }),
-            Ok(_) => Err(ApplyError::MissingChunks),
+            Ok(other) => Err(ApplyError::NotAChunk {
+                got: other.name(),
+                want: expect,
+            }),
             Err(e) => {
                 self.error = Some(e);
                 Err(ApplyError::MissingChunks)
