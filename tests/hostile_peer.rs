@@ -640,7 +640,8 @@ fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
             Box::new(|tx, rx| {
                 greet_streamed(tx, rx);
                 let a = b"the first content".to_vec();
-                let slot_of = |c: &[u8]| replicator::chunk::window::slot(&ChunkId::of(c));
+                use replicator::chunk::window::{MIN_SLOTS, slot};
+                let slot_of = |c: &[u8]| slot(&ChunkId::of(c), MIN_SLOTS);
                 let b = (0u32..)
                     .map(|i| format!("content {i}").into_bytes())
                     .find(|b| slot_of(b) == slot_of(&a))

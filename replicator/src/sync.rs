@@ -304,18 +304,18 @@ mod tests {
     #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
     use super::*;
     use crate::chunk::ChunkId;
-    use crate::chunk::window::{ChunkWindow, WINDOW_SLOTS};
+    use crate::chunk::window::{ChunkWindow, MAX_SLOTS};
     use crate::progress::NoProgress;
     use std::fs;
 
     /// A first sync is streamed, and both ends decide by their windows which chunks go on the
-    /// wire. Unit tests run with a window of 64 slots, so 600 one-chunk files drawn from 300
-    /// contents evict and reuse slots all the time (and the receiver renumbers the files it
-    /// can copy from): the copy must be exact, and exactly the chunks the window rule says
-    /// are sent.
+    /// wire. Unit tests run with a window of 16 slots growing to 64, so 600 one-chunk files
+    /// drawn from 300 contents grow the window, evict and reuse slots all the time (and the
+    /// receiver renumbers the files it can copy from): the copy must be exact, and exactly the
+    /// chunks the window rule says are sent.
     #[test]
     fn a_streamed_first_sync_sends_what_the_window_rule_says_and_mirrors_the_source() {
-        const { assert!(WINDOW_SLOTS < 300, "the test needs evictions") };
+        const { assert!(MAX_SLOTS < 300, "the test needs evictions") };
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         fs::create_dir(&src).unwrap();

@@ -33,7 +33,7 @@ pub enum ChunkPlaces {
     All(ChunkTable<Loc>),
     /// A streamed session's recent chunks, by the rule the sender follows (see
     /// [`ChunkWindow`]): a chunk it sends takes its slot, and a later occurrence is copied
-    /// from it while the slot holds it. Fixed memory; slot choice by a peer's ids can only
+    /// from it while the slot holds it. Bounded memory; slot choice by a peer's ids can only
     /// make that peer send more.
     Recent(ChunkWindow<(u32, u64)>),
 }
@@ -59,6 +59,14 @@ impl ChunkPlaces {
                 t.insert_new(id, loc);
             }
             ChunkPlaces::Recent(w) => w.put(id, (loc.file, loc.offset)),
+        }
+    }
+
+    /// The window's slots now; `None` for a full table.
+    pub fn window_slots(&self) -> Option<usize> {
+        match self {
+            ChunkPlaces::All(_) => None,
+            ChunkPlaces::Recent(w) => Some(w.slots()),
         }
     }
 

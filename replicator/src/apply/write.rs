@@ -17,7 +17,7 @@ use super::plan::{Plan, Src, offsets};
 use super::spool::Planned;
 use super::{ApplyError, ChunkFeed, Destination, DstChunks, flusher, io_err, split};
 use crate::chunk::Segment;
-use crate::chunk::window::WINDOW_SLOTS;
+use crate::chunk::window::MIN_SLOTS;
 use crate::manifest::{Entry, EntryKind, RelPath, VolumeMode};
 use crate::progress::Progress;
 
@@ -45,7 +45,10 @@ impl Destination {
     /// window holds chunks of can be copied from later; once the numbers reach twice the
     /// window's slots, the others are dropped. A million files keep a window's worth of names.
     fn forget_unheld_sources(&mut self) {
-        if self.sources.len() < 2 * WINDOW_SLOTS
+        let Some(slots) = self.local.window_slots() else {
+            return;
+        };
+        if self.sources.len() < 2 * slots.max(MIN_SLOTS)
             || !self.suffix_bases.is_empty()
             || matches!(self.dst_chunks, DstChunks::Placed(_))
         {

@@ -392,7 +392,7 @@ fn starts_with(data: &[u8], base: ChunkId, len: usize) -> bool {
 }
 
 /// The chunks a streamed session has sent that the receiver can still copy: the window both
-/// ends keep by one rule (see [`ChunkWindow`]), 4 MiB however large the volume.
+/// ends keep by one rule (see [`ChunkWindow`]), at most 4 MiB however large the volume.
 #[derive(Default)]
 struct SentChunks(ChunkWindow<()>);
 
