@@ -16,13 +16,17 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
+use crate::codec;
 use crate::manifest::{Meta, RelPath};
 
 /// Name used for a file while it is being written: hidden, in the same directory as the final
 /// name (so the rename is atomic), and deterministic (so a rerun finds and resumes it).
 pub fn temp_name(name: &[u8]) -> Vec<u8> {
-    let h = blake3::hash(name);
-    format!(".rpl-{}.tmp", &h.to_hex()[..16]).into_bytes()
+    temp_name_with(&blake3::hash(name).to_hex()[..16])
+}
+
+fn temp_name_with(hex: &str) -> Vec<u8> {
+    format!(".rpl-{hex}.tmp").into_bytes()
 }
 
 /// True for names [`temp_name`] produces.
@@ -31,27 +35,19 @@ pub fn is_temp_name(name: &[u8]) -> bool {
 }
 
 /// The 8 bytes a name [`temp_name`] produces is made from (its hex digits), for keeping many
-/// temp names in a third of their room; `None` for any other name.
+/// temp names in a third of their room; `None` for any other name, and for one that the tag
+/// would not give back exactly (upper-case digits).
 pub fn temp_tag(name: &[u8]) -> Option<[u8; 8]> {
     if !is_temp_name(name) {
         return None;
     }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut tag = [0u8; 8];
-    for (i, pair) in name[5..21].chunks(2).enumerate() {
-        tag[i] = digit(pair[0])? << 4 | digit(pair[1])?;
-    }
-    Some(tag)
+    let hex = std::str::from_utf8(&name[5..21]).ok()?;
+    codec::from_hex(hex).filter(|tag| codec::to_hex(tag) == hex)
 }
 
 /// The temp name `tag` was taken from (see [`temp_tag`]).
 pub fn temp_name_of(tag: &[u8; 8]) -> Vec<u8> {
-    let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
-    format!(".rpl-{hex}.tmp").into_bytes()
+    temp_name_with(&codec::to_hex(tag))
 }
 
 pub fn os(name: &[u8]) -> &OsStr {

@@ -61,23 +61,6 @@ impl ChunkPlaces {
             ChunkPlaces::Recent(w) => w.put(id, (loc.file, loc.offset)),
         }
     }
-
-    /// The window's slots now; `None` for a full table.
-    pub fn window_slots(&self) -> Option<usize> {
-        match self {
-            ChunkPlaces::All(_) => None,
-            ChunkPlaces::Recent(w) => Some(w.slots()),
-        }
-    }
-
-    /// The file numbers held, for renumbering them (a window only: a full table is never
-    /// renumbered).
-    pub fn window_files(&mut self) -> Option<impl Iterator<Item = &mut u32>> {
-        match self {
-            ChunkPlaces::All(_) => None,
-            ChunkPlaces::Recent(w) => Some(w.values_mut().map(|(file, _)| file)),
-        }
-    }
 }
 
 /// Which chunks the destination may hold, per its index: a Bloom filter of 16 bits per
@@ -153,21 +136,24 @@ const TEMP: u32 = 1 << 31;
 impl SourceFiles {
     /// Adds the file `name` in directory `dir`; returns its number.
     pub fn add(&mut self, dir: &RelPath, name: &[u8]) -> u32 {
+        match fsops::temp_tag(name) {
+            Some(tag) => self.push(dir, &tag, true),
+            None => self.push(dir, name, false),
+        }
+    }
+
+    /// Adds a file as stored: its name, or with `temp` its temp name's tag.
+    fn push(&mut self, dir: &RelPath, stored: &[u8], temp: bool) -> u32 {
         if self.dirs.last() != Some(dir) {
             self.dirs.push(dir.clone());
         }
-        let mut dir = u32::try_from(self.dirs.len() - 1)
+        let dir = u32::try_from(self.dirs.len() - 1)
             .ok()
             .filter(|d| d & TEMP == 0)
             .expect("fewer than 2^31 directories");
-        match fsops::temp_tag(name) {
-            Some(tag) => {
-                self.names.extend_from_slice(&tag);
-                dir |= TEMP;
-            }
-            None => self.names.extend_from_slice(name),
-        }
-        self.files.push((dir, self.names.len()));
+        self.names.extend_from_slice(stored);
+        self.files
+            .push((if temp { dir | TEMP } else { dir }, self.names.len()));
         u32::try_from(self.files.len() - 1).expect("fewer than 2^32 source files")
     }
 
@@ -176,17 +162,23 @@ impl SourceFiles {
         *slot.get_or_insert_with(|| self.add(dir, name))
     }
 
-    /// The directory and name of file number `file`.
-    pub fn get(&self, file: u32) -> (&RelPath, Cow<'_, [u8]>) {
+    /// File number `file` as stored: its directory, its name or tag, whether it is a tag.
+    fn stored(&self, file: u32) -> (&RelPath, &[u8], bool) {
         let i = file as usize;
         let start = i.checked_sub(1).map_or(0, |prev| self.files[prev].1);
         let (dir, end) = self.files[i];
-        let stored = &self.names[start..end];
+        let name = &self.names[start..end];
+        (&self.dirs[(dir & !TEMP) as usize], name, dir & TEMP != 0)
+    }
+
+    /// The directory and name of file number `file`.
+    pub fn get(&self, file: u32) -> (&RelPath, Cow<'_, [u8]>) {
+        let (dir, stored, temp) = self.stored(file);
         let name = match <&[u8; 8]>::try_from(stored) {
-            Ok(tag) if dir & TEMP != 0 => Cow::Owned(fsops::temp_name_of(tag)),
+            Ok(tag) if temp => Cow::Owned(fsops::temp_name_of(tag)),
             _ => Cow::Borrowed(stored),
         };
-        (&self.dirs[(dir & !TEMP) as usize], name)
+        (dir, name)
     }
 
     pub fn len(&self) -> usize {
@@ -206,8 +198,8 @@ impl SourceFiles {
         live.dedup();
         let mut kept = SourceFiles::default();
         for &file in &live {
-            let (dir, name) = self.get(file);
-            kept.add(dir, &name);
+            let (dir, stored, temp) = self.stored(file);
+            kept.push(dir, stored, temp);
         }
         for r in &mut refs {
             let (Ok(new) | Err(new)) = live.binary_search(r);
@@ -406,14 +398,13 @@ mod tests {
         let dir = RelPath::new(b"d".to_vec()).unwrap();
         let mut files = SourceFiles::default();
         let temp = fsops::temp_name(b"data.db");
-        // Temp-shaped but not hex: kept as it is.
+        // Temp-shaped but not hex, or hex that would come back in lower case: kept as it is.
         let odd = b".rpl-0123456789abcdeZ.tmp".to_vec();
-        let numbers: Vec<u32> = [&temp, &odd, &b"plain".to_vec()]
-            .iter()
-            .map(|n| files.add(&dir, n))
-            .collect();
-        assert_eq!(files.names.len(), 8 + 25 + 5);
-        for (n, name) in numbers.iter().zip([&temp, &odd, &b"plain".to_vec()]) {
+        let upper = b".rpl-0123456789ABCDEF.tmp".to_vec();
+        let names = [&temp, &odd, &upper, &b"plain".to_vec()];
+        let numbers: Vec<u32> = names.iter().map(|n| files.add(&dir, n)).collect();
+        assert_eq!(files.names.len(), 8 + 25 + 25 + 5);
+        for (n, name) in numbers.iter().zip(names) {
             let (d, got) = files.get(*n);
             assert_eq!((d, &*got), (&dir, &name[..]));
         }

@@ -13,7 +13,7 @@ use rustix::fs::{self as rfs, FileType, Mode};
 
 use super::fsops::{self, os, temp_name};
 use super::local::{LocalReader, PendingClone, range_has, range_is_zero};
-use super::plan::{Plan, Src, offsets};
+use super::plan::{ChunkPlaces, Plan, Src, offsets};
 use super::spool::Planned;
 use super::{ApplyError, ChunkFeed, Destination, DstChunks, flusher, io_err, split};
 use crate::chunk::Segment;
@@ -45,24 +45,23 @@ impl Destination {
     /// window holds chunks of can be copied from later; once the numbers reach twice the
     /// window's slots, the others are dropped. A million files keep a window's worth of names.
     fn forget_unheld_sources(&mut self) {
-        let Some(slots) = self.local.window_slots() else {
+        let ChunkPlaces::Recent(window) = &mut self.local else {
             return;
         };
-        if self.sources.len() < 2 * slots.max(MIN_SLOTS)
+        if self.sources.len() < 2 * window.slots().max(MIN_SLOTS)
             || !self.suffix_bases.is_empty()
             || matches!(self.dst_chunks, DstChunks::Placed(_))
         {
             return;
         }
-        if let Some(held) = self.local.window_files() {
-            let before = self.sources.len();
-            self.sources.retain(held);
-            tracing::trace!(
-                before,
-                after = self.sources.len(),
-                "source files renumbered"
-            );
-        }
+        let before = self.sources.len();
+        self.sources
+            .retain(window.values_mut().map(|(file, _)| file));
+        tracing::trace!(
+            before,
+            after = self.sources.len(),
+            "source files renumbered"
+        );
     }
 
     /// Phase 3: build temp files from local copies and the feed.
