@@ -316,7 +316,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
             ChunkId::of(&honest[..1000]),
             1000,
             &honest,
-            false,
+            None,
         ))
     };
     let cases: [(&dyn Fn(ChunkId) -> Message, &str); 2] = [
@@ -626,7 +626,7 @@ fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
                 tx.send(Message::Chunk(ChunkData::encode(
                     ChunkId::of(&data),
                     &data,
-                    false,
+                    None,
                 )))
                 .unwrap();
                 tx.flush().unwrap();
@@ -653,7 +653,7 @@ fn hostile_server_streaming_into_an_empty_destination_is_rejected() {
                         tx.send(Message::Chunk(ChunkData::encode(
                             ChunkId::of(data),
                             data,
-                            false,
+                            None,
                         )))
                         .unwrap();
                     }

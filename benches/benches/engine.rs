@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the engine's per-byte stages, each alone: content-defined chunking
-//! with BLAKE3 naming, zstd-1 on a chunk, and decoding + verifying a received chunk frame.
+//! with BLAKE3 naming, zstd (levels 1 and 3) on a chunk, and decoding + verifying a received chunk frame.
 //! `cargo bench -p benches --bench engine` (criterion; the data is seeded).
 
 use std::hint::black_box;
@@ -9,6 +9,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 use replicator::chunk::{ChunkId, Chunker, ChunkerParams};
 use replicator::manifest::Limits;
+use replicator::protocol::compression::{FAST, STRONG};
 use replicator::protocol::message::{ChunkData, Message};
 
 const LEN: usize = 16 << 20;
@@ -41,13 +42,15 @@ fn chunk_and_hash(c: &mut Criterion) {
 fn compress(c: &mut Criterion) {
     let text = replicator::demo::seeded_text(3, 64 << 10);
     let random = replicator::demo::seeded_bytes(4, 64 << 10);
-    let mut g = c.benchmark_group("zstd-1 per 64 KiB chunk");
+    let mut g = c.benchmark_group("zstd per 64 KiB chunk");
     g.throughput(Throughput::Bytes(64 << 10));
     for (name, chunk) in [("text", &text), ("random", &random)] {
         let id = ChunkId::of(chunk);
-        g.bench_function(name, |b| {
-            b.iter(|| black_box(ChunkData::encode(id, chunk, true)))
-        });
+        for level in [FAST, STRONG] {
+            g.bench_function(format!("{name}, level {level}"), |b| {
+                b.iter(|| black_box(ChunkData::encode(id, chunk, Some(level))))
+            });
+        }
     }
     g.finish();
 }
@@ -57,8 +60,8 @@ fn decode_and_verify(c: &mut Criterion) {
     let id = ChunkId::of(&chunk);
     let mut g = c.benchmark_group("receive a 64 KiB chunk frame");
     g.throughput(Throughput::Bytes(64 << 10));
-    for (name, compress) in [("raw", false), ("zstd", true)] {
-        let frame = Message::Chunk(ChunkData::encode(id, &chunk, compress)).encode_frame();
+    for (name, level) in [("raw", None), ("zstd", Some(FAST))] {
+        let frame = Message::Chunk(ChunkData::encode(id, &chunk, level)).encode_frame();
         let body = Bytes::from(frame[4..].to_vec());
         let limits = Limits::default();
         g.bench_function(name, |b| {

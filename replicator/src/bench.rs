@@ -17,6 +17,7 @@ use crate::digest::digest_volume;
 use crate::manifest::{Entry, VolumeMode};
 use crate::net::client::{ClientOptions, open_session};
 use crate::net::open::Direction;
+use crate::protocol::compression::FAST;
 use crate::protocol::message::{ChunkData, Message};
 use crate::snapshot::{
     ChunkAt, ChunkReader, SnapshotError, SnapshotOptions, scan_block, scan_tree,
@@ -73,7 +74,11 @@ pub fn link(
             } else {
                 crate::demo::seeded_bytes(i, 64 << 10)
             };
-            Message::Chunk(ChunkData::encode(ChunkId::of(&data), &data, compress))
+            Message::Chunk(ChunkData::encode(
+                ChunkId::of(&data),
+                &data,
+                compress.then_some(FAST),
+            ))
         })
         .collect();
     let opts = SyncOptions {
@@ -206,7 +211,7 @@ pub fn local(
         let Ok(data) = reader.read(at) else { continue };
         let id = at.id;
         let t = Instant::now();
-        let c = ChunkData::encode(id, &data, true);
+        let c = ChunkData::encode(id, &data, Some(FAST));
         secs += t.elapsed().as_secs_f64();
         raw += data.len() as u64;
         packed += Bytes::len(&c.payload) as u64;

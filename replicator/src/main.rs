@@ -177,8 +177,8 @@ struct SyncArgs {
     /// Re-read every source file even when size, times and inode are unchanged.
     #[arg(long)]
     checksum: bool,
-    /// Compress chunks on the wire: never, always, or auto (measured at run time: compressed
-    /// while that moves data faster; local syncs: never).
+    /// Compress chunks on the wire: never, always (zstd level 1), or auto (measured at run
+    /// time: raw, level 1 or level 3, whichever moves data faster; local syncs: never).
     #[arg(long, default_value = "auto", value_parser = ["never", "always", "auto"])]
     compress: String,
     /// Print one JSON summary object on stdout at the end.

@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 
+use super::compression::FAST;
 use crate::chunk::{ChunkId, ChunkerParams};
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::manifest::delta::FilePatch;
@@ -501,19 +502,20 @@ pub enum ChunkError {
 }
 
 thread_local! {
-    /// One zstd context per thread, reused for every chunk: creating one per chunk cost ~2%
-    /// of a full copy's CPU. `None` if zstd could not make one (then each call makes its own).
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-        std::cell::RefCell::new(zstd::bulk::Compressor::new(1).ok());
+    /// One zstd context per thread, reused for every chunk (creating one per chunk cost ~2%
+    /// of a full copy's CPU), with the level it is set to. `None` if zstd could not make one
+    /// (then each call makes its own).
+    static COMPRESSOR: std::cell::RefCell<Option<(zstd::bulk::Compressor<'static>, i32)>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(FAST).ok().map(|c| (c, FAST)));
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
 }
 
 impl ChunkData {
     /// Like [`ChunkData::encode`], taking the data without a copy when it goes raw.
-    pub fn encode_owned(id: ChunkId, data: Vec<u8>, compress: bool) -> ChunkData {
-        if compress {
-            let c = Self::encode(id, &data, true);
+    pub fn encode_owned(id: ChunkId, data: Vec<u8>, level: Option<i32>) -> ChunkData {
+        if level.is_some() {
+            let c = Self::encode(id, &data, level);
             if c.encoding == Encoding::Zstd {
                 return c;
             }
@@ -526,12 +528,19 @@ impl ChunkData {
         }
     }
 
-    /// Encodes a chunk, compressing it when asked and when that makes it smaller.
-    pub fn encode(id: ChunkId, data: &[u8], compress: bool) -> ChunkData {
-        if compress
+    /// Encodes a chunk, compressed at zstd `level` when one is given and that makes it
+    /// smaller.
+    pub fn encode(id: ChunkId, data: &[u8], level: Option<i32>) -> ChunkData {
+        if let Some(level) = level
             && let Ok(z) = COMPRESSOR.with_borrow_mut(|c| match c {
-                Some(c) => c.compress(data),
-                None => zstd::bulk::compress(data, 1),
+                Some((c, set)) => {
+                    if *set != level {
+                        c.set_compression_level(level)?;
+                        *set = level;
+                    }
+                    c.compress(data)
+                }
+                None => zstd::bulk::compress(data, level),
             })
             && z.len() < data.len()
         {
@@ -565,9 +574,9 @@ impl SuffixData {
         base: ChunkId,
         base_len: usize,
         data: &[u8],
-        compress: bool,
+        level: Option<i32>,
     ) -> Self {
-        let tail = ChunkData::encode(id, &data[base_len..], compress);
+        let tail = ChunkData::encode(id, &data[base_len..], level);
         SuffixData {
             id,
             base,
@@ -694,7 +703,7 @@ mod tests {
                 ChunkId::of(&data[..4000]),
                 4000,
                 &data,
-                true,
+                Some(FAST),
             )),
             Message::Patch(FilePatch {
                 path: RelPath::new(b"big".to_vec()).unwrap(),
@@ -720,8 +729,8 @@ mod tests {
             },
             Message::Want(vec![id, ChunkId([1; 32])]),
             Message::WantEnd,
-            Message::Chunk(ChunkData::encode(id, &data, true)),
-            Message::Chunk(ChunkData::encode(id, &data, false)),
+            Message::Chunk(ChunkData::encode(id, &data, Some(FAST))),
+            Message::Chunk(ChunkData::encode(id, &data, None)),
             Message::ChunksEnd {
                 bytes_read: 1 << 40,
             },
@@ -756,19 +765,36 @@ mod tests {
     #[test]
     fn compression_is_used_only_when_it_shrinks() {
         let zeros = vec![1u8; 65536];
-        let c = ChunkData::encode(ChunkId::of(&zeros), &zeros, true);
+        let c = ChunkData::encode(ChunkId::of(&zeros), &zeros, Some(FAST));
         assert_eq!(c.encoding, Encoding::Zstd);
         assert_eq!(c.decode_verified().unwrap(), zeros);
         let noise = crate::demo::seeded_bytes(5, 65536);
-        let c = ChunkData::encode(ChunkId::of(&noise), &noise, true);
+        let c = ChunkData::encode(ChunkId::of(&noise), &noise, Some(FAST));
         assert_eq!(c.encoding, Encoding::Raw);
+    }
+
+    #[test]
+    fn one_thread_compresses_at_either_level_in_turn() {
+        use super::super::compression::STRONG;
+        let text = crate::demo::seeded_text(6, 65536);
+        let id = ChunkId::of(&text);
+        let mut sizes = Vec::new();
+        for level in [FAST, STRONG, FAST, STRONG] {
+            let c = ChunkData::encode(id, &text, Some(level));
+            assert_eq!(c.encoding, Encoding::Zstd);
+            assert_eq!(c.decode_verified().unwrap(), text);
+            sizes.push(c.payload.len());
+        }
+        // The shared context really changes level each time, and level 3 packs tighter.
+        assert_eq!((sizes[0], sizes[1]), (sizes[2], sizes[3]));
+        assert!(sizes[1] < sizes[0], "{sizes:?}");
     }
 
     #[test]
     fn a_suffix_needs_the_base_it_was_offered_and_must_hash_to_its_name() {
         let data = crate::demo::seeded_bytes(7, 30_000);
         let (id, base) = (ChunkId::of(&data), ChunkId::of(&data[..20_000]));
-        let s = SuffixData::encode(id, base, 20_000, &data, false);
+        let s = SuffixData::encode(id, base, 20_000, &data, None);
         assert_eq!(s.payload.len(), 10_000, "only the tail goes");
         assert_eq!(
             s.decode_verified(Some((base, &data[..20_000]))).unwrap(),
@@ -790,7 +816,7 @@ mod tests {
             s.decode_verified(Some((base, &wrong))),
             Err(ChunkError::Hash { .. })
         ));
-        let z = SuffixData::encode(id, base, 20_000, &data, true);
+        let z = SuffixData::encode(id, base, 20_000, &data, Some(FAST));
         assert_eq!(
             z.decode_verified(Some((base, &data[..20_000]))).unwrap(),
             data
@@ -800,7 +826,7 @@ mod tests {
     #[test]
     fn a_chunk_with_the_wrong_hash_is_rejected() {
         let data = vec![1u8; 1000];
-        let mut c = ChunkData::encode(ChunkId::of(&data), &data, false);
+        let mut c = ChunkData::encode(ChunkId::of(&data), &data, None);
         c.id = ChunkId([0; 32]);
         assert!(matches!(c.decode_verified(), Err(ChunkError::Hash { .. })));
     }

@@ -110,7 +110,7 @@ mod tests {
         let chunk = Message::Chunk(crate::protocol::message::ChunkData::encode(
             crate::chunk::ChunkId::of(b"x"),
             b"x",
-            false,
+            None,
         ));
         assert_eq!(p.accept(&chunk).unwrap(), p);
         assert!(ReceiverPhase::Manifest.accept(&chunk).is_err());

@@ -352,7 +352,7 @@ impl Outgoing {
         data: Vec<u8>,
     ) -> Result<(), SessionError> {
         let len = data.len() as u64;
-        let chunk = ChunkData::encode_owned(id, data, self.policy.compress());
+        let chunk = ChunkData::encode_owned(id, data, self.policy.level());
         self.send_counted(tx, Message::Chunk(chunk), len)
     }
 
@@ -367,7 +367,7 @@ impl Outgoing {
         data: &[u8],
     ) -> Result<(), SessionError> {
         let len = (data.len() - base_len) as u64;
-        let suffix = SuffixData::encode(id, base, base_len, data, self.policy.compress());
+        let suffix = SuffixData::encode(id, base, base_len, data, self.policy.level());
         self.send_counted(tx, Message::Suffix(suffix), len)
     }
 
