@@ -238,6 +238,17 @@ mod tests {
         counts.map(|c| c as f64 / all)
     }
 
+    /// A link where a chunk takes `micros` raw, at level 1, at level 3.
+    fn link(micros: [u64; 3]) -> impl Fn(Option<i32>) -> Duration {
+        move |level| {
+            Duration::from_micros(match level {
+                None => micros[0],
+                Some(FAST) => micros[1],
+                Some(_) => micros[2],
+            })
+        }
+    }
+
     /// [`run_levels`] where both levels cost `compressed`: the share of compressed chunks.
     fn run(policy: &mut CompressPolicy, total: u64, compressed: Duration, raw: Duration) -> f64 {
         let [raw_share, ..] = run_levels(policy, total, |level| match level {
@@ -321,20 +332,12 @@ mod tests {
     #[test]
     fn auto_picks_the_level_the_link_favours() {
         // A slow link: level 3 sends 7% fewer bytes, and the CPU keeps up with both levels.
-        let slow = |level| match level {
-            None => Duration::from_micros(655),
-            Some(FAST) => Duration::from_micros(262),
-            Some(_) => Duration::from_micros(244),
-        };
+        let slow = link([655, 262, 244]);
         let [_, fast, strong] =
             run_levels(&mut CompressPolicy::new(Compression::Auto), 4 << 30, slow);
         assert!(strong > 0.85 && fast < 0.1, "{strong} {fast}");
         // A faster link where level 3's CPU is the limit and level 1 still pays.
-        let mid = |level| match level {
-            None => Duration::from_micros(300),
-            Some(FAST) => Duration::from_micros(200),
-            Some(_) => Duration::from_micros(280),
-        };
+        let mid = link([300, 200, 280]);
         let [_, fast, strong] =
             run_levels(&mut CompressPolicy::new(Compression::Auto), 4 << 30, mid);
         assert!(fast > 0.85 && strong < 0.1, "{fast} {strong}");
@@ -343,11 +346,7 @@ mod tests {
     #[test]
     fn after_raw_wins_level_3_is_not_tried_again() {
         // Loopback: every compressed window is slower than raw, level 3 slowest.
-        let cpu_bound = |level| match level {
-            None => Duration::from_micros(120),
-            Some(FAST) => Duration::from_micros(180),
-            Some(_) => Duration::from_micros(230),
-        };
+        let cpu_bound = link([120, 180, 230]);
         let mut p = CompressPolicy::new(Compression::Auto);
         let [raw, _, strong] = run_levels(&mut p, 4 << 30, cpu_bound);
         assert!(raw > 0.8, "{raw}");
