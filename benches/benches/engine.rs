@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the engine's per-byte stages, each alone: content-defined chunking
-//! with BLAKE3 naming, zstd (levels 1 and 3) on a chunk, and decoding + verifying a received chunk frame.
+//! with BLAKE3 naming, zstd (levels 1 and 3) on a chunk, and decoding + verifying a received
+//! chunk frame.
 //! `cargo bench -p benches --bench engine` (criterion; the data is seeded).
 
 use std::hint::black_box;

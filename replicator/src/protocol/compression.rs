@@ -136,19 +136,18 @@ impl CompressPolicy {
         let before = self.level();
         self.phase = match self.phase {
             Phase::Trying { trials, next, best } => {
-                let best = match best {
-                    Some((_, fastest)) if fastest >= rate => best,
-                    _ => Some((trials[next], rate)),
+                let (level, fastest) = match best {
+                    Some(earlier @ (_, fastest)) if fastest >= rate => earlier,
+                    _ => (trials[next], rate),
                 };
                 if next + 1 < trials.len() {
                     Phase::Trying {
                         trials,
                         next: next + 1,
-                        best,
+                        best: Some((level, fastest)),
                     }
                 } else {
-                    let (level, rate) = best.unwrap_or((Some(FAST), rate));
-                    self.keep_winner(level, rate)
+                    self.keep_winner(level, fastest)
                 }
             }
             Phase::Keep {
@@ -227,26 +226,25 @@ mod tests {
         for _ in 0..total / CHUNK {
             let level = policy.level();
             now += cost(level);
-            counts[match level {
-                None => 0,
-                Some(FAST) => 1,
-                Some(_) => 2,
-            }] += 1;
+            counts[column(level)] += 1;
             policy.sent(CHUNK, now);
         }
         let all = (total / CHUNK) as f64;
         counts.map(|c| c as f64 / all)
     }
 
+    /// Where an encoding goes in the tests' triples: raw, level 1, level 3.
+    fn column(level: Option<i32>) -> usize {
+        match level {
+            None => 0,
+            Some(FAST) => 1,
+            Some(_) => 2,
+        }
+    }
+
     /// A link where a chunk takes `micros` raw, at level 1, at level 3.
     fn link(micros: [u64; 3]) -> impl Fn(Option<i32>) -> Duration {
-        move |level| {
-            Duration::from_micros(match level {
-                None => micros[0],
-                Some(FAST) => micros[1],
-                Some(_) => micros[2],
-            })
-        }
+        move |level| Duration::from_micros(micros[column(level)])
     }
 
     /// [`run_levels`] where both levels cost `compressed`: the share of compressed chunks.
