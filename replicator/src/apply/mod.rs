@@ -31,6 +31,7 @@ pub mod fsops;
 mod local;
 pub mod plan;
 mod planning;
+mod readahead;
 mod spool;
 #[cfg(test)]
 mod tests;
@@ -219,6 +220,10 @@ pub struct Destination {
     kept_inodes: HashSet<(u64, u64)>,
     /// Bytes of every file in the manifest: what the progress bar covers.
     bytes_planned: u64,
+    /// What the write phase will read of the destination, in write order (a delta only).
+    read_runs: Option<Spool<readahead::ReadRun>>,
+    /// Asks the kernel for those ranges ahead of the write phase, while it runs.
+    read_ahead: Option<readahead::ReadAhead>,
     /// Syncs big finished files while later ones are written.
     flusher: flusher::Flusher,
     /// Bytes of small files written since the last early `syncfs`.
@@ -384,6 +389,8 @@ impl Destination {
             commit_work: false,
             kept_inodes: HashSet::new(),
             bytes_planned: 0,
+            read_runs: None,
+            read_ahead: None,
             flusher: flusher::Flusher::default(),
             unsynced: 0,
             stats: ApplyStats::default(),
@@ -464,6 +471,7 @@ pub fn decode_scratch_records(data: &[u8]) {
     use spool::Record;
     let _ = Planned::decode(&mut crate::codec::Reader::new(data));
     let _ = Scanned::decode(&mut crate::codec::Reader::new(data));
+    let _ = readahead::ReadRun::decode(&mut crate::codec::Reader::new(data));
 }
 
 /// The planned steps read back in order.

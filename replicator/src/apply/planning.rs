@@ -11,8 +11,9 @@ use std::fs::File;
 use super::fsops::{self, temp_name};
 use super::local::{range_has, range_is_zero};
 use super::plan::{self, ChunkPlaces, Loc, Plan, Src, chunks_by_offset, first_offsets, offsets};
-use super::spool::Planned;
-use super::{ApplyError, Destination, DstChunks, located, split};
+use super::readahead::{self, ReadRun};
+use super::spool::{Planned, Spool};
+use super::{ApplyError, Destination, DstChunks, io_err, located, split};
 use crate::chunk::{ChunkId, Segment};
 use crate::index::IndexReader;
 use crate::manifest::store::StoreWriter;
@@ -90,6 +91,11 @@ impl Destination {
             });
         }
         let plan = self.plan_entry(&entry, have.as_ref())?;
+        if let (Plan::Build { sources, .. }, EntryKind::File { segments, .. }) =
+            (&plan, &entry.kind)
+        {
+            self.note_read_runs(segments, sources)?;
+        }
         self.stats.entries += 1;
         if let EntryKind::File { size, segments } = &entry.kind {
             self.stats.files += 1;
@@ -116,6 +122,47 @@ impl Destination {
         self.planned.push(&record).map_err(self.scratch_err())?;
         if let Planned::Entry { entry, plan, .. } = record {
             self.last = Some((entry, plan));
+        }
+        Ok(())
+    }
+
+    /// Notes what building a file will read of the destination, for the write phase's
+    /// read-ahead. Only a delta into a tree has one: a streamed session copies what it has
+    /// just written, and a block volume's local copies are rare.
+    fn note_read_runs(&mut self, segments: &[Segment], sources: &[Src]) -> Result<(), ApplyError> {
+        if self.want.unasked || self.header.mode == VolumeMode::Block {
+            return Ok(());
+        }
+        let bases = &self.suffix_bases;
+        let runs = readahead::local_runs(segments, sources, |id| {
+            bases.get(id).map(|&(at, len, _)| (at, len))
+        });
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let runs: Vec<ReadRun> = runs
+            .into_iter()
+            .map(|(file, offset, len)| {
+                let (dir, name) = self.sources.get(file);
+                ReadRun {
+                    dir: dir.clone(),
+                    name: name.into_owned(),
+                    offset,
+                    len,
+                }
+            })
+            .collect();
+        if self.read_runs.is_none() {
+            self.read_runs = Some(Spool::create(&self.state.dir).map_err(self.scratch_err())?);
+        }
+        let Some(spool) = &mut self.read_runs else {
+            unreachable!("created above")
+        };
+        for run in &runs {
+            spool.push(run).map_err(io_err(
+                "cannot use a scratch file in",
+                &self.state.dir.display(),
+            ))?;
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::plan::{Loc, Plan, Src};
+use super::readahead::ReadRun;
 use crate::codec::{DecodeError, Reader, StreamDecoder, Writer};
 use crate::manifest::{Entry, Limits, MAX_PATH, RelPath, decode_entry, encode_entry, rel_path};
 use crate::volume::StatInfo;
@@ -364,6 +365,25 @@ impl Record for Planned {
     }
 }
 
+/// A range the write phase will read: its file's directory and name, offset and length.
+impl Record for ReadRun {
+    fn encode(&self, w: &mut Writer) {
+        w.bytes(self.dir.as_bytes());
+        w.bytes(&self.name);
+        w.varint(self.offset);
+        w.varint(self.len);
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(ReadRun {
+            dir: rel_path(r, "directory")?,
+            name: r.bytes("file name", MAX_PATH)?.to_vec(),
+            offset: r.varint()?,
+            len: r.varint()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +457,28 @@ mod tests {
         #[test]
         fn garbage_does_not_decode_into_a_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
             crate::apply::decode_scratch_records(&data);
+        }
+
+        /// Read-ahead ranges read back as pushed.
+        #[test]
+        fn read_runs_read_back_as_pushed(
+            runs in proptest::collection::vec(
+                (crate::manifest::encode_tests::arb_entry(),
+                 proptest::collection::vec(any::<u8>(), 1..40), any::<u64>(), any::<u64>())
+                    .prop_map(|(e, name, offset, len)| ReadRun { dir: e.path, name, offset, len }),
+                0..20,
+            )
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut spool = Spool::create(dir.path()).unwrap();
+            for r in &runs {
+                spool.push(r).unwrap();
+            }
+            let mut reader = spool.read().unwrap();
+            for want in &runs {
+                prop_assert_eq!(&reader.next().unwrap().unwrap(), want);
+            }
+            prop_assert!(reader.next().unwrap().is_none());
         }
 
         /// Whatever is pushed reads back the same, in order, from every reader.

@@ -14,6 +14,7 @@ use rustix::fs::{self as rfs, FileType, Mode};
 use super::fsops::{self, os, temp_name};
 use super::local::{LocalReader, PendingClone, range_has, range_is_zero};
 use super::plan::{ChunkPlaces, Plan, Src, offsets};
+use super::readahead::{Consumed, ReadAhead};
 use super::spool::Planned;
 use super::{ApplyError, ChunkFeed, Destination, DstChunks, flusher, io_err, split};
 use crate::chunk::Segment;
@@ -74,6 +75,17 @@ impl Destination {
         if self.header.mode == VolumeMode::Block {
             return self.write_block(feed, progress);
         }
+        self.read_ahead = self.start_read_ahead();
+        let written = self.write_steps(feed, progress);
+        self.read_ahead = None; // stops and joins the thread
+        written
+    }
+
+    fn write_steps(
+        &mut self,
+        feed: &mut dyn ChunkFeed,
+        progress: &dyn Progress,
+    ) -> Result<(), ApplyError> {
         let mut steps = self.planned.read().map_err(self.scratch_err())?;
         while let Some(step) = steps.next().map_err(self.scratch_err())? {
             self.written += 1;
@@ -82,6 +94,20 @@ impl Destination {
             }
         }
         Ok(())
+    }
+
+    /// The read-ahead of what this write phase copies from the destination, if planning
+    /// noted any. Only advice: when it cannot start, the copies read as they go.
+    fn start_read_ahead(&mut self) -> Option<ReadAhead> {
+        let runs = self.read_runs.as_mut()?.read();
+        let root = self.vol.as_ref()?.root_path();
+        match runs.and_then(|runs| ReadAhead::start(root, runs)) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::debug!("no read-ahead for the write phase: {e}");
+                None
+            }
+        }
     }
 
     fn write_entry(
@@ -144,8 +170,9 @@ impl Destination {
                         continue;
                     }
                     let vol = self.vol.as_mut().expect("tree");
-                    self.stats.bytes_copied_locally +=
-                        clone.flush(&mut reader, vol, &self.sources, &file)?;
+                    let copied = clone.flush(&mut reader, vol, &self.sources, &file)?;
+                    self.stats.bytes_copied_locally += copied;
+                    self.read_ahead.consumed(copied);
                     let data = match src {
                         Src::Clone(loc) => {
                             clone.start(loc, off, len);
@@ -156,12 +183,15 @@ impl Destination {
                         Src::Local(loc) => {
                             let d = reader.read(vol, &self.sources, loc, len, &id)?;
                             self.stats.bytes_copied_locally += u64::from(len);
+                            self.read_ahead.consumed(u64::from(len));
                             Some(d)
                         }
                         Src::Wire => {
                             let base = match self.suffix_bases.get(&id) {
                                 Some((at, len, base)) => {
-                                    Some((*base, reader.read(vol, &self.sources, at, *len, base)?))
+                                    let data = reader.read(vol, &self.sources, at, *len, base)?;
+                                    self.read_ahead.consumed(u64::from(*len));
+                                    Some((*base, data))
                                 }
                                 None => None,
                             };
@@ -179,8 +209,9 @@ impl Destination {
                     progress.advance(u64::from(len));
                 }
                 let vol = self.vol.as_mut().expect("tree");
-                self.stats.bytes_copied_locally +=
-                    clone.flush(&mut reader, vol, &self.sources, &file)?;
+                let copied = clone.flush(&mut reader, vol, &self.sources, &file)?;
+                self.stats.bytes_copied_locally += copied;
+                self.read_ahead.consumed(copied);
                 file.set_len(*size).map_err(io_err("cannot size", &shown))?;
                 progress.advance(
                     segments
