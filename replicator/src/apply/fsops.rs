@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, Timespec, Timestamps};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
 use crate::codec;
@@ -103,15 +103,22 @@ impl VolumeDir {
         self.cached = None;
     }
 
-    /// Opens a regular file for reading, refusing symlinks.
+    /// Opens a regular file for reading, refusing symlinks and anything not a regular file.
+    /// Non-blocking, so a path that became a FIFO since it was walked cannot hang the open.
     pub fn open_read(&mut self, dir: &RelPath, name: &[u8]) -> io::Result<File> {
         let d = self.dir(dir)?;
         let fd = rfs::openat(
             d,
             os(name),
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
         )?;
+        if !FileType::from_raw_mode(rfs::fstat(&fd)?.st_mode).is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
         Ok(File::from(fd))
     }
 }
@@ -396,6 +403,30 @@ pub fn stale_temps(volume: &std::path::Path, remove: bool) -> std::io::Result<(u
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn open_read_refuses_a_fifo_at_once_and_opens_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        rfs::mknodat(
+            rfs::CWD,
+            dir.path().join("fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("file"), b"data").unwrap();
+        std::fs::create_dir(dir.path().join("dir")).unwrap();
+        let mut vol = VolumeDir::open(dir.path()).unwrap();
+        // A blocking open of a FIFO with no writer would never return.
+        let fifo = vol.open_read(&RelPath::root(), b"fifo").unwrap_err();
+        assert_eq!(fifo.kind(), io::ErrorKind::InvalidInput);
+        assert!(vol.open_read(&RelPath::root(), b"dir").is_err());
+        let mut got = String::new();
+        let mut f = vol.open_read(&RelPath::root(), b"file").unwrap();
+        io::Read::read_to_string(&mut f, &mut got).unwrap();
+        assert_eq!(got, "data");
+    }
 
     #[test]
     fn copy_range_copies_between_offsets_and_reports_a_short_source() {
