@@ -11,6 +11,7 @@ use rustix::fs as rfs;
 
 use super::fsops::{self, VolumeDir};
 use super::plan::{Loc, SourceFiles};
+use super::readahead::Consumed;
 use super::{ApplyError, io_err};
 use crate::chunk::ChunkId;
 
@@ -60,8 +61,11 @@ fn range_reads_zero(file: &File, off: u64, len: u64, buf: &mut Vec<u8>) -> bool 
     true
 }
 
-/// A run of vouched ranges to copy in one `copy_file_range`: contiguous in the source file
-/// and in the file being built.
+/// Most bytes copied by one `copy_file_range` of a run.
+const COPY_STEP: u64 = 16 << 20;
+
+/// A run of vouched ranges to copy in the kernel: contiguous in the source file and in the
+/// file being built.
 #[derive(Default)]
 pub(super) struct PendingClone {
     run: Option<(Loc, u64, u64)>,
@@ -87,22 +91,34 @@ impl PendingClone {
         }
     }
 
-    /// Copies the run, if any, into `dst`; returns the bytes copied.
+    /// Copies the run, if any, into `dst`, [`COPY_STEP`] bytes at a time, telling `copied`
+    /// after each (the read-ahead keeps its distance from there); returns the bytes copied.
     pub(super) fn flush(
         &mut self,
         reader: &mut LocalReader,
         vol: &mut VolumeDir,
         files: &SourceFiles,
         dst: &File,
+        copied: &dyn Consumed,
     ) -> Result<u64, ApplyError> {
         let Some((from, to, len)) = self.run.take() else {
             return Ok(0);
         };
         let src = reader.open(vol, files, from.file)?;
-        fsops::copy_range(src, from.offset, dst, to, len).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => ApplyError::LocalChanged(files.shown(from.file)),
-            _ => io_err("cannot copy", &files.shown(from.file))(e),
-        })?;
+        let mut done = 0;
+        while done < len {
+            let step = (len - done).min(COPY_STEP);
+            fsops::copy_range(src, from.offset + done, dst, to + done, step).map_err(
+                |e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => {
+                        ApplyError::LocalChanged(files.shown(from.file))
+                    }
+                    _ => io_err("cannot copy", &files.shown(from.file))(e),
+                },
+            )?;
+            copied.consumed(step);
+            done += step;
+        }
         Ok(len)
     }
 }
@@ -154,6 +170,47 @@ impl LocalReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records what a copy reports.
+    struct Steps(std::cell::RefCell<Vec<u64>>);
+
+    impl Consumed for Steps {
+        fn consumed(&self, bytes: u64) {
+            self.0.borrow_mut().push(bytes);
+        }
+    }
+
+    #[test]
+    fn a_long_run_is_copied_and_reported_step_by_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(COPY_STEP * 5 / 2) as u32)
+            .map(|i| (i % 253) as u8)
+            .collect();
+        std::fs::write(dir.path().join("old"), &data).unwrap();
+        let dst = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("new"))
+            .unwrap();
+        let mut vol = VolumeDir::open(dir.path()).unwrap();
+        let mut files = SourceFiles::default();
+        let file = files.add(&crate::manifest::RelPath::root(), b"old");
+        let mut clone = PendingClone::default();
+        clone.start(&Loc { file, offset: 0 }, 0, 1);
+        assert!(clone.extend(&Loc { file, offset: 1 }, 1, data.len() as u32 - 1));
+        let steps = Steps(Default::default());
+        let copied = clone
+            .flush(&mut LocalReader::default(), &mut vol, &files, &dst, &steps)
+            .unwrap();
+        assert_eq!(copied, data.len() as u64);
+        assert_eq!(
+            steps.0.into_inner(),
+            vec![COPY_STEP, COPY_STEP, COPY_STEP / 2]
+        );
+        assert_eq!(std::fs::read(dir.path().join("new")).unwrap(), data);
+    }
 
     #[test]
     fn zero_ranges_are_found_in_holes_and_in_written_zeros() {

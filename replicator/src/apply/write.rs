@@ -170,9 +170,8 @@ impl Destination {
                         continue;
                     }
                     let vol = self.vol.as_mut().expect("tree");
-                    let copied = clone.flush(&mut reader, vol, &self.sources, &file)?;
-                    self.stats.bytes_copied_locally += copied;
-                    self.read_ahead.consumed(copied);
+                    self.stats.bytes_copied_locally +=
+                        clone.flush(&mut reader, vol, &self.sources, &file, &self.read_ahead)?;
                     let data = match src {
                         Src::Clone(loc) => {
                             clone.start(loc, off, len);
@@ -209,9 +208,8 @@ impl Destination {
                     progress.advance(u64::from(len));
                 }
                 let vol = self.vol.as_mut().expect("tree");
-                let copied = clone.flush(&mut reader, vol, &self.sources, &file)?;
-                self.stats.bytes_copied_locally += copied;
-                self.read_ahead.consumed(copied);
+                self.stats.bytes_copied_locally +=
+                    clone.flush(&mut reader, vol, &self.sources, &file, &self.read_ahead)?;
                 file.set_len(*size).map_err(io_err("cannot size", &shown))?;
                 progress.advance(
                     segments
