@@ -187,13 +187,7 @@ mod tests {
             .map(|i| (i % 253) as u8)
             .collect();
         std::fs::write(dir.path().join("old"), &data).unwrap();
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("new"))
-            .unwrap();
+        let dst = File::create(dir.path().join("new")).unwrap();
         let mut vol = VolumeDir::open(dir.path()).unwrap();
         let mut files = SourceFiles::default();
         let file = files.add(&crate::manifest::RelPath::root(), b"old");
