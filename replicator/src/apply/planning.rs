@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
-use super::fsops::{self, temp_name};
+use super::fsops::temp_name;
 use super::local::{range_has, range_is_zero};
 use super::plan::{self, ChunkPlaces, Loc, Plan, Src, chunks_by_offset, first_offsets, offsets};
 use super::readahead::{self, ReadRun};
@@ -326,19 +326,10 @@ impl Destination {
         Ok(places)
     }
 
-    /// A partial temp file for `name` in `dir` left by an interrupted run, if there is one.
+    /// A partial temp file for `name` in `dir` left by an interrupted run, if there is one
+    /// (`open_read` refuses anything but a regular file).
     fn partial_temp(&mut self, dir: &RelPath, temp: &[u8]) -> Option<File> {
-        let vol = self.vol.as_mut()?;
-        let d = vol.dir(dir).ok()?;
-        let is_file = fsops::stat_at(d, temp)
-            .ok()
-            .flatten()
-            .is_some_and(|s| rustix::fs::FileType::from_raw_mode(s.st_mode).is_file());
-        if is_file {
-            vol.open_read(dir, temp).ok()
-        } else {
-            None
-        }
+        self.vol.as_mut()?.open_read(dir, temp).ok()
     }
 
     /// Picks a source for every segment of a file to build.
