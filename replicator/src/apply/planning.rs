@@ -13,7 +13,7 @@ use super::local::{range_has, range_is_zero};
 use super::plan::{self, ChunkPlaces, Loc, Plan, Src, chunks_by_offset, first_offsets, offsets};
 use super::readahead::{self, ReadRun};
 use super::spool::{Planned, Spool};
-use super::{ApplyError, Destination, DstChunks, io_err, located, split};
+use super::{ApplyError, Destination, DstChunks, located, split};
 use crate::chunk::{ChunkId, Segment};
 use crate::index::IndexReader;
 use crate::manifest::store::StoreWriter;
@@ -140,30 +140,21 @@ impl Destination {
         if runs.is_empty() {
             return Ok(());
         }
-        let runs: Vec<ReadRun> = runs
-            .into_iter()
-            .map(|(file, offset, len)| {
-                let (dir, name) = self.sources.get(file);
-                ReadRun {
-                    dir: dir.clone(),
-                    name: name.into_owned(),
-                    offset,
-                    len,
-                }
-            })
-            .collect();
-        if self.read_runs.is_none() {
-            self.read_runs = Some(Spool::create(&self.state.dir).map_err(self.scratch_err())?);
-        }
-        let Some(spool) = &mut self.read_runs else {
-            unreachable!("created above")
+        let mut spool = match self.read_runs.take() {
+            Some(spool) => spool,
+            None => Spool::create(&self.state.dir).map_err(self.scratch_err())?,
         };
-        for run in &runs {
-            spool.push(run).map_err(io_err(
-                "cannot use a scratch file in",
-                &self.state.dir.display(),
-            ))?;
+        for (file, offset, len) in runs {
+            let (dir, name) = self.sources.get(file);
+            let run = ReadRun {
+                dir: dir.clone(),
+                name: name.into_owned(),
+                offset,
+                len,
+            };
+            spool.push(&run).map_err(self.scratch_err())?;
         }
+        self.read_runs = Some(spool);
         Ok(())
     }
 

@@ -19,7 +19,6 @@
 
 use std::fs::File;
 use std::num::NonZeroU64;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -76,10 +75,16 @@ pub fn local_runs(
 /// What the write phase and the read-ahead thread share.
 #[derive(Default)]
 struct Shared {
-    /// Bytes the write phase has read locally so far.
-    consumed: Mutex<u64>,
+    progress: Mutex<Progress>,
     moved: Condvar,
-    stop: AtomicBool,
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Bytes the write phase has read locally so far.
+    consumed: u64,
+    /// The write phase is over: the thread ends.
+    stopped: bool,
 }
 
 /// The read-ahead thread of one write phase; stopped and joined when dropped.
@@ -139,38 +144,30 @@ impl ReadAhead {
         if bytes == 0 {
             return;
         }
-        let mut consumed = self
-            .shared
-            .consumed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        *consumed += bytes;
-        self.shared.moved.notify_one();
+        self.shared.update(|p| p.consumed += bytes);
     }
 }
 
 impl Shared {
+    /// Changes the progress and wakes the thread.
+    fn update(&self, change: impl FnOnce(&mut Progress)) {
+        change(&mut self.progress.lock().unwrap_or_else(|e| e.into_inner()));
+        self.moved.notify_one();
+    }
+
     /// Waits until fewer than `ahead` bytes past `advised` are unconsumed; false once stopped.
     fn wait_below(&self, advised: u64, ahead: u64) -> bool {
-        let mut consumed = self.consumed.lock().unwrap_or_else(|e| e.into_inner());
-        while !self.stop.load(Ordering::Relaxed) && advised >= consumed.saturating_add(ahead) {
-            consumed = self.moved.wait(consumed).unwrap_or_else(|e| e.into_inner());
+        let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        while !p.stopped && advised >= p.consumed.saturating_add(ahead) {
+            p = self.moved.wait(p).unwrap_or_else(|e| e.into_inner());
         }
-        !self.stop.load(Ordering::Relaxed)
+        !p.stopped
     }
 }
 
 impl Drop for ReadAhead {
     fn drop(&mut self) {
-        {
-            let _consumed = self
-                .shared
-                .consumed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            self.shared.stop.store(true, Ordering::Relaxed);
-            self.shared.moved.notify_all();
-        }
+        self.shared.update(|p| p.stopped = true);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
