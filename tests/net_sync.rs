@@ -413,6 +413,11 @@ fn bench_measures_a_link_and_the_local_pipeline() {
     assert!(r["megabytes_per_second"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["rtt_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["server_cpu_seconds"].as_f64().is_some(), "{r}");
+    // Loopback carries datagrams far above Ethernet's 1,500 bytes and path MTU discovery
+    // finds them. Had GSO batches of them been refused, their loss would have set off the
+    // black-hole detector, which falls back to 1,200 bytes for the rest of the session.
+    assert!(r["path_mtu"].as_u64().unwrap() > 1500, "{r}");
+    assert!(r["lost_packets"].as_u64().is_some(), "{r}");
     // Nothing is kept on the server.
     assert_eq!(
         fs::read_dir(&t.server.root)

@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream};
 use serde::{Deserialize, Serialize};
 
+use replicator::net::closing::{self, Endpoint};
 use replicator::net::conn::peer_fingerprint;
 use replicator::net::endpoint::{self, NetOptions};
 use replicator::net::identity::{Identity, TrustList};
@@ -225,7 +226,8 @@ impl AgentClient {
             })?;
         let fp = peer_fingerprint(&conn).ok_or_else(|| fail("agent sent no certificate".into()))?;
         if !trusted.trusts(&fp, Some(addr)) {
-            conn.close(
+            closing::close(
+                &conn,
                 2u32.into(),
                 format!("deployer does not trust agent fingerprint {fp}").as_bytes(),
             );
@@ -265,7 +267,7 @@ impl AgentClient {
     }
 
     pub async fn close(self) {
-        self.conn.close(0u32.into(), b"done");
+        closing::close(&self.conn, 0u32.into(), b"done");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }

@@ -57,6 +57,10 @@ pub struct LinkReport {
     pub client_cpu_seconds: f64,
     pub server_cpu_seconds: f64,
     pub compressed: bool,
+    /// The largest UDP payload the path carried by the end (path MTU discovery).
+    pub path_mtu: u16,
+    /// QUIC packets the client declared lost.
+    pub lost_packets: u64,
 }
 
 /// Streams generated chunks to `address` for `duration`.
@@ -109,6 +113,7 @@ pub fn link(
     let seconds = started.elapsed().as_secs_f64();
     let client_cpu = process_cpu_seconds() - cpu_start;
     let rtt = session.conn.rtt();
+    let path = session.conn.stats().path;
     let wire = session.tx.wire_bytes();
     let result = match outcome {
         Ok(Message::BenchResult {
@@ -125,6 +130,8 @@ pub fn link(
             client_cpu_seconds: client_cpu,
             server_cpu_seconds: cpu_micros as f64 / 1e6,
             compressed: compress,
+            path_mtu: path.current_mtu,
+            lost_packets: path.lost_packets,
         }),
         Ok(Message::BenchResult { bytes: got, .. }) => Err(SyncError::Connection(format!(
             "the server verified {got} bytes of the {bytes} sent"

@@ -489,7 +489,7 @@ fn run_bench(a: BenchArgs) -> Result<(), Failure> {
         println!("{}", serde_json::to_string(&r).unwrap_or_default());
     } else {
         println!(
-            "{}: {:.0} MB/s over {} lanes ({} in {:.1}s, {} on the wire), RTT {:.2} ms\n  CPU: client {:.2}s, server {:.2}s ({:.0}% and {:.0}% of one core)",
+            "{}: {:.0} MB/s over {} lanes ({} in {:.1}s, {} on the wire), RTT {:.2} ms\n  CPU: client {:.2}s, server {:.2}s ({:.0}% and {:.0}% of one core)\n  path: {}-byte datagrams, {} packets lost",
             r.peer,
             r.megabytes_per_second,
             r.lanes,
@@ -500,7 +500,9 @@ fn run_bench(a: BenchArgs) -> Result<(), Failure> {
             r.client_cpu_seconds,
             r.server_cpu_seconds,
             100.0 * r.client_cpu_seconds / r.seconds,
-            100.0 * r.server_cpu_seconds / r.seconds
+            100.0 * r.server_cpu_seconds / r.seconds,
+            r.path_mtu,
+            r.lost_packets
         );
     }
     Ok(())

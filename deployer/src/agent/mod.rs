@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+use replicator::net::closing;
 use replicator::net::conn::peer_fingerprint;
 use replicator::net::endpoint::{self, NetOptions};
 use replicator::net::identity::{Identity, TrustList};
@@ -221,7 +222,8 @@ impl Agent {
         let authorized = TrustList::load(&self.opts.state.authorized()).unwrap_or_default();
         if !authorized.trusts(&fp, None) {
             tracing::warn!(%remote, deployer = %fp, "refused: add \"{fp}\" to {}", self.opts.state.authorized().display());
-            conn.close(
+            closing::close(
+                &conn,
                 1u32.into(),
                 format!("this agent does not know deployer {fp}; add it to the agent's authorized_deployers").as_bytes(),
             );

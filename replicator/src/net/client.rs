@@ -7,8 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, Endpoint};
+use quinn::Connection;
 
+use super::closing::{self, Endpoint};
 use super::conn::{end_session, peer_fingerprint};
 use super::endpoint::{self, NetOptions};
 use super::identity::{Identity, TrustList};
@@ -142,14 +143,19 @@ pub fn open_session(
             e => refused_or_lost(&e),
         })?;
         let Some(fp) = peer_fingerprint(&conn) else {
-            conn.close(CloseCode::UntrustedServer.varint(), b"no certificate");
+            closing::close(
+                &conn,
+                CloseCode::UntrustedServer.varint(),
+                b"no certificate",
+            );
             return Err(SyncError::Connection(format!(
                 "{address} sent no certificate"
             )));
         };
         if !client.trusted.trusts(&fp, Some(address)) {
             let ours = client.identity.fingerprint;
-            conn.close(
+            closing::close(
+                &conn,
                 CloseCode::UntrustedServer.varint(),
                 format!(
                     "client {ours} does not trust this server's fingerprint {fp}; \

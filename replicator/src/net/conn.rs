@@ -43,5 +43,5 @@ pub async fn end_session(conn: &Connection, tasks: LaneTasks, spoke_last: bool, 
     } else {
         (CloseCode::Failed, "session failed")
     };
-    conn.close(code.varint(), why.as_bytes());
+    super::closing::close(conn, code.varint(), why.as_bytes());
 }

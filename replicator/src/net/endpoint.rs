@@ -8,15 +8,21 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use quinn::{Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use quinn::{EndpointConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
+use super::closing::{Endpoint, GatedCubic};
 use super::identity::Identity;
+use super::socket::{BoundedGso, MAX_DATAGRAM};
 use super::tls;
 
 /// UDP socket buffer size asked for (the kernel may cap it without privileges).
 const SOCKET_BUFFER: usize = 8 << 20;
+/// The receive buffer (as the kernel reports it, twice what was granted) from which this
+/// endpoint accepts datagrams larger than Ethernet's.
+const BIG_DATAGRAM_BUFFER: usize = 4 << 20;
 /// Flow-control window of one stream (lane). Small on purpose: it bounds what a lane can
 /// have in flight and, after losses, the out-of-order data its reassembly buffer holds.
 /// quinn gives up on a stream with more than 1024 gaps there ("too many gaps in stream
@@ -43,7 +49,9 @@ impl Default for NetOptions {
     }
 }
 
-pub fn transport_config(opts: &NetOptions) -> Arc<TransportConfig> {
+/// Settings of every connection of one endpoint; `closing` is the endpoint's flag that lets
+/// its connections' closes out past a full congestion window ([`closing`](super::closing)).
+fn transport_config(opts: &NetOptions, closing: Arc<AtomicBool>) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     let idle = IdleTimeout::try_from(opts.idle_timeout)
         .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(10_000)));
@@ -56,8 +64,21 @@ pub fn transport_config(opts: &NetOptions) -> Arc<TransportConfig> {
         .send_window(u64::from(CONNECTION_WINDOW))
         .max_concurrent_bidi_streams(VarInt::from_u32(64))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
-        .enable_segmentation_offload(true);
+        .enable_segmentation_offload(true)
+        .mtu_discovery_config(Some(mtu_discovery()))
+        .congestion_controller_factory(Arc::new(GatedCubic::new(closing)));
     Arc::new(t)
+}
+
+/// Path MTU discovery up to the largest UDP datagram, from quinn's safe 1,452 bytes: on
+/// loopback, jumbo-frame LANs or any path that carries them, fewer and larger packets cost
+/// far less CPU per byte at both ends (QUIC's work is mostly per packet). A probe larger
+/// than the local interface allows fails in `sendmsg` and costs nothing on the wire; one
+/// lost on the path lowers the search, as quinn's black-hole detection would.
+fn mtu_discovery() -> MtuDiscoveryConfig {
+    let mut m = MtuDiscoveryConfig::default();
+    m.upper_bound(MAX_DATAGRAM);
+    m
 }
 
 /// A UDP socket with large buffers. Root may exceed the sysctl caps (`*BUFFORCE`).
@@ -78,6 +99,20 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket)
 }
 
+/// The largest datagram this endpoint tells peers it accepts (the peer's path MTU discovery
+/// stops there): the largest there is when the socket's receive buffer holds a few MiB of
+/// them, else quinn's 1,472 bytes. Without privileges the kernel caps the buffer at
+/// `net.core.rmem_max` (~200 KiB by default), which holds three 64 KB datagrams: a burst of
+/// them would be dropped and read as congestion.
+fn accepted_datagram(socket: &UdpSocket) -> u16 {
+    let buffer = rustix::net::sockopt::socket_recv_buffer_size(socket).unwrap_or(0);
+    if buffer >= BIG_DATAGRAM_BUFFER {
+        MAX_DATAGRAM
+    } else {
+        1472
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     #[error("cannot bind {addr}: {source}")]
@@ -93,12 +128,20 @@ pub enum EndpointError {
 fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
+    closing: Arc<AtomicBool>,
 ) -> Result<Endpoint, EndpointError> {
     let bind = |source| EndpointError::Bind { addr, source };
     let socket = udp_socket(addr).map_err(bind)?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
-    Endpoint::new(EndpointConfig::default(), server, socket, runtime).map_err(bind)
+    let mut config = EndpointConfig::default();
+    config
+        .max_udp_payload_size(accepted_datagram(&socket))
+        .expect("within QUIC's bounds");
+    let socket = Arc::new(BoundedGso(runtime.wrap_udp_socket(socket).map_err(bind)?));
+    let inner =
+        quinn::Endpoint::new_with_abstract_socket(config, server, socket, runtime).map_err(bind)?;
+    Ok(Endpoint::new(inner, closing))
 }
 
 /// A listening endpoint presenting `id`, speaking replicator protocol `version`.
@@ -119,9 +162,10 @@ pub fn server_with_alpn(
     alpn: Vec<Vec<u8>>,
 ) -> Result<Endpoint, EndpointError> {
     let crypto = tls::server_config(id, alpn)?;
+    let closing = Arc::new(AtomicBool::new(false));
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport_config(opts));
-    endpoint(addr, Some(cfg))
+    cfg.transport_config(transport_config(opts, closing.clone()));
+    endpoint(addr, Some(cfg), closing)
 }
 
 /// A client endpoint on an ephemeral port of the family of `peer`.
@@ -147,9 +191,10 @@ pub fn client_with_alpn(
         "0.0.0.0:0".parse().expect("literal address")
     };
     let crypto = tls::client_config(id, alpn)?;
+    let closing = Arc::new(AtomicBool::new(false));
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config(opts));
-    let mut ep = endpoint(local, None)?;
+    cfg.transport_config(transport_config(opts, closing.clone()));
+    let mut ep = endpoint(local, None, closing)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }

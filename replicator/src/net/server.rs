@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use quinn::{Connection, RecvStream, SendStream};
 
+use super::closing::{self, Endpoint};
 use super::conn::{end_session, peer_fingerprint, versions_differ};
 use super::endpoint::{self, NetOptions};
 use super::identity::{Identity, TrustList};
@@ -354,7 +355,7 @@ fn over_bounds(
 }
 
 fn refuse(conn: &Connection, code: CloseCode, why: &str) {
-    conn.close(code.varint(), why.as_bytes());
+    closing::close(conn, code.varint(), why.as_bytes());
 }
 
 async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
