@@ -3,17 +3,28 @@
 //! Compression pays when the link is the bottleneck and costs when the CPU is: zstd-1 does
 //! ~0.4 GB/s per core on binaries, less than a fast LAN or loopback carries, far more than a
 //! WAN does. `auto` therefore measures instead of guessing: it sends one window of chunks at
-//! zstd level 3, one raw and one at level 1, keeps whichever moved more source bytes per
-//! second, and tries again every few windows because the data and the link change during a
-//! sync. The rate is what the sender hands to the transport per second; the transport blocks
+//! zstd level 3, one raw, one at level 1 and one raw again, keeps whichever moved more source
+//! bytes per second, and tries again every few windows because the data and the link change
+//! during a sync. The rate also swings with the data itself (on loopback, from ~90 MB/s for
+//! cold small files to ~1.2 GB/s for large ones), so each compressed window is compared with
+//! the better of the raw windows on either side of it, and must beat it by [`MARGIN`]:
+//! a compressed window that happened to fall on easy data no longer wins. While raw is
+//! kept, a drop in rate starts a new round only if raw has fallen below the rate the last
+//! round's compressed windows reached, the most compressing is known to manage. The rate is what the sender hands to the transport per second; the transport blocks
 //! when the link is full, so the rate reflects the link when the link is the limit and the
 //! CPU otherwise. Level 3 goes first: a sync smaller than a window (most incrementals) is
 //! sent at it, since there the bytes cost more than the milliseconds of CPU.
 //!
+//! After raw wins, a new trial needs evidence that the link is the limit: the sender spent
+//! at least a quarter of a window waiting for the transport to take its chunks. Without
+//! that, compressing can only add CPU, and on loopback the rate of raw windows swings with
+//! the data (cold small files, then large ones), which used to start a losing trial every
+//! second or so.
+//!
 //! No I/O here: the caller reports each chunk sent with the time, so the policy is tested
 //! with a synthetic clock.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The `--compress` setting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,8 +60,13 @@ pub const STRONG: i32 = 3;
 /// `None` is raw. The first round, and any after compression won, tries both levels; after
 /// raw won (a fast link, or the CPU the limit: loopback) a round tries level 1 and raw only,
 /// which keeps level 3's CPU off long copies where compression does not pay at all.
-const EVERY_LEVEL: &[Option<i32>] = &[Some(STRONG), None, Some(FAST)];
+/// Every compressed trial is followed by a raw one, its comparison on the data after it.
+const EVERY_LEVEL: &[Option<i32>] = &[Some(STRONG), None, Some(FAST), None];
 const FAST_OR_RAW: &[Option<i32>] = &[Some(FAST), None];
+/// The longest round.
+const MAX_TRIALS: usize = 4;
+/// How much faster than the raw windows around it a compressed window must be to win.
+const MARGIN: f64 = 1.3;
 /// Source bytes per trial window.
 const WINDOW_BYTES: u64 = 32 << 20;
 /// Windows spent on the winner before trying again; doubled each time the same encoding
@@ -59,15 +75,19 @@ const KEEP_WINDOWS: u32 = 8;
 const MAX_KEEP_WINDOWS: u32 = 64;
 /// A kept window slower than this fraction of the winning rate starts a new trial.
 const CHANGED: f64 = 0.6;
+/// The share of a window spent waiting for the transport above which the link, not the
+/// sender's CPU or disk, is taken to be the limit.
+const LINK_BOUND: f64 = 0.25;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Phase {
-    /// Sending a window as `trials[next]`; `best` is the fastest encoding tried so far in
-    /// this round, with its rate.
+    /// Sending a window as `trials[next]`; `rates` holds the windows already tried, and
+    /// `raw_before` the rate of the window before the round if it went raw.
     Trying {
         trials: &'static [Option<i32>],
         next: usize,
-        best: Option<(Option<i32>, f64)>,
+        rates: [f64; MAX_TRIALS],
+        raw_before: Option<f64>,
     },
     Keep {
         level: Option<i32>,
@@ -83,6 +103,10 @@ pub struct CompressPolicy {
     phase: Phase,
     window_start: Option<Instant>,
     window_bytes: u64,
+    /// Time this window's chunks waited for the transport to take them.
+    window_waited: Duration,
+    /// The fastest compressed window of the last round.
+    compressed_rate: f64,
     /// The last round's winner and how long it is kept.
     last_winner: Option<Option<i32>>,
     keep: u32,
@@ -97,14 +121,32 @@ impl CompressPolicy {
             phase: Phase::Trying {
                 trials: EVERY_LEVEL,
                 next: 0,
-                best: None,
+                rates: [0.0; MAX_TRIALS],
+                raw_before: None,
             },
             window_start: None,
             window_bytes: 0,
+            window_waited: Duration::ZERO,
+            compressed_rate: 0.0,
             last_winner: None,
             keep: KEEP_WINDOWS,
             switches: 0,
         }
+    }
+
+    /// The policy for a streamed first copy into an empty destination: a large transfer,
+    /// so its first round tries level 1 against raw, not level 3 first. Level 3 costs ~4
+    /// times level 1's CPU and wins only where compression pays at all; it is tried in the
+    /// round after level 1 wins.
+    pub fn for_first_copy(mode: Compression) -> Self {
+        let mut policy = CompressPolicy::new(mode);
+        policy.phase = Phase::Trying {
+            trials: FAST_OR_RAW,
+            next: 0,
+            rates: [0.0; MAX_TRIALS],
+            raw_before: None,
+        };
+        policy
     }
 
     /// The zstd level for the next chunk, or `None` to send it raw.
@@ -119,42 +161,67 @@ impl CompressPolicy {
         }
     }
 
-    /// Records that a chunk of `raw_len` source bytes was handed to the transport at `now`.
-    pub fn sent(&mut self, raw_len: u64, now: Instant) {
+    /// Records that a chunk of `raw_len` source bytes was handed to the transport at `now`,
+    /// after waiting `waited` for it to take the chunk.
+    pub fn sent(&mut self, raw_len: u64, waited: Duration, now: Instant) {
         if self.mode != Compression::Auto {
             return;
         }
         let start = *self.window_start.get_or_insert(now);
         self.window_bytes += raw_len;
+        self.window_waited += waited;
         if self.window_bytes < WINDOW_BYTES {
             return;
         }
         let secs = now.duration_since(start).as_secs_f64().max(1e-6);
         let rate = self.window_bytes as f64 / secs;
+        let link_bound = self.window_waited.as_secs_f64() / secs >= LINK_BOUND;
+        tracing::trace!(
+            level = self.level().unwrap_or(0),
+            mb_s = rate / 1e6,
+            waited = self.window_waited.as_secs_f64() / secs,
+            "compression window"
+        );
         self.window_start = Some(now);
         self.window_bytes = 0;
+        self.window_waited = Duration::ZERO;
         let before = self.level();
         self.phase = match self.phase {
-            Phase::Trying { trials, next, best } => {
-                let (level, fastest) = match best {
-                    Some(earlier @ (_, fastest)) if fastest >= rate => earlier,
-                    _ => (trials[next], rate),
-                };
+            Phase::Trying {
+                trials,
+                next,
+                mut rates,
+                raw_before,
+            } => {
+                rates[next] = rate;
                 if next + 1 < trials.len() {
                     Phase::Trying {
                         trials,
                         next: next + 1,
-                        best: Some((level, fastest)),
+                        rates,
+                        raw_before,
                     }
                 } else {
-                    self.keep_winner(level, fastest)
+                    let (level, rate) = winner(trials, &rates, raw_before);
+                    self.compressed_rate = trials
+                        .iter()
+                        .zip(rates)
+                        .filter(|(level, _)| level.is_some())
+                        .fold(0.0, |max, (_, rate)| rate.max(max));
+                    self.keep_winner(level, rate)
                 }
             }
+            // Raw won and the link has room: compressing cannot send faster.
+            keep @ Phase::Keep { level: None, .. } if !link_bound => keep,
+            // A drop starts a round, unless raw is kept and still faster than the last
+            // round's compressed windows went: their rate is what compressing can reach.
             Phase::Keep {
-                rate: kept_rate, ..
-            } if rate < kept_rate * CHANGED => {
+                level,
+                rate: kept_rate,
+                ..
+            } if rate < kept_rate * CHANGED && (level.is_some() || rate < self.compressed_rate) => {
                 self.keep = KEEP_WINDOWS;
-                self.new_round()
+                self.new_round(level.is_none().then_some(rate))
             }
             Phase::Keep {
                 level,
@@ -165,15 +232,16 @@ impl CompressPolicy {
                 windows_left: windows_left - 1,
                 rate: kept_rate,
             },
-            Phase::Keep { .. } => self.new_round(),
+            Phase::Keep { level, .. } => self.new_round(level.is_none().then_some(rate)),
         };
         if self.level() != before {
             self.switches += 1;
         }
     }
 
-    /// Starts a trial round: both levels unless raw won the last one.
-    fn new_round(&self) -> Phase {
+    /// Starts a trial round: both levels unless raw won the last one. `raw_before` is the
+    /// rate of the window just sent if it went raw.
+    fn new_round(&self, raw_before: Option<f64>) -> Phase {
         let trials = match self.last_winner {
             Some(None) => FAST_OR_RAW,
             _ => EVERY_LEVEL,
@@ -181,7 +249,8 @@ impl CompressPolicy {
         Phase::Trying {
             trials,
             next: 0,
-            best: None,
+            rates: [0.0; MAX_TRIALS],
+            raw_before,
         }
     }
 
@@ -207,27 +276,65 @@ impl CompressPolicy {
     }
 }
 
+/// A round's winner and its rate: the compressed level that beat the raw windows around it
+/// by the widest factor, if that factor reaches [`MARGIN`]; raw otherwise, at the mean rate
+/// of its windows.
+fn winner(
+    trials: &[Option<i32>],
+    rates: &[f64; MAX_TRIALS],
+    raw_before: Option<f64>,
+) -> (Option<i32>, f64) {
+    let raw_at = |i: usize| (trials.get(i) == Some(&None)).then(|| rates[i]);
+    let mut best: Option<(i32, f64, f64)> = None;
+    for (i, level) in trials.iter().enumerate() {
+        let Some(level) = *level else { continue };
+        let before = if i == 0 { raw_before } else { raw_at(i - 1) };
+        let around = before.into_iter().chain(raw_at(i + 1)).fold(0.0, f64::max);
+        let gain = rates[i] / around.max(1e-9);
+        if best.is_none_or(|(_, g, _)| gain > g) {
+            best = Some((level, gain, rates[i]));
+        }
+    }
+    match best {
+        Some((level, gain, rate)) if gain >= MARGIN => (Some(level), rate),
+        _ => {
+            let raw: Vec<f64> = (0..trials.len()).filter_map(raw_at).collect();
+            (None, raw.iter().sum::<f64>() / raw.len().max(1) as f64)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     const CHUNK: u64 = 64 << 10;
 
-    /// Sends `total` bytes through the policy over a link where a chunk takes `cost(level)`;
-    /// returns the share of chunks sent at each of: raw, level 1, level 3.
+    /// Sends `total` bytes through the policy over a link where a chunk takes `cost(level)`,
+    /// half of it waiting for the link; returns the share of chunks sent at each of: raw,
+    /// level 1, level 3.
     fn run_levels(
         policy: &mut CompressPolicy,
         total: u64,
         cost: impl Fn(Option<i32>) -> Duration,
     ) -> [f64; 3] {
+        run_on(policy, total, |_, level| (cost(level), cost(level) / 2))
+    }
+
+    /// [`run_levels`] where the `i`th chunk takes `cost(i, level)`: (time, of it waiting).
+    fn run_on(
+        policy: &mut CompressPolicy,
+        total: u64,
+        cost: impl Fn(u64, Option<i32>) -> (Duration, Duration),
+    ) -> [f64; 3] {
         let mut now = Instant::now();
         let mut counts = [0u64; 3];
-        for _ in 0..total / CHUNK {
+        for i in 0..total / CHUNK {
             let level = policy.level();
-            now += cost(level);
+            let (took, waited) = cost(i, level);
+            now += took;
             counts[column(level)] += 1;
-            policy.sent(CHUNK, now);
+            policy.sent(CHUNK, waited, now);
         }
         let all = (total / CHUNK) as f64;
         counts.map(|c| c as f64 / all)
@@ -350,6 +457,80 @@ mod tests {
         assert!(raw > 0.8, "{raw}");
         // Only the first round's window went at level 3.
         assert_eq!(strong, WINDOW_BYTES as f64 / (4u64 << 30) as f64);
+    }
+
+    #[test]
+    fn data_that_changes_speed_does_not_make_compression_win() {
+        // Loopback, where compression costs 20% more per chunk, over data that alternates
+        // every two windows between slow (cold small files) and fast (large files). A
+        // compressed trial that fell on the last fast window, compared with a raw one on
+        // slow data after it, used to win and be kept for eight windows or more. Compared
+        // with the better of its raw neighbours, it loses: every compressed window is a
+        // lone trial.
+        let chunks_per_window = WINDOW_BYTES / CHUNK;
+        let mut p = CompressPolicy::new(Compression::Auto);
+        let mut now = Instant::now();
+        let (mut run, mut longest, mut compressed) = (0, 0, 0);
+        for i in 0..(8u64 << 30) / CHUNK {
+            let level = p.level();
+            let raw = if (i / chunks_per_window / 2) % 2 == 0 {
+                300
+            } else {
+                50
+            };
+            let took = Duration::from_micros(if level.is_some() { raw * 6 / 5 } else { raw });
+            now += took;
+            p.sent(CHUNK, took / 2, now);
+            if i % chunks_per_window == 0 {
+                run = if level.is_some() { run + 1 } else { 0 };
+                longest = longest.max(run);
+                compressed += u32::from(level.is_some());
+            }
+        }
+        // The first round's two windows and one per round on expiry (after 8, 16, 32, then
+        // every 64 windows); drops back to slow data start none, since raw stays faster
+        // than compressing went. Before, each drop did: 68 of the 256 windows.
+        assert!(compressed <= 8, "{compressed} compressed windows");
+        // The first round's level 3 and level 1 windows have a raw one between them.
+        assert_eq!(longest, 1);
+        assert_eq!(p.last_winner, Some(None));
+    }
+
+    #[test]
+    fn raw_stays_while_the_sender_does_not_wait_for_the_link() {
+        // The sender's own work is the limit (it never waits), and its rate swings: after
+        // the first round no window is compressed, however often the rate drops.
+        let chunks_per_window = WINDOW_BYTES / CHUNK;
+        let busy = |i: u64, level: Option<i32>| {
+            let raw = if (i / chunks_per_window) % 3 == 0 {
+                400
+            } else {
+                100
+            };
+            let took = Duration::from_micros(if level.is_some() { raw * 2 } else { raw });
+            (took, Duration::ZERO)
+        };
+        let total = 4u64 << 30;
+        let mut p = CompressPolicy::new(Compression::Auto);
+        let [_, fast, strong] = run_on(&mut p, total, busy);
+        let one_window = WINDOW_BYTES as f64 / total as f64;
+        assert_eq!((fast, strong), (one_window, one_window));
+    }
+
+    #[test]
+    fn a_first_copy_tries_level_3_only_where_compression_pays() {
+        let total = 4u64 << 30;
+        // Loopback: level 1 is tried and loses, level 3 is never sent.
+        let cpu_bound = link([120, 180, 230]);
+        let mut p = CompressPolicy::for_first_copy(Compression::Auto);
+        let [raw, _, strong] = run_levels(&mut p, total, cpu_bound);
+        assert_eq!(strong, 0.0);
+        assert!(raw > 0.9, "{raw}");
+        // A slow link: level 1 wins the first round, level 3 wins the next and is kept.
+        let slow = link([655, 262, 244]);
+        let mut p = CompressPolicy::for_first_copy(Compression::Auto);
+        let [raw, fast, strong] = run_levels(&mut p, total, slow);
+        assert!(strong > 0.8 && raw < 0.1, "{raw} {fast} {strong}");
     }
 
     #[test]

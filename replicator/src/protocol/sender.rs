@@ -154,7 +154,11 @@ fn session(
 
     let started = std::time::Instant::now();
     let mut out = Outgoing {
-        policy: CompressPolicy::new(opts.compress),
+        policy: if stream {
+            CompressPolicy::for_first_copy(opts.compress)
+        } else {
+            CompressPolicy::new(opts.compress)
+        },
         chunks: 0,
         bytes: 0,
     };
@@ -380,8 +384,10 @@ impl Outgoing {
     ) -> Result<(), SessionError> {
         self.chunks += 1;
         self.bytes += len;
+        let before = std::time::Instant::now();
         tx.send(msg)?;
-        self.policy.sent(len, std::time::Instant::now());
+        let now = std::time::Instant::now();
+        self.policy.sent(len, now - before, now);
         Ok(())
     }
 }
