@@ -8,18 +8,20 @@
 //! during a sync. The rate also swings with the data itself (on loopback, from ~90 MB/s for
 //! cold small files to ~1.2 GB/s for large ones), so each compressed window is compared with
 //! the better of the raw windows on either side of it, and must beat it by [`MARGIN`]:
-//! a compressed window that happened to fall on easy data no longer wins. While raw is
-//! kept, a drop in rate starts a new round only if raw has fallen below the rate the last
-//! round's compressed windows reached, the most compressing is known to manage. The rate is what the sender hands to the transport per second; the transport blocks
-//! when the link is full, so the rate reflects the link when the link is the limit and the
-//! CPU otherwise. Level 3 goes first: a sync smaller than a window (most incrementals) is
-//! sent at it, since there the bytes cost more than the milliseconds of CPU.
+//! a compressed window that happened to fall on easy data no longer wins.
 //!
-//! After raw wins, a new trial needs evidence that the link is the limit: the sender spent
-//! at least a quarter of a window waiting for the transport to take its chunks. Without
-//! that, compressing can only add CPU, and on loopback the rate of raw windows swings with
-//! the data (cold small files, then large ones), which used to start a losing trial every
-//! second or so.
+//! The rate is what the sender hands to the transport per second; the transport blocks
+//! when the link is full, so the rate reflects the link when the link is the limit and the
+//! CPU otherwise. Level 3 goes first in an incremental: a sync smaller than a window (most
+//! incrementals) is sent at it, since there the bytes cost more than the milliseconds of
+//! CPU. A first copy is large and starts with level 1 against raw instead.
+//!
+//! After raw wins, a drop in rate starts a new round only with evidence that compressing
+//! could help: the sender spent at least a quarter of the window waiting for the transport
+//! to take its chunks (the link may be the limit), and raw fell below the rate the last
+//! round's compressed windows reached (the most compressing is known to manage). Without
+//! that, on loopback the rate of raw windows swings with the data (cold small files, then
+//! large ones), which used to start a losing trial every second or so.
 //!
 //! No I/O here: the caller reports each chunk sent with the time, so the policy is tested
 //! with a synthetic clock.
@@ -64,7 +66,7 @@ pub const STRONG: i32 = 3;
 const EVERY_LEVEL: &[Option<i32>] = &[Some(STRONG), None, Some(FAST), None];
 const FAST_OR_RAW: &[Option<i32>] = &[Some(FAST), None];
 /// The longest round.
-const MAX_TRIALS: usize = 4;
+const MAX_TRIALS: usize = EVERY_LEVEL.len();
 /// How much faster than the raw windows around it a compressed window must be to win.
 const MARGIN: f64 = 1.3;
 /// Source bytes per trial window.
@@ -97,6 +99,18 @@ enum Phase {
     },
 }
 
+impl Phase {
+    /// A trial round of `trials`, after a window sent raw at `raw_before` if it was.
+    fn trying(trials: &'static [Option<i32>], raw_before: Option<f64>) -> Phase {
+        Phase::Trying {
+            trials,
+            next: 0,
+            rates: [0.0; MAX_TRIALS],
+            raw_before,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct CompressPolicy {
     mode: Compression,
@@ -118,12 +132,7 @@ impl CompressPolicy {
     pub fn new(mode: Compression) -> Self {
         CompressPolicy {
             mode,
-            phase: Phase::Trying {
-                trials: EVERY_LEVEL,
-                next: 0,
-                rates: [0.0; MAX_TRIALS],
-                raw_before: None,
-            },
+            phase: Phase::trying(EVERY_LEVEL, None),
             window_start: None,
             window_bytes: 0,
             window_waited: Duration::ZERO,
@@ -139,14 +148,10 @@ impl CompressPolicy {
     /// times level 1's CPU and wins only where compression pays at all; it is tried in the
     /// round after level 1 wins.
     pub fn for_first_copy(mode: Compression) -> Self {
-        let mut policy = CompressPolicy::new(mode);
-        policy.phase = Phase::Trying {
-            trials: FAST_OR_RAW,
-            next: 0,
-            rates: [0.0; MAX_TRIALS],
-            raw_before: None,
-        };
-        policy
+        CompressPolicy {
+            phase: Phase::trying(FAST_OR_RAW, None),
+            ..CompressPolicy::new(mode)
+        }
     }
 
     /// The zstd level for the next chunk, or `None` to send it raw.
@@ -175,11 +180,12 @@ impl CompressPolicy {
         }
         let secs = now.duration_since(start).as_secs_f64().max(1e-6);
         let rate = self.window_bytes as f64 / secs;
-        let link_bound = self.window_waited.as_secs_f64() / secs >= LINK_BOUND;
+        let waited = self.window_waited.as_secs_f64() / secs;
+        let link_bound = waited >= LINK_BOUND;
         tracing::trace!(
             level = self.level().unwrap_or(0),
             mb_s = rate / 1e6,
-            waited = self.window_waited.as_secs_f64() / secs,
+            waited,
             "compression window"
         );
         self.window_start = Some(now);
@@ -246,12 +252,7 @@ impl CompressPolicy {
             Some(None) => FAST_OR_RAW,
             _ => EVERY_LEVEL,
         };
-        Phase::Trying {
-            trials,
-            next: 0,
-            rates: [0.0; MAX_TRIALS],
-            raw_before,
-        }
+        Phase::trying(trials, raw_before)
     }
 
     /// Ends a round: keeps `level` for a number of windows, longer if it won the last round
