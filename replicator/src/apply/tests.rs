@@ -459,3 +459,17 @@ fn attributes_changed_in_the_destination_alone_are_put_back() {
     assert_eq!(s.files_written, 0, "kept, attributes fixed in place");
     assert_eq!(v.listing(), before);
 }
+
+#[test]
+fn a_new_hard_link_to_a_file_left_alone_verifies() {
+    let v = Volume::new();
+    let tree = vec![dir(""), dir("a"), v.file("a/x", b"x")];
+    v.apply(tree.clone()).unwrap();
+    let mut linked = tree;
+    linked.push(link("c", "a/x"));
+    linked.push(link("d", "a/x"));
+    let stats = v.apply(linked).unwrap();
+    assert_eq!(stats.files_written, 0, "a/x was kept");
+    let l = v.listing();
+    assert_eq!((l["a/x"].2, l["a/x"].2), (l["c"].2, l["d"].2), "one inode");
+}
