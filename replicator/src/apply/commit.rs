@@ -203,11 +203,13 @@ impl Destination {
         let vol = self.vol.as_mut().expect("tree");
         if self.created {
             // Temp file data must be durable before any rename makes it visible.
-            fsops::syncfs(
-                vol.dir(&RelPath::root())
-                    .map_err(io_err("cannot open", &root_shown))?,
-            )
-            .map_err(io_err("cannot sync", &root_shown))?;
+            self.durable
+                .sync(
+                    vol.dir(&RelPath::root())
+                        .map_err(io_err("cannot open", &root_shown))?,
+                )
+                .map_err(io_err("cannot sync", &root_shown))?;
+            tracing::debug!(by = self.durable.how(), "temp files durable");
         }
         let mut touched = self.created;
         let mut steps = self.steps()?;
@@ -273,6 +275,9 @@ impl Destination {
                             rfs::linkat(&td, os(&tname), d, os(&temp), AtFlags::empty())
                                 .map_err(|err| io_err("cannot link", shown)(err.into()))?;
                             rename_into_place(vol, &parent, &name, was_dir, shown)?;
+                            // The target's link count is on an inode this pass has no
+                            // descriptor of.
+                            self.durable.whole_filesystem();
                             changes_parent = true;
                         }
                         Plan::Dir {
@@ -302,10 +307,12 @@ impl Destination {
                                 .map_err(|err| io_err("cannot open", shown)(err.into()))?;
                                 fsops::apply_meta_fd(&f, &entry.meta)
                                     .map_err(io_err("cannot set attributes of", shown))?;
+                                self.durable.add(f);
                             } else {
                                 let symlink = matches!(entry.kind, EntryKind::Symlink { .. });
                                 fsops::apply_meta_at(d, &name, &entry.meta, symlink)
                                     .map_err(io_err("cannot set attributes of", shown))?;
+                                self.durable.whole_filesystem();
                             }
                             touched = true;
                         }
@@ -341,11 +348,13 @@ impl Destination {
         if touched {
             self.last_change = Some(std::time::Instant::now());
             let vol = self.vol.as_mut().expect("tree");
-            fsops::syncfs(
-                vol.dir(&RelPath::root())
-                    .map_err(io_err("cannot open", &root_shown))?,
-            )
-            .map_err(io_err("cannot sync", &root_shown))?;
+            self.durable
+                .sync(
+                    vol.dir(&RelPath::root())
+                        .map_err(io_err("cannot open", &root_shown))?,
+                )
+                .map_err(io_err("cannot sync", &root_shown))?;
+            tracing::debug!(by = self.durable.how(), "commit pass durable");
         }
         Ok(())
     }
@@ -380,6 +389,10 @@ impl Destination {
             .dir(&d.path)
             .map_err(io_err("cannot open directory", &d.path))?;
         fsops::apply_meta_fd(fd, &d.meta).map_err(io_err("cannot set attributes of", &d.path))?;
+        // Its entries and attributes are final: what changed in it lasts once it is synced.
+        self.durable
+            .add_copy(fd)
+            .map_err(io_err("cannot sync", &d.path))?;
         Ok(true)
     }
 }

@@ -1,10 +1,10 @@
 //! Getting big files onto the disk while the sync goes on.
 //!
-//! A volume is complete only once everything written is durable, which the commit ensures with
-//! one `syncfs`. Left alone, the kernel holds most of a large copy in dirty pages until then,
-//! so the disk idles during the transfer and the commit waits for all of it. Each big file
-//! the write phase finishes is handed to a thread that `fdatasync`s it; the disk works while
-//! later files arrive, and the final `syncfs` finds little left to do. The queue is short, so a
+//! A volume is complete only once everything written is durable, which the commit ensures
+//! ([`super::durable`]). Left alone, the kernel holds most of a large copy in dirty pages
+//! until then, so the disk idles during the transfer and the commit waits for all of it. Each
+//! big file the write phase finishes is handed to a thread that `fsync`s it; the disk works
+//! while later files arrive, and the commit finds little left to do. The queue is short, so a
 //! disk slower than the link holds back the writer instead of piling up dirty memory.
 
 use std::fs::File;
@@ -39,7 +39,7 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    /// Queues `file` (named `shown` in errors) for an early `fdatasync`.
+    /// Queues `file` (named `shown` in errors) for an early `fsync`.
     pub fn submit(&mut self, file: File, shown: String) {
         self.queue(Job::File(file), shown);
     }
@@ -55,7 +55,9 @@ impl Flusher {
             self.worker = Some(std::thread::spawn(move || {
                 for (job, shown) in rx {
                     let synced = match job {
-                        Job::File(f) => f.sync_data(),
+                        // Attributes too: with few inodes changed, the commit syncs
+                        // no filesystem after this ([`super::durable`]).
+                        Job::File(f) => f.sync_all(),
                         Job::Filesystem(f) => super::fsops::syncfs(&f),
                     };
                     synced.map_err(|e| (shown, e))?;

@@ -7,8 +7,9 @@
 //!    must come from the sender (the want list).
 //! 3. **write** — build every new file under a temp name in its final directory, from local
 //!    copies and received chunks (each verified against its name), set its metadata.
-//! 4. **commit** — `syncfs` the temp files, rename them into place, remove what the source no
-//!    longer has, set directory metadata deepest first, `syncfs` again.
+//! 4. **commit** — make the temp files durable, rename them into place, remove what the source
+//!    no longer has, set directory metadata deepest first, make all that durable: `fsync`s of
+//!    the inodes changed when they are few, `syncfs` otherwise ([`durable`]).
 //! 5. **verify** — recompute the result's root digest (reading again what this run touched);
 //!    only if it equals the sender's is the state file switched to *complete, root R*.
 //!
@@ -26,6 +27,7 @@
 //! connection broke). See docs/architecture.md for the crash-safety argument.
 
 mod commit;
+mod durable;
 pub mod flusher;
 pub mod fsops;
 mod local;
@@ -226,6 +228,8 @@ pub struct Destination {
     read_ahead: Option<readahead::ReadAhead>,
     /// Syncs big finished files while later ones are written.
     flusher: flusher::Flusher,
+    /// What the commit makes durable: the inodes this run changed, or the filesystem.
+    durable: durable::Durable,
     /// Bytes of small files written since the last early `syncfs`.
     unsynced: u64,
     pub stats: ApplyStats,
@@ -295,6 +299,7 @@ impl Destination {
         let index_len = std::fs::metadata(&index_file).map_or(0, |m| m.len());
         let mut filter = ChunkFilter::with_capacity(index_len / 34);
         let mut found_below_root = false;
+        let mut durable = durable::Durable::default();
         match header.mode {
             VolumeMode::Tree => {
                 match std::fs::symlink_metadata(path) {
@@ -305,6 +310,8 @@ impl Destination {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         std::fs::create_dir_all(path)
                             .map_err(io_err("cannot create", &path.display()))?;
+                        // Its name and its parents' are made durable by a `syncfs`.
+                        durable.whole_filesystem();
                     }
                     Err(e) => return Err(io_err("cannot stat", &path.display())(e)),
                 }
@@ -392,6 +399,7 @@ impl Destination {
             read_runs: None,
             read_ahead: None,
             flusher: flusher::Flusher::default(),
+            durable,
             unsynced: 0,
             stats: ApplyStats::default(),
         })

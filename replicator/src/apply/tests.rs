@@ -89,6 +89,9 @@ struct Volume {
     _tmp: tempfile::TempDir,
     dst: PathBuf,
     state: PathBuf,
+    /// How the last commit made its pass durable: `fsync`s of that many inodes, or `None`
+    /// for a `syncfs`.
+    synced: std::cell::Cell<Option<usize>>,
 }
 
 impl Volume {
@@ -99,6 +102,7 @@ impl Volume {
         Volume {
             dst,
             state: tmp.path().join("state"),
+            synced: Default::default(),
             _tmp: tmp,
         }
     }
@@ -148,6 +152,7 @@ impl Volume {
         let placed = matches!(dest.dst_chunks, super::DstChunks::Placed(_));
         let root = dest.manifest_digest();
         let committed = dest.commit(root, &NoProgress)?;
+        self.synced.set(committed.dest.durable.last);
         let stats = committed.stats;
         committed.save_index();
         Ok((stats, placed))
@@ -472,4 +477,51 @@ fn a_new_hard_link_to_a_file_left_alone_verifies() {
     assert_eq!(stats.files_written, 0, "a/x was kept");
     let l = v.listing();
     assert_eq!((l["a/x"].2, l["a/x"].2), (l["c"].2, l["d"].2), "one inode");
+}
+
+#[test]
+fn a_commit_of_few_changes_fsyncs_just_their_directories_and_falls_back_to_syncfs() {
+    let v = Volume::new();
+    let tree = |v: &Volume, x: &[u8], extra: Vec<Entry>| {
+        let mut t = vec![
+            dir(""),
+            dir("a"),
+            v.file("a/x", x),
+            v.file("a/y", b"y"),
+            dir("b"),
+            v.file("b/z", b"z"),
+        ];
+        t.extend(extra);
+        t
+    };
+    v.apply(tree(&v, b"x", vec![])).unwrap();
+    // a and b were created, the root gained them.
+    assert_eq!(v.synced.get(), Some(3));
+    v.apply(tree(&v, b"x changed", vec![])).unwrap();
+    assert_eq!(v.synced.get(), Some(1), "only a's entries changed");
+    assert_eq!(std::fs::read(v.dst.join("a/x")).unwrap(), b"x changed");
+    let mut chmod = tree(&v, b"x changed", vec![]);
+    chmod[5].meta.perm = 0o600;
+    v.apply(chmod).unwrap();
+    assert_eq!(
+        v.synced.get(),
+        Some(1),
+        "b/z's attributes changed, not a name"
+    );
+    // A hard link's count is on an inode the pass holds no descriptor of.
+    v.apply(tree(&v, b"x changed", vec![link("c", "a/x")]))
+        .unwrap();
+    assert_eq!(v.synced.get(), None);
+    let many: Vec<Entry> = (0..=super::durable::EACH_MAX)
+        .map(|i| v.file(&format!("d/{i:04}"), format!("{i}").as_bytes()))
+        .collect();
+    let mut t = tree(&v, b"x changed", vec![link("c", "a/x"), dir("d")]);
+    t.extend(many);
+    v.apply(t).unwrap();
+    assert_eq!(
+        v.synced.get(),
+        Some(2),
+        "many files, but in one new directory"
+    );
+    assert_eq!(v.listing().len(), 7 + super::durable::EACH_MAX + 1);
 }

@@ -224,6 +224,7 @@ impl Destination {
                 if *size >= flusher::EARLY_SYNC_MIN {
                     self.flusher.submit(file, shown);
                 } else {
+                    self.durable.add(file);
                     self.unsynced += size;
                     if self.unsynced >= flusher::EARLY_SYNC_EVERY {
                         self.unsynced = 0;
@@ -266,6 +267,8 @@ impl Destination {
                 fsops::apply_meta_at(d, &temp, &e.meta, matches!(kind, EntryKind::Symlink { .. }))
                     .map_err(io_err("cannot set attributes of", &shown))?;
                 self.created = true;
+                // No descriptor to fsync a symlink or a device node through.
+                self.durable.whole_filesystem();
             }
             _ => {}
         }
