@@ -9,6 +9,7 @@
 //! ```text
 //! cargo build --release -p deployer -p benches
 //! target/release/migration-bench            # --volume-mib 256 for a quick run
+//! target/release/migration-bench --neighbour-mb-per-s 300   # on a busy host
 //! ```
 
 use std::fmt::Write as _;
@@ -55,6 +56,10 @@ struct Cli {
     deployer: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Another program on the same filesystem writing this many MB/s without fsync during
+    /// the moves (a busy host: its dirty pages are there when the final delta commits).
+    #[arg(long, default_value_t = 0.0)]
+    neighbour_mb_per_s: f64,
 }
 
 fn main() -> ExitCode {
@@ -188,12 +193,15 @@ fn run(cli: &Cli) -> Result<(), String> {
     ] {
         eprintln!("moving kv to {} ({method})", NODES[to]);
         let load = Load::start(&client, cli.write_mb_per_s, method);
+        let neighbour = (cli.neighbour_mb_per_s > 0.0)
+            .then(|| Neighbour::start(work.join("neighbour.bin"), cli.neighbour_mb_per_s));
         std::thread::sleep(Duration::from_secs(2));
         let started = Instant::now();
         let report = bench.deploy(to, extra);
         let total = started.elapsed();
         std::thread::sleep(Duration::from_secs(2));
         let load = load.stop();
+        let neighbour_mb = neighbour.map_or(0.0, Neighbour::stop);
         let report = report?;
         let lost = load.lost(&client)?;
         let m = &report["migrations"][0];
@@ -210,6 +218,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             "longest_client_pause_ms": load.longest_pause.as_millis() as u64,
             "writes_acknowledged": load.acked.len(),
             "writes_lost": lost,
+            "neighbour_mb_written": neighbour_mb,
         }));
         eprintln!(
             "  {}",
@@ -368,6 +377,52 @@ impl Loaded {
     }
 }
 
+/// Another program on the host writing steadily into one file (wrapping at 2 GiB) and
+/// never syncing: the kernel holds up to its dirty limit of that file in memory.
+struct Neighbour {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl Neighbour {
+    fn start(path: PathBuf, mb_per_s: f64) -> Neighbour {
+        const BLOCK: usize = 1 << 20;
+        const WRAP: u64 = 2 << 30;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let interval = Duration::from_secs_f64(BLOCK as f64 / (mb_per_s * 1e6));
+        let thread = std::thread::spawn(move || {
+            use std::os::unix::fs::FileExt;
+            let Ok(file) = std::fs::File::create(&path) else {
+                return 0;
+            };
+            let mut block = vec![0u8; BLOCK];
+            Rng::derive(7, "neighbour").fill(&mut block);
+            let (mut written, mut next) = (0u64, Instant::now());
+            while !flag.load(Ordering::Relaxed) {
+                if file.write_all_at(&block, written % WRAP).is_err() {
+                    break;
+                }
+                written += BLOCK as u64;
+                next += interval;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            drop(file);
+            let _ = std::fs::remove_file(&path);
+            written
+        });
+        Neighbour { stop, thread }
+    }
+
+    /// Stops it; the MB it wrote.
+    fn stop(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0) as f64 / 1e6
+    }
+}
+
 /// One request on a kept connection; reconnects once if the connection broke.
 fn request(
     addr: &str,
@@ -399,8 +454,18 @@ fn markdown(rows: &[serde_json::Value], cli: &Cli) -> String {
     let _ = writeln!(
         md,
         "Moving the example key-value store with a {} MiB volume under {} MB/s of acknowledged \
-         writes (each fsynced), three agents on loopback.\n",
-        cli.volume_mib, cli.write_mb_per_s
+         writes (each fsynced), three agents on loopback.{}\n",
+        cli.volume_mib,
+        cli.write_mb_per_s,
+        if cli.neighbour_mb_per_s > 0.0 {
+            format!(
+                " Another program writes {} MB/s without fsync on the same filesystem \
+                 throughout (`--neighbour-mb-per-s`).",
+                cli.neighbour_mb_per_s
+            )
+        } else {
+            String::new()
+        }
     );
     md.push_str(
         "| method | total | downtime (measured) | predicted | longest client pause | \
