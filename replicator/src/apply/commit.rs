@@ -193,23 +193,15 @@ impl Destination {
     }
 
     fn commit_tree(&mut self) -> Result<(), ApplyError> {
-        let root_shown = self.path.display().to_string();
         self.flusher.finish()?;
         if !self.created && !self.commit_work {
             // Every entry is as the manifest says and nothing is extra: the pass would only
             // read the spool.
             return Ok(());
         }
-        let vol = self.vol.as_mut().expect("tree");
         if self.created {
             // Temp file data must be durable before any rename makes it visible.
-            self.durable
-                .sync(
-                    vol.dir(&RelPath::root())
-                        .map_err(io_err("cannot open", &root_shown))?,
-                )
-                .map_err(io_err("cannot sync", &root_shown))?;
-            tracing::debug!(by = self.durable.how(), "temp files durable");
+            self.end_durable_phase("temp files")?;
         }
         let mut touched = self.created;
         let mut steps = self.steps()?;
@@ -347,15 +339,22 @@ impl Destination {
         crate::crashpoint::reached("commit-sync");
         if touched {
             self.last_change = Some(std::time::Instant::now());
-            let vol = self.vol.as_mut().expect("tree");
-            self.durable
-                .sync(
-                    vol.dir(&RelPath::root())
-                        .map_err(io_err("cannot open", &root_shown))?,
-                )
-                .map_err(io_err("cannot sync", &root_shown))?;
-            tracing::debug!(by = self.durable.how(), "commit pass durable");
+            self.end_durable_phase("commit pass")?;
         }
+        Ok(())
+    }
+
+    /// Makes what the phase named `what` changed durable ([`super::durable`]).
+    fn end_durable_phase(&mut self, what: &str) -> Result<(), ApplyError> {
+        let root_shown = self.path.display().to_string();
+        let vol = self.vol.as_mut().expect("tree");
+        let root = vol
+            .dir(&RelPath::root())
+            .map_err(io_err("cannot open", &root_shown))?;
+        self.durable
+            .sync(root)
+            .map_err(io_err("cannot sync", &root_shown))?;
+        tracing::debug!(by = self.durable.how(), "{what} durable");
         Ok(())
     }
 
