@@ -327,8 +327,10 @@ impl Destination {
             }
             if changes_parent {
                 touched = true;
-                if let Some(d) = open.iter_mut().rev().find(|d| d.path == parent) {
-                    d.changed = true;
+                match open.iter_mut().rev().find(|d| d.path == parent) {
+                    Some(d) => d.changed = true,
+                    // Not a directory the pass will sync when it leaves it.
+                    None => self.durable.whole_filesystem(),
                 }
             }
         }
