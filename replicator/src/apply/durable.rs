@@ -29,8 +29,6 @@ const SYNC_THREADS: usize = 4;
 pub struct Durable {
     /// Descriptors of the inodes to `fsync` when the phase ends.
     pending: Vec<OwnedFd>,
-    /// Inodes counted in this phase.
-    each: usize,
     /// This phase syncs the whole filesystem: too many inodes, or one that cannot be synced.
     whole: bool,
     /// How the last phase ended, for the log: inodes synced one by one, or `None` for a
@@ -63,11 +61,8 @@ impl Durable {
 
     /// Counts one more inode; whether it is still synced alone.
     fn count(&mut self) -> bool {
-        if !self.whole {
-            self.each += 1;
-            if self.each > EACH_MAX {
-                self.whole_filesystem();
-            }
+        if !self.whole && self.pending.len() == EACH_MAX {
+            self.whole_filesystem();
         }
         !self.whole
     }
@@ -83,9 +78,8 @@ impl Durable {
     /// Ends a phase: makes what it added durable, or the whole filesystem holding `root`
     /// (any descriptor on the volume), and starts counting the next phase afresh.
     pub fn sync(&mut self, root: impl AsFd) -> io::Result<()> {
-        self.last = (!self.whole).then_some(self.each);
+        self.last = (!self.whole).then_some(self.pending.len());
         let whole = std::mem::take(&mut self.whole);
-        self.each = 0;
         let pending = std::mem::take(&mut self.pending);
         if whole {
             return fsops::syncfs(root);
