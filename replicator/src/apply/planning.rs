@@ -29,6 +29,8 @@ pub(super) struct Links {
     /// Links found already in place: their target is kept, and the destination has both
     /// names on one inode.
     pub(super) kept: HashSet<RelPath>,
+    /// Targets of the links this run makes: their inode gains a name, so its ctime changes.
+    pub(super) gaining: HashSet<RelPath>,
 }
 
 #[derive(Debug)]
@@ -220,6 +222,7 @@ impl Destination {
             if target.kept && link.inode.is_some() && link.inode == target.inode {
                 self.links.kept.insert(link.path);
             } else {
+                self.links.gaining.insert(link.target);
                 self.commit_work = true;
             }
         }

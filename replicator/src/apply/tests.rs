@@ -480,6 +480,36 @@ fn a_new_hard_link_to_a_file_left_alone_verifies() {
 }
 
 #[test]
+fn a_file_whose_inode_gained_or_lost_a_name_still_lends_its_chunks() {
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    // Each second manifest leaves `a` alone but changes its inode's ctime: a link to it is
+    // made, or one is replaced. The index must record `a` as it is after that, or the
+    // third sync would not find `a`'s chunk for the copy `c` (the feed offers nothing).
+    let second = |v: &Volume, data: &[u8], case: usize| match case {
+        0 => vec![dir(""), v.file("a", data), link("b", "a")],
+        _ => vec![dir(""), v.file("a", data), v.file("b", b"new")],
+    };
+    for i in 0..2 {
+        let v = Volume::new();
+        let first = if i == 0 {
+            vec![dir(""), v.file("a", &data)]
+        } else {
+            vec![dir(""), v.file("a", &data), link("b", "a")]
+        };
+        v.apply(first).unwrap();
+        let s = v.apply(second(&v, &data, i)).unwrap();
+        assert_eq!(s.bytes_copied_locally, 0, "case {i}: a was kept");
+        let mut third = second(&v, &data, i);
+        third.push(v.file("c", &data));
+        let (s, _) = v.apply_with(third, false).unwrap();
+        assert_eq!(s.bytes_copied_locally, data.len() as u64, "case {i}");
+        assert_eq!(std::fs::read(v.dst.join("c")).unwrap(), data);
+    }
+}
+
+#[test]
 fn a_commit_of_few_changes_fsyncs_just_their_directories_and_falls_back_to_syncfs() {
     let v = Volume::new();
     let tree = |v: &Volume, x: &[u8], extra: Vec<Entry>| {

@@ -2,8 +2,9 @@
 //!
 //! Only a destination whose digest equals the sender's is declared complete. Contents come
 //! from the chunk lists just written or verified (never re-read); everything else — kinds,
-//! sizes, attributes, links — is read again from disk for what this run touched, and taken
-//! from the prepare walk for what it left alone. The same pass writes the new receiver index
+//! sizes, attributes, links — is read again from disk for what this run touched (and for
+//! files with other names, whose ctime a change to another name moves), and taken from the
+//! prepare walk for what it left alone. The same pass writes the new receiver index
 //! (a stream in volume order, like the manifest), unless it would equal the last one.
 
 use std::collections::HashMap;
@@ -82,11 +83,18 @@ impl Destination {
                 continue; // removed by the commit
             };
             // What this run did not touch is as the prepare walk saw it; the rest is read again.
-            let untouched = !self.touched
-                || (matches!(plan, Plan::Keep { meta: false })
-                    && !matches!(e.kind, EntryKind::Dir));
+            // So is a file whose inode has other names, or gains one: a link made or a name
+            // replaced or removed elsewhere changed its ctime, and a stale stat in the index
+            // would keep the next sync from finding chunks there.
+            let untouched = |s: &Scanned| {
+                !self.touched
+                    || (matches!(plan, Plan::Keep { meta: false })
+                        && !matches!(e.kind, EntryKind::Dir)
+                        && s.stat.nlink <= 1
+                        && !self.links.gaining.contains(&e.path))
+            };
             match have {
-                Some(s) if untouched => check.add(&s, &e, self.prepared_at)?,
+                Some(s) if untouched(&s) => check.add(&s, &e, self.prepared_at)?,
                 _ => {
                     let s = scan_one(&self.path, &e.path, WalkOptions::default())
                         .map_err(|err| ApplyError::Manifest(err.to_string()))?
