@@ -1,6 +1,7 @@
 //! Property: for random trees and random edit sequences, every sync leaves DST mirroring SRC
 //! (checked by the independent walker), and a later sync never moves data of files the edits
-//! did not touch.
+//! did not touch. Hard links come and go between syncs, to files the same round changed
+//! and to files it left alone.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::fs;
@@ -33,6 +34,13 @@ enum Op {
         name: u8,
         target: u8,
     },
+    /// A new name for the `pick`-th (modulo their count) regular file of the tree, so that
+    /// nearly every such op links something.
+    HardLink {
+        dir: u8,
+        name: u8,
+        pick: u8,
+    },
     RemoveDir {
         dir: u8,
     },
@@ -49,6 +57,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..4, 0u8..6, 0u64..1000).prop_map(|(dir, name, seed)| Op::Append { dir, name, seed }),
         1 => (0u8..4, 0u8..6).prop_map(|(dir, name)| Op::Remove { dir, name }),
         1 => (0u8..4, 0u8..6, 0u8..6).prop_map(|(dir, name, target)| Op::Symlink { dir, name, target }),
+        2 => (0u8..4, 0u8..6, any::<u8>()).prop_map(|(dir, name, pick)| Op::HardLink { dir, name, pick }),
         1 => (1u8..4).prop_map(|dir| Op::RemoveDir { dir }),
         1 => (0u8..4, 0u8..6, prop_oneof![Just(0o644u32), Just(0o600), Just(0o755), Just(0o4711)])
             .prop_map(|(dir, name, mode)| Op::Chmod { dir, name, mode }),
@@ -113,6 +122,20 @@ fn apply(root: &Path, op: &Op) -> u64 {
             std::os::unix::fs::symlink(format!("f{target}"), &p).unwrap();
             0
         }
+        Op::HardLink { dir, name, pick } => {
+            let p = file(dir, name);
+            let files = regular_files(root);
+            if let Some(t) = files.get(usize::from(pick) % files.len().max(1))
+                && *t != p
+            {
+                fs::create_dir_all(dir_path(root, dir)).unwrap();
+                clear(&p);
+                fs::hard_link(t, &p).unwrap();
+            }
+            // A new name moves no data: the file's content is already there, or is counted
+            // by the op that wrote it.
+            0
+        }
         Op::RemoveDir { dir } => {
             let _ = fs::remove_dir_all(root.join(format!("d{dir}")));
             0
@@ -127,8 +150,27 @@ fn apply(root: &Path, op: &Op) -> u64 {
     }
 }
 
+/// The regular files under `root`, sorted by path.
+fn regular_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let kind = e.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(e.path());
+            } else if kind.is_file() {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     #[test]
     fn syncs_mirror_and_move_only_new_data(
