@@ -154,7 +154,7 @@ impl LocalReader {
         file: u32,
     ) -> Result<&File, ApplyError> {
         if !matches!(&self.open, Some((n, _)) if *n == file) {
-            let (dir, name) = files.get(file);
+            let (dir, name) = files.current(file);
             let f = vol
                 .open_read(dir, &name)
                 .map_err(|_| ApplyError::LocalChanged(files.shown(file)))?;

@@ -6,7 +6,7 @@
 //! from the sender. Sources other than the sender are verified by hash when read.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::fsops;
 use crate::chunk::table::ChunkTable;
@@ -128,6 +128,9 @@ pub struct SourceFiles {
     /// where its name ends in `names`.
     files: Vec<(u32, usize)>,
     names: Vec<u8>,
+    /// Files the write phase set aside under their temp name, a directory taking their place:
+    /// their chunks are read from there.
+    set_aside: HashSet<(RelPath, Vec<u8>)>,
 }
 
 /// Marks a file whose name is kept as a [`fsops::temp_tag`].
@@ -181,6 +184,21 @@ impl SourceFiles {
         (dir, name)
     }
 
+    /// Where file number `file` is now: as [`SourceFiles::get`] names it, or the temp name
+    /// it was set aside under.
+    pub fn current(&self, file: u32) -> (&RelPath, Cow<'_, [u8]>) {
+        let (dir, name) = self.get(file);
+        if !self.set_aside.is_empty() && self.set_aside.contains(&(dir.clone(), name.to_vec())) {
+            return (dir, Cow::Owned(fsops::temp_name(&name)));
+        }
+        (dir, name)
+    }
+
+    /// Notes that the write phase renamed `dir`/`name` to its temp name.
+    pub fn note_set_aside(&mut self, dir: &RelPath, name: &[u8]) {
+        self.set_aside.insert((dir.clone(), name.to_vec()));
+    }
+
     pub fn len(&self) -> usize {
         self.files.len()
     }
@@ -196,7 +214,10 @@ impl SourceFiles {
         let mut live: Vec<u32> = refs.iter().map(|r| **r).collect();
         live.sort_unstable();
         live.dedup();
-        let mut kept = SourceFiles::default();
+        let mut kept = SourceFiles {
+            set_aside: std::mem::take(&mut self.set_aside),
+            ..SourceFiles::default()
+        };
         for &file in &live {
             let (dir, stored, temp) = self.stored(file);
             kept.push(dir, stored, temp);

@@ -510,6 +510,23 @@ fn a_file_whose_inode_gained_or_lost_a_name_still_lends_its_chunks() {
 }
 
 #[test]
+fn a_file_a_directory_replaces_still_lends_its_chunks() {
+    let v = Volume::new();
+    let data: Vec<u8> = (0..100_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    v.apply(vec![dir(""), v.file("a", &data)]).unwrap();
+    // `a` becomes a directory (made early in the write phase, for its entries) and its data
+    // moves to `b`, built later: it is read from where `a` was set aside.
+    let moved = vec![dir(""), dir("a"), v.file("a/x", b"x"), v.file("b", &data)];
+    let s = v.apply(moved).unwrap();
+    assert_eq!(s.chunks_wanted, 1, "only a/x's");
+    assert_eq!(s.bytes_copied_locally, data.len() as u64);
+    assert_eq!(std::fs::read(v.dst.join("b")).unwrap(), data);
+    assert!(v.dst.join("a").is_dir());
+}
+
+#[test]
 fn a_commit_of_few_changes_fsyncs_just_their_directories_and_falls_back_to_syncfs() {
     let v = Volume::new();
     let tree = |v: &Volume, x: &[u8], extra: Vec<Entry>| {

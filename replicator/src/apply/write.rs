@@ -145,6 +145,9 @@ impl Destination {
                     }
                     return Err(io_err("cannot create directory", &shown)(e.into()));
                 }
+                if *replace {
+                    self.sources.note_set_aside(&parent, &name);
+                }
                 self.created = true;
             }
             (Plan::Build { sources, resume }, EntryKind::File { size, segments }) => {
