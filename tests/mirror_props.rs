@@ -41,6 +41,19 @@ enum Op {
         name: u8,
         pick: u8,
     },
+    /// `f{name}` moved to `f{to_name}` in `to_dir` (a file or symlink; nothing if neither).
+    Rename {
+        dir: u8,
+        name: u8,
+        to_dir: u8,
+        to_name: u8,
+    },
+    /// `f{name}` replaced by a directory holding one file.
+    ToDir {
+        dir: u8,
+        name: u8,
+        seed: u64,
+    },
     RemoveDir {
         dir: u8,
     },
@@ -58,6 +71,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..4, 0u8..6).prop_map(|(dir, name)| Op::Remove { dir, name }),
         1 => (0u8..4, 0u8..6, 0u8..6).prop_map(|(dir, name, target)| Op::Symlink { dir, name, target }),
         2 => (0u8..4, 0u8..6, any::<u8>()).prop_map(|(dir, name, pick)| Op::HardLink { dir, name, pick }),
+        2 => (0u8..4, 0u8..6, 0u8..4, 0u8..6)
+            .prop_map(|(dir, name, to_dir, to_name)| Op::Rename { dir, name, to_dir, to_name }),
+        1 => (0u8..4, 0u8..6, 0u64..6).prop_map(|(dir, name, seed)| Op::ToDir { dir, name, seed }),
         1 => (1u8..4).prop_map(|dir| Op::RemoveDir { dir }),
         1 => (0u8..4, 0u8..6, prop_oneof![Just(0o644u32), Just(0o600), Just(0o755), Just(0o4711)])
             .prop_map(|(dir, name, mode)| Op::Chmod { dir, name, mode }),
@@ -126,7 +142,7 @@ fn apply(root: &Path, op: &Op) -> u64 {
             let p = file(dir, name);
             let files = regular_files(root);
             if let Some(t) = files.get(usize::from(pick) % files.len().max(1))
-                && *t != p
+                && !t.starts_with(&p)
             {
                 fs::create_dir_all(dir_path(root, dir)).unwrap();
                 clear(&p);
@@ -135,6 +151,28 @@ fn apply(root: &Path, op: &Op) -> u64 {
             // A new name moves no data: the file's content is already there, or is counted
             // by the op that wrote it.
             0
+        }
+        Op::Rename {
+            dir,
+            name,
+            to_dir,
+            to_name,
+        } => {
+            let (from, to) = (file(dir, name), file(to_dir, to_name));
+            if from != to && fs::symlink_metadata(&from).is_ok_and(|m| !m.is_dir()) {
+                fs::create_dir_all(dir_path(root, to_dir)).unwrap();
+                clear(&to);
+                fs::rename(&from, &to).unwrap();
+            }
+            // The data is on the destination already, under the old name.
+            0
+        }
+        Op::ToDir { dir, name, seed } => {
+            let p = file(dir, name);
+            clear(&p);
+            fs::create_dir_all(&p).unwrap();
+            fs::write(p.join("x"), bytes(seed, 5000)).unwrap();
+            5000
         }
         Op::RemoveDir { dir } => {
             let _ = fs::remove_dir_all(root.join(format!("d{dir}")));
