@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod cluster;
+pub mod edits;
 pub mod net;
 
 /// Everything `rsync -aHAXS` mirrors about one entry.
