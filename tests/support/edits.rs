@@ -53,6 +53,24 @@ pub enum Op {
         name: u8,
         seed: u64,
     },
+    /// `f{name}` replaced by a named pipe.
+    Fifo {
+        dir: u8,
+        name: u8,
+    },
+    /// An extended attribute set on `f{name}` if it is a file or directory, or with `name`
+    /// `None` on the directory itself; an empty value removes it.
+    Xattr {
+        dir: u8,
+        name: Option<u8>,
+        value: u8,
+    },
+    /// `f{name}`'s mtime set, its content left alone.
+    Touch {
+        dir: u8,
+        name: u8,
+        secs: u32,
+    },
     RemoveDir {
         dir: u8,
     },
@@ -74,6 +92,10 @@ pub fn op() -> impl Strategy<Value = Op> {
         2 => (0u8..4, 0u8..6, 0u8..4, 0u8..6)
             .prop_map(|(dir, name, to_dir, to_name)| Op::Rename { dir, name, to_dir, to_name }),
         1 => (0u8..4, 0u8..6, 0u64..6).prop_map(|(dir, name, seed)| Op::ToDir { dir, name, seed }),
+        1 => (0u8..4, 0u8..6).prop_map(|(dir, name)| Op::Fifo { dir, name }),
+        1 => (0u8..4, proptest::option::of(0u8..6), 0u8..4)
+            .prop_map(|(dir, name, value)| Op::Xattr { dir, name, value }),
+        1 => (0u8..4, 0u8..6, 0u32..4).prop_map(|(dir, name, secs)| Op::Touch { dir, name, secs }),
         1 => (1u8..4).prop_map(|dir| Op::RemoveDir { dir }),
         1 => (0u8..4, 0u8..6, prop_oneof![Just(0o644u32), Just(0o600), Just(0o755), Just(0o4711)])
             .prop_map(|(dir, name, mode)| Op::Chmod { dir, name, mode }),
@@ -173,6 +195,48 @@ pub fn apply(root: &Path, op: &Op) -> u64 {
             fs::create_dir_all(&p).unwrap();
             fs::write(p.join("x"), bytes(seed, 5000)).unwrap();
             5000
+        }
+        Op::Fifo { dir, name } => {
+            fs::create_dir_all(dir_path(root, dir)).unwrap();
+            let p = file(dir, name);
+            clear(&p);
+            let mode = rustix::fs::Mode::from_raw_mode(0o640);
+            rustix::fs::mknodat(rustix::fs::CWD, &p, rustix::fs::FileType::Fifo, mode, 0).unwrap();
+            0
+        }
+        Op::Xattr { dir, name, value } => {
+            let p = match name {
+                Some(name) => file(dir, name),
+                None => dir_path(root, dir),
+            };
+            let key = "user.edit";
+            match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_file() || m.is_dir() => {
+                    if value == 0 {
+                        let _ = rustix::fs::lremovexattr(&p, key);
+                    } else {
+                        let v = vec![b'v'; usize::from(value) * 7];
+                        rustix::fs::lsetxattr(&p, key, &v, rustix::fs::XattrFlags::empty())
+                            .unwrap();
+                    }
+                }
+                _ => {}
+            }
+            0
+        }
+        Op::Touch { dir, name, secs } => {
+            let p = file(dir, name);
+            if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) {
+                let at = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(1_500_000_000 + u64::from(secs));
+                fs::File::options()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_modified(at)
+                    .unwrap();
+            }
+            0
         }
         Op::RemoveDir { dir } => {
             let _ = fs::remove_dir_all(root.join(format!("d{dir}")));
