@@ -13,7 +13,13 @@ use crate::manifest::{Entry, EntryKind, Header, MANIFEST_VERSION, Meta, RelPath,
 use crate::progress::NoProgress;
 use crate::state::TargetState;
 
-struct Chunks(HashMap<ChunkId, Bytes>);
+/// The chunks a sender offers; with `fail_at`, the connection breaks before that many have
+/// been served.
+struct Chunks {
+    offered: HashMap<ChunkId, Bytes>,
+    served: usize,
+    fail_at: Option<usize>,
+}
 
 impl ChunkFeed for Chunks {
     fn next_chunk(
@@ -21,7 +27,11 @@ impl ChunkFeed for Chunks {
         expect: ChunkId,
         _base: Option<(ChunkId, &[u8])>,
     ) -> Result<Bytes, ApplyError> {
-        self.0
+        if self.fail_at.is_some_and(|n| self.served >= n) {
+            return Err(ApplyError::MissingChunks);
+        }
+        self.served += 1;
+        self.offered
             .get(&expect)
             .cloned()
             .ok_or(ApplyError::MissingChunks)
@@ -120,7 +130,17 @@ impl Volume {
         entries: Vec<Entry>,
         offer: bool,
     ) -> Result<(ApplyStats, bool), ApplyError> {
-        let chunks: HashMap<ChunkId, Bytes> = entries
+        self.apply_failing(entries, offer, None)
+    }
+
+    /// Like `apply_with`; the feed breaks before serving `fail_at` chunks.
+    fn apply_failing(
+        &self,
+        entries: Vec<Entry>,
+        offer: bool,
+        fail_at: Option<usize>,
+    ) -> Result<(ApplyStats, bool), ApplyError> {
+        let offered: HashMap<ChunkId, Bytes> = entries
             .iter()
             .filter(|e| offer && matches!(e.kind, EntryKind::File { .. }))
             .map(|e| {
@@ -143,7 +163,12 @@ impl Volume {
             }
             dest.end_manifest()?;
             dest.take_wants();
-            dest.write(&mut Chunks(chunks), &NoProgress)
+            let mut feed = Chunks {
+                offered,
+                served: 0,
+                fail_at,
+            };
+            dest.write(&mut feed, &NoProgress)
         })();
         if let Err(e) = planned {
             dest.discard();
@@ -236,6 +261,21 @@ fn an_entry_without_its_parent_directory_before_it_is_refused() {
     let entries = vec![dir(""), dir("a"), v.file("a/x", b"x"), v.file("b/y", b"y")];
     refused(v.apply(entries), "no parent directory");
     assert!(v.listing().is_empty(), "{:?}", v.listing());
+}
+
+#[test]
+fn a_tree_manifest_needs_a_root_directory() {
+    let v = Volume::new();
+    v.apply(vec![dir(""), v.file("keep", b"kept")]).unwrap();
+    let before = v.listing();
+    // Empty, it would have left the destination as it is and called it a mirror of nothing.
+    refused(v.apply(vec![]), "no root directory");
+    refused(
+        v.apply(vec![symlink("", "/etc")]),
+        "root of a tree manifest",
+    );
+    refused(v.apply(vec![v.file("", b"x")]), "root of a tree manifest");
+    assert_eq!(v.listing(), before);
 }
 
 #[test]
@@ -571,4 +611,150 @@ fn a_commit_of_few_changes_fsyncs_just_their_directories_and_falls_back_to_syncf
         "many files, but in one new directory"
     );
     assert_eq!(v.listing().len(), 7 + super::durable::EACH_MAX + 1);
+}
+
+/// Property: any manifest, well-formed or not, over a connection that may break before any
+/// chunk: the destination ends mirroring the manifest, or exactly as it was.
+mod any_manifest {
+    use std::collections::BTreeSet;
+    use std::os::unix::ffi::OsStrExt;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const PATHS: [&str; 7] = ["a", "a/x", "a/y", "b", "b/z", "c", "d"];
+
+    /// One entry drawn from a small pool of paths, so that entries collide.
+    #[derive(Debug, Clone)]
+    struct Pick {
+        path: usize,
+        kind: u8,
+        seed: u8,
+        target: usize,
+    }
+
+    fn pick() -> impl Strategy<Value = Pick> {
+        (0..PATHS.len(), 0u8..5, 0u8..4, 0..PATHS.len()).prop_map(|(path, kind, seed, target)| {
+            Pick {
+                path,
+                kind,
+                seed,
+                target,
+            }
+        })
+    }
+
+    fn entry(v: &Volume, p: &Pick) -> Entry {
+        let path = PATHS[p.path];
+        match p.kind {
+            0 => dir(path),
+            1 | 2 => {
+                let data = format!("{path}:{};", p.seed).repeat(1 + usize::from(p.seed) * 3000);
+                v.file(path, data.as_bytes())
+            }
+            3 => link(path, PATHS[p.target]),
+            _ => symlink(path, PATHS[p.target]),
+        }
+    }
+
+    /// The listing, and the bytes of each file and symlink target.
+    type Seen = (
+        BTreeMap<String, (u32, u64, u64, i64)>,
+        BTreeMap<String, Vec<u8>>,
+    );
+
+    /// All that can be seen of the destination.
+    fn seen(v: &Volume) -> Seen {
+        let listing = v.listing();
+        let mut data = BTreeMap::new();
+        for path in listing.keys() {
+            let p = v.dst.join(path);
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_file() {
+                data.insert(path.clone(), std::fs::read(&p).unwrap());
+            } else if m.is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                data.insert(path.clone(), t.as_os_str().as_bytes().to_vec());
+            }
+        }
+        (listing, data)
+    }
+
+    /// Asserts the destination holds exactly what `entries` describe.
+    fn assert_holds(v: &Volume, entries: &[Entry]) {
+        let listing = v.listing();
+        let want: BTreeSet<String> = entries
+            .iter()
+            .filter(|e| !e.path.is_root())
+            .map(|e| e.path.to_string())
+            .collect();
+        let have: BTreeSet<String> = listing.keys().cloned().collect();
+        assert_eq!(have, want, "paths");
+        for e in entries.iter().filter(|e| !e.path.is_root()) {
+            let p = v.dst.join(e.path.to_string());
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            match &e.kind {
+                EntryKind::Dir => assert!(m.is_dir(), "{}", e.path),
+                EntryKind::File { segments, .. } => {
+                    let Some(Segment::Chunk { id, .. }) = segments.first() else {
+                        unreachable!("one chunk per file here")
+                    };
+                    assert_eq!(ChunkId::of(&std::fs::read(&p).unwrap()), *id, "{}", e.path);
+                }
+                EntryKind::HardLink { target } => {
+                    let t = std::fs::metadata(v.dst.join(target.to_string())).unwrap();
+                    assert_eq!((m.ino(), m.is_file()), (t.ino(), true), "{}", e.path);
+                }
+                EntryKind::Symlink { target } => {
+                    let got = std::fs::read_link(&p).unwrap();
+                    assert_eq!(got.as_os_str().as_bytes(), &target[..], "{}", e.path);
+                }
+                _ => unreachable!("no specials here"),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn a_manifest_is_applied_whole_or_not_at_all(
+            picks in proptest::collection::vec(pick(), 0..9),
+            repaired in proptest::bool::weighted(0.7),
+            root_kind in prop_oneof![1 => Just(0u8), 1 => Just(1), 1 => Just(2), 12 => Just(3)],
+            fail_at in proptest::option::weighted(0.3, 0usize..4),
+        ) {
+            let v = Volume::new();
+            v.apply(vec![dir(""), dir("a"), v.file("a/x", b"old x"), v.file("b", b"old b"), link("c", "b")])
+                .unwrap();
+            let before = seen(&v);
+            let mut entries: Vec<Entry> = picks.iter().map(|p| entry(&v, p)).collect();
+            if repaired {
+                // Most manifests well-formed, so that the write and commit are reached: in
+                // order, one entry per path, parents added.
+                entries.sort_by(|a, b| a.path.cmp(&b.path));
+                entries.dedup_by(|a, b| a.path == b.path);
+                let parents: Vec<Entry> = entries
+                    .iter()
+                    .filter_map(|e| e.path.split_last().map(|(parent, _)| parent))
+                    .filter(|p| !p.is_root() && !entries.iter().any(|e| e.path == *p))
+                    .map(|p| dir(&p.to_string()))
+                    .collect();
+                entries.extend(parents);
+                entries.sort_by(|a, b| a.path.cmp(&b.path));
+                entries.dedup_by(|a, b| a.path == b.path);
+            }
+            match root_kind {
+                0 => {}
+                1 => entries.insert(0, v.file("", b"a root file")),
+                2 => entries.insert(0, symlink("", "a")),
+                _ => entries.insert(0, dir("")),
+            }
+            match v.apply_failing(entries.clone(), true, fail_at) {
+                Ok(_) => assert_holds(&v, &entries),
+                Err(e) => prop_assert!(seen(&v) == before, "refused ({e}) but the destination changed")
+            }
+        }
+    }
 }
