@@ -299,6 +299,22 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
     assert!(outcome(sess).contains("no parent directory"));
     check_intact(&mut t, &before, "has no parent directory before it");
 
+    // A tree whose root is a regular file: everything in the volume would be "extra".
+    let file_root = Entry {
+        path: RelPath::root(),
+        ..file("x", b"all that is left")
+    };
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    send_manifest(&mut sess, &[file_root]);
+    assert!(outcome(sess).contains("root of a tree manifest is not a directory"));
+    check_intact(
+        &mut t,
+        &before,
+        "root of a tree manifest is not a directory",
+    );
+
     // A chunk whose data does not hash to its name, and one sent as the tail of a chunk the
     // server never said it holds.
     let honest = bytes(9, 5000);
