@@ -160,8 +160,8 @@ impl Destination {
         Ok(())
     }
 
-    /// Every entry but the root needs a directory entry before it as its parent, and a tree's
-    /// root is a directory. Entries come
+    /// Every entry but the root needs a directory entry before it as its parent; a tree's
+    /// root is a directory, an image's a file. Entries come
     /// in volume order (the digest builder checks that first), so the parent, if any, is
     /// among the directories on the path to the entry before.
     fn check_parent(&mut self, entry: &Entry) -> Result<(), ApplyError> {
@@ -179,10 +179,20 @@ impl Destination {
                     entry.path
                 )));
             }
-        } else if self.header.mode == VolumeMode::Tree && !matches!(entry.kind, EntryKind::Dir) {
-            return Err(ApplyError::Manifest(
-                "the root of a tree manifest is not a directory".into(),
-            ));
+        } else {
+            let (is, want) = match self.header.mode {
+                VolumeMode::Tree => (
+                    matches!(entry.kind, EntryKind::Dir),
+                    "tree manifest is not a directory",
+                ),
+                VolumeMode::Block => (
+                    matches!(entry.kind, EntryKind::File { .. }),
+                    "block manifest is not a file",
+                ),
+            };
+            if !is {
+                return Err(ApplyError::Manifest(format!("the root of a {want}")));
+            }
         }
         if matches!(entry.kind, EntryKind::Dir) {
             self.ancestors.push(entry.path.clone());
@@ -193,11 +203,11 @@ impl Destination {
     /// The end of the manifest: what the destination has after the last entry, the manifest
     /// lacks; every hard link's target is checked, and links already in place are kept.
     pub fn end_manifest(&mut self) -> Result<(), ApplyError> {
-        if self.header.mode == VolumeMode::Tree && self.ancestors.is_empty() {
+        if self.stats.entries == 0 {
             // An empty manifest would otherwise leave the destination as it is and call it
             // a mirror of nothing.
             return Err(ApplyError::Manifest(
-                "the tree manifest has no root directory".into(),
+                "the manifest has no root entry".into(),
             ));
         }
         while let Some(extra) = self.found.take_before(None).map_err(self.scratch_err())? {

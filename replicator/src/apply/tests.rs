@@ -269,13 +269,46 @@ fn a_tree_manifest_needs_a_root_directory() {
     v.apply(vec![dir(""), v.file("keep", b"kept")]).unwrap();
     let before = v.listing();
     // Empty, it would have left the destination as it is and called it a mirror of nothing.
-    refused(v.apply(vec![]), "no root directory");
+    refused(v.apply(vec![]), "no root entry");
     refused(
         v.apply(vec![symlink("", "/etc")]),
         "root of a tree manifest",
     );
     refused(v.apply(vec![v.file("", b"x")]), "root of a tree manifest");
     assert_eq!(v.listing(), before);
+}
+
+#[test]
+fn a_block_manifest_needs_one_file_root() {
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("disk.img");
+    std::fs::write(&image, b"an image").unwrap();
+    let header = Header {
+        version: MANIFEST_VERSION,
+        mode: VolumeMode::Block,
+        chunker: ChunkerParams::default(),
+    };
+    let cases: [(Vec<Entry>, &str); 3] = [
+        (vec![], "no root entry"),
+        (vec![dir("")], "root of a block manifest is not a file"),
+        (
+            vec![symlink("", "/etc")],
+            "root of a block manifest is not a file",
+        ),
+    ];
+    for (entries, needle) in cases {
+        let state = TargetState {
+            dir: tmp.path().join("state"),
+        };
+        let mut dest = Destination::prepare(&image, header, state).unwrap();
+        let result = entries
+            .into_iter()
+            .try_for_each(|e| dest.plan(e))
+            .and_then(|()| dest.end_manifest());
+        dest.discard();
+        refused(result.map(|()| ApplyStats::default()), needle);
+        assert_eq!(std::fs::read(&image).unwrap(), b"an image");
+    }
 }
 
 #[test]
