@@ -4,7 +4,6 @@
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
 
 use integration_tests::*;
 
@@ -17,15 +16,7 @@ fn make_source(src: &Path) {
 }
 
 fn crash_run(src: &Path, dst: &Path, state: &Path, point: &str) {
-    let out = Command::new(replicator_bin())
-        .env("REPLICATOR_CRASH_AT", point)
-        .arg("sync")
-        .arg("--state-dir")
-        .arg(state)
-        .arg(src)
-        .arg(dst)
-        .output()
-        .unwrap();
+    let out = crash_sync(src, dst, state, point);
     assert_eq!(
         out.status.signal(),
         Some(9),

@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
 
 use integration_tests::edits::{apply, op};
 use integration_tests::*;
@@ -16,15 +15,7 @@ use proptest::prelude::*;
 /// Runs `replicator sync`, killing itself at crash point `at`; true if it was killed (a
 /// point the sync never reaches lets it finish).
 fn killed_run(src: &Path, dst: &Path, state: &Path, at: &str) -> bool {
-    let out = Command::new(replicator_bin())
-        .env("REPLICATOR_CRASH_AT", at)
-        .arg("sync")
-        .arg("--state-dir")
-        .arg(state)
-        .arg(src)
-        .arg(dst)
-        .output()
-        .unwrap();
+    let out = crash_sync(src, dst, state, at);
     match out.status.signal() {
         Some(9) => true,
         _ => {

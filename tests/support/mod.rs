@@ -227,6 +227,20 @@ pub fn run_sync(src: &Path, dst: &Path, state: &Path, extra: &[&str]) -> Output 
         .expect("run replicator")
 }
 
+/// Runs `replicator sync SRC DST` with `REPLICATOR_CRASH_AT=at`: the process kills itself
+/// (SIGKILL) on reaching that point.
+pub fn crash_sync(src: &Path, dst: &Path, state: &Path, at: &str) -> Output {
+    Command::new(replicator_bin())
+        .env("REPLICATOR_CRASH_AT", at)
+        .arg("sync")
+        .arg("--state-dir")
+        .arg(state)
+        .arg(src)
+        .arg(dst)
+        .output()
+        .expect("run replicator")
+}
+
 /// Parses the JSON summary of a successful run (panics with stderr otherwise).
 pub fn summary(out: &Output) -> serde_json::Value {
     assert!(

@@ -38,6 +38,13 @@ impl ChunkFeed for Chunks {
     }
 }
 
+/// `len` bytes without long repeats, so a file of them is one chunk per its size.
+fn scattered(len: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
 fn path(p: &str) -> RelPath {
     RelPath::new(p.as_bytes().to_vec()).unwrap()
 }
@@ -472,9 +479,7 @@ fn a_discarded_run_puts_back_a_file_it_was_replacing_with_a_directory() {
 #[test]
 fn renamed_files_are_copied_from_the_destination_whose_chunk_places_are_found_only_when_needed() {
     let v = Volume::new();
-    let data: Vec<u8> = (0..100_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data = scattered(100_000);
     let big = |v: &Volume, p: &str| v.file(p, &data);
     v.apply(vec![dir(""), big(&v, "a"), v.file("small", b"s")])
         .unwrap();
@@ -554,9 +559,7 @@ fn a_new_hard_link_to_a_file_left_alone_verifies() {
 
 #[test]
 fn a_file_whose_inode_gained_or_lost_a_name_still_lends_its_chunks() {
-    let data: Vec<u8> = (0..100_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data = scattered(100_000);
     // Each second manifest leaves `a` alone but changes its inode's ctime: a link to it is
     // made, or one is replaced. The index must record `a` as it is after that, or the
     // third sync would not find `a`'s chunk for the copy `c` (the feed offers nothing).
@@ -585,9 +588,7 @@ fn a_file_whose_inode_gained_or_lost_a_name_still_lends_its_chunks() {
 #[test]
 fn a_file_a_directory_replaces_still_lends_its_chunks() {
     let v = Volume::new();
-    let data: Vec<u8> = (0..100_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let data = scattered(100_000);
     v.apply(vec![dir(""), v.file("a", &data)]).unwrap();
     // `a` becomes a directory (made early in the write phase, for its entries) and its data
     // moves to `b`, built later: it is read from where `a` was set aside.
