@@ -159,15 +159,12 @@ impl Verifier<'_> {
     /// agrees.
     fn add(&mut self, s: &Scanned, want: &Entry, seen_at: i128) -> Result<(), ApplyError> {
         let inode = (s.stat.dev, s.stat.ino);
-        let first_name = match self.links.get(&inode) {
-            Some(first) => Some(first.clone()),
-            None if s.stat.is_file() && s.stat.nlink > 1 => self.linked_by_this_run(inode, want)?,
-            None => None,
-        };
-        let entry = if let Some(target) = first_name {
+        let entry = if let Some(target) = self.links.get(&inode) {
             Entry {
                 path: s.path.clone(),
-                kind: EntryKind::HardLink { target },
+                kind: EntryKind::HardLink {
+                    target: target.clone(),
+                },
                 meta: Default::default(),
             }
         } else {
@@ -188,24 +185,5 @@ impl Verifier<'_> {
         self.digest
             .add(&entry)
             .map_err(|err| ApplyError::Manifest(err.to_string()))
-    }
-
-    /// The target of `want` if it is a hard link this run made to `inode`, a file left
-    /// alone: its stat, from the prepare walk, showed one name, so `add` did not note it.
-    fn linked_by_this_run(
-        &mut self,
-        inode: (u64, u64),
-        want: &Entry,
-    ) -> Result<Option<RelPath>, ApplyError> {
-        let EntryKind::HardLink { target } = &want.kind else {
-            return Ok(None);
-        };
-        let found = scan_one(self.root, target, WalkOptions { xattrs: false })
-            .map_err(|err| ApplyError::Manifest(err.to_string()))?;
-        if found.is_none_or(|t| (t.stat.dev, t.stat.ino) != inode) {
-            return Ok(None);
-        }
-        self.links.insert(inode, target.clone());
-        Ok(Some(target.clone()))
     }
 }
