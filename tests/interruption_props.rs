@@ -11,6 +11,7 @@ use std::path::Path;
 use integration_tests::edits::{apply, op};
 use integration_tests::*;
 use proptest::prelude::*;
+use replicator::apply::fsops::is_temp_name;
 
 /// Runs `replicator sync`, killing itself at crash point `at`; true if it was killed (a
 /// point the sync never reaches lets it finish).
@@ -37,8 +38,7 @@ fn contents(root: &Path) -> BTreeMap<Vec<u8>, String> {
         .into_iter()
         .filter(|(path, d)| {
             let name = path.rsplit(|&b| b == b'/').next().unwrap_or(path);
-            let temp = name.starts_with(b".rpl-") && name.ends_with(b".tmp");
-            d.kind == "file" && !temp
+            d.kind == "file" && !is_temp_name(name)
         })
         .map(|(path, d)| (path, d.content.unwrap()))
         .collect()
