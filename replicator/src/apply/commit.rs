@@ -13,6 +13,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode};
 
 use super::fsops::{self, os, temp_name};
 use super::plan::{self, Plan};
+use super::retired::Retired;
 use super::spool::Planned;
 use super::{ApplyError, Committed, Destination, io_err, split};
 use crate::manifest::store::StoreWriter;
@@ -166,6 +167,7 @@ impl Destination {
         progress.phase("verifying");
         tracing::debug!(
             touched = self.touched,
+            old_files_held = self.retired.len(),
             ms = t.elapsed().as_millis(),
             "committed"
         );
@@ -235,6 +237,9 @@ impl Destination {
                         continue;
                     }
                     let Ok(d) = vol.dir(&parent) else { continue }; // parent gone or replaced
+                    if Retired::worth_holding(&s.stat) {
+                        self.retired.hold(d, &name);
+                    }
                     fsops::remove_any(d, &name).map_err(io_err("cannot delete", &s.path))?;
                     vol.invalidate();
                     self.stats.deleted += 1;
@@ -244,6 +249,24 @@ impl Destination {
                 Planned::Entry { entry, have, plan } => {
                     let shown = &entry.path;
                     let was_dir = have.as_ref().is_some_and(|s| s.stat.is_dir());
+                    // The old file this step replaces (or the one a new directory set
+                    // aside): freed after the sync, if large.
+                    if have
+                        .as_ref()
+                        .is_some_and(|s| Retired::worth_holding(&s.stat))
+                        && !matches!(plan, Plan::Keep { .. } | Plan::Dir { replace: false, .. })
+                    {
+                        let aside = matches!(plan, Plan::Dir { .. });
+                        let old = if aside {
+                            temp_name(&name)
+                        } else {
+                            name.clone()
+                        };
+                        let d = vol
+                            .dir(&parent)
+                            .map_err(io_err("cannot open directory", &parent))?;
+                        self.retired.hold(d, &old);
+                    }
                     match &plan {
                         Plan::Build { .. } | Plan::Special if !entry.path.is_root() => {
                             rename_into_place(vol, &parent, &name, was_dir, shown)?;

@@ -34,6 +34,7 @@ mod local;
 pub mod plan;
 mod planning;
 mod readahead;
+mod retired;
 mod spool;
 #[cfg(test)]
 mod tests;
@@ -141,7 +142,9 @@ impl Committed {
     /// were recorded racy by the verify scan (too close to their change to vouch for them);
     /// once the racy margin has passed they are looked at again, so that the next sync can
     /// trust them without reading them.
-    pub fn save_index(self) {
+    pub fn save_index(mut self) {
+        // Off the sender's wait too: the blocks of the large files this sync replaced.
+        self.dest.retired.release();
         let Some(index) = self.index else { return };
         let dest = &self.dest;
         let path = dest.state.index_file();
@@ -232,6 +235,8 @@ pub struct Destination {
     durable: durable::Durable,
     /// Bytes of small files written since the last early `syncfs`.
     unsynced: u64,
+    /// Large old files the commit replaced or removed, freed once the sync is done.
+    retired: retired::Retired,
     pub stats: ApplyStats,
 }
 
@@ -401,6 +406,7 @@ impl Destination {
             flusher: flusher::Flusher::default(),
             durable,
             unsynced: 0,
+            retired: retired::Retired::default(),
             stats: ApplyStats::default(),
         })
     }

@@ -109,6 +109,8 @@ struct Volume {
     /// How the last commit made its pass durable: `fsync`s of that many inodes, or `None`
     /// for a `syncfs`.
     synced: std::cell::Cell<Option<usize>>,
+    /// How many old inodes the last commit held to free after the sync.
+    held: std::cell::Cell<usize>,
 }
 
 impl Volume {
@@ -120,6 +122,7 @@ impl Volume {
             dst,
             state: tmp.path().join("state"),
             synced: Default::default(),
+            held: Default::default(),
             _tmp: tmp,
         }
     }
@@ -185,6 +188,7 @@ impl Volume {
         let root = dest.manifest_digest();
         let committed = dest.commit(root, &NoProgress)?;
         self.synced.set(committed.dest.durable.last);
+        self.held.set(committed.dest.retired.len());
         let stats = committed.stats;
         committed.save_index();
         Ok((stats, placed))
@@ -598,6 +602,55 @@ fn a_file_a_directory_replaces_still_lends_its_chunks() {
     assert_eq!(s.bytes_copied_locally, data.len() as u64);
     assert_eq!(std::fs::read(v.dst.join("b")).unwrap(), data);
     assert!(v.dst.join("a").is_dir());
+}
+
+#[test]
+fn large_files_the_commit_replaces_or_removes_are_freed_after_it() {
+    use std::os::unix::fs::MetadataExt;
+    let v = Volume::new();
+    let big = |seed: u8| {
+        let mut d = scattered(super::retired::MIN_SIZE as u32);
+        d[0] = seed;
+        d
+    };
+    let first = vec![
+        dir(""),
+        v.file("becomes-dir", &big(3)),
+        v.file("removed", &big(2)),
+        v.file("replaced", &big(1)),
+        v.file("small", b"small"),
+    ];
+    v.apply(first).unwrap();
+    assert_eq!(v.held.get(), 0, "nothing replaced yet");
+    let old_ino = std::fs::metadata(v.dst.join("replaced")).unwrap().ino();
+    let second = vec![
+        dir(""),
+        dir("becomes-dir"),
+        v.file("replaced", &big(4)),
+        v.file("small", b"changed"),
+    ];
+    v.apply(second).unwrap();
+    assert_eq!(
+        v.held.get(),
+        3,
+        "the replaced, the removed, the one set aside"
+    );
+    assert_eq!(std::fs::read(v.dst.join("replaced")).unwrap(), big(4));
+    assert_ne!(
+        std::fs::metadata(v.dst.join("replaced")).unwrap().ino(),
+        old_ino
+    );
+    assert!(!v.dst.join("removed").exists());
+    assert!(v.dst.join("becomes-dir").is_dir());
+    let names: Vec<_> = std::fs::read_dir(&v.dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names.len(),
+        3,
+        "no temp or set-aside name is left: {names:?}"
+    );
 }
 
 #[test]
