@@ -141,7 +141,8 @@ impl Committed {
     /// this runs after `Done` has gone back, off the sender's wait. Files this run changed
     /// were recorded racy by the verify scan (too close to their change to vouch for them);
     /// once the racy margin has passed they are looked at again, so that the next sync can
-    /// trust them without reading them.
+    /// trust them without reading them. First, the large old files the commit replaced or
+    /// removed are freed ([`retired`]).
     pub fn save_index(mut self) {
         // Off the sender's wait too: the blocks of the large files this sync replaced.
         self.dest.retired.release();
