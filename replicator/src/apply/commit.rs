@@ -19,6 +19,7 @@ use super::{ApplyError, Committed, Destination, io_err, split};
 use crate::manifest::store::StoreWriter;
 use crate::manifest::{EntryKind, Meta, RelPath, RootDigest, VolumeMode};
 use crate::progress::Progress;
+use crate::volume::StatInfo;
 use crate::volume::walk::Scanned;
 
 /// A directory the commit pass is inside of.
@@ -237,9 +238,7 @@ impl Destination {
                         continue;
                     }
                     let Ok(d) = vol.dir(&parent) else { continue }; // parent gone or replaced
-                    if Retired::worth_holding(&s.stat) {
-                        self.retired.hold(d, &name);
-                    }
+                    self.retired.hold(&s.stat, d, &name);
                     fsops::remove_any(d, &name).map_err(io_err("cannot delete", &s.path))?;
                     vol.invalidate();
                     self.stats.deleted += 1;
@@ -248,28 +247,17 @@ impl Destination {
                 }
                 Planned::Entry { entry, have, plan } => {
                     let shown = &entry.path;
-                    let was_dir = have.as_ref().is_some_and(|s| s.stat.is_dir());
-                    // The old file this step replaces (or the one a new directory set
-                    // aside): freed after the sync, if large.
-                    if have
-                        .as_ref()
-                        .is_some_and(|s| Retired::worth_holding(&s.stat))
-                        && !matches!(plan, Plan::Keep { .. } | Plan::Dir { replace: false, .. })
-                    {
-                        let aside = matches!(plan, Plan::Dir { .. });
-                        let old = if aside {
-                            temp_name(&name)
-                        } else {
-                            name.clone()
-                        };
-                        let d = vol
-                            .dir(&parent)
-                            .map_err(io_err("cannot open directory", &parent))?;
-                        self.retired.hold(d, &old);
-                    }
+                    let replaced = have.as_ref().map(|s| &s.stat);
                     match &plan {
                         Plan::Build { .. } | Plan::Special if !entry.path.is_root() => {
-                            rename_into_place(vol, &parent, &name, was_dir, shown)?;
+                            rename_into_place(
+                                vol,
+                                &mut self.retired,
+                                &parent,
+                                &name,
+                                replaced,
+                                shown,
+                            )?;
                             crate::crashpoint::reached("rename");
                             changes_parent = true;
                         }
@@ -289,7 +277,14 @@ impl Destination {
                             fsops::remove_any(d, &temp).map_err(io_err("cannot clear", shown))?;
                             rfs::linkat(&td, os(&tname), d, os(&temp), AtFlags::empty())
                                 .map_err(|err| io_err("cannot link", shown)(err.into()))?;
-                            rename_into_place(vol, &parent, &name, was_dir, shown)?;
+                            rename_into_place(
+                                vol,
+                                &mut self.retired,
+                                &parent,
+                                &name,
+                                replaced,
+                                shown,
+                            )?;
                             // The target's link count is on an inode this pass has no
                             // descriptor of.
                             self.durable.whole_filesystem();
@@ -303,6 +298,9 @@ impl Destination {
                             let d = vol
                                 .dir(&parent)
                                 .map_err(io_err("cannot open directory", &parent))?;
+                            if let Some(old) = replaced {
+                                self.retired.hold(old, d, &temp_name(&name));
+                            }
                             fsops::remove_any(d, &temp_name(&name))
                                 .map_err(io_err("cannot replace", shown))?;
                         }
@@ -421,18 +419,24 @@ impl Destination {
     }
 }
 
-/// Renames the temp name of `name` in `parent` over `name`, removing what was there first
-/// if it was a directory (a rename cannot replace one with a file).
+/// Renames the temp name of `name` in `parent` over `name`, which the walk found as
+/// `replaced`: a directory there is removed first (a rename cannot replace one with a
+/// file), a large file is held by `retired` to be freed after the sync.
 fn rename_into_place(
     vol: &mut fsops::VolumeDir,
+    retired: &mut Retired,
     parent: &RelPath,
     name: &[u8],
-    was_dir: bool,
+    replaced: Option<&StatInfo>,
     shown: &RelPath,
 ) -> Result<(), ApplyError> {
     let d = vol
         .dir(parent)
         .map_err(io_err("cannot open directory", parent))?;
+    let was_dir = replaced.is_some_and(StatInfo::is_dir);
+    if let Some(old) = replaced {
+        retired.hold(old, d, name);
+    }
     if was_dir {
         fsops::remove_any(d, name).map_err(io_err("cannot replace", shown))?;
     }

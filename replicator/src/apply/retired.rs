@@ -14,7 +14,7 @@
 
 use std::os::fd::OwnedFd;
 
-use rustix::fs::{self as rfs, FileType, Mode, OFlags};
+use rustix::fs::{self as rfs, Mode, OFlags};
 
 use super::fsops::os;
 use crate::volume::StatInfo;
@@ -34,17 +34,17 @@ pub struct Retired {
 }
 
 impl Retired {
-    /// Whether a file the walk found is worth holding when its name goes: a regular file
-    /// with one name (removing one of several frees nothing) of at least [`MIN_SIZE`].
+    /// Whether a file is worth holding when its name goes: a regular file with one name
+    /// (removing one of several frees nothing) of at least [`MIN_SIZE`].
     pub fn worth_holding(stat: &StatInfo) -> bool {
         stat.is_file() && stat.nlink == 1 && stat.size >= MIN_SIZE
     }
 
-    /// Holds the inode `name` in `dir` names, if it still is what [`Retired::worth_holding`]
-    /// wants and there is room. Call it just before removing or replacing the name; a file
-    /// that cannot be held is simply freed by the removal, as without this.
-    pub fn hold(&mut self, dir: &OwnedFd, name: &[u8]) {
-        if self.held.len() >= MAX_HELD {
+    /// Holds the inode `name` in `dir` names, if the walk `found` it worth holding, it
+    /// still is, and there is room. Call it just before removing or replacing the name; a
+    /// file that is not held is simply freed by the removal, as without this.
+    pub fn hold(&mut self, found: &StatInfo, dir: &OwnedFd, name: &[u8]) {
+        if !Self::worth_holding(found) || self.held.len() >= MAX_HELD {
             return;
         }
         // O_PATH opens no file for I/O: nothing blocks (a FIFO put there meanwhile) and
@@ -53,10 +53,11 @@ impl Retired {
         let Ok(fd) = rfs::openat(dir, os(name), flags, Mode::empty()) else {
             return;
         };
-        let Ok(st) = rfs::fstat(&fd) else { return };
-        let size = u64::try_from(st.st_size).unwrap_or(0);
-        if FileType::from_raw_mode(st.st_mode).is_file() && st.st_nlink == 1 && size >= MIN_SIZE {
-            self.bytes += size;
+        let Ok(now) = rfs::fstat(&fd).map(|st| StatInfo::from(&st)) else {
+            return;
+        };
+        if Self::worth_holding(&now) {
+            self.bytes += now.size;
             self.held.push(fd);
         }
     }
@@ -104,15 +105,22 @@ mod tests {
         std::fs::hard_link(tmp.path().join("linked"), tmp.path().join("other")).unwrap();
         std::fs::create_dir(tmp.path().join("dir")).unwrap();
         let meta = std::fs::metadata(tmp.path().join("big")).unwrap();
-        assert!(Retired::worth_holding(&StatInfo::from(&meta)));
-        assert!(!Retired::worth_holding(&StatInfo::from(
-            &std::fs::metadata(tmp.path().join("linked")).unwrap()
-        )));
+        let found = StatInfo::from(&meta);
+        assert!(Retired::worth_holding(&found));
+        let linked = StatInfo::from(&std::fs::metadata(tmp.path().join("linked")).unwrap());
+        assert!(!Retired::worth_holding(&linked));
 
         let d = dir_fd(tmp.path());
         let mut retired = Retired::default();
+        retired.hold(&linked, &d, b"linked");
+        assert_eq!(
+            retired.len(),
+            0,
+            "what the walk found not worth it is not opened"
+        );
+        // What the name holds now decides: the walk's stat may be stale.
         for name in [&b"small"[..], b"linked", b"dir", b"missing", b"big"] {
-            retired.hold(&d, name);
+            retired.hold(&found, &d, name);
         }
         assert_eq!(retired.len(), 1, "only the big file with one name is held");
 
@@ -131,10 +139,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let f = std::fs::File::create(tmp.path().join("sparse")).unwrap();
         f.set_len(MIN_SIZE).unwrap();
+        let found = StatInfo::from(&f.metadata().unwrap());
         let d = dir_fd(tmp.path());
         let mut retired = Retired::default();
         for _ in 0..MAX_HELD + 5 {
-            retired.hold(&d, b"sparse");
+            retired.hold(&found, &d, b"sparse");
         }
         assert_eq!(retired.len(), MAX_HELD);
     }
