@@ -13,7 +13,6 @@ use rustix::fs::{self as rfs, AtFlags, Mode};
 
 use super::fsops::{self, os, temp_name};
 use super::plan::{self, Plan};
-use super::retired::Retired;
 use super::spool::Planned;
 use super::{ApplyError, Committed, Destination, io_err, split};
 use crate::manifest::store::StoreWriter;
@@ -250,14 +249,7 @@ impl Destination {
                     let replaced = have.as_ref().map(|s| &s.stat);
                     match &plan {
                         Plan::Build { .. } | Plan::Special if !entry.path.is_root() => {
-                            rename_into_place(
-                                vol,
-                                &mut self.retired,
-                                &parent,
-                                &name,
-                                replaced,
-                                shown,
-                            )?;
+                            self.rename_into_place(&parent, &name, replaced, shown)?;
                             crate::crashpoint::reached("rename");
                             changes_parent = true;
                         }
@@ -277,14 +269,7 @@ impl Destination {
                             fsops::remove_any(d, &temp).map_err(io_err("cannot clear", shown))?;
                             rfs::linkat(&td, os(&tname), d, os(&temp), AtFlags::empty())
                                 .map_err(|err| io_err("cannot link", shown)(err.into()))?;
-                            rename_into_place(
-                                vol,
-                                &mut self.retired,
-                                &parent,
-                                &name,
-                                replaced,
-                                shown,
-                            )?;
+                            self.rename_into_place(&parent, &name, replaced, shown)?;
                             // The target's link count is on an inode this pass has no
                             // descriptor of.
                             self.durable.whole_filesystem();
@@ -381,6 +366,35 @@ impl Destination {
         Ok(())
     }
 
+    /// Renames the temp name of `name` in `parent` over `name`, which the walk found as
+    /// `replaced`: a directory there is removed first (a rename cannot replace one with a
+    /// file), a large file is held to be freed after the sync ([`super::retired`]).
+    fn rename_into_place(
+        &mut self,
+        parent: &RelPath,
+        name: &[u8],
+        replaced: Option<&StatInfo>,
+        shown: &RelPath,
+    ) -> Result<(), ApplyError> {
+        let vol = self.vol.as_mut().expect("tree");
+        let d = vol
+            .dir(parent)
+            .map_err(io_err("cannot open directory", parent))?;
+        let was_dir = replaced.is_some_and(StatInfo::is_dir);
+        if let Some(old) = replaced {
+            self.retired.hold(old, d, name);
+        }
+        if was_dir {
+            fsops::remove_any(d, name).map_err(io_err("cannot replace", shown))?;
+        }
+        rfs::renameat(d, os(&temp_name(name)), d, os(name))
+            .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;
+        if was_dir {
+            vol.invalidate();
+        }
+        Ok(())
+    }
+
     /// Finishes a directory the commit pass leaves: removes the temp files an interrupted
     /// run left in it (this run's are renamed by now), then sets its attributes if anything
     /// in it changed or they differ. Returns whether it changed anything.
@@ -417,35 +431,6 @@ impl Destination {
             .map_err(io_err("cannot sync", &d.path))?;
         Ok(true)
     }
-}
-
-/// Renames the temp name of `name` in `parent` over `name`, which the walk found as
-/// `replaced`: a directory there is removed first (a rename cannot replace one with a
-/// file), a large file is held by `retired` to be freed after the sync.
-fn rename_into_place(
-    vol: &mut fsops::VolumeDir,
-    retired: &mut Retired,
-    parent: &RelPath,
-    name: &[u8],
-    replaced: Option<&StatInfo>,
-    shown: &RelPath,
-) -> Result<(), ApplyError> {
-    let d = vol
-        .dir(parent)
-        .map_err(io_err("cannot open directory", parent))?;
-    let was_dir = replaced.is_some_and(StatInfo::is_dir);
-    if let Some(old) = replaced {
-        retired.hold(old, d, name);
-    }
-    if was_dir {
-        fsops::remove_any(d, name).map_err(io_err("cannot replace", shown))?;
-    }
-    rfs::renameat(d, os(&temp_name(name)), d, os(name))
-        .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;
-    if was_dir {
-        vol.invalidate();
-    }
-    Ok(())
 }
 
 /// The innermost directory in `open` that `path` is not inside of, taken off the stack.
