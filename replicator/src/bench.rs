@@ -183,6 +183,7 @@ pub fn local(
         chunker,
         checksum: true,
         threads,
+        keep_contents: false,
     };
     // The first chunks of the volume, up to the sample size, and where they are.
     let mut sample: Vec<ChunkAt> = Vec::new();
@@ -205,7 +206,7 @@ pub fn local(
     };
     match mode {
         VolumeMode::Tree => {
-            scan_tree(path, opts, None, None, &mut |e| {
+            scan_tree(path, opts, None, None, &mut |e, _| {
                 take(&e);
                 Ok(())
             })?;

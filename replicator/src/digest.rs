@@ -22,10 +22,11 @@ pub fn digest_volume(
         chunker,
         checksum: true,
         threads,
+        keep_contents: false,
     };
     let mut digest = DigestBuilder::new(&header(mode, chunker));
     let stats = match mode {
-        crate::manifest::VolumeMode::Tree => scan_tree(path, opts, None, None, &mut |e| {
+        crate::manifest::VolumeMode::Tree => scan_tree(path, opts, None, None, &mut |e, _| {
             digest.add(&e).map_err(|e| e.to_string())
         })?,
         crate::manifest::VolumeMode::Block => {

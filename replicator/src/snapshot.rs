@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 
@@ -46,6 +47,59 @@ pub struct SnapshotOptions {
     /// Ignore the index: read every file (`--checksum`).
     pub checksum: bool,
     pub threads: usize,
+    /// Hand small files' chunks to `emit` as cut ([`Contents`]): a streamed first sync sends
+    /// them right after their entry, and need not read and hash them a second time.
+    pub keep_contents: bool,
+}
+
+/// Files up to this size have their chunks kept from the cut to the send when
+/// [`SnapshotOptions::keep_contents`] asks for it.
+pub const KEEP_FILE_MAX: u64 = 1 << 20;
+
+/// At most this many bytes of kept chunks are between the cut and the send at once; a file
+/// that does not fit is read back at the send, as large files always are.
+pub const KEEP_BUDGET: u64 = 8 << 20;
+
+/// A small file's chunks (its non-zero segments, in order) as the scan cut and hashed them.
+///
+/// They are exactly the bytes the entry's chunk ids name, so sending them needs neither a
+/// second read nor a second hash, and a file rewritten after its cut cannot send bytes that
+/// differ from its entry. What they hold of [`KEEP_BUDGET`] is given back when they drop.
+pub struct Contents<'a> {
+    pub chunks: Vec<Vec<u8>>,
+    _held: Reservation<'a>,
+}
+
+/// The bytes of kept chunks between the cut and the send, bounded by [`KEEP_BUDGET`].
+#[derive(Default)]
+struct KeepBudget {
+    used: AtomicU64,
+}
+
+impl KeepBudget {
+    fn reserve(&self, bytes: u64) -> Option<Reservation<'_>> {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= KEEP_BUDGET).then_some(used + bytes)
+            })
+            .ok()
+            .map(|_| Reservation {
+                budget: self,
+                bytes,
+            })
+    }
+}
+
+/// A share of [`KEEP_BUDGET`], given back on drop.
+struct Reservation<'a> {
+    budget: &'a KeepBudget,
+    bytes: u64,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// Counters of a scan.
@@ -251,11 +305,15 @@ pub const PARALLEL_CUT_MIN: u64 = 32 << 20;
 
 /// Reads and chunks one file, on up to `threads` threads if it is large. Returns `None` if
 /// it vanished before it could be opened.
+///
+/// With `keep`, a file cut on this thread also has its chunks' bytes pushed there, as long
+/// as they total at most `limit` bytes; past that (the file grew) nothing is kept.
 pub fn chunk_file(
     chunker: &mut Chunker,
     threads: usize,
     path: &Path,
     stat: &StatInfo,
+    keep: Option<(&mut Vec<Vec<u8>>, u64)>,
 ) -> Result<Option<(u64, Vec<Segment>, u64)>, SnapshotError> {
     let read_err = |source| SnapshotError::Read {
         path: path.to_path_buf(),
@@ -284,9 +342,30 @@ pub fn chunk_file(
         }
     }
     let mut reader = SparseReader::new(&file, size);
-    let (segments, total) = chunker
-        .segments(&mut reader, |_, _, _| Ok(()))
-        .map_err(read_err)?;
+    let (segments, total) = match keep {
+        None => chunker.segments(&mut reader, |_, _, _| Ok(())),
+        Some((kept, limit)) => {
+            let mut room = Some(limit);
+            let cut = chunker.segments(&mut reader, |_, data, _| {
+                match room.and_then(|r| r.checked_sub(data.len() as u64)) {
+                    Some(left) => {
+                        room = Some(left);
+                        kept.push(data.to_vec());
+                    }
+                    None => {
+                        room = None;
+                        kept.clear();
+                    }
+                }
+                Ok(())
+            });
+            if room.is_none() {
+                *kept = Vec::new();
+            }
+            cut
+        }
+    }
+    .map_err(read_err)?;
     Ok(Some((total, segments, reader.bytes_read)))
 }
 
@@ -295,21 +374,104 @@ struct Job {
     scanned: Scanned,
 }
 
-type Done = (u64, Result<Option<(Entry, u64)>, SnapshotError>);
+/// A file the workers cut: its entry, the bytes read, and its chunks if kept.
+struct Cut<'a> {
+    entry: Entry,
+    read: u64,
+    contents: Option<Contents<'a>>,
+}
+
+type Done<'a> = (u64, Result<Option<Cut<'a>>, SnapshotError>);
+
+/// An entry waiting for its turn to be emitted, with the stat its index record needs.
+struct Ready<'a> {
+    cut: Cut<'a>,
+    stat: StatInfo,
+}
+
+/// Entries by sequence number, `None` for a file that vanished before it could be read.
+type Pending<'a> = BTreeMap<u64, Option<Ready<'a>>>;
+
+/// Puts a worker's result in its place in `pending`, with the stat the walk saw.
+fn absorb<'a>(
+    (seq, result): Done<'a>,
+    pending: &mut Pending<'a>,
+    stats_of: &mut HashMap<u64, StatInfo>,
+) -> Result<(), SnapshotError> {
+    let stat = stats_of.remove(&seq).unwrap_or_default();
+    pending.insert(seq, result?.map(|cut| Ready { cut, stat }));
+    Ok(())
+}
+
+impl Ready<'_> {
+    /// An entry the scan did not read: not a file, a hard link, or a file the index vouches for.
+    fn unread(entry: Entry, stat: StatInfo) -> Self {
+        Ready {
+            cut: Cut {
+                entry,
+                read: 0,
+                contents: None,
+            },
+            stat,
+        }
+    }
+}
+
+/// Reads and chunks the file of `job`, keeping its chunks when `opts` asks and `budget`
+/// has room.
+fn cut_file<'a>(
+    chunker: &mut Chunker,
+    opts: SnapshotOptions,
+    root: &Path,
+    job: &Job,
+    budget: &'a KeepBudget,
+) -> Result<Option<Cut<'a>>, SnapshotError> {
+    let threads = opts.threads.max(1);
+    let stat = &job.scanned.stat;
+    let held = (opts.keep_contents && stat.size <= KEEP_FILE_MAX)
+        .then(|| budget.reserve(stat.size))
+        .flatten();
+    let mut kept = Vec::new();
+    let keep = held.as_ref().map(|h| (&mut kept, h.bytes));
+    let full = full_path(root, &job.scanned.path);
+    let Some((size, segments, read)) = chunk_file(chunker, threads, &full, stat, keep)? else {
+        return Ok(None);
+    };
+    let chunks = segments
+        .iter()
+        .filter(|s| matches!(s, Segment::Chunk { .. }))
+        .count();
+    let contents = held.filter(|_| kept.len() == chunks).map(|held| Contents {
+        chunks: kept,
+        _held: held,
+    });
+    let entry = entry_of(&job.scanned, root, Some((size, segments)))?;
+    Ok(Some(Cut {
+        entry,
+        read,
+        contents,
+    }))
+}
+
+/// What [`scan_tree`] hands each entry to, in volume order; an error stops the scan.
+pub type Emit<'e> = dyn for<'c> FnMut(Entry, Option<Contents<'c>>) -> Result<(), String> + 'e;
 
 /// Walks `root` and emits its entries in volume order.
 ///
 /// `reuse` (the last scan's index) is consulted for unchanged files, `record` receives every
-/// file's chunk list; `emit` receives every entry and may stop the scan by returning an error.
+/// file's chunk list; `emit` receives every entry (with its chunks when they were kept, see
+/// [`SnapshotOptions::keep_contents`]) and may stop the scan by returning an error.
 pub fn scan_tree(
     root: &Path,
     opts: SnapshotOptions,
     mut reuse: Option<&mut IndexReader>,
     mut record: Option<&mut IndexWriter>,
-    emit: &mut dyn FnMut(Entry) -> Result<(), String>,
+    emit: &mut Emit<'_>,
 ) -> Result<ScanStats, SnapshotError> {
     let mut stats = ScanStats::default();
     let threads = opts.threads.max(1);
+    // Before the channels: the chunks in them hold shares of it.
+    let budget = KeepBudget::default();
     let (job_tx, job_rx) = bounded::<Job>(threads * 4);
     let (done_tx, done_rx) = bounded::<Done>(1024);
 
@@ -317,17 +479,11 @@ pub fn scan_tree(
         for _ in 0..threads {
             let job_rx: Receiver<Job> = job_rx.clone();
             let done_tx: Sender<Done> = done_tx.clone();
+            let budget = &budget;
             scope.spawn(move || {
                 let mut chunker = Chunker::new(opts.chunker);
                 for job in job_rx {
-                    let full = full_path(root, &job.scanned.path);
-                    let result = chunk_file(&mut chunker, threads, &full, &job.scanned.stat)
-                        .and_then(|r| {
-                            r.map(|(size, segs, read)| {
-                                entry_of(&job.scanned, root, Some((size, segs))).map(|e| (e, read))
-                            })
-                            .transpose()
-                        });
+                    let result = cut_file(&mut chunker, opts, root, &job, budget);
                     if done_tx.send((job.seq, result)).is_err() {
                         return;
                     }
@@ -337,20 +493,29 @@ pub fn scan_tree(
         drop(done_tx);
         drop(job_rx);
 
-        let mut pending: BTreeMap<u64, Option<(Entry, u64, StatInfo)>> = BTreeMap::new();
+        let mut pending: Pending = BTreeMap::new();
         let mut stats_of: HashMap<u64, StatInfo> = HashMap::new();
         let mut next_seq = 0u64;
         let mut next_emit = 0u64;
         let mut links: HashMap<(u64, u64), RelPath> = HashMap::new();
 
         // Emits every entry that is ready, in order.
-        let mut flush = |pending: &mut BTreeMap<u64, Option<(Entry, u64, StatInfo)>>,
+        let mut flush = |pending: &mut Pending,
                          next_emit: &mut u64,
                          stats: &mut ScanStats|
          -> Result<(), SnapshotError> {
             while let Some(slot) = pending.remove(next_emit) {
                 *next_emit += 1;
-                let Some((entry, read, stat)) = slot else {
+                let Some(Ready {
+                    cut:
+                        Cut {
+                            entry,
+                            read,
+                            contents,
+                        },
+                    stat,
+                }) = slot
+                else {
                     continue;
                 };
                 stats.entries += 1;
@@ -366,17 +531,8 @@ pub fn scan_tree(
                         index.record(&entry.path, &stat, segments);
                     }
                 }
-                emit(entry).map_err(SnapshotError::Emit)?;
+                emit(entry, contents).map_err(SnapshotError::Emit)?;
             }
-            Ok(())
-        };
-
-        let absorb = |(seq, result): Done,
-                      pending: &mut BTreeMap<u64, Option<(Entry, u64, StatInfo)>>,
-                      stats_of: &mut HashMap<u64, StatInfo>|
-         -> Result<(), SnapshotError> {
-            let stat = stats_of.remove(&seq).unwrap_or_default();
-            pending.insert(seq, result?.map(|(e, read)| (e, read, stat)));
             Ok(())
         };
 
@@ -393,7 +549,7 @@ pub fn scan_tree(
                     kind: EntryKind::HardLink { target: first },
                     meta: Meta::default(),
                 };
-                pending.insert(seq, Some((entry, 0, st)));
+                pending.insert(seq, Some(Ready::unread(entry, st)));
             } else {
                 if st.is_file() && st.nlink > 1 {
                     links.insert((st.dev, st.ino), scanned.path.clone());
@@ -407,7 +563,7 @@ pub fn scan_tree(
                 if let Some(segs) = reused {
                     let entry = entry_of(&scanned, root, Some((st.size, segs)))
                         .map_err(|e| WalkError::Stopped(e.to_string()))?;
-                    pending.insert(seq, Some((entry, 0, st)));
+                    pending.insert(seq, Some(Ready::unread(entry, st)));
                 } else if st.is_file() {
                     stats_of.insert(seq, st);
                     job_tx
@@ -416,7 +572,7 @@ pub fn scan_tree(
                 } else {
                     let entry = entry_of(&scanned, root, None)
                         .map_err(|e| WalkError::Stopped(e.to_string()))?;
-                    pending.insert(seq, Some((entry, 0, st)));
+                    pending.insert(seq, Some(Ready::unread(entry, st)));
                 }
             }
             // Absorb finished work without blocking; block only when too far ahead.
@@ -468,7 +624,7 @@ pub fn scan_block(
         Some(segs) => (stat.size, segs, 0),
         None => {
             let mut chunker = Chunker::new(opts.chunker);
-            chunk_file(&mut chunker, opts.threads, path, &stat)?.ok_or_else(|| {
+            chunk_file(&mut chunker, opts.threads, path, &stat, None)?.ok_or_else(|| {
                 SnapshotError::Read {
                     path: path.to_path_buf(),
                     source: io::Error::new(io::ErrorKind::NotFound, "volume vanished"),
@@ -560,5 +716,113 @@ mod tests {
         );
         assert!(matches!(at(&mut wanted, 2), Err(ServeError::Unknown(_))));
         assert!(matches!(at(&mut wanted, 9), Err(ServeError::Unknown(_))));
+    }
+
+    /// A file as scanned: its path, its entry and its chunks if they were kept.
+    type ScannedFile = (String, Entry, Option<Vec<Vec<u8>>>);
+
+    /// Scans `root` with `keep_contents`, returning each file's path, entry and kept chunks.
+    fn scan_keeping(root: &Path, keep: bool) -> Vec<ScannedFile> {
+        let opts = SnapshotOptions {
+            chunker: ChunkerParams::default(),
+            checksum: true,
+            threads: 2,
+            keep_contents: keep,
+        };
+        let mut files = Vec::new();
+        scan_tree(root, opts, None, None, &mut |entry, contents| {
+            if matches!(entry.kind, EntryKind::File { .. }) {
+                let chunks = contents.map(|c| c.chunks);
+                files.push((entry.path.to_string(), entry, chunks));
+            }
+            Ok(())
+        })
+        .unwrap();
+        files
+    }
+
+    #[test]
+    fn small_files_keep_the_chunks_they_were_cut_into_and_large_ones_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let noise = |seed: u64, len: usize| {
+            let mut x = seed | 1;
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 24) as u8
+                })
+                .collect::<Vec<u8>>()
+        };
+        std::fs::write(root.join("one-chunk"), noise(1, 5000)).unwrap();
+        std::fs::write(root.join("several-chunks"), noise(2, 700 << 10)).unwrap();
+        // Data, a run of zeros (a zero segment has no bytes to keep), data.
+        let mut gappy = noise(3, 100 << 10);
+        gappy.extend(vec![0u8; 300 << 10]);
+        gappy.extend(noise(4, 100 << 10));
+        std::fs::write(root.join("with-zeros"), gappy).unwrap();
+        std::fs::write(root.join("empty"), b"").unwrap();
+        std::fs::write(
+            root.join("too-large"),
+            noise(5, (KEEP_FILE_MAX + 1) as usize),
+        )
+        .unwrap();
+
+        let files = scan_keeping(root, true);
+        assert_eq!(files.len(), 5);
+        for (name, entry, chunks) in &files {
+            let on_disk = std::fs::read(root.join(name)).unwrap();
+            if name == "too-large" {
+                assert!(
+                    chunks.is_none(),
+                    "a file over KEEP_FILE_MAX is read back at the send"
+                );
+                continue;
+            }
+            let chunks = chunks
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name} was not kept"));
+            let mut kept = chunks.iter();
+            let mut offset = 0usize;
+            for seg in entry.segments() {
+                if let Segment::Chunk { id, len } = *seg {
+                    let data = kept.next().unwrap();
+                    assert_eq!(
+                        ChunkId::of(data),
+                        id,
+                        "{name}: a kept chunk is its id's bytes"
+                    );
+                    assert_eq!(&on_disk[offset..offset + len as usize], &data[..]);
+                }
+                offset += seg.len() as usize;
+            }
+            assert!(
+                kept.next().is_none(),
+                "{name}: one kept chunk per chunk segment"
+            );
+        }
+        let several = files.iter().find(|f| f.0 == "several-chunks").unwrap();
+        assert!(several.2.as_ref().unwrap().len() > 1);
+
+        for (name, _, chunks) in scan_keeping(root, false) {
+            assert!(chunks.is_none(), "{name} kept although nobody asked");
+        }
+    }
+
+    #[test]
+    fn the_keep_budget_is_a_bound_and_shares_come_back_when_dropped() {
+        let budget = KeepBudget::default();
+        let a = budget.reserve(KEEP_BUDGET - 10).unwrap();
+        assert!(
+            budget.reserve(11).is_none(),
+            "past the budget nothing is kept"
+        );
+        let b = budget.reserve(10).unwrap();
+        drop(a);
+        let c = budget.reserve(KEEP_BUDGET - 10).unwrap();
+        drop((b, c));
+        assert_eq!(budget.used.load(Ordering::Acquire), 0);
     }
 }

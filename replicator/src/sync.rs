@@ -231,6 +231,7 @@ pub fn run_source(
             chunker: opts.chunker,
             checksum: opts.checksum,
             threads: opts.threads,
+            keep_contents: false,
         },
         compress: opts.compress,
         state,

@@ -20,8 +20,8 @@ use crate::manifest::{
 };
 use crate::progress::Progress;
 use crate::snapshot::{
-    ChunkAt, ChunkReader, ScanStats, ServeError, SnapshotOptions, WantedChunks, scan_block,
-    scan_tree,
+    ChunkAt, ChunkReader, Contents, ScanStats, ServeError, SnapshotOptions, WantedChunks,
+    scan_block, scan_tree,
 };
 use crate::state::SourceState;
 use crate::transport::{MessageRx, MessageTx};
@@ -170,12 +170,16 @@ fn session(
         VolumeMode::Tree => {
             // Streamed sessions send each chunk after the entry it first appears in.
             let mut seen = SentChunks::default();
+            let snapshot = SnapshotOptions {
+                keep_contents: stream,
+                ..opts.snapshot
+            };
             let scanned = scan_tree(
                 src,
-                opts.snapshot,
+                snapshot,
                 reuse.as_mut(),
                 record.as_mut(),
-                &mut |entry| {
+                &mut |entry, contents| {
                     progress.advance(entry.size());
                     let path = entry.path.clone();
                     let segments = match (&entry.kind, stream) {
@@ -187,7 +191,12 @@ fn session(
                     manifest
                         .send(entry, tx)
                         .and_then(|()| {
-                            send_new_chunks(&mut seen, &mut reader, path, &segments, &mut out, tx)
+                            let file = FileChunks {
+                                path,
+                                segments: &segments,
+                                contents,
+                            };
+                            send_new_chunks(&mut seen, &mut reader, file, &mut out, tx)
                         })
                         .map_err(|e| {
                             let shown = e.to_string();
@@ -409,30 +418,44 @@ impl SentChunks {
     }
 }
 
-/// Streamed sessions: sends the chunks of the file `path` (just announced) that the receiver
-/// cannot copy from an earlier file or segment (see [`SentChunks`]), in order, read back from
-/// the source and checked against their names.
+/// A file just announced in a streamed session: its path and segments, and its chunks when
+/// the scan kept them.
+struct FileChunks<'a, 'b> {
+    path: RelPath,
+    segments: &'a [Segment],
+    contents: Option<Contents<'b>>,
+}
+
+/// Streamed sessions: sends the chunks of `file` that the receiver cannot copy from an
+/// earlier file or segment (see [`SentChunks`]), in order: the scan's own bytes when it kept
+/// them, else read back from the source and checked against their names.
 fn send_new_chunks(
     seen: &mut SentChunks,
     reader: &mut ChunkReader,
-    path: RelPath,
-    segments: &[Segment],
+    file: FileChunks<'_, '_>,
     out: &mut Outgoing,
     tx: &mut dyn MessageTx,
 ) -> Result<(), SessionError> {
+    let mut kept = file.contents.map(|c| c.chunks.into_iter());
     let mut at = ChunkAt {
         id: ChunkId([0; 32]),
-        path,
+        path: file.path,
         offset: 0,
         len: 0,
     };
-    for seg in segments {
-        if let Segment::Chunk { id, len } = *seg
-            && seen.first(&id)
-        {
-            (at.id, at.len) = (id, len);
-            let data = reader.read(&at)?;
-            out.send(tx, id, data)?;
+    for seg in file.segments {
+        if let Segment::Chunk { id, len } = *seg {
+            let cut = kept.as_mut().and_then(Iterator::next);
+            if seen.first(&id) {
+                let data = match cut {
+                    Some(data) => data,
+                    None => {
+                        (at.id, at.len) = (id, len);
+                        reader.read(&at)?
+                    }
+                };
+                out.send(tx, id, data)?;
+            }
         }
         at.offset += seg.len();
     }
