@@ -745,17 +745,7 @@ mod tests {
     fn small_files_keep_the_chunks_they_were_cut_into_and_large_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let noise = |seed: u64, len: usize| {
-            let mut x = seed | 1;
-            (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x >> 24) as u8
-                })
-                .collect::<Vec<u8>>()
-        };
+        let noise = crate::demo::seeded_bytes;
         std::fs::write(root.join("one-chunk"), noise(1, 5000)).unwrap();
         std::fs::write(root.join("several-chunks"), noise(2, 700 << 10)).unwrap();
         // Data, a run of zeros (a zero segment has no bytes to keep), data.
