@@ -345,8 +345,9 @@ pub fn chunk_file(
     let (segments, total) = match keep {
         None => chunker.segments(&mut reader, |_, _, _| Ok(())),
         Some((kept, limit)) => {
+            // `None` once the chunks outgrew `limit`: from then on nothing is kept.
             let mut room = Some(limit);
-            let cut = chunker.segments(&mut reader, |_, data, _| {
+            chunker.segments(&mut reader, |_, data, _| {
                 match room.and_then(|r| r.checked_sub(data.len() as u64)) {
                     Some(left) => {
                         room = Some(left);
@@ -358,11 +359,7 @@ pub fn chunk_file(
                     }
                 }
                 Ok(())
-            });
-            if room.is_none() {
-                *kept = Vec::new();
-            }
-            cut
+            })
         }
     }
     .map_err(read_err)?;
