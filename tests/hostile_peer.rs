@@ -465,6 +465,31 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
     outcome(sess);
     check_intact(&mut t, &before, "this receiver's limit");
 
+    // A device node: valid data, but this server was not started with --allow-devices (as
+    // root it could create the node, which would open the disk of the server's host).
+    let device = Entry {
+        path: RelPath::new(b"disk".to_vec()).unwrap(),
+        kind: EntryKind::BlockDevice {
+            rdev: rustix::fs::makedev(8, 0),
+        },
+        meta: meta(),
+    };
+    let mut sess = t.session();
+    sess.tx.send(hello()).unwrap();
+    sess.rx.recv().unwrap();
+    send_manifest(
+        &mut sess,
+        &[
+            root(),
+            device,
+            dir("sub"),
+            file("sub/kept", &bytes(1, 100_000)),
+        ],
+    );
+    let said = outcome(sess);
+    assert!(said.contains("disk is a block device (8:0)"), "{said}");
+    check_intact(&mut t, &before, "does not create device nodes");
+
     // Still serving, and the volume takes an honest push.
     assert!(t.server.is_running());
     let src = t.tmp.path().join("honest2");

@@ -451,3 +451,51 @@ fn bench_measures_a_link_and_the_local_pipeline() {
     let ratio = r["compress_ratio"].as_f64().unwrap();
     assert!(ratio > 0.0 && ratio < 1.0, "text compresses: {r}");
 }
+
+#[test]
+fn device_nodes_cross_only_to_a_server_told_to_allow_them() {
+    if !is_root() {
+        eprintln!("skipped: creating device nodes needs root");
+        return;
+    }
+    let src = tempfile::tempdir().unwrap();
+    fs::write(src.path().join("data"), bytes(5, 10_000)).unwrap();
+    let d = rustix::fs::open(
+        src.path(),
+        rustix::fs::OFlags::DIRECTORY,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let null = rustix::fs::makedev(1, 3);
+    let perm = rustix::fs::Mode::from_raw_mode(0o666);
+    rustix::fs::mknodat(
+        &d,
+        "null",
+        rustix::fs::FileType::CharacterDevice,
+        perm,
+        null,
+    )
+    .unwrap();
+    settle();
+
+    // By default a server refuses the node, and writes nothing of the push.
+    let t = Setup::new(&[]);
+    let out = t.sync(s(src.path()), &t.remote("dev"), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(said.contains("null is a char device (1:3)"), "{said}");
+    assert!(said.contains("--allow-devices"), "{said}");
+    let left = fs::read_dir(t.volume("dev")).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "the refused push wrote into the volume");
+    t.server.wait_log("does not create device nodes");
+
+    // Told to, it creates it; a pull (the user's own choice of source) creates it too.
+    let t = Setup::new(&["--allow-devices"]);
+    summary(&t.sync(s(src.path()), &t.remote("dev"), &[]));
+    assert_mirrors(src.path(), &t.volume("dev"));
+    let back = t.path("back");
+    summary(&t.sync(&t.remote("dev"), s(&back), &[]));
+    assert_mirrors(src.path(), &back);
+    let rdev = rustix::fs::stat(back.join("null")).unwrap().st_rdev;
+    assert_eq!(rdev, null);
+}

@@ -132,6 +132,9 @@ struct ServeArgs {
     /// Most manifest entries accepted in one push.
     #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES)]
     max_entries: u64,
+    /// Create device nodes a push brings (refused by default: a node opens this host's device).
+    #[arg(long)]
+    allow_devices: bool,
     /// Hours after which the partial files of an abandoned sync are removed.
     #[arg(long, default_value_t = 168.0)]
     staging_max_age_hours: f64,
@@ -543,6 +546,7 @@ fn run_serve(a: ServeArgs) -> Result<(), Failure> {
         net: a.net.options()?,
         version: a.net.protocol_version,
         max_entries: a.max_entries.max(1),
+        allow_devices: a.allow_devices,
         threads: a
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))

@@ -176,7 +176,11 @@ pub fn sync_local(
                 &mut r_tx,
                 &mut r_rx,
                 progress,
-                ReceiverOptions::default(),
+                // Both ends are this user's: devices are copied as `cp -a` copies them.
+                ReceiverOptions {
+                    allow_devices: true,
+                    ..ReceiverOptions::default()
+                },
             )?;
             Ok((report, r_tx.wire_bytes()))
         });

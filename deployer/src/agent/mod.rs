@@ -123,6 +123,8 @@ impl Agent {
             net: self.opts.net,
             version: replicator::protocol::message::PROTOCOL_VERSION,
             max_entries: replicator::protocol::receiver::DEFAULT_MAX_ENTRIES,
+            // An application's data volume has no business holding host device nodes.
+            allow_devices: false,
             threads: 2,
             staging_max_age: replicator::net::server::DEFAULT_STAGING_MAX_AGE,
             staging_max_bytes: replicator::net::server::DEFAULT_STAGING_MAX_BYTES,

@@ -340,7 +340,11 @@ pub fn pull(
         &mut session.tx,
         &mut session.rx,
         progress,
-        ReceiverOptions::default(),
+        // A pull writes what the user asked for, from a server the user pinned.
+        ReceiverOptions {
+            allow_devices: true,
+            ..ReceiverOptions::default()
+        },
     );
     let (back, sent) = (session.tx.wire_bytes(), session.rx.wire_bytes());
     match result {

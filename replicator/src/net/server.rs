@@ -54,6 +54,8 @@ pub struct ServeOptions {
     pub version: u32,
     /// Most manifest entries accepted in a push.
     pub max_entries: u64,
+    /// Whether a push may create device nodes ([`ReceiverOptions::allow_devices`]).
+    pub allow_devices: bool,
     /// Hash threads when sending (pull).
     pub threads: usize,
     /// Partial files of a sync abandoned this long ago are removed.
@@ -583,6 +585,7 @@ fn run_session(
         Direction::Push => {
             let opts = ReceiverOptions {
                 max_entries: shared.opts.max_entries,
+                allow_devices: shared.opts.allow_devices,
                 on_done: guard.as_ref().map(|g| Box::new(g.finisher()) as _),
             };
             run_receiver(
@@ -690,6 +693,7 @@ mod tests {
                 net: NetOptions::default(),
                 version: 2,
                 max_entries: 10,
+                allow_devices: false,
                 threads: 1,
                 staging_max_age: DEFAULT_STAGING_MAX_AGE,
                 staging_max_bytes: DEFAULT_STAGING_MAX_BYTES,

@@ -29,6 +29,9 @@ pub enum SessionError {
     Protocol(String),
     #[error("peer reported: {0}")]
     Peer(String),
+    /// Valid data this receiver will not apply (a device node a server was not told to accept).
+    #[error("refused: {0}")]
+    Refused(String),
     #[error("protocol version mismatch: we speak {ours}, the peer speaks {theirs}")]
     Version { ours: u32, theirs: u32 },
     #[error(transparent)]

@@ -14,7 +14,7 @@ use crate::apply::{ApplyError, ApplyStats, ChunkFeed, Committed, Destination};
 use crate::chunk::ChunkId;
 use crate::manifest::delta::{DeltaError, Merger};
 use crate::manifest::store::{StoredEntries, StoredManifest};
-use crate::manifest::{Entry, Header, Limits, RootDigest, VolumeMode};
+use crate::manifest::{Entry, EntryKind, Header, Limits, RootDigest, VolumeMode};
 use crate::progress::Progress;
 use crate::state::TargetState;
 use crate::transport::{MessageRx, MessageTx};
@@ -37,6 +37,12 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 100_000_000;
 pub struct ReceiverOptions {
     /// Most manifest entries accepted.
     pub max_entries: u64,
+    /// Whether device nodes in the manifest are created. A node names a device of the host it
+    /// lands on, not of the one it came from, and whoever can open it there reaches that
+    /// device: a server accepts them only when told to (`serve --allow-devices`), as an rsync
+    /// daemon, running its modules as `nobody`, cannot create them. A local sync or a pull,
+    /// where the user picked the source, creates them as `cp -a` and `rsync -a` do.
+    pub allow_devices: bool,
     /// Called once `Done` is on its way, before the receiver index is saved (which may wait
     /// out the racy margin): a server marks the volume as finishing here, so that a new
     /// session waits for the index instead of being refused as busy.
@@ -47,13 +53,15 @@ impl Default for ReceiverOptions {
     fn default() -> Self {
         ReceiverOptions {
             max_entries: DEFAULT_MAX_ENTRIES,
+            allow_devices: false,
             on_done: None,
         }
     }
 }
 
 /// Runs a whole session as the receiver into `dst`, accepting at most `opts.max_entries`
-/// entries; the receiver index is saved last, after `opts.on_done`.
+/// entries, and device nodes only if `opts.allow_devices`; the receiver index is saved last,
+/// after `opts.on_done`.
 pub fn run_receiver(
     dst: &Path,
     state: TargetState,
@@ -63,7 +71,11 @@ pub fn run_receiver(
     opts: ReceiverOptions,
 ) -> Result<ReceiverReport, SessionError> {
     let mut dest: Option<Destination> = None;
-    let result = session(dst, state, tx, rx, progress, opts.max_entries, &mut dest);
+    let limits = EntryLimits {
+        max_entries: opts.max_entries,
+        allow_devices: opts.allow_devices,
+    };
+    let result = session(dst, state, tx, rx, progress, limits, &mut dest);
     if let Err(e) = &result {
         if !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)) {
             let _ = tx.send(Message::Error {
@@ -86,6 +98,37 @@ pub fn run_receiver(
     }
     committed.save_index();
     Ok(report)
+}
+
+/// What a receiver accepts of a manifest's entries.
+#[derive(Clone, Copy)]
+struct EntryLimits {
+    max_entries: u64,
+    allow_devices: bool,
+}
+
+impl EntryLimits {
+    /// Refuses the entry that would be one too many, or a device node not allowed.
+    fn check(&self, entries_so_far: u64, e: &Entry) -> Result<(), SessionError> {
+        let max = self.max_entries;
+        if entries_so_far >= max {
+            return Err(SessionError::Protocol(format!(
+                "the manifest has more than {max} entries, this receiver's limit"
+            )));
+        }
+        if let EntryKind::CharDevice { rdev } | EntryKind::BlockDevice { rdev } = e.kind
+            && !self.allow_devices
+        {
+            let (major, minor) = (rustix::fs::major(rdev), rustix::fs::minor(rdev));
+            return Err(SessionError::Refused(format!(
+                "{} is a {} ({major}:{minor}); this receiver does not create device nodes \
+                 (replicator serve --allow-devices)",
+                e.path,
+                e.kind.name()
+            )));
+        }
+        Ok(())
+    }
 }
 
 struct Feed<'a> {
@@ -142,7 +185,7 @@ fn session(
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
     progress: &dyn Progress,
-    max_entries: u64,
+    limits: EntryLimits,
     slot: &mut Option<Destination>,
 ) -> Result<(ReceiverReport, Committed), SessionError> {
     let mut feed = Feed {
@@ -205,7 +248,7 @@ fn session(
         None => None,
     };
     let (count, root, manifest) =
-        receive_manifest(&mut feed, dest, merger, stream, max_entries, progress)?;
+        receive_manifest(&mut feed, dest, merger, stream, limits, progress)?;
     if dest.manifest_digest() != root || dest.stats.entries != count {
         return Err(SessionError::Protocol(format!(
             "manifest digest or entry count does not match what was announced ({count} entries, root {root})"
@@ -279,15 +322,11 @@ fn receive_manifest(
     dest: &mut Destination,
     mut merger: Option<Merger<StoredEntries>>,
     stream: bool,
-    max_entries: u64,
+    limits: EntryLimits,
     progress: &dyn Progress,
 ) -> Result<(u64, RootDigest, ManifestSent), SessionError> {
     let plan = &mut |dest: &mut Destination, e: Entry| -> Result<(), SessionError> {
-        if dest.stats.entries >= max_entries {
-            return Err(SessionError::Protocol(format!(
-                "the manifest has more than {max_entries} entries, this receiver's limit"
-            )));
-        }
+        limits.check(dest.stats.entries, &e)?;
         Ok(dest.plan(e)?)
     };
     let mut manifest = ManifestSent {
