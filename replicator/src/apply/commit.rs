@@ -238,7 +238,9 @@ impl Destination {
                     }
                     let Ok(d) = vol.dir(&parent) else { continue }; // parent gone or replaced
                     self.retired.hold(&s.stat, d, &name);
-                    fsops::remove_any(d, &name).map_err(io_err("cannot delete", &s.path))?;
+                    let retired = &mut self.retired;
+                    fsops::remove_any_with(d, &name, &mut |d, n| retired.hold_unseen(d, n))
+                        .map_err(io_err("cannot delete", &s.path))?;
                     vol.invalidate();
                     self.stats.deleted += 1;
                     changes_parent = true;
@@ -385,7 +387,9 @@ impl Destination {
             self.retired.hold(old, d, name);
         }
         if was_dir {
-            fsops::remove_any(d, name).map_err(io_err("cannot replace", shown))?;
+            let retired = &mut self.retired;
+            fsops::remove_any_with(d, name, &mut |d, n| retired.hold_unseen(d, n))
+                .map_err(io_err("cannot replace", shown))?;
         }
         rfs::renameat(d, os(&temp_name(name)), d, os(name))
             .map_err(|err| io_err("cannot rename into place", shown)(err.into()))?;

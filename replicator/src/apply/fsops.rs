@@ -144,15 +144,30 @@ pub fn create_temp(dir: &OwnedFd, name: &[u8], resume: bool) -> io::Result<File>
 
 /// Removes `name` in `dir` whatever it is (a directory is removed with its contents).
 pub fn remove_any(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+    remove_any_with(dir, name, &mut |_, _| {})
+}
+
+/// Removes `name` in `dir` as [`remove_any`] does, calling `before_unlink` with each regular
+/// file (or entry of unknown type) inside a removed directory just before its name goes: a
+/// commit holds the large ones there, to free them after the sync ([`super::retired`]).
+pub fn remove_any_with(
+    dir: &OwnedFd,
+    name: &[u8],
+    before_unlink: &mut dyn FnMut(&OwnedFd, &[u8]),
+) -> io::Result<()> {
     match rfs::unlinkat(dir, os(name), AtFlags::empty()) {
         Ok(()) => Ok(()),
         Err(Errno::NOENT) => Ok(()),
-        Err(Errno::ISDIR) | Err(Errno::PERM) => remove_tree(dir, name),
+        Err(Errno::ISDIR) | Err(Errno::PERM) => remove_tree(dir, name, before_unlink),
         Err(e) => Err(e.into()),
     }
 }
 
-fn remove_tree(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
+fn remove_tree(
+    dir: &OwnedFd,
+    name: &[u8],
+    before_unlink: &mut dyn FnMut(&OwnedFd, &[u8]),
+) -> io::Result<()> {
     let sub = match open_dir_at(dir, name) {
         Ok(fd) => fd,
         Err(e) if e.raw_os_error() == Some(Errno::NOENT.raw_os_error()) => return Ok(()),
@@ -163,11 +178,14 @@ fn remove_tree(dir: &OwnedFd, name: &[u8]) -> io::Result<()> {
         let item = item?;
         let n = item.file_name().to_bytes();
         if n != b"." && n != b".." {
-            names.push(n.to_vec());
+            names.push((n.to_vec(), item.file_type()));
         }
     }
-    for n in names {
-        remove_any(&sub, &n)?;
+    for (n, kind) in names {
+        if matches!(kind, FileType::RegularFile | FileType::Unknown) {
+            before_unlink(&sub, &n);
+        }
+        remove_any_with(&sub, &n, before_unlink)?;
     }
     match rfs::unlinkat(dir, os(name), AtFlags::REMOVEDIR) {
         Ok(()) | Err(Errno::NOENT) => Ok(()),

@@ -9,12 +9,13 @@
 //!
 //! Nothing visible changes: no name points at a held inode, and its data is never read. A
 //! crash before the close leaves an orphan inode, which the filesystem's own recovery frees
-//! (ext4's orphan list, XFS's unlinked list). Files inside a removed directory are freed as
-//! they are removed: holding them would cost a `stat` of every file in the tree.
+//! (ext4's orphan list, XFS's unlinked list). Files inside a removed directory (a dropped
+//! database, a deleted index) are held too, at the cost of one `stat` of each regular file
+//! the removal unlinks.
 
 use std::os::fd::OwnedFd;
 
-use rustix::fs::{self as rfs, Mode, OFlags};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
 use super::fsops::os;
 use crate::volume::StatInfo;
@@ -59,6 +60,17 @@ impl Retired {
         if Self::worth_holding(&now) {
             self.bytes += now.size;
             self.held.push(fd);
+        }
+    }
+
+    /// Holds `name` in `dir` as [`Self::hold`] does, for a file no walk has looked at: one
+    /// inside a directory being removed.
+    pub fn hold_unseen(&mut self, dir: &OwnedFd, name: &[u8]) {
+        if self.held.len() >= MAX_HELD {
+            return;
+        }
+        if let Ok(st) = rfs::statat(dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
+            self.hold(&StatInfo::from(&st), dir, name);
         }
     }
 

@@ -616,6 +616,13 @@ fn large_files_the_commit_replaces_or_removes_are_freed_after_it() {
     let first = vec![
         dir(""),
         v.file("becomes-dir", &big(3)),
+        dir("becomes-file"),
+        v.file("becomes-file/inner", &big(7)),
+        dir("dropped"),
+        v.file("dropped/big", &big(5)),
+        v.file("dropped/small", b"small"),
+        dir("dropped/sub"),
+        v.file("dropped/sub/deep", &big(6)),
         v.file("removed", &big(2)),
         v.file("replaced", &big(1)),
         v.file("small", b"small"),
@@ -626,14 +633,21 @@ fn large_files_the_commit_replaces_or_removes_are_freed_after_it() {
     let second = vec![
         dir(""),
         dir("becomes-dir"),
+        v.file("becomes-file", b"a file now"),
         v.file("replaced", &big(4)),
         v.file("small", b"changed"),
     ];
     v.apply(second).unwrap();
     assert_eq!(
         v.held.get(),
-        3,
-        "the replaced, the removed, the one set aside"
+        6,
+        "the replaced, the removed, the one set aside, the two in the removed directory, \
+         the one in the directory a file replaced"
+    );
+    assert!(!v.dst.join("dropped").exists());
+    assert_eq!(
+        std::fs::read(v.dst.join("becomes-file")).unwrap(),
+        b"a file now"
     );
     assert_eq!(std::fs::read(v.dst.join("replaced")).unwrap(), big(4));
     assert_ne!(
@@ -648,7 +662,7 @@ fn large_files_the_commit_replaces_or_removes_are_freed_after_it() {
         .collect();
     assert_eq!(
         names.len(),
-        3,
+        4,
         "no temp or set-aside name is left: {names:?}"
     );
 }
