@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -202,6 +202,36 @@ struct Shared {
 }
 
 /// A bound server, ready to [`Server::run`].
+/// Creates the directory volumes live in, if missing, as mode 0700, and returns its
+/// canonical path. A push brings its files' owners and modes, setuid bits included (a
+/// database volume keeps its owner's uid, so they cannot be dropped): a root only root can
+/// enter keeps the other users of this host from reaching them. Containers see a volume
+/// through their bind mount, which the modes above it do not affect. An existing root that
+/// others can enter is left as it is, with a warning when this process is root.
+pub fn prepare_root(path: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !path.is_dir() {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && path.is_dir() => {}
+            other => other?,
+        }
+    }
+    let root = path.canonicalize()?;
+    let mode = std::fs::metadata(&root)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 && rustix::process::geteuid().is_root() {
+        tracing::warn!(
+            root = %root.display(),
+            mode = format_args!("{mode:o}"),
+            "other users of this host can enter the volume root and reach setuid files a \
+             push brings; chmod 700 it"
+        );
+    }
+    Ok(root)
+}
+
 pub struct Server {
     endpoint: Endpoint,
     shared: Arc<Shared>,
@@ -214,8 +244,7 @@ impl Server {
             path: opts.root.clone(),
             source,
         };
-        std::fs::create_dir_all(&opts.root).map_err(root_err)?;
-        let root = opts.root.canonicalize().map_err(root_err)?;
+        let root = prepare_root(&opts.root).map_err(root_err)?;
         let states = StateDir::new(root.join(".replicator").join("state"));
         let endpoint = endpoint::server(&opts.identity, opts.listen, &opts.net, opts.version)?;
         Ok(Server {
@@ -665,6 +694,29 @@ mod tests {
 
     fn names(doomed: &[(Staging, &str)]) -> Vec<String> {
         doomed.iter().map(|(s, _)| s.volume.clone()).collect()
+    }
+
+    #[test]
+    fn a_volume_root_it_creates_only_its_owner_can_enter_and_an_existing_one_is_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tmp.path().join("srv").join("volumes");
+        let got = prepare_root(&root).unwrap();
+        assert_eq!(got, root.canonicalize().unwrap());
+        assert_eq!(mode(&root), 0o700);
+        assert_ne!(
+            mode(&tmp.path().join("srv")),
+            0o700,
+            "parents are made as usual"
+        );
+        let open = tmp.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_root(&open).unwrap();
+        assert_eq!(mode(&open), 0o755, "an existing root is not changed");
+        std::fs::write(tmp.path().join("file"), b"x").unwrap();
+        assert!(prepare_root(&tmp.path().join("file")).is_err());
     }
 
     #[test]
