@@ -80,6 +80,14 @@ impl Setup {
         )
     }
 
+    /// A push session past the greeting: the server has answered `Hello`.
+    fn greeted(&self) -> Session {
+        let mut sess = self.session();
+        sess.tx.send(hello()).unwrap();
+        assert!(matches!(sess.rx.recv().unwrap(), Message::Hello(_)));
+        sess
+    }
+
     fn session(&self) -> Session {
         client_session(
             &self.client.dir,
@@ -270,9 +278,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         (b"a//b", "empty component"),
         (b"sub/..", "dot component"),
     ] {
-        let mut sess = t.session();
-        sess.tx.send(hello()).unwrap();
-        assert!(matches!(sess.rx.recv().unwrap(), Message::Hello(_)));
+        let mut sess = t.greeted();
         sess.tx.send(Message::Entry(root())).unwrap();
         sess.tx.send_raw(raw_path_entry(raw)).unwrap();
         outcome(sess);
@@ -292,9 +298,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         },
         meta: meta(),
     };
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    let mut sess = t.greeted();
     send_manifest(&mut sess, &[root(), link, file("link/evil", b"pwned")]);
     assert!(outcome(sess).contains("no parent directory"));
     check_intact(&mut t, &before, "has no parent directory before it");
@@ -304,9 +308,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         path: RelPath::root(),
         ..file("x", b"all that is left")
     };
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    let mut sess = t.greeted();
     send_manifest(&mut sess, &[file_root]);
     assert!(outcome(sess).contains("root of a tree manifest is not a directory"));
     check_intact(
@@ -340,9 +342,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         (&unoffered, "which this receiver did not offer"),
     ];
     for (bad, needle) in cases {
-        let mut sess = t.session();
-        sess.tx.send(hello()).unwrap();
-        sess.rx.recv().unwrap();
+        let mut sess = t.greeted();
         send_manifest(
             &mut sess,
             &[
@@ -361,9 +361,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
     }
 
     // A frame larger than any the protocol allows.
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    let mut sess = t.greeted();
     sess.tx
         .send_raw(Bytes::from(((MAX_FRAME + 1) as u32).to_be_bytes().to_vec()))
         .unwrap();
@@ -375,9 +373,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
     );
 
     // A stream that ends in the middle of a frame.
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    let mut sess = t.greeted();
     let mut partial = 100u32.to_be_bytes().to_vec();
     partial.extend_from_slice(&[2, 0, 1]);
     sess.tx.send_raw(Bytes::from(partial)).unwrap();
@@ -441,17 +437,13 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
     }
 
     // A removal in a full manifest, where there is no base to remove from.
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    let mut sess = t.greeted();
     sess.tx.send(Message::Removed(path("sub"))).unwrap();
     outcome(sess);
     check_intact(&mut t, &before, "unexpected removed message");
 
     // A manifest that never ends (this server accepts 1000 entries).
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    let mut sess = t.greeted();
     sess.tx.send(Message::Entry(root())).unwrap();
     for i in 0..5000 {
         if sess
@@ -474,9 +466,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         },
         meta: meta(),
     };
-    let mut sess = t.session();
-    sess.tx.send(hello()).unwrap();
-    sess.rx.recv().unwrap();
+    let mut sess = t.greeted();
     send_manifest(
         &mut sess,
         &[
