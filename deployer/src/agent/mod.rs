@@ -83,10 +83,6 @@ impl Agent {
             .map_err(|e| format!("{}: {e}", opts.state.0.display()))?;
         std::fs::create_dir_all(&opts.state.0)
             .map_err(|e| format!("{}: {e}", opts.state.0.display()))?;
-        // Only the agent's user enters STATE/volumes: pushed files keep their setuid bits.
-        let volumes = opts.state.volumes();
-        replicator::net::server::prepare_root(&volumes)
-            .map_err(|e| format!("{}: {e}", volumes.display()))?;
         let (identity, _) =
             Identity::load_or_create(&opts.state.identity()).map_err(|e| e.to_string())?;
         let persisted = opts
@@ -121,6 +117,8 @@ impl Agent {
                 .map_err(|e| e.to_string())?;
         let volumes = Server::bind(ServeOptions {
             listen: SocketAddr::new(self.opts.ip, self.opts.replicator_port),
+            // Created mode 0700 if missing ([`replicator::net::server::prepare_root`]),
+            // before any request can create a volume in it.
             root: self.opts.state.volumes(),
             authorized: self.opts.state.peers(),
             identity: self.identity.clone(),

@@ -201,7 +201,6 @@ struct Shared {
     locks: Locks,
 }
 
-/// A bound server, ready to [`Server::run`].
 /// Creates the directory volumes live in, if missing, as mode 0700, and returns its
 /// canonical path. A push brings its files' owners and modes, setuid bits included (a
 /// database volume keeps its owner's uid, so they cannot be dropped): a root only root can
@@ -232,6 +231,7 @@ pub fn prepare_root(path: &Path) -> std::io::Result<PathBuf> {
     Ok(root)
 }
 
+/// A bound server, ready to [`Server::run`].
 pub struct Server {
     endpoint: Endpoint,
     shared: Arc<Shared>,
