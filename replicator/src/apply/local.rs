@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use bytes::Bytes;
 use rustix::fs as rfs;
 
+use super::behind::WriteBehind;
 use super::fsops::{self, VolumeDir};
 use super::plan::{Loc, SourceFiles};
 use super::readahead::Consumed;
@@ -92,7 +93,8 @@ impl PendingClone {
     }
 
     /// Copies the run, if any, into `dst`, [`COPY_STEP`] bytes at a time, telling `copied`
-    /// after each (the read-ahead keeps its distance from there); returns the bytes copied.
+    /// (the read-ahead keeps its distance from there) and `behind` after each; returns the
+    /// bytes copied.
     pub(super) fn flush(
         &mut self,
         reader: &mut LocalReader,
@@ -100,6 +102,7 @@ impl PendingClone {
         files: &SourceFiles,
         dst: &File,
         copied: &dyn Consumed,
+        behind: &mut WriteBehind,
     ) -> Result<u64, ApplyError> {
         let Some((from, to, len)) = self.run.take() else {
             return Ok(0);
@@ -118,6 +121,7 @@ impl PendingClone {
             )?;
             copied.consumed(step);
             done += step;
+            behind.wrote_to(dst, to + done);
         }
         Ok(len)
     }
@@ -196,7 +200,14 @@ mod tests {
         assert!(clone.extend(&Loc { file, offset: 1 }, 1, data.len() as u32 - 1));
         let steps = Steps(Default::default());
         let copied = clone
-            .flush(&mut LocalReader::default(), &mut vol, &files, &dst, &steps)
+            .flush(
+                &mut LocalReader::default(),
+                &mut vol,
+                &files,
+                &dst,
+                &steps,
+                &mut WriteBehind::default(),
+            )
             .unwrap();
         assert_eq!(copied, data.len() as u64);
         assert_eq!(

@@ -26,6 +26,7 @@
 //! destination as it was (temp files are removed on a clean abort, kept for resume if the
 //! connection broke). See docs/architecture.md for the crash-safety argument.
 
+mod behind;
 mod commit;
 mod durable;
 pub mod flusher;

@@ -11,6 +11,7 @@ use std::os::unix::fs::FileExt;
 
 use rustix::fs::{self as rfs, FileType, Mode};
 
+use super::behind::WriteBehind;
 use super::fsops::{self, os, temp_name};
 use super::local::{LocalReader, PendingClone, range_has, range_is_zero};
 use super::plan::{ChunkPlaces, Plan, Src, offsets};
@@ -162,6 +163,7 @@ impl Destination {
                 self.created = true;
                 let mut reader = LocalReader::default();
                 let mut clone = PendingClone::default();
+                let mut behind = WriteBehind::for_size(*size);
                 for ((off, seg), src) in offsets(segments).zip(sources) {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
@@ -173,8 +175,14 @@ impl Destination {
                         continue;
                     }
                     let vol = self.vol.as_mut().expect("tree");
-                    self.stats.bytes_copied_locally +=
-                        clone.flush(&mut reader, vol, &self.sources, &file, &self.read_ahead)?;
+                    self.stats.bytes_copied_locally += clone.flush(
+                        &mut reader,
+                        vol,
+                        &self.sources,
+                        &file,
+                        &self.read_ahead,
+                        &mut behind,
+                    )?;
                     let data = match src {
                         Src::Clone(loc) => {
                             clone.start(loc, off, len);
@@ -204,6 +212,7 @@ impl Destination {
                     if let Some(data) = data {
                         file.write_all_at(&data, off)
                             .map_err(io_err("cannot write", &shown))?;
+                        behind.wrote_to(&file, off + u64::from(len));
                         if *src == Src::Wire {
                             crate::crashpoint::reached("chunk");
                         }
@@ -211,8 +220,14 @@ impl Destination {
                     progress.advance(u64::from(len));
                 }
                 let vol = self.vol.as_mut().expect("tree");
-                self.stats.bytes_copied_locally +=
-                    clone.flush(&mut reader, vol, &self.sources, &file, &self.read_ahead)?;
+                self.stats.bytes_copied_locally += clone.flush(
+                    &mut reader,
+                    vol,
+                    &self.sources,
+                    &file,
+                    &self.read_ahead,
+                    &mut behind,
+                )?;
                 file.set_len(*size).map_err(io_err("cannot size", &shown))?;
                 progress.advance(
                     segments
@@ -316,6 +331,7 @@ impl Destination {
             }
             let mut buf = Vec::new();
             let mut unsynced = 0;
+            let mut behind = WriteBehind::for_size(size);
             for ((off, seg), src) in offsets(e.segments()).zip(sources) {
                 if unsynced >= flusher::EARLY_SYNC_EVERY {
                     // Let the disk work through what is written so far while more arrives.
@@ -328,6 +344,7 @@ impl Destination {
                         let data = feed.next_chunk(id, None)?;
                         file.write_all_at(&data, off)
                             .map_err(io_err("cannot write", &shown))?;
+                        behind.wrote_to(&file, off + data.len() as u64);
                         crate::crashpoint::reached("chunk");
                         self.stats.files_written = 1;
                         unsynced += data.len() as u64;
@@ -338,6 +355,7 @@ impl Destination {
                         }
                         file.write_all_at(&buf, off)
                             .map_err(io_err("cannot write", &shown))?;
+                        behind.wrote_to(&file, off + u64::from(len));
                         self.stats.bytes_copied_locally += u64::from(len);
                     }
                     (Segment::Zero { len }, _) if off < have => {
