@@ -16,7 +16,11 @@
 //! ([`super::flusher`], [`super::durable`]). The cost is that the file is not in the cache
 //! after the sync; an application started on the copy reads it from the disk, as it would
 //! after a reboot.
+//!
+//! Small files get the same two pieces of advice: when each is written, and again once
+//! [`RECENT_BYTES`] of later files have been written ([`RecentFiles`]).
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::num::NonZeroU64;
 
@@ -65,6 +69,43 @@ impl WriteBehind {
     }
 }
 
+/// Bytes of small files written after one before it is asked out of the cache again.
+const RECENT_BYTES: u64 = LAG * WINDOW;
+
+/// Most small files held open for their second piece of advice.
+const RECENT_FILES: usize = 128;
+
+/// The small files written last, each held by a descriptor until its second advice.
+#[derive(Debug, Default)]
+pub struct RecentFiles {
+    files: VecDeque<(File, u64)>,
+    bytes: u64,
+}
+
+impl RecentFiles {
+    /// `file`, `size` bytes, is written: its write-out starts now; the files written
+    /// [`RECENT_BYTES`] or [`RECENT_FILES`] before it are asked to leave the cache.
+    pub fn wrote(&mut self, file: &File, size: u64) {
+        if size == 0 {
+            return;
+        }
+        let _ = fadvise(file, 0, None, Advice::DontNeed);
+        // Without a second descriptor the file only misses its second advice.
+        let Ok(held) = file.try_clone() else {
+            return;
+        };
+        self.files.push_back((held, size));
+        self.bytes += size;
+        while self.bytes > RECENT_BYTES || self.files.len() > RECENT_FILES {
+            let Some((old, size)) = self.files.pop_front() else {
+                break;
+            };
+            self.bytes -= size;
+            let _ = fadvise(&old, 0, None, Advice::DontNeed);
+        }
+    }
+}
+
 /// Advises the kernel to drop the window at `at`. A refusal (a filesystem without page
 /// cache advice) changes nothing but speed, so it is ignored.
 fn drop_window(file: &File, at: u64) {
@@ -81,6 +122,29 @@ mod tests {
         let w = WriteBehind::for_size(LAG * WINDOW);
         assert!(!w.enabled);
         assert!(WriteBehind::for_size(LAG * WINDOW + 1).enabled);
+    }
+
+    #[test]
+    fn recent_files_are_held_within_their_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut recent = RecentFiles::default();
+        for n in 0..(RECENT_FILES + 10) {
+            let path = dir.path().join(n.to_string());
+            std::fs::write(&path, b"small").unwrap();
+            recent.wrote(&File::open(&path).unwrap(), 5);
+        }
+        assert_eq!(recent.files.len(), RECENT_FILES);
+        assert_eq!(recent.bytes, 5 * RECENT_FILES as u64);
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![7u8; 1 << 20]).unwrap();
+        for _ in 0..(RECENT_BYTES >> 20) + 1 {
+            recent.wrote(&File::open(&big).unwrap(), 1 << 20);
+        }
+        assert!(recent.bytes <= RECENT_BYTES);
+        assert_eq!(std::fs::read(&big).unwrap(), vec![7u8; 1 << 20]);
+        let held = recent.files.len();
+        recent.wrote(&File::open(&big).unwrap(), 0);
+        assert_eq!(recent.files.len(), held, "empty files are not held");
     }
 
     #[test]

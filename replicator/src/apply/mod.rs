@@ -237,6 +237,8 @@ pub struct Destination {
     durable: durable::Durable,
     /// Bytes of small files written since the last early `syncfs`.
     unsynced: u64,
+    /// The small files written last, whose pages are asked out of the cache in turn.
+    recent: behind::RecentFiles,
     /// Large old files the commit replaced or removed, freed once the sync is done.
     retired: retired::Retired,
     pub stats: ApplyStats,
@@ -408,6 +410,7 @@ impl Destination {
             flusher: flusher::Flusher::default(),
             durable,
             unsynced: 0,
+            recent: behind::RecentFiles::default(),
             retired: retired::Retired::default(),
             stats: ApplyStats::default(),
         })

@@ -242,6 +242,7 @@ impl Destination {
                 if *size >= flusher::EARLY_SYNC_MIN {
                     self.flusher.submit(file, shown);
                 } else {
+                    self.recent.wrote(&file, *size);
                     self.durable.add(file);
                     self.unsynced += size;
                     if self.unsynced >= flusher::EARLY_SYNC_EVERY {
