@@ -17,8 +17,8 @@
 //! after the sync; an application started on the copy reads it from the disk, as it would
 //! after a reboot.
 //!
-//! Small files get the same two pieces of advice: when each is written, and again once
-//! [`RECENT_BYTES`] of later files have been written ([`RecentFiles`]).
+//! Smaller files (up to [`LAG`] windows) get the same two pieces of advice: when each is
+//! written, and again once [`RECENT_BYTES`] of later files have been ([`RecentFiles`]).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -50,6 +50,12 @@ impl WriteBehind {
             enabled: size > LAG * WINDOW,
             ..Self::default()
         }
+    }
+
+    /// Whether this file gets advice window by window (else it is a small file, for
+    /// [`RecentFiles`]).
+    pub fn active(&self) -> bool {
+        self.enabled
     }
 
     /// Notes that `file` holds everything it will get below `end`; the windows that
@@ -120,8 +126,8 @@ mod tests {
     #[test]
     fn small_files_get_no_advice() {
         let w = WriteBehind::for_size(LAG * WINDOW);
-        assert!(!w.enabled);
-        assert!(WriteBehind::for_size(LAG * WINDOW + 1).enabled);
+        assert!(!w.active());
+        assert!(WriteBehind::for_size(LAG * WINDOW + 1).active());
     }
 
     #[test]

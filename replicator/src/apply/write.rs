@@ -239,10 +239,12 @@ impl Destination {
                 fsops::apply_meta_fd(&file, &e.meta)
                     .map_err(io_err("cannot set attributes of", &shown))?;
                 self.stats.files_written += 1;
+                if !behind.active() {
+                    self.recent.wrote(&file, *size);
+                }
                 if *size >= flusher::EARLY_SYNC_MIN {
                     self.flusher.submit(file, shown);
                 } else {
-                    self.recent.wrote(&file, *size);
                     self.durable.add(file);
                     self.unsynced += size;
                     if self.unsynced >= flusher::EARLY_SYNC_EVERY {
