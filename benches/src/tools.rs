@@ -5,6 +5,7 @@
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read};
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -143,7 +144,11 @@ impl Tools {
         if tool == ToolKind::Replicator {
             let _ = fs::remove_dir_all(self.work.join("replicator-state"));
         }
-        fs::create_dir_all(self.dst_root(tool))
+        // Private, as `replicator serve` creates a root itself (it warns about one that
+        // other users can enter).
+        let root = self.dst_root(tool);
+        fs::create_dir_all(&root)?;
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o700))
     }
 
     fn log(&self, name: &str) -> io::Result<Stdio> {
