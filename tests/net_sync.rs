@@ -243,12 +243,31 @@ fn stalled_push(
     .spawn()
     .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while relay.upstream_bytes.load(Ordering::Relaxed) < 6 << 20 {
+    while relay.upstream_bytes.load(Ordering::Relaxed) < 10 << 20 {
         assert!(Instant::now() < deadline, "push never got going");
         std::thread::sleep(Duration::from_millis(5));
     }
     relay.faults.blackhole.store(true, Ordering::Relaxed);
     child
+}
+
+/// Waits until the partial files under `dir` hold at least `bytes` between them.
+fn wait_staged(dir: &Path, bytes: u64) {
+    let staged = || {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".rpl-"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while staged() < bytes {
+        assert!(Instant::now() < deadline, "only {} bytes staged", staged());
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn big_source(t: &Setup) -> PathBuf {
@@ -386,6 +405,9 @@ fn killed_server_fails_the_client_cleanly_and_the_rerun_resumes() {
     let src = big_source(&t);
     let relay = Relay::start(t.server.addr);
     let child = stalled_push(&t, &relay, &src, "ks", &["--timeout", "2"]);
+    // What the server holds in its buffers when killed is lost; what it wrote stays in the
+    // partial file. Killed once that file holds 5 MiB, the rerun has something to resume.
+    wait_staged(&t.volume("ks"), 5 << 20);
     t.server.kill();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
