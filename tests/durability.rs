@@ -14,7 +14,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use integration_tests::{assert_mirrors, bytes, replicator_bin, settle};
+use integration_tests::{assert_mirrors, bytes, settle, sync_command};
 
 /// The calls traced: what writes data, what changes a directory, what syncs.
 const TRACED: &str = "trace=fsync,fdatasync,syncfs,write,pwrite64,pwritev,pwritev2,\
@@ -176,16 +176,12 @@ struct Traced {
 
 fn traced_sync(src: &Path, dst: &Path, state: &Path) -> Traced {
     let log = state.with_extension("trace");
+    let sync = sync_command(src, dst, state, &[]);
     let out = Command::new("strace")
         .args(["-f", "-y", "-qq", "-s", "256", "-e", TRACED, "-o"])
         .arg(&log)
-        .arg(replicator_bin())
-        .arg("sync")
-        .arg("--json")
-        .arg("--state-dir")
-        .arg(state)
-        .arg(src)
-        .arg(dst)
+        .arg(sync.get_program())
+        .args(sync.get_args())
         .output()
         .unwrap_or_else(|e| panic!("cannot run strace ({e}): install it (apt-get install strace)"));
     let summary = integration_tests::summary(&out);

@@ -213,16 +213,22 @@ pub fn scrub_cargo_env(cmd: &mut Command) {
     }
 }
 
-/// Runs `replicator sync --json SRC DST` with a private state dir; returns output.
-pub fn run_sync(src: &Path, dst: &Path, state: &Path, extra: &[&str]) -> Output {
-    Command::new(replicator_bin())
-        .arg("sync")
+/// The command `replicator sync --json SRC DST` with a private state dir.
+pub fn sync_command(src: &Path, dst: &Path, state: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(replicator_bin());
+    cmd.arg("sync")
         .arg("--json")
         .arg("--state-dir")
         .arg(state)
         .args(extra)
         .arg(src)
-        .arg(dst)
+        .arg(dst);
+    cmd
+}
+
+/// Runs `replicator sync --json SRC DST` with a private state dir; returns output.
+pub fn run_sync(src: &Path, dst: &Path, state: &Path, extra: &[&str]) -> Output {
+    sync_command(src, dst, state, extra)
         .output()
         .expect("run replicator")
 }
