@@ -328,6 +328,39 @@ fn lossy_reordering_duplicating_link_stays_correct() {
     assert_mirrors(&src, &back);
 }
 
+#[test]
+fn only_the_end_sending_the_volume_uses_datagrams_above_ethernets() {
+    let t = Setup::new(&[]);
+    let src = t.path("src");
+    make_sample_tree(&src).unwrap();
+    fs::write(src.join("blob"), bytes(9, 8 << 20)).unwrap();
+    settle();
+    // A push: the client's path MTU discovery finds loopback's 64 KB datagrams and carries
+    // the volume in them; the server, which only acknowledges, is told to keep to 1,472
+    // bytes and so never sends a 64 KB probe.
+    let relay = Relay::start(t.server.addr);
+    let remote = format!("{}/sizes", relay.addr);
+    summary(&t.sync(s(&src), &remote, &[]));
+    assert_mirrors(&src, &t.volume("sizes"));
+    let (up, down) = (&relay.largest_upstream, &relay.largest_downstream);
+    assert!(up.load(Ordering::Relaxed) > 1500, "push upstream {up:?}");
+    assert!(
+        down.load(Ordering::Relaxed) <= 1472,
+        "push downstream {down:?}"
+    );
+    // A pull: the other way round.
+    let relay = Relay::start(t.server.addr);
+    let remote = format!("{}/sizes", relay.addr);
+    let back = t.path("back");
+    summary(&t.sync(&remote, s(&back), &[]));
+    assert_mirrors(&src, &back);
+    let down = &relay.largest_downstream;
+    assert!(
+        down.load(Ordering::Relaxed) > 1500,
+        "pull downstream {down:?}"
+    );
+}
+
 /// After an interruption, the rerun moves only what the server lacks, and finishes.
 fn rerun_resumes(t: &Setup, src: &Path, volume: &str) {
     let out = t.sync(s(src), &t.remote(volume), &[]);

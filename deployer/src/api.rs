@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use replicator::net::closing::{self, Endpoint};
 use replicator::net::conn::peer_fingerprint;
-use replicator::net::endpoint::{self, NetOptions};
+use replicator::net::endpoint::{self, Bulk, NetOptions};
 use replicator::net::identity::{Identity, TrustList};
 use replicator::net::lanes::describe;
 
@@ -206,7 +206,7 @@ impl AgentClient {
         let opts = NetOptions {
             idle_timeout: timeout,
         };
-        let endpoint = endpoint::client_with_alpn(id, sock, &opts, vec![ALPN.to_vec()])
+        let endpoint = endpoint::client_with_alpn(id, sock, &opts, vec![ALPN.to_vec()], Bulk::Both)
             .map_err(|e| fail(e.to_string()))?;
         let connecting = endpoint
             .connect(sock, "deployer-agent")

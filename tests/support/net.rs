@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStderr, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -214,6 +214,10 @@ pub struct Relay {
     pub faults: Arc<Faults>,
     /// Bytes relayed from clients to the server (after faults).
     pub upstream_bytes: Arc<AtomicU64>,
+    /// The largest datagram a client sent (before faults).
+    pub largest_upstream: Arc<AtomicUsize>,
+    /// The largest datagram the server sent (before faults).
+    pub largest_downstream: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -277,7 +281,10 @@ impl Relay {
         let faults = Arc::new(Faults::default());
         let stop = Arc::new(AtomicBool::new(false));
         let upstream_bytes = Arc::new(AtomicU64::new(0));
+        let largest_upstream = Arc::new(AtomicUsize::new(0));
+        let largest_downstream = Arc::new(AtomicUsize::new(0));
         let (f, s, up) = (faults.clone(), stop.clone(), upstream_bytes.clone());
+        let (big_up, big_down) = (largest_upstream.clone(), largest_downstream.clone());
         let front = Arc::new(front);
         let main = std::thread::spawn(move || {
             let mut uplinks: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
@@ -297,6 +304,7 @@ impl Relay {
                     u.set_read_timeout(Some(Duration::from_millis(100)))
                         .expect("timeout");
                     let (u2, front2, f2, s2) = (u.clone(), front.clone(), f.clone(), s.clone());
+                    let big_down = big_down.clone();
                     back_threads.push(std::thread::spawn(move || {
                         let mut m = Mangler {
                             faults: f2,
@@ -306,12 +314,14 @@ impl Relay {
                         let mut buf = vec![0u8; 65536];
                         while !s2.load(Ordering::Relaxed) {
                             if let Ok((n, _)) = u2.recv_from(&mut buf) {
+                                big_down.fetch_max(n, Ordering::Relaxed);
                                 m.send(&front2, client, &buf[..n]);
                             }
                         }
                     }));
                     u
                 });
+                big_up.fetch_max(n, Ordering::Relaxed);
                 let sent = mangler.send(uplink, server, &buf[..n]);
                 up.fetch_add(sent, Ordering::Relaxed);
             }
@@ -323,6 +333,8 @@ impl Relay {
             addr,
             faults,
             upstream_bytes,
+            largest_upstream,
+            largest_downstream,
             stop,
             threads: vec![main],
         }

@@ -11,7 +11,7 @@ use quinn::Connection;
 
 use super::closing::{self, Endpoint};
 use super::conn::{end_session, peer_fingerprint};
-use super::endpoint::{self, NetOptions};
+use super::endpoint::{self, Bulk, NetOptions};
 use super::identity::{Identity, TrustList};
 use super::lanes::{self, FirstError, LaneRx, LaneTasks, LaneTx, describe};
 use super::open::{CloseCode, Direction, Open, RemoteSpec, decode_accept, resolve};
@@ -129,7 +129,11 @@ pub fn open_session(
         .map_err(|e| SyncError::Connection(format!("cannot start the network runtime: {e}")))?;
     let addr = resolve(address).map_err(SyncError::Usage)?;
     let ep = runtime.block_on(async {
-        endpoint::client(&client.identity, addr, &client.net, client.version)
+        let bulk = match direction {
+            Direction::Pull => Bulk::Downstream,
+            Direction::Push | Direction::Bench => Bulk::Upstream,
+        };
+        endpoint::client(&client.identity, addr, &client.net, client.version, bulk)
             .map_err(|e| SyncError::Connection(e.to_string()))
     })?;
     let opened = runtime.block_on(async {

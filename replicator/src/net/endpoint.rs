@@ -50,8 +50,13 @@ impl Default for NetOptions {
 }
 
 /// Settings of every connection of one endpoint; `closing` is the endpoint's flag that lets
-/// its connections' closes out past a full congestion window ([`closing`](super::closing)).
-fn transport_config(opts: &NetOptions, closing: Arc<AtomicBool>) -> Arc<TransportConfig> {
+/// its connections' closes out past a full congestion window ([`closing`](super::closing)),
+/// `probe` whether this end searches for datagrams larger than quinn's first 1,200 bytes.
+fn transport_config(
+    opts: &NetOptions,
+    closing: Arc<AtomicBool>,
+    probe: bool,
+) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     let idle = IdleTimeout::try_from(opts.idle_timeout)
         .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(10_000)));
@@ -65,7 +70,7 @@ fn transport_config(opts: &NetOptions, closing: Arc<AtomicBool>) -> Arc<Transpor
         .max_concurrent_bidi_streams(VarInt::from_u32(64))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .enable_segmentation_offload(true)
-        .mtu_discovery_config(Some(mtu_discovery()))
+        .mtu_discovery_config(probe.then(mtu_discovery))
         .congestion_controller_factory(Arc::new(GatedCubic::new(closing)));
     Arc::new(t)
 }
@@ -75,7 +80,8 @@ fn transport_config(opts: &NetOptions, closing: Arc<AtomicBool>) -> Arc<Transpor
 /// containers or volumes on one host), 45 times fewer packets cost far less CPU per byte at
 /// both ends: QUIC's work is mostly per packet. `minimum_change` above half the range makes
 /// quinn's binary search probe that one size and stop, so a connection spends one 64 KB
-/// probe per direction, not the dozen of a full search (1.5 MB on the wire, measured).
+/// probe, not the dozen of a full search (1.5 MB on the wire, measured), and only in the
+/// direction that carries the data ([`Bulk`]).
 /// Elsewhere the probe fails in `sendmsg` (larger than the interface: nothing is sent) or
 /// is lost, and the path stays at 1,452 bytes, as before. Jumbo-frame LANs (9,000) are not
 /// searched for; that would take the interface's MTU as the bound.
@@ -114,7 +120,7 @@ fn accepted_datagram(socket: &UdpSocket) -> u16 {
     if buffer >= BIG_DATAGRAM_BUFFER {
         MAX_DATAGRAM
     } else {
-        1472
+        ETHERNET_DATAGRAM
     }
 }
 
@@ -130,18 +136,41 @@ pub enum EndpointError {
     Tls(#[from] tls::TlsSetupError),
 }
 
+/// Which way a client endpoint's connection carries its bulk. Path MTU discovery is worth
+/// its 64 KB probe only for the direction that carries data; the other carries
+/// acknowledgements and short replies, which fit in any datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bulk {
+    /// From the client (a push, a bench): the client probes for large datagrams; the server
+    /// is told to keep to Ethernet's 1,472 bytes, so it never sends a 64 KB probe.
+    Upstream,
+    /// From the server (a pull): the client tells the server it accepts large datagrams
+    /// ([`accepted_datagram`]) and does not probe its own direction.
+    Downstream,
+    /// Either way (the deployer's agent calls): both ends probe.
+    Both,
+}
+
+/// The largest UDP payload QUIC's peers may assume without asking (quinn's default).
+const ETHERNET_DATAGRAM: u16 = 1472;
+
 fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
     closing: Arc<AtomicBool>,
+    bulk: Bulk,
 ) -> Result<Endpoint, EndpointError> {
     let bind = |source| EndpointError::Bind { addr, source };
     let socket = udp_socket(addr).map_err(bind)?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
+    let accepted = match bulk {
+        Bulk::Downstream | Bulk::Both => accepted_datagram(&socket),
+        Bulk::Upstream => ETHERNET_DATAGRAM,
+    };
     let mut config = EndpointConfig::default();
     config
-        .max_udp_payload_size(accepted_datagram(&socket))
+        .max_udp_payload_size(accepted)
         .expect("within QUIC's bounds");
     let socket = Arc::new(BoundedGso(runtime.wrap_udp_socket(socket).map_err(bind)?));
     let inner =
@@ -169,18 +198,20 @@ pub fn server_with_alpn(
     let crypto = tls::server_config(id, alpn)?;
     let closing = Arc::new(AtomicBool::new(false));
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport_config(opts, closing.clone()));
-    endpoint(addr, Some(cfg), closing)
+    cfg.transport_config(transport_config(opts, closing.clone(), true));
+    endpoint(addr, Some(cfg), closing, Bulk::Both)
 }
 
-/// A client endpoint on an ephemeral port of the family of `peer`.
+/// A client endpoint on an ephemeral port of the family of `peer`, for a session whose
+/// data flows as `bulk` says.
 pub fn client(
     id: &Identity,
     peer: SocketAddr,
     opts: &NetOptions,
     version: u32,
+    bulk: Bulk,
 ) -> Result<Endpoint, EndpointError> {
-    client_with_alpn(id, peer, opts, tls::replicator_alpns(version))
+    client_with_alpn(id, peer, opts, tls::replicator_alpns(version), bulk)
 }
 
 /// A client endpoint offering the protocols in `alpn`.
@@ -189,6 +220,7 @@ pub fn client_with_alpn(
     peer: SocketAddr,
     opts: &NetOptions,
     alpn: Vec<Vec<u8>>,
+    bulk: Bulk,
 ) -> Result<Endpoint, EndpointError> {
     let local: SocketAddr = if peer.is_ipv6() {
         "[::]:0".parse().expect("literal address")
@@ -198,8 +230,12 @@ pub fn client_with_alpn(
     let crypto = tls::client_config(id, alpn)?;
     let closing = Arc::new(AtomicBool::new(false));
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config(opts, closing.clone()));
-    let mut ep = endpoint(local, None, closing)?;
+    cfg.transport_config(transport_config(
+        opts,
+        closing.clone(),
+        bulk != Bulk::Downstream,
+    ));
+    let mut ep = endpoint(local, None, closing, bulk)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
 }
