@@ -6,7 +6,10 @@
 //! changed is synced before the destination is declared complete (its state file says
 //! `complete`, the summary is printed). These tests run `replicator sync` under `strace -f`
 //! and check that order call by call, on both ways a commit makes itself durable: `fsync` of
-//! the few inodes it changed, and `syncfs` when it changed many (or created the root).
+//! the few inodes it changed, and `syncfs` when it changed many (or created the root). The
+//! same three syncs are then pushed over QUIC to a `replicator serve` run under `strace`,
+//! the receiving end of a migration: there the state file's `complete` is the declaration,
+//! written before the client is told `Done`.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::fs;
@@ -14,6 +17,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use integration_tests::net::{Ident, ServerProc, client_sync};
 use integration_tests::{assert_mirrors, bytes, settle, sync_command};
 
 /// The calls traced: what writes data, what changes a directory, what syncs.
@@ -172,24 +176,98 @@ fn returned(after: &str) -> Option<&str> {
 struct Traced {
     calls: Vec<Call>,
     summary: serde_json::Value,
+    /// The traced process prints the summary that declares the destination complete (a
+    /// local sync does; a server only writes its state file, then tells the client).
+    prints_summary: bool,
+}
+
+/// `cmd` run by `strace -f`, which writes the calls of its every thread to `log`.
+fn under_strace(cmd: &Command, log: &Path) -> Command {
+    let mut strace = Command::new("strace");
+    strace
+        .args(["-f", "-y", "-qq", "-s", "256", "-e", TRACED, "-o"])
+        .arg(log)
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    strace
+}
+
+/// The calls `strace` wrote to `log` (removed after reading).
+fn read_trace(log: &Path) -> Vec<Call> {
+    let trace = fs::read_to_string(log).unwrap();
+    fs::remove_file(log).unwrap();
+    parse(&trace)
 }
 
 fn traced_sync(src: &Path, dst: &Path, state: &Path) -> Traced {
     let log = state.with_extension("trace");
-    let sync = sync_command(src, dst, state, &[]);
-    let out = Command::new("strace")
-        .args(["-f", "-y", "-qq", "-s", "256", "-e", TRACED, "-o"])
-        .arg(&log)
-        .arg(sync.get_program())
-        .args(sync.get_args())
+    let out = under_strace(&sync_command(src, dst, state, &[]), &log)
         .output()
         .unwrap_or_else(|e| panic!("cannot run strace ({e}): install it (apt-get install strace)"));
-    let summary = integration_tests::summary(&out);
-    let trace = fs::read_to_string(&log).unwrap();
-    fs::remove_file(&log).unwrap();
     Traced {
-        calls: parse(&trace),
-        summary,
+        summary: integration_tests::summary(&out),
+        calls: read_trace(&log),
+        prints_summary: true,
+    }
+}
+
+/// Both ends of a push to `replicator serve` over QUIC on loopback; the server, started
+/// for this one session under `strace`, is the end traced.
+struct Push {
+    server: Ident,
+    client: Ident,
+    root: PathBuf,
+    state: PathBuf,
+}
+
+impl Push {
+    fn new(dir: &Path) -> Push {
+        Push {
+            server: Ident::create(&dir.join("server-id")),
+            client: Ident::create(&dir.join("client-id")),
+            root: dir.join("volumes"),
+            state: dir.join("client-state"),
+        }
+    }
+
+    fn traced(&self, src: &Path, volume: &str) -> Traced {
+        let log = self.root.with_extension("trace");
+        let serve = ServerProc::command(
+            &self.server,
+            &self.root,
+            &[&self.client],
+            "127.0.0.1:0",
+            &[],
+        );
+        let mut server = ServerProc::spawn(under_strace(&serve, &log), &self.server, &self.root);
+        let out = client_sync(
+            &self.client,
+            &self.server.fingerprint,
+            src.to_str().unwrap(),
+            &format!("{}/{volume}", server.addr),
+            &self.state,
+            &[],
+        );
+        let summary = integration_tests::summary(&out);
+        // SIGTERM to the server itself: strace told to stop would leave it running,
+        // detached. strace ends once its tracee has, with the whole trace written.
+        let pid = server.child.id();
+        let children = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        for child in children.split_whitespace() {
+            assert!(
+                Command::new("kill")
+                    .args(["-TERM", child])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+        }
+        server.child.wait().unwrap();
+        Traced {
+            summary,
+            calls: read_trace(&log),
+            prints_summary: false,
+        }
     }
 }
 
@@ -206,7 +284,7 @@ impl Traced {
                     .first()
                     .is_some_and(|p| p.to_string_lossy().contains(".state.json.tmp"))
                     && c.args.contains(r#"\"status\": \"complete\""#);
-                state || c.args.starts_with("1<")
+                state || (self.prints_summary && c.args.starts_with("1<"))
             })
             .map(|c| c.start)
             .min()
@@ -291,12 +369,9 @@ fn edit(dir: &Path, count: usize, tag: &str) {
     fs::remove_file(dir.join(format!("f{count}"))).unwrap();
 }
 
-#[test]
-fn data_and_directories_are_synced_before_a_sync_declares_the_volume_complete() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, state) = (tmp.path().join("src"), tmp.path().join("state"));
-    // Created by the sync, with a parent: the root's creation is synced too.
-    let dst = tmp.path().join("volumes/dst");
+/// The source every scenario starts from: 200 small files in one directory, a 3 MiB file,
+/// a subdirectory.
+fn make_source(src: &Path) {
     let dir = src.join("dir");
     fs::create_dir_all(dir.join("sub")).unwrap();
     for i in 0..200 {
@@ -305,11 +380,16 @@ fn data_and_directories_are_synced_before_a_sync_declares_the_volume_complete() 
     fs::write(src.join("big"), bytes(3, 3 << 20)).unwrap();
     fs::write(dir.join("sub/small"), b"small").unwrap();
     settle();
+}
 
-    // First sync: everything is new.
-    let first = traced_sync(&src, &dst, &state);
-    assert_mirrors(&src, &dst);
-    assert!(first.check(&dst) > 200, "every file was checked");
+/// Three syncs of `src` (made by [`make_source`]) to `dst`, each traced by `sync`, checked
+/// call by call: the first, into a root the sync creates (synced with its filesystem); a
+/// few changes (each inode fsynced on its own); many changes and a symlink (one syncfs).
+fn three_syncs_are_durable(src: &Path, dst: &Path, mut sync: impl FnMut() -> Traced) {
+    let dir = src.join("dir");
+    let first = sync();
+    assert_mirrors(src, dst);
+    assert!(first.check(dst) > 200, "every file was checked");
     assert!(
         first.syncfs_calls() > 0,
         "a created root is synced with its filesystem"
@@ -323,13 +403,9 @@ fn data_and_directories_are_synced_before_a_sync_declares_the_volume_complete() 
     fs::create_dir(dir.join("sub/new")).unwrap();
     fs::write(dir.join("sub/new/n"), b"n").unwrap();
     settle();
-    let few = traced_sync(&src, &dst, &state);
-    assert_mirrors(&src, &dst);
-    assert_eq!(
-        few.check(&dst),
-        4,
-        "f0, f1, big and sub/new/n were replaced"
-    );
+    let few = sync();
+    assert_mirrors(src, dst);
+    assert_eq!(few.check(dst), 4, "f0, f1, big and sub/new/n were replaced");
     assert_eq!(few.syncfs_calls(), 0, "few inodes: fsynced one by one");
     assert_eq!(few.summary["files_written"], 4, "{}", few.summary);
 
@@ -337,12 +413,32 @@ fn data_and_directories_are_synced_before_a_sync_declares_the_volume_complete() 
     edit(&dir, 150, "second edit");
     symlink("f0", dir.join("link")).unwrap();
     settle();
-    let many = traced_sync(&src, &dst, &state);
-    assert_mirrors(&src, &dst);
+    let many = sync();
+    assert_mirrors(src, dst);
     assert_eq!(
-        many.check(&dst),
+        many.check(dst),
         151,
         "150 files, and the link made under a temp name"
     );
     assert!(many.syncfs_calls() > 0, "many inodes: one syncfs");
+}
+
+#[test]
+fn data_and_directories_are_synced_before_a_sync_declares_the_volume_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, state) = (tmp.path().join("src"), tmp.path().join("state"));
+    // Created by the sync, with a parent: the root's creation is synced too.
+    let dst = tmp.path().join("volumes/dst");
+    make_source(&src);
+    three_syncs_are_durable(&src, &dst, || traced_sync(&src, &dst, &state));
+}
+
+#[test]
+fn a_server_syncs_data_and_directories_before_it_declares_a_pushed_volume_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    make_source(&src);
+    let push = Push::new(tmp.path());
+    let dst = push.root.join("pushed");
+    three_syncs_are_durable(&src, &dst, || push.traced(&src, "pushed"));
 }

@@ -66,14 +66,30 @@ impl ServerProc {
         listen: &str,
         extra: &[&str],
     ) -> ServerProc {
+        Self::spawn(
+            Self::command(ident, root, clients, listen, extra),
+            ident,
+            root,
+        )
+    }
+
+    /// The command line of a server over `root` that authorizes `clients` (written to its
+    /// authorized-clients file now), listening on `listen`.
+    pub fn command(
+        ident: &Ident,
+        root: &Path,
+        clients: &[&Ident],
+        listen: &str,
+        extra: &[&str],
+    ) -> Command {
         let authorized = ident.dir.join("authorized_clients");
         let list: String = clients
             .iter()
             .map(|c| format!("{}\n", c.fingerprint))
             .collect();
         std::fs::write(&authorized, list).expect("write authorized");
-        let mut child = Command::new(replicator_bin())
-            .arg("serve")
+        let mut cmd = Command::new(replicator_bin());
+        cmd.arg("serve")
             .arg("--listen")
             .arg(listen)
             .arg("--root")
@@ -81,7 +97,14 @@ impl ServerProc {
             .arg("--identity")
             .arg(&ident.dir)
             .args(["--log", "info"])
-            .args(extra)
+            .args(extra);
+        cmd
+    }
+
+    /// Starts `cmd`, a server's command line (perhaps run by another program, which must
+    /// pass its stdout and stderr through), and waits for its banner.
+    pub fn spawn(mut cmd: Command, ident: &Ident, root: &Path) -> ServerProc {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
