@@ -348,17 +348,18 @@ fn only_the_end_sending_the_volume_uses_datagrams_above_ethernets() {
         down.load(Ordering::Relaxed) <= 1472,
         "push downstream {down:?}"
     );
-    // A pull: the other way round.
+    // A pull: the other way round; the client does not probe at all.
     let relay = Relay::start(t.server.addr);
     let remote = format!("{}/sizes", relay.addr);
     let back = t.path("back");
     summary(&t.sync(&remote, s(&back), &[]));
     assert_mirrors(&src, &back);
-    let down = &relay.largest_downstream;
+    let (up, down) = (&relay.largest_upstream, &relay.largest_downstream);
     assert!(
         down.load(Ordering::Relaxed) > 1500,
         "pull downstream {down:?}"
     );
+    assert!(up.load(Ordering::Relaxed) <= 1472, "pull upstream {up:?}");
 }
 
 /// After an interruption, the rerun moves only what the server lacks, and finishes.

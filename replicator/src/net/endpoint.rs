@@ -51,11 +51,11 @@ impl Default for NetOptions {
 
 /// Settings of every connection of one endpoint; `closing` is the endpoint's flag that lets
 /// its connections' closes out past a full congestion window ([`closing`](super::closing)),
-/// `probe` whether this end searches for datagrams larger than quinn's first 1,200 bytes.
+/// `bulk` whether this end searches for large datagrams ([`Bulk::probes`]).
 fn transport_config(
     opts: &NetOptions,
     closing: Arc<AtomicBool>,
-    probe: bool,
+    bulk: Bulk,
 ) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     let idle = IdleTimeout::try_from(opts.idle_timeout)
@@ -70,7 +70,7 @@ fn transport_config(
         .max_concurrent_bidi_streams(VarInt::from_u32(64))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .enable_segmentation_offload(true)
-        .mtu_discovery_config(probe.then(mtu_discovery))
+        .mtu_discovery_config(bulk.probes().then(mtu_discovery))
         .congestion_controller_factory(Arc::new(GatedCubic::new(closing)));
     Arc::new(t)
 }
@@ -151,6 +151,21 @@ pub enum Bulk {
     Both,
 }
 
+impl Bulk {
+    /// Whether this end searches for datagrams above quinn's first 1,200 bytes.
+    fn probes(self) -> bool {
+        self != Bulk::Downstream
+    }
+
+    /// The largest datagram this end tells its peer it accepts.
+    fn accepted(self, socket: &UdpSocket) -> u16 {
+        match self {
+            Bulk::Downstream | Bulk::Both => accepted_datagram(socket),
+            Bulk::Upstream => ETHERNET_DATAGRAM,
+        }
+    }
+}
+
 /// The largest UDP payload QUIC's peers may assume without asking (quinn's default).
 const ETHERNET_DATAGRAM: u16 = 1472;
 
@@ -164,13 +179,9 @@ fn endpoint(
     let socket = udp_socket(addr).map_err(bind)?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
-    let accepted = match bulk {
-        Bulk::Downstream | Bulk::Both => accepted_datagram(&socket),
-        Bulk::Upstream => ETHERNET_DATAGRAM,
-    };
     let mut config = EndpointConfig::default();
     config
-        .max_udp_payload_size(accepted)
+        .max_udp_payload_size(bulk.accepted(&socket))
         .expect("within QUIC's bounds");
     let socket = Arc::new(BoundedGso(runtime.wrap_udp_socket(socket).map_err(bind)?));
     let inner =
@@ -198,7 +209,7 @@ pub fn server_with_alpn(
     let crypto = tls::server_config(id, alpn)?;
     let closing = Arc::new(AtomicBool::new(false));
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport_config(opts, closing.clone(), true));
+    cfg.transport_config(transport_config(opts, closing.clone(), Bulk::Both));
     endpoint(addr, Some(cfg), closing, Bulk::Both)
 }
 
@@ -230,11 +241,7 @@ pub fn client_with_alpn(
     let crypto = tls::client_config(id, alpn)?;
     let closing = Arc::new(AtomicBool::new(false));
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport_config(
-        opts,
-        closing.clone(),
-        bulk != Bulk::Downstream,
-    ));
+    cfg.transport_config(transport_config(opts, closing.clone(), bulk));
     let mut ep = endpoint(local, None, closing, bulk)?;
     ep.set_default_client_config(cfg);
     Ok(ep)
