@@ -14,6 +14,12 @@
 //! next sync reads such a file again; [`IndexEntry::locates`] still offers them as places where
 //! a chunk may be found, which is safe because every chunk read from such a place is verified.
 //!
+//! A record also says whether the file had no extended attributes when it was read
+//! ([`XattrsSeen`]). Setting or removing an attribute stamps the file's ctime, so while a
+//! file's fingerprint is unchanged and its record not racy, the walk need not list its
+//! attributes again ([`IndexEntry::vouches_no_xattrs`]): a sixth of a cold walk's time in a
+//! sync that changes little.
+//!
 //! The file holds records in volume order, an end mark and a BLAKE3 checksum. Syncs read it
 //! ([`IndexReader`]) and write it ([`IndexWriter`]) as streams, in step with the walk or the
 //! manifest, so neither end holds it whole; [`FileIndex`] is the whole index in memory, for
@@ -92,12 +98,35 @@ pub fn now_ns() -> i128 {
         .unwrap_or(0)
 }
 
+/// What the scan that records a file saw of its extended attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XattrsSeen {
+    /// Listed after the recorded stat was taken (or vouched for by the record before), and
+    /// there were none.
+    None,
+    /// Some, or not listed: the next walk lists them.
+    Unknown,
+}
+
+impl XattrsSeen {
+    /// What a listing after the stat found: none if `xattrs` is empty.
+    pub fn listed<T>(xattrs: &[T]) -> Self {
+        if xattrs.is_empty() {
+            XattrsSeen::None
+        } else {
+            XattrsSeen::Unknown
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IndexEntry {
     pub fingerprint: Fingerprint,
     pub segments: Vec<Segment>,
     /// Recorded too close to the file's last change to vouch for its content.
     pub racy: bool,
+    /// The file had no extended attributes when recorded.
+    pub no_xattrs: bool,
 }
 
 impl IndexEntry {
@@ -111,6 +140,26 @@ impl IndexEntry {
     /// (callers verify what they read).
     pub fn locates(&self, stat: &StatInfo) -> bool {
         self.fingerprint == Fingerprint::from(stat)
+    }
+
+    /// What the recording scan saw of the file's attributes.
+    pub fn xattrs_seen(&self) -> XattrsSeen {
+        if self.no_xattrs {
+            XattrsSeen::None
+        } else {
+            XattrsSeen::Unknown
+        }
+    }
+
+    fn flags(&self) -> u8 {
+        flags(self.racy, self.no_xattrs)
+    }
+
+    /// True if the file still has no extended attributes without listing them: it had none
+    /// when recorded, and its ctime, which every attribute change stamps, is unchanged since
+    /// (the record is not racy, so a change in the same tick cannot hide).
+    pub fn vouches_no_xattrs(&self, stat: &StatInfo) -> bool {
+        self.no_xattrs && self.vouches(stat)
     }
 }
 
@@ -152,6 +201,7 @@ impl FileIndex {
         &mut self,
         path: RelPath,
         stat: &StatInfo,
+        xattrs: XattrsSeen,
         segments: Vec<Segment>,
         scan_start_ns: i128,
     ) {
@@ -163,6 +213,7 @@ impl FileIndex {
                 fingerprint,
                 segments,
                 racy,
+                no_xattrs: xattrs == XattrsSeen::None,
             },
         );
     }
@@ -175,7 +226,7 @@ impl FileIndex {
         paths.sort();
         for path in &paths {
             let e = &self.entries[*path];
-            encode_record(&mut w, path, &e.fingerprint, e.racy, &e.segments);
+            encode_record(&mut w, path, &e.fingerprint, e.flags(), &e.segments);
         }
         w.u8(TAG_END);
         w.varint(paths.len() as u64);
@@ -283,15 +334,19 @@ fn decode_head(r: &mut Reader<'_>) -> Result<ChunkerParams, DecodeError> {
     ChunkerParams::decode(r)
 }
 
-/// `1 path mtime_sec mtime_nsec ctime_sec ctime_nsec ino racy size segment_count segment*`
+/// A record's flag: too close to the file's last change to vouch for it.
+const FLAG_RACY: u8 = 1;
+/// A record's flag: the file had no extended attributes. Added within version 2: an older
+/// reader takes any flag as racy, so it re-reads those files once instead of trusting them.
+const FLAG_NO_XATTRS: u8 = 2;
+
+fn flags(racy: bool, no_xattrs: bool) -> u8 {
+    (if racy { FLAG_RACY } else { 0 }) | (if no_xattrs { FLAG_NO_XATTRS } else { 0 })
+}
+
+/// `1 path mtime_sec mtime_nsec ctime_sec ctime_nsec ino flags size segment_count segment*`
 /// (the size and segments as a manifest's file entry has them).
-fn encode_record(
-    w: &mut Writer,
-    path: &RelPath,
-    f: &Fingerprint,
-    racy: bool,
-    segments: &[Segment],
-) {
+fn encode_record(w: &mut Writer, path: &RelPath, f: &Fingerprint, flags: u8, segments: &[Segment]) {
     w.u8(TAG_RECORD);
     w.bytes(path.as_bytes());
     w.varint_signed(f.mtime_sec);
@@ -299,7 +354,7 @@ fn encode_record(
     w.varint_signed(f.ctime_sec);
     w.varint(u64::from(f.ctime_nsec));
     w.varint(f.ino);
-    w.u8(u8::from(racy));
+    w.u8(flags);
     manifest::encode_file_body(w, f.size, segments);
 }
 
@@ -320,7 +375,10 @@ fn decode_item(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
     let ctime_sec = r.varint_signed()?;
     let ctime_nsec = r.u32("ctime nsec")?;
     let ino = r.varint()?;
-    let racy = r.u8()? != 0;
+    let flags = r.u8()?;
+    // A flag this build does not know makes the record racy: never trusted.
+    let racy = flags & !FLAG_NO_XATTRS != 0;
+    let no_xattrs = flags & FLAG_NO_XATTRS != 0;
     let (size, segments) = manifest::decode_file_body(r, &Limits::default())?;
     let fingerprint = Fingerprint {
         size,
@@ -336,6 +394,7 @@ fn decode_item(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
             fingerprint,
             segments,
             racy,
+            no_xattrs,
         },
     ))
 }
@@ -484,8 +543,14 @@ impl IndexWriter {
     }
 
     /// Records a file (paths in volume order); racy if its stat is too close to the scan start.
-    pub fn record(&mut self, path: &RelPath, stat: &StatInfo, segments: &[Segment]) {
-        self.record_seen_at(path, stat, segments, self.scan_start_ns);
+    pub fn record(
+        &mut self,
+        path: &RelPath,
+        stat: &StatInfo,
+        xattrs: XattrsSeen,
+        segments: &[Segment],
+    ) {
+        self.record_seen_at(path, stat, xattrs, segments, self.scan_start_ns);
     }
 
     /// Like [`IndexWriter::record`] for a stat taken at `seen_at` rather than at the start.
@@ -493,12 +558,18 @@ impl IndexWriter {
         &mut self,
         path: &RelPath,
         stat: &StatInfo,
+        xattrs: XattrsSeen,
         segments: &[Segment],
         seen_at: i128,
     ) {
         let fingerprint = Fingerprint::from(stat);
         let racy = fingerprint.is_racy(seen_at);
-        self.write(path, &fingerprint, racy, segments);
+        self.write(
+            path,
+            &fingerprint,
+            flags(racy, xattrs == XattrsSeen::None),
+            segments,
+        );
     }
 
     /// Records written so far.
@@ -516,15 +587,15 @@ impl IndexWriter {
         &mut self,
         path: &RelPath,
         fingerprint: &Fingerprint,
-        racy: bool,
+        flags: u8,
         segments: &[Segment],
     ) {
         if self.failed.is_some() {
             return;
         }
-        self.racy += u64::from(racy);
+        self.racy += u64::from(flags & FLAG_RACY);
         self.scratch.buf.clear();
-        encode_record(&mut self.scratch, path, fingerprint, racy, segments);
+        encode_record(&mut self.scratch, path, fingerprint, flags, segments);
         self.hasher.update(&self.scratch.buf);
         match self.file.write_all(&self.scratch.buf) {
             Ok(()) => self.records += 1,
@@ -564,8 +635,10 @@ pub fn settle_racy(
     let mut new = IndexWriter::create(path, params, scan_start_ns)?;
     for (p, e) in old {
         match stat_of(&p).filter(|s| e.racy && e.locates(s)) {
-            Some(stat) => new.record(&p, &stat, &e.segments),
-            None => new.write(&p, &e.fingerprint, e.racy, &e.segments),
+            // The receiver wrote the file and set its attributes itself: what it recorded of
+            // them holds as its content does.
+            Some(stat) => new.record(&p, &stat, e.xattrs_seen(), &e.segments),
+            None => new.write(&p, &e.fingerprint, e.flags(), &e.segments),
         }
     }
     new.finish()
@@ -591,13 +664,13 @@ mod tests {
         let mut idx = FileIndex::new(ChunkerParams::default());
         let p = RelPath::new(b"f".to_vec()).unwrap();
         let now = 1_000 * 1_000_000_000i128;
-        idx.record(p.clone(), &stat(1_000), vec![], now);
+        idx.record(p.clone(), &stat(1_000), XattrsSeen::Unknown, vec![], now);
         assert!(idx.lookup(&p, &stat(1_000)).is_none());
         assert!(
             idx.locate(&p, &stat(1_000)).is_some(),
             "racy entries still locate chunks"
         );
-        idx.record(p.clone(), &stat(990), vec![], now);
+        idx.record(p.clone(), &stat(990), XattrsSeen::Unknown, vec![], now);
         assert!(idx.lookup(&p, &stat(990)).is_some());
         assert!(idx.lookup(&p, &stat(991)).is_none());
     }
@@ -612,7 +685,7 @@ mod tests {
         let write = || {
             let mut w = IndexWriter::create(&file, params, then).unwrap();
             for p in [&changed, &gone, &kept] {
-                w.record(p, &stat(1_000), &segs(1));
+                w.record(p, &stat(1_000), XattrsSeen::Unknown, &segs(1));
             }
             assert_eq!(w.racy(), 3);
             w.finish().unwrap();
@@ -646,6 +719,57 @@ mod tests {
         RelPath::new(p.as_bytes().to_vec()).unwrap()
     }
 
+    /// The record `flags` would make, decoded.
+    fn decoded_with_flags(flags: u8) -> IndexEntry {
+        let mut w = Writer::new();
+        let f = Fingerprint::from(&stat(990));
+        encode_record(&mut w, &path("f"), &f, flags, &segs(1));
+        match decode_item(&mut Reader::new(&w.buf)).unwrap() {
+            Item::Record(_, e) => e,
+            Item::End(_) => panic!("not a record"),
+        }
+    }
+
+    #[test]
+    fn a_record_vouches_for_no_attributes_only_while_its_stat_holds_and_it_is_not_racy() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("index");
+        let params = ChunkerParams::default();
+        let then = 1_000 * 1_000_000_000i128;
+        let mut w = IndexWriter::create(&file, params, then).unwrap();
+        w.record(&path("bare"), &stat(990), XattrsSeen::None, &segs(1));
+        w.record(&path("dressed"), &stat(990), XattrsSeen::Unknown, &segs(2));
+        w.record(&path("fresh"), &stat(1_000), XattrsSeen::None, &segs(3));
+        w.finish().unwrap();
+        let load = || FileIndex::load(&file, params);
+        let idx = load();
+        let entry = |p: &str| idx.entries[&path(p)].clone();
+        assert!(entry("bare").vouches_no_xattrs(&stat(990)));
+        assert!(!entry("bare").vouches_no_xattrs(&stat(991)), "ctime moved");
+        assert!(!entry("dressed").vouches_no_xattrs(&stat(990)));
+        assert!(!entry("fresh").vouches_no_xattrs(&stat(1_000)), "racy");
+        // Settled, a racy record keeps what it saw of the attributes.
+        settle_racy(&file, params, then + 2_000_000_000, |_| Some(stat(1_000))).unwrap();
+        assert!(load().entries[&path("fresh")].vouches_no_xattrs(&stat(1_000)));
+        assert!(!load().entries[&path("dressed")].no_xattrs);
+    }
+
+    /// Records written before the flag existed (0 or 1) claim nothing about attributes; a
+    /// flag this build does not know makes the record racy, as any flag does to an older
+    /// build, so neither build trusts what it cannot read.
+    #[test]
+    fn record_flags_are_read_conservatively_by_builds_before_and_after() {
+        let e = decoded_with_flags(0);
+        assert!(!e.racy && !e.no_xattrs);
+        let e = decoded_with_flags(FLAG_RACY);
+        assert!(e.racy && !e.no_xattrs);
+        let e = decoded_with_flags(FLAG_NO_XATTRS);
+        assert!(!e.racy && e.no_xattrs);
+        let e = decoded_with_flags(FLAG_NO_XATTRS | 4);
+        assert!(e.racy, "unknown flag");
+        assert!(!e.vouches_no_xattrs(&stat(990)));
+    }
+
     fn segs(n: u8) -> Vec<Segment> {
         vec![Segment::Chunk {
             id: ChunkId([n; 32]),
@@ -659,11 +783,11 @@ mod tests {
         let file = dir.path().join("index");
         let now = 1_000 * 1_000_000_000i128;
         let mut w = IndexWriter::create(&file, ChunkerParams::default(), now).unwrap();
-        w.record(&path("a"), &stat(990), &segs(1));
-        w.record(&path("a/b"), &stat(990), &segs(2));
-        w.record(&path("a.x"), &stat(1_000), &segs(3)); // racy
-        w.record(&path("c"), &stat(990), &segs(4));
-        w.record(&path("d"), &stat(990), &segs(5));
+        w.record(&path("a"), &stat(990), XattrsSeen::Unknown, &segs(1));
+        w.record(&path("a/b"), &stat(990), XattrsSeen::Unknown, &segs(2));
+        w.record(&path("a.x"), &stat(1_000), XattrsSeen::Unknown, &segs(3)); // racy
+        w.record(&path("c"), &stat(990), XattrsSeen::Unknown, &segs(4));
+        w.record(&path("d"), &stat(990), XattrsSeen::Unknown, &segs(5));
         w.finish().unwrap();
 
         let mut r = IndexReader::open(&file, ChunkerParams::default()).unwrap();
@@ -714,7 +838,7 @@ mod tests {
         let file = dir.path().join("index");
         let now = 1_000 * 1_000_000_000i128;
         let mut w = IndexWriter::create(&file, ChunkerParams::default(), now).unwrap();
-        w.record(&path("a"), &stat(990), &segs(1));
+        w.record(&path("a"), &stat(990), XattrsSeen::Unknown, &segs(1));
         drop(w);
         assert!(
             !file.exists(),
@@ -727,8 +851,8 @@ mod tests {
         );
 
         let mut w = IndexWriter::create(&file, ChunkerParams::default(), now).unwrap();
-        w.record(&path("a"), &stat(990), &segs(1));
-        w.record(&path("b"), &stat(990), &segs(2));
+        w.record(&path("a"), &stat(990), XattrsSeen::Unknown, &segs(1));
+        w.record(&path("b"), &stat(990), XattrsSeen::Unknown, &segs(2));
         w.finish().unwrap();
         let mut bytes = std::fs::read(&file).unwrap();
         let n = bytes.len();
@@ -762,7 +886,7 @@ mod tests {
             paths.sort();
             let mut w = IndexWriter::create(&file, ChunkerParams::default(), i128::MAX / 2).unwrap();
             for (i, p) in paths.iter().enumerate() {
-                w.record(p, &stat(10), &segs(i as u8));
+                w.record(p, &stat(10), XattrsSeen::Unknown, &segs(i as u8));
             }
             w.finish().unwrap();
             let whole = FileIndex::load(&file, ChunkerParams::default());
@@ -805,6 +929,7 @@ mod tests {
         idx.record(
             RelPath::new(b"a/b".to_vec()).unwrap(),
             &stat(10),
+            XattrsSeen::Unknown,
             segs,
             i128::MAX / 2,
         );

@@ -7,6 +7,7 @@
 //! the whole tree: the index is read and written as a stream in volume order, and chunks the
 //! receiver asks for later are found again in the kept manifest ([`WantedChunks`]).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{self, Read, Seek};
@@ -16,11 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_channel::{Receiver, Sender, bounded};
 
 use crate::chunk::{ChunkId, Chunker, ChunkerParams, Segment, parallel};
-use crate::index::{IndexReader, IndexWriter};
+use crate::index::{IndexReader, IndexWriter, XattrsSeen};
 use crate::manifest::store::StoredEntries;
 use crate::manifest::{Entry, EntryKind, Meta, RelPath};
 use crate::volume::sparse::{self, SparseReader};
-use crate::volume::walk::{Scanned, WalkError, WalkOptions, full_path, walk};
+use crate::volume::walk::{Scanned, WalkError, WalkOptions, full_path, walk_with};
 use crate::volume::{
     self, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, S_IFSOCK, StatInfo,
 };
@@ -461,7 +462,7 @@ pub type Emit<'e> = dyn for<'c> FnMut(Entry, Option<Contents<'c>>) -> Result<(),
 pub fn scan_tree(
     root: &Path,
     opts: SnapshotOptions,
-    mut reuse: Option<&mut IndexReader>,
+    reuse: Option<&mut IndexReader>,
     mut record: Option<&mut IndexWriter>,
     emit: &mut Emit<'_>,
 ) -> Result<ScanStats, SnapshotError> {
@@ -525,7 +526,10 @@ pub fn scan_tree(
                         .filter(|s| matches!(s, Segment::Chunk { .. }))
                         .count() as u64;
                     if let Some(index) = record.as_deref_mut() {
-                        index.record(&entry.path, &stat, segments);
+                        // The walk listed the attributes after taking `stat`, or the index
+                        // vouched that there were none.
+                        let xattrs = XattrsSeen::listed(&entry.meta.xattrs);
+                        index.record(&entry.path, &stat, xattrs, segments);
                     }
                 }
                 emit(entry, contents).map_err(SnapshotError::Emit)?;
@@ -533,61 +537,77 @@ pub fn scan_tree(
             Ok(())
         };
 
-        let walked = walk(root, WalkOptions::default(), &mut |scanned| {
-            let seq = next_seq;
-            next_seq += 1;
-            let st = scanned.stat;
-            let first_name = (st.is_file() && st.nlink > 1)
-                .then(|| links.get(&(st.dev, st.ino)).cloned())
-                .flatten();
-            if let Some(first) = first_name {
-                let entry = Entry {
-                    path: scanned.path.clone(),
-                    kind: EntryKind::HardLink { target: first },
-                    meta: Meta::default(),
-                };
-                pending.insert(seq, Some(Ready::unread(entry, st)));
-            } else {
-                if st.is_file() && st.nlink > 1 {
-                    links.insert((st.dev, st.ino), scanned.path.clone());
-                }
-                let reused = match reuse.as_deref_mut() {
-                    Some(index) if st.is_file() && !opts.checksum => {
-                        index.take_trusted(&scanned.path, &st)
+        // The walk asks the index whether a file still has no attributes just before it
+        // visits the file, which takes the file's chunk list: both in the walk's order.
+        let reuse = RefCell::new(reuse);
+        let mut known_bare = |path: &RelPath, st: &StatInfo| {
+            !opts.checksum
+                && reuse
+                    .borrow_mut()
+                    .as_deref_mut()
+                    .and_then(|index| index.get(path))
+                    .is_some_and(|e| e.vouches_no_xattrs(st))
+        };
+        let walked = walk_with(
+            root,
+            WalkOptions::default(),
+            &mut known_bare,
+            &mut |scanned| {
+                let seq = next_seq;
+                next_seq += 1;
+                let st = scanned.stat;
+                let first_name = (st.is_file() && st.nlink > 1)
+                    .then(|| links.get(&(st.dev, st.ino)).cloned())
+                    .flatten();
+                if let Some(first) = first_name {
+                    let entry = Entry {
+                        path: scanned.path.clone(),
+                        kind: EntryKind::HardLink { target: first },
+                        meta: Meta::default(),
+                    };
+                    pending.insert(seq, Some(Ready::unread(entry, st)));
+                } else {
+                    if st.is_file() && st.nlink > 1 {
+                        links.insert((st.dev, st.ino), scanned.path.clone());
                     }
-                    _ => None,
-                };
-                if let Some(segs) = reused {
-                    let entry = entry_of(&scanned, root, Some((st.size, segs)))
-                        .map_err(|e| WalkError::Stopped(e.to_string()))?;
-                    pending.insert(seq, Some(Ready::unread(entry, st)));
-                } else if st.is_file() {
-                    stats_of.insert(seq, st);
-                    job_tx
-                        .send(Job { seq, scanned })
-                        .map_err(|_| WalkError::Stopped("hash workers stopped".into()))?;
-                } else {
-                    let entry = entry_of(&scanned, root, None)
-                        .map_err(|e| WalkError::Stopped(e.to_string()))?;
-                    pending.insert(seq, Some(Ready::unread(entry, st)));
+                    let reused = match reuse.borrow_mut().as_deref_mut() {
+                        Some(index) if st.is_file() && !opts.checksum => {
+                            index.take_trusted(&scanned.path, &st)
+                        }
+                        _ => None,
+                    };
+                    if let Some(segs) = reused {
+                        let entry = entry_of(&scanned, root, Some((st.size, segs)))
+                            .map_err(|e| WalkError::Stopped(e.to_string()))?;
+                        pending.insert(seq, Some(Ready::unread(entry, st)));
+                    } else if st.is_file() {
+                        stats_of.insert(seq, st);
+                        job_tx
+                            .send(Job { seq, scanned })
+                            .map_err(|_| WalkError::Stopped("hash workers stopped".into()))?;
+                    } else {
+                        let entry = entry_of(&scanned, root, None)
+                            .map_err(|e| WalkError::Stopped(e.to_string()))?;
+                        pending.insert(seq, Some(Ready::unread(entry, st)));
+                    }
                 }
-            }
-            // Absorb finished work without blocking; block only when too far ahead.
-            loop {
-                let msg = if next_seq - next_emit > 4096 {
-                    done_rx.recv().ok()
-                } else {
-                    done_rx.try_recv().ok()
-                };
-                let Some(msg) = msg else { break };
-                absorb(msg, &mut pending, &mut stats_of)
-                    .map_err(|e| WalkError::Stopped(e.to_string()))?;
+                // Absorb finished work without blocking; block only when too far ahead.
+                loop {
+                    let msg = if next_seq - next_emit > 4096 {
+                        done_rx.recv().ok()
+                    } else {
+                        done_rx.try_recv().ok()
+                    };
+                    let Some(msg) = msg else { break };
+                    absorb(msg, &mut pending, &mut stats_of)
+                        .map_err(|e| WalkError::Stopped(e.to_string()))?;
+                    flush(&mut pending, &mut next_emit, &mut stats)
+                        .map_err(|e| WalkError::Stopped(e.to_string()))?;
+                }
                 flush(&mut pending, &mut next_emit, &mut stats)
-                    .map_err(|e| WalkError::Stopped(e.to_string()))?;
-            }
-            flush(&mut pending, &mut next_emit, &mut stats)
-                .map_err(|e| WalkError::Stopped(e.to_string()))
-        });
+                    .map_err(|e| WalkError::Stopped(e.to_string()))
+            },
+        );
         drop(job_tx);
         walked?;
         for msg in done_rx.iter() {
@@ -632,7 +652,7 @@ pub fn scan_block(
     if let Some(index) = record
         && stat.is_file()
     {
-        index.record(&root, &stat, &segments);
+        index.record(&root, &stat, XattrsSeen::Unknown, &segments);
     }
     let stats = ScanStats {
         entries: 1,

@@ -42,6 +42,7 @@ mod tests;
 mod verify;
 mod write;
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -55,7 +56,8 @@ use crate::manifest::store::StoreWriter;
 use crate::manifest::{DigestBuilder, Entry, EntryKind, Header, RelPath, RootDigest, VolumeMode};
 use crate::protocol::message::WantHint;
 use crate::state::TargetState;
-use crate::volume::walk::{Scanned, WalkError, WalkOptions, scan_one, walk};
+use crate::volume::StatInfo;
+use crate::volume::walk::{Scanned, WalkError, WalkOptions, scan_one, walk_with};
 use fsops::VolumeDir;
 use plan::{ChunkFilter, ChunkPlaces, Loc, Plan, SourceFiles, WantList, chunks_by_offset};
 use planning::Links;
@@ -325,10 +327,19 @@ impl Destination {
                     Err(e) => return Err(io_err("cannot stat", &path.display())(e)),
                 }
                 // The index is in volume order too: it is read in step with the walk.
-                let mut records = IndexReader::open(&index_file, header.chunker);
-                walk(path, WalkOptions::default(), &mut |s| {
+                // It also vouches for files that still have no attributes, which the walk
+                // then does not list: asked just before the file is visited.
+                let records = RefCell::new(IndexReader::open(&index_file, header.chunker));
+                let mut known_bare = |p: &RelPath, st: &StatInfo| {
+                    records
+                        .borrow_mut()
+                        .as_mut()
+                        .and_then(|r| r.get(p))
+                        .is_some_and(|r| r.vouches_no_xattrs(st))
+                };
+                walk_with(path, WalkOptions::default(), &mut known_bare, &mut |s| {
                     found_below_root |= !s.path.is_root();
-                    if let Some(r) = located(&mut records, &s) {
+                    if let Some(r) = located(&mut records.borrow_mut(), &s) {
                         for seg in &r.segments {
                             if let Segment::Chunk { id, .. } = seg {
                                 filter.add(id);

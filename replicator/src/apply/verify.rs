@@ -14,7 +14,7 @@ use super::plan::Plan;
 use super::spool::Planned;
 use super::{ApplyError, Destination};
 use crate::chunk::Segment;
-use crate::index::{Fingerprint, IndexReader, IndexWriter, now_ns};
+use crate::index::{Fingerprint, IndexReader, IndexWriter, XattrsSeen, now_ns};
 use crate::manifest::{DigestBuilder, Entry, EntryKind, RelPath, RootDigest, VolumeMode};
 use crate::snapshot::entry_of;
 use crate::volume::StatInfo;
@@ -62,7 +62,8 @@ impl Destination {
                 .add(&got)
                 .map_err(|err| ApplyError::Manifest(err.to_string()))?;
             if s.stat.is_file() {
-                index.record(&RelPath::root(), &s.stat, e.segments(), scan_start);
+                let xattrs = XattrsSeen::Unknown; // not listed
+                index.record(&RelPath::root(), &s.stat, xattrs, e.segments(), scan_start);
             }
             return Ok((digest.finish(), index.changed()));
         }
@@ -118,7 +119,14 @@ struct NewIndex {
 }
 
 impl NewIndex {
-    fn record(&mut self, path: &RelPath, stat: &StatInfo, segments: &[Segment], seen_at: i128) {
+    fn record(
+        &mut self,
+        path: &RelPath,
+        stat: &StatInfo,
+        xattrs: XattrsSeen,
+        segments: &[Segment],
+        seen_at: i128,
+    ) {
         let Some(writer) = &mut self.writer else {
             return;
         };
@@ -128,9 +136,14 @@ impl NewIndex {
                 .old
                 .as_mut()
                 .and_then(|o| o.get(path))
-                .is_some_and(|o| o.locates(stat) && o.racy == racy && o.segments == segments);
+                .is_some_and(|o| {
+                    o.locates(stat)
+                        && o.racy == racy
+                        && o.xattrs_seen() == xattrs
+                        && o.segments == segments
+                });
         }
-        writer.record_seen_at(path, stat, segments, seen_at);
+        writer.record_seen_at(path, stat, xattrs, segments, seen_at);
     }
 
     /// The new index, unless it is the old one again (the common case when nothing changed:
@@ -177,7 +190,11 @@ impl Verifier<'_> {
             };
             let size = segments.iter().map(Segment::len).sum();
             if s.stat.is_file() && size == s.stat.size {
-                self.index.record(&s.path, &s.stat, &segments, seen_at);
+                // Every entry here was walked or scanned with its attributes listed after its
+                // stat (or vouched for as having none).
+                let xattrs = XattrsSeen::listed(&s.xattrs);
+                self.index
+                    .record(&s.path, &s.stat, xattrs, &segments, seen_at);
             }
             entry_of(s, self.root, Some((size, segments)))
                 .map_err(|err| ApplyError::Manifest(err.to_string()))?
