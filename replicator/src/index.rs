@@ -879,6 +879,7 @@ mod tests {
         fn written_records_read_back_in_order(
             names in proptest::collection::btree_set("[a-c]{1,3}(/[a-c]{1,2})?", 0..30),
             asked in proptest::collection::vec(proptest::bool::ANY, 30),
+            bare in proptest::collection::vec(proptest::bool::ANY, 30),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let file = dir.path().join("index");
@@ -886,7 +887,8 @@ mod tests {
             paths.sort();
             let mut w = IndexWriter::create(&file, ChunkerParams::default(), i128::MAX / 2).unwrap();
             for (i, p) in paths.iter().enumerate() {
-                w.record(p, &stat(10), XattrsSeen::Unknown, &segs(i as u8));
+                let xattrs = if bare[i] { XattrsSeen::None } else { XattrsSeen::Unknown };
+                w.record(p, &stat(10), xattrs, &segs(i as u8));
             }
             w.finish().unwrap();
             let whole = FileIndex::load(&file, ChunkerParams::default());
@@ -894,6 +896,8 @@ mod tests {
             let mut r = IndexReader::open(&file, ChunkerParams::default()).unwrap();
             for (i, p) in paths.iter().enumerate() {
                 if asked[i] {
+                    let vouched = r.get(p).map(|e| e.vouches_no_xattrs(&stat(10)));
+                    proptest::prop_assert_eq!(vouched, Some(bare[i]));
                     proptest::prop_assert_eq!(r.take_trusted(p, &stat(10)), Some(segs(i as u8)));
                 }
             }
