@@ -99,6 +99,15 @@ fn crashpoint(step: &str) {
     }
 }
 
+/// A rate for people: MB/s, or kB/s below that (a late pre-copy round moves a few kB).
+fn shown_rate(bytes_per_second: f64) -> String {
+    if bytes_per_second >= 1e6 {
+        format!("{:.1} MB/s", bytes_per_second / 1e6)
+    } else {
+        format!("{:.1} kB/s", bytes_per_second / 1e3)
+    }
+}
+
 fn node_err(node: &NodeAddr, message: String) -> DeployError {
     DeployError::Node(ApiError::Node {
         node: node.to_string(),
@@ -345,11 +354,11 @@ pub async fn migrate(
             predicted_downtime_ms: r.duration_ms,
         };
         say(format!(
-            "  pre-copy round {}: {} bytes in {} ms ({:.1} MB/s), predicted downtime {} ms",
+            "  pre-copy round {}: {} bytes in {} ms ({}), predicted downtime {} ms",
             round.round,
             round.bytes,
             round.duration_ms,
-            round.megabytes_per_second,
+            shown_rate(round.megabytes_per_second * 1e6),
             round.predicted_downtime_ms
         ));
         let fits = round.duration_ms <= opts.downtime_budget.as_millis() as u64;
@@ -466,4 +475,16 @@ pub async fn migrate(
         epoch,
         root: last.root,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_below_a_megabyte_per_second_are_shown_in_kilobytes() {
+        assert_eq!(shown_rate(1324.0 / 0.2), "6.6 kB/s");
+        assert_eq!(shown_rate(0.0), "0.0 kB/s");
+        assert_eq!(shown_rate(250e6), "250.0 MB/s");
+    }
 }
