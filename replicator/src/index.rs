@@ -14,11 +14,11 @@
 //! next sync reads such a file again; [`IndexEntry::locates`] still offers them as places where
 //! a chunk may be found, which is safe because every chunk read from such a place is verified.
 //!
-//! A record also says whether the file had no extended attributes when it was read
+//! A record also keeps the file's extended attributes as the scan listed them
 //! ([`XattrsSeen`]). Setting or removing an attribute stamps the file's ctime, so while a
-//! file's fingerprint is unchanged and its record not racy, the walk need not list its
-//! attributes again ([`IndexEntry::vouches_no_xattrs`]): a sixth of a cold walk's time in a
-//! sync that changes little. Linux's filesystems all stamp it (the quick-check already
+//! file's fingerprint is unchanged and its record not racy, the walk need not list them
+//! again ([`IndexEntry::vouched_xattrs`]): a sixth of a cold walk's time in a sync that
+//! changes little, and more where every file has attributes (SELinux labels). Linux's filesystems all stamp it (the quick-check already
 //! trusts ctime for content); on a source where that cannot be relied on, `--checksum`
 //! makes the sender list every file's attributes again, as it re-reads every file.
 //!
@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 
 use crate::chunk::{ChunkerParams, Segment};
 use crate::codec::{DecodeError, Reader, StreamDecoder, Writer};
-use crate::manifest::{self, Limits, RelPath};
+use crate::manifest::{self, Limits, RelPath, Xattrs};
 use crate::state::PendingFile;
 use crate::volume::StatInfo;
 
@@ -46,8 +46,10 @@ pub const RACY_MARGIN_FINE_NS: i128 = 50_000_000;
 
 const MAGIC: &[u8; 4] = b"RPLI";
 /// Version 2: records in volume order with an end mark, so the file can be written and read
-/// as a stream. An index of another version is ignored (the next scan reads every file once).
-const VERSION: u64 = 2;
+/// as a stream. Version 3: records keep the attributes they listed. Version 2 is still read;
+/// an index of another version is ignored (the next scan reads every file once).
+const VERSION: u64 = 3;
+const VERSION_2: u64 = 2;
 
 /// The stat fields that must be unchanged for a file's chunk list to be reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,23 +104,11 @@ pub fn now_ns() -> i128 {
 
 /// What the scan that records a file saw of its extended attributes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XattrsSeen {
-    /// Listed after the recorded stat was taken (or vouched for by the record before), and
-    /// there were none.
-    None,
-    /// Some, or not listed: the next walk lists them.
+pub enum XattrsSeen<'a> {
+    /// Listed after the recorded stat was taken (or vouched for by the record before).
+    Listed(&'a [(Vec<u8>, Vec<u8>)]),
+    /// Not listed: the next walk lists them.
     Unknown,
-}
-
-impl XattrsSeen {
-    /// What a listing after the stat found: none if `xattrs` is empty.
-    pub fn listed<T>(xattrs: &[T]) -> Self {
-        if xattrs.is_empty() {
-            XattrsSeen::None
-        } else {
-            XattrsSeen::Unknown
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,8 +117,8 @@ pub struct IndexEntry {
     pub segments: Vec<Segment>,
     /// Recorded too close to the file's last change to vouch for its content.
     pub racy: bool,
-    /// The file had no extended attributes when recorded.
-    pub no_xattrs: bool,
+    /// The file's extended attributes when recorded, if they were listed.
+    pub xattrs: Option<Xattrs>,
 }
 
 impl IndexEntry {
@@ -145,23 +135,20 @@ impl IndexEntry {
     }
 
     /// What the recording scan saw of the file's attributes.
-    pub fn xattrs_seen(&self) -> XattrsSeen {
-        if self.no_xattrs {
-            XattrsSeen::None
-        } else {
-            XattrsSeen::Unknown
+    pub fn xattrs_seen(&self) -> XattrsSeen<'_> {
+        match &self.xattrs {
+            Some(x) => XattrsSeen::Listed(x),
+            None => XattrsSeen::Unknown,
         }
     }
 
-    fn flags(&self) -> u8 {
-        flags(self.racy, self.no_xattrs)
-    }
-
-    /// True if the file still has no extended attributes without listing them: it had none
-    /// when recorded, and its ctime, which every attribute change stamps, is unchanged since
-    /// (the record is not racy, so a change in the same tick cannot hide).
-    pub fn vouches_no_xattrs(&self, stat: &StatInfo) -> bool {
-        self.no_xattrs && self.vouches(stat)
+    /// The file's extended attributes without listing them, if this record lists them and
+    /// its ctime, which every attribute change stamps, is unchanged since (and the record is
+    /// not racy, so a change in the same tick cannot hide).
+    pub fn vouched_xattrs(&self, stat: &StatInfo) -> Option<&[(Vec<u8>, Vec<u8>)]> {
+        self.vouches(stat)
+            .then_some(self.xattrs.as_deref())
+            .flatten()
     }
 }
 
@@ -203,7 +190,7 @@ impl FileIndex {
         &mut self,
         path: RelPath,
         stat: &StatInfo,
-        xattrs: XattrsSeen,
+        xattrs: XattrsSeen<'_>,
         segments: Vec<Segment>,
         scan_start_ns: i128,
     ) {
@@ -215,7 +202,10 @@ impl FileIndex {
                 fingerprint,
                 segments,
                 racy,
-                no_xattrs: xattrs == XattrsSeen::None,
+                xattrs: match xattrs {
+                    XattrsSeen::Listed(x) => Some(x.to_vec()),
+                    XattrsSeen::Unknown => None,
+                },
             },
         );
     }
@@ -228,7 +218,14 @@ impl FileIndex {
         paths.sort();
         for path in &paths {
             let e = &self.entries[*path];
-            encode_record(&mut w, path, &e.fingerprint, e.flags(), &e.segments);
+            encode_record(
+                &mut w,
+                path,
+                &e.fingerprint,
+                e.racy,
+                e.xattrs_seen(),
+                &e.segments,
+            );
         }
         w.u8(TAG_END);
         w.varint(paths.len() as u64);
@@ -240,10 +237,10 @@ impl FileIndex {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let body = checked_body(bytes)?;
         let mut r = Reader::new(body);
-        let params = decode_head(&mut r)?;
+        let (version, params) = decode_head(&mut r)?;
         let mut entries = PathMap::default();
         loop {
-            match decode_item(&mut r)? {
+            match decode_item(&mut r, version)? {
                 Item::Record(path, e) => {
                     entries.insert(path, e);
                 }
@@ -326,29 +323,34 @@ fn encode_head(w: &mut Writer, p: ChunkerParams) {
     p.encode(w);
 }
 
-fn decode_head(r: &mut Reader<'_>) -> Result<ChunkerParams, DecodeError> {
-    if r.take(4)? != MAGIC || r.varint()? != VERSION {
+/// The format version (2 or 3) and chunker parameters of an index.
+fn decode_head(r: &mut Reader<'_>) -> Result<(u64, ChunkerParams), DecodeError> {
+    let magic = r.take(4)?;
+    let version = r.varint()?;
+    if magic != MAGIC || !(version == VERSION || version == VERSION_2) {
         return Err(DecodeError::Invalid {
             what: "index",
             why: "unknown format",
         });
     }
-    ChunkerParams::decode(r)
+    Ok((version, ChunkerParams::decode(r)?))
 }
 
 /// A record's flag: too close to the file's last change to vouch for it.
 const FLAG_RACY: u8 = 1;
-/// A record's flag: the file had no extended attributes. Added within version 2: an older
-/// reader takes any flag as racy, so it re-reads those files once instead of trusting them.
-const FLAG_NO_XATTRS: u8 = 2;
+/// A record's flag: the attributes the scan listed follow. (In version 2: the file had none.)
+const FLAG_XATTRS: u8 = 2;
 
-fn flags(racy: bool, no_xattrs: bool) -> u8 {
-    (if racy { FLAG_RACY } else { 0 }) | (if no_xattrs { FLAG_NO_XATTRS } else { 0 })
-}
-
-/// `1 path mtime_sec mtime_nsec ctime_sec ctime_nsec ino flags size segment_count segment*`
-/// (the size and segments as a manifest's file entry has them).
-fn encode_record(w: &mut Writer, path: &RelPath, f: &Fingerprint, flags: u8, segments: &[Segment]) {
+/// `1 path mtime_sec mtime_nsec ctime_sec ctime_nsec ino flags [xattrs] size segment_count
+/// segment*` (the attributes, size and segments as a manifest's file entry has them).
+fn encode_record(
+    w: &mut Writer,
+    path: &RelPath,
+    f: &Fingerprint,
+    racy: bool,
+    xattrs: XattrsSeen<'_>,
+    segments: &[Segment],
+) {
     w.u8(TAG_RECORD);
     w.bytes(path.as_bytes());
     w.varint_signed(f.mtime_sec);
@@ -356,11 +358,18 @@ fn encode_record(w: &mut Writer, path: &RelPath, f: &Fingerprint, flags: u8, seg
     w.varint_signed(f.ctime_sec);
     w.varint(u64::from(f.ctime_nsec));
     w.varint(f.ino);
-    w.u8(flags);
+    let racy = if racy { FLAG_RACY } else { 0 };
+    match xattrs {
+        XattrsSeen::Listed(x) => {
+            w.u8(racy | FLAG_XATTRS);
+            manifest::encode_xattrs(w, x);
+        }
+        XattrsSeen::Unknown => w.u8(racy),
+    }
     manifest::encode_file_body(w, f.size, segments);
 }
 
-fn decode_item(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
+fn decode_item(r: &mut Reader<'_>, version: u64) -> Result<Item, DecodeError> {
     match r.u8()? {
         TAG_END => return Ok(Item::End(r.varint()?)),
         TAG_RECORD => {}
@@ -378,9 +387,23 @@ fn decode_item(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
     let ctime_nsec = r.u32("ctime nsec")?;
     let ino = r.varint()?;
     let flags = r.u8()?;
-    // A flag this build does not know makes the record racy: never trusted.
-    let racy = flags & !FLAG_NO_XATTRS != 0;
-    let no_xattrs = flags & FLAG_NO_XATTRS != 0;
+    let (racy, xattrs) = if version == VERSION_2 {
+        // Its second flag said "no attributes"; any other made the record racy.
+        let none = flags & FLAG_XATTRS != 0;
+        (flags & !FLAG_XATTRS != 0, none.then(Vec::new))
+    } else if flags & !(FLAG_RACY | FLAG_XATTRS) != 0 {
+        return Err(DecodeError::UnknownTag {
+            what: "index record flags",
+            tag: u64::from(flags),
+        });
+    } else {
+        let listed = flags & FLAG_XATTRS != 0;
+        let xattrs = match listed {
+            true => Some(manifest::decode_xattrs(r, &Limits::default())?),
+            false => None,
+        };
+        (flags & FLAG_RACY != 0, xattrs)
+    };
     let (size, segments) = manifest::decode_file_body(r, &Limits::default())?;
     let fingerprint = Fingerprint {
         size,
@@ -396,7 +419,7 @@ fn decode_item(r: &mut Reader<'_>) -> Result<Item, DecodeError> {
             fingerprint,
             segments,
             racy,
-            no_xattrs,
+            xattrs,
         },
     ))
 }
@@ -411,6 +434,8 @@ pub struct IndexReader {
     ended: bool,
     /// Records decoded so far.
     read: u64,
+    /// The file's format version.
+    version: u64,
 }
 
 /// Every record, in volume order.
@@ -440,11 +465,12 @@ impl IndexReader {
         }
         let mut input = StreamDecoder::new(file);
         match input.next(decode_head) {
-            Ok(Some(p)) if p == params => Some(IndexReader {
+            Ok(Some((version, p))) if p == params => Some(IndexReader {
                 input,
                 ahead: None,
                 ended: false,
                 read: 0,
+                version,
             }),
             Ok(Some(_)) => {
                 tracing::info!(path = %path.display(), "index was built with other chunk sizes; ignoring it");
@@ -488,7 +514,8 @@ impl IndexReader {
         if self.ended {
             return None;
         }
-        match self.input.next(decode_item) {
+        let version = self.version;
+        match self.input.next(|r| decode_item(r, version)) {
             Ok(Some(Item::Record(p, e))) => {
                 self.read += 1;
                 Some((p, e))
@@ -549,7 +576,7 @@ impl IndexWriter {
         &mut self,
         path: &RelPath,
         stat: &StatInfo,
-        xattrs: XattrsSeen,
+        xattrs: XattrsSeen<'_>,
         segments: &[Segment],
     ) {
         self.record_seen_at(path, stat, xattrs, segments, self.scan_start_ns);
@@ -560,18 +587,13 @@ impl IndexWriter {
         &mut self,
         path: &RelPath,
         stat: &StatInfo,
-        xattrs: XattrsSeen,
+        xattrs: XattrsSeen<'_>,
         segments: &[Segment],
         seen_at: i128,
     ) {
         let fingerprint = Fingerprint::from(stat);
         let racy = fingerprint.is_racy(seen_at);
-        self.write(
-            path,
-            &fingerprint,
-            flags(racy, xattrs == XattrsSeen::None),
-            segments,
-        );
+        self.write(path, &fingerprint, racy, xattrs, segments);
     }
 
     /// Records written so far.
@@ -589,15 +611,16 @@ impl IndexWriter {
         &mut self,
         path: &RelPath,
         fingerprint: &Fingerprint,
-        flags: u8,
+        racy: bool,
+        xattrs: XattrsSeen<'_>,
         segments: &[Segment],
     ) {
         if self.failed.is_some() {
             return;
         }
-        self.racy += u64::from(flags & FLAG_RACY);
+        self.racy += u64::from(racy);
         self.scratch.buf.clear();
-        encode_record(&mut self.scratch, path, fingerprint, flags, segments);
+        encode_record(&mut self.scratch, path, fingerprint, racy, xattrs, segments);
         self.hasher.update(&self.scratch.buf);
         match self.file.write_all(&self.scratch.buf) {
             Ok(()) => self.records += 1,
@@ -640,7 +663,7 @@ pub fn settle_racy(
             // The receiver wrote the file and set its attributes itself: what it recorded of
             // them holds as its content does.
             Some(stat) => new.record(&p, &stat, e.xattrs_seen(), &e.segments),
-            None => new.write(&p, &e.fingerprint, e.flags(), &e.segments),
+            None => new.write(&p, &e.fingerprint, e.racy, e.xattrs_seen(), &e.segments),
         }
     }
     new.finish()
@@ -721,55 +744,96 @@ mod tests {
         RelPath::new(p.as_bytes().to_vec()).unwrap()
     }
 
-    /// The record `flags` would make, decoded.
-    fn decoded_with_flags(flags: u8) -> IndexEntry {
+    /// A version 2 record with `flags`, as the build before version 3 wrote it, decoded.
+    fn version_2_record(flags: u8) -> Result<IndexEntry, DecodeError> {
         let mut w = Writer::new();
         let f = Fingerprint::from(&stat(990));
-        encode_record(&mut w, &path("f"), &f, flags, &segs(1));
-        match decode_item(&mut Reader::new(&w.buf)).unwrap() {
-            Item::Record(_, e) => e,
+        encode_record(&mut w, &path("f"), &f, false, XattrsSeen::Unknown, &segs(1));
+        let flag_at = w.buf.len() - 37; // before the size, the count (a byte each), a chunk (34)
+        assert_eq!(w.buf[flag_at], 0);
+        w.buf[flag_at] = flags;
+        match decode_item(&mut Reader::new(&w.buf), VERSION_2)? {
+            Item::Record(_, e) => Ok(e),
             Item::End(_) => panic!("not a record"),
         }
     }
 
     #[test]
-    fn a_record_vouches_for_no_attributes_only_while_its_stat_holds_and_it_is_not_racy() {
+    fn a_record_vouches_for_its_attributes_only_while_its_stat_holds_and_it_is_not_racy() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("index");
         let params = ChunkerParams::default();
         let then = 1_000 * 1_000_000_000i128;
+        let label = vec![(
+            b"security.selinux".to_vec(),
+            b"system_u:object_r:x_t:s0".to_vec(),
+        )];
         let mut w = IndexWriter::create(&file, params, then).unwrap();
-        w.record(&path("bare"), &stat(990), XattrsSeen::None, &segs(1));
-        w.record(&path("dressed"), &stat(990), XattrsSeen::Unknown, &segs(2));
-        w.record(&path("fresh"), &stat(1_000), XattrsSeen::None, &segs(3));
+        w.record(&path("bare"), &stat(990), XattrsSeen::Listed(&[]), &segs(1));
+        w.record(
+            &path("labelled"),
+            &stat(990),
+            XattrsSeen::Listed(&label),
+            &segs(2),
+        );
+        w.record(&path("unlisted"), &stat(990), XattrsSeen::Unknown, &segs(3));
+        w.record(
+            &path("fresh"),
+            &stat(1_000),
+            XattrsSeen::Listed(&label),
+            &segs(4),
+        );
         w.finish().unwrap();
         let load = || FileIndex::load(&file, params);
         let idx = load();
-        let entry = |p: &str| idx.entries[&path(p)].clone();
-        assert!(entry("bare").vouches_no_xattrs(&stat(990)));
-        assert!(!entry("bare").vouches_no_xattrs(&stat(991)), "ctime moved");
-        assert!(!entry("dressed").vouches_no_xattrs(&stat(990)));
-        assert!(!entry("fresh").vouches_no_xattrs(&stat(1_000)), "racy");
+        let vouched =
+            |p: &str, st: StatInfo| idx.entries[&path(p)].vouched_xattrs(&st).map(<[_]>::to_vec);
+        assert_eq!(vouched("bare", stat(990)), Some(vec![]));
+        assert_eq!(vouched("labelled", stat(990)), Some(label.clone()));
+        assert_eq!(vouched("labelled", stat(991)), None, "ctime moved");
+        assert_eq!(vouched("unlisted", stat(990)), None);
+        assert_eq!(vouched("fresh", stat(1_000)), None, "racy");
         // Settled, a racy record keeps what it saw of the attributes.
         settle_racy(&file, params, then + 2_000_000_000, |_| Some(stat(1_000))).unwrap();
-        assert!(load().entries[&path("fresh")].vouches_no_xattrs(&stat(1_000)));
-        assert!(!load().entries[&path("dressed")].no_xattrs);
+        let settled = load();
+        let fresh = &settled.entries[&path("fresh")];
+        assert_eq!(fresh.vouched_xattrs(&stat(1_000)), Some(&label[..]));
+        assert_eq!(settled.entries[&path("unlisted")].xattrs, None);
     }
 
-    /// Records written before the flag existed (0 or 1) claim nothing about attributes; a
-    /// flag this build does not know makes the record racy, as any flag does to an older
-    /// build, so neither build trusts what it cannot read.
+    /// A version 2 record (this build's predecessor) is still read: flag 2 said "no
+    /// attributes", and any other flag made it racy. Version 3 refuses flags it does not know
+    /// (what follows them is unknown too) and rejects a badly ordered attribute list.
     #[test]
-    fn record_flags_are_read_conservatively_by_builds_before_and_after() {
-        let e = decoded_with_flags(0);
-        assert!(!e.racy && !e.no_xattrs);
-        let e = decoded_with_flags(FLAG_RACY);
-        assert!(e.racy && !e.no_xattrs);
-        let e = decoded_with_flags(FLAG_NO_XATTRS);
-        assert!(!e.racy && e.no_xattrs);
-        let e = decoded_with_flags(FLAG_NO_XATTRS | 4);
+    fn record_flags_of_both_versions_are_read_conservatively() {
+        let e = version_2_record(0).unwrap();
+        assert!(!e.racy && e.xattrs.is_none());
+        let e = version_2_record(FLAG_RACY).unwrap();
+        assert!(e.racy && e.xattrs.is_none());
+        let e = version_2_record(FLAG_XATTRS).unwrap();
+        assert!(!e.racy && e.xattrs == Some(vec![]));
+        let e = version_2_record(FLAG_XATTRS | 4).unwrap();
         assert!(e.racy, "unknown flag");
-        assert!(!e.vouches_no_xattrs(&stat(990)));
+        assert_eq!(e.vouched_xattrs(&stat(990)), None);
+
+        let mut w = Writer::new();
+        let f = Fingerprint::from(&stat(990));
+        let unsorted = vec![(b"user.b".to_vec(), vec![]), (b"user.a".to_vec(), vec![])];
+        encode_record(
+            &mut w,
+            &path("f"),
+            &f,
+            false,
+            XattrsSeen::Listed(&unsorted),
+            &segs(1),
+        );
+        assert!(decode_item(&mut Reader::new(&w.buf), VERSION).is_err());
+        let mut w = Writer::new();
+        encode_record(&mut w, &path("f"), &f, false, XattrsSeen::Unknown, &segs(1));
+        let flag_at = w.buf.len() - 37;
+        assert_eq!(w.buf[flag_at], 0);
+        w.buf[flag_at] = 4;
+        assert!(decode_item(&mut Reader::new(&w.buf), VERSION).is_err());
     }
 
     fn segs(n: u8) -> Vec<Segment> {
@@ -889,7 +953,7 @@ mod tests {
             paths.sort();
             let mut w = IndexWriter::create(&file, ChunkerParams::default(), i128::MAX / 2).unwrap();
             for (i, p) in paths.iter().enumerate() {
-                let xattrs = if bare[i] { XattrsSeen::None } else { XattrsSeen::Unknown };
+                let xattrs = if bare[i] { XattrsSeen::Listed(&[]) } else { XattrsSeen::Unknown };
                 w.record(p, &stat(10), xattrs, &segs(i as u8));
             }
             w.finish().unwrap();
@@ -898,7 +962,7 @@ mod tests {
             let mut r = IndexReader::open(&file, ChunkerParams::default()).unwrap();
             for (i, p) in paths.iter().enumerate() {
                 if asked[i] {
-                    let vouched = r.get(p).map(|e| e.vouches_no_xattrs(&stat(10)));
+                    let vouched = r.get(p).map(|e| e.vouched_xattrs(&stat(10)).is_some());
                     proptest::prop_assert_eq!(vouched, Some(bare[i]));
                     proptest::prop_assert_eq!(r.take_trusted(p, &stat(10)), Some(segs(i as u8)));
                 }

@@ -528,7 +528,7 @@ pub fn scan_tree(
                     if let Some(index) = record.as_deref_mut() {
                         // The walk listed the attributes after taking `stat`, or the index
                         // vouched that there were none.
-                        let xattrs = XattrsSeen::listed(&entry.meta.xattrs);
+                        let xattrs = XattrsSeen::Listed(&entry.meta.xattrs);
                         index.record(&entry.path, &stat, xattrs, segments);
                     }
                 }
@@ -537,21 +537,18 @@ pub fn scan_tree(
             Ok(())
         };
 
-        // The walk asks the index whether a file still has no attributes just before it
-        // visits the file, which takes the file's chunk list: both in the walk's order.
+        // The walk asks the index for a file's attributes just before it visits the file,
+        // which takes the file's chunk list: both in the walk's order.
         let reuse = RefCell::new(reuse);
-        let mut known_bare = |path: &RelPath, st: &StatInfo| {
-            !opts.checksum
-                && reuse
-                    .borrow_mut()
-                    .as_deref_mut()
-                    .and_then(|index| index.get(path))
-                    .is_some_and(|e| e.vouches_no_xattrs(st))
+        let mut known_xattrs = |path: &RelPath, st: &StatInfo| {
+            let mut reuse = reuse.borrow_mut();
+            let index = reuse.as_deref_mut().filter(|_| !opts.checksum)?;
+            index.get(path)?.vouched_xattrs(st).map(<[_]>::to_vec)
         };
         let walked = walk_with(
             root,
             WalkOptions::default(),
-            &mut known_bare,
+            &mut known_xattrs,
             &mut |scanned| {
                 let seq = next_seq;
                 next_seq += 1;

@@ -327,17 +327,18 @@ impl Destination {
                     Err(e) => return Err(io_err("cannot stat", &path.display())(e)),
                 }
                 // The index is in volume order too: it is read in step with the walk.
-                // It also vouches for files that still have no attributes, which the walk
-                // then does not list: asked just before the file is visited.
+                // It also vouches for files' attributes, which the walk then does not list:
+                // asked just before the file is visited.
                 let records = RefCell::new(IndexReader::open(&index_file, header.chunker));
-                let mut known_bare = |p: &RelPath, st: &StatInfo| {
+                let mut known_xattrs = |p: &RelPath, st: &StatInfo| {
+                    let mut records = records.borrow_mut();
                     records
-                        .borrow_mut()
-                        .as_mut()
-                        .and_then(|r| r.get(p))
-                        .is_some_and(|r| r.vouches_no_xattrs(st))
+                        .as_mut()?
+                        .get(p)?
+                        .vouched_xattrs(st)
+                        .map(<[_]>::to_vec)
                 };
-                walk_with(path, WalkOptions::default(), &mut known_bare, &mut |s| {
+                walk_with(path, WalkOptions::default(), &mut known_xattrs, &mut |s| {
                     found_below_root |= !s.path.is_root();
                     if let Some(r) = located(&mut records.borrow_mut(), &s) {
                         for seg in &r.segments {

@@ -123,7 +123,7 @@ impl NewIndex {
         &mut self,
         path: &RelPath,
         stat: &StatInfo,
-        xattrs: XattrsSeen,
+        xattrs: XattrsSeen<'_>,
         segments: &[Segment],
         seen_at: i128,
     ) {
@@ -192,7 +192,7 @@ impl Verifier<'_> {
             if s.stat.is_file() && size == s.stat.size {
                 // Every entry here was walked or scanned with its attributes listed after its
                 // stat (or vouched for as having none).
-                let xattrs = XattrsSeen::listed(&s.xattrs);
+                let xattrs = XattrsSeen::Listed(&s.xattrs);
                 self.index
                     .record(&s.path, &s.stat, xattrs, &segments, seen_at);
             }

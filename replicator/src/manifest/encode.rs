@@ -144,8 +144,13 @@ fn encode_meta(w: &mut Writer, m: &Meta) {
     w.varint(u64::from(m.gid));
     w.varint_signed(m.mtime_sec);
     w.varint(u64::from(m.mtime_nsec));
-    w.varint(m.xattrs.len() as u64);
-    for (name, value) in &m.xattrs {
+    encode_xattrs(w, &m.xattrs);
+}
+
+/// `count (name value)*`, as a manifest entry's attributes (and an index record's) are kept.
+pub fn encode_xattrs(w: &mut Writer, xattrs: &[(Vec<u8>, Vec<u8>)]) {
+    w.varint(xattrs.len() as u64);
+    for (name, value) in xattrs {
         w.bytes(name);
         w.bytes(value);
     }
@@ -236,14 +241,20 @@ fn decode_segment(r: &mut Reader<'_>, t: u8) -> Result<Segment, DecodeError> {
 }
 
 fn decode_meta(r: &mut Reader<'_>, limits: &Limits) -> Result<Meta, DecodeError> {
-    let mut meta = Meta {
+    let meta = Meta {
         perm: r.varint_max("permission bits", 0o7777)? as u32,
         uid: r.u32("uid")?,
         gid: r.u32("gid")?,
         mtime_sec: r.varint_signed()?,
         mtime_nsec: r.varint_max("mtime nanoseconds", 999_999_999)? as u32,
-        xattrs: Vec::new(),
+        xattrs: decode_xattrs(r, limits)?,
     };
+    Ok(meta)
+}
+
+/// What [`encode_xattrs`] wrote: names non-empty, without NUL, sorted and unique.
+pub fn decode_xattrs(r: &mut Reader<'_>, limits: &Limits) -> Result<super::Xattrs, DecodeError> {
+    let mut xattrs = Vec::new();
     let n = r.varint_max("xattr count", limits.max_xattrs as u64)? as usize;
     let mut last: Option<&[u8]> = None;
     for _ in 0..n {
@@ -256,9 +267,9 @@ fn decode_meta(r: &mut Reader<'_>, limits: &Limits) -> Result<Meta, DecodeError>
             });
         }
         last = Some(name);
-        meta.xattrs.push((name.to_vec(), value.to_vec()));
+        xattrs.push((name.to_vec(), value.to_vec()));
     }
-    Ok(meta)
+    Ok(xattrs)
 }
 
 /// A validated volume path (manifest entries, hard link targets, removed paths).

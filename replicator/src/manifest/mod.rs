@@ -11,8 +11,9 @@ mod path;
 pub mod store;
 
 pub use encode::{
-    Limits, decode_entry, decode_file_body, decode_header, decode_mode, decode_patch, encode_entry,
-    encode_file_body, encode_header, encode_mode, encode_patch, rel_path,
+    Limits, decode_entry, decode_file_body, decode_header, decode_mode, decode_patch,
+    decode_xattrs, encode_entry, encode_file_body, encode_header, encode_mode, encode_patch,
+    encode_xattrs, rel_path,
 };
 pub use path::{MAX_NAME, MAX_PATH, PathError, RelPath};
 
@@ -61,8 +62,11 @@ pub struct Meta {
     pub mtime_sec: i64,
     pub mtime_nsec: u32,
     /// Extended attributes, sorted by name.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    pub xattrs: Xattrs,
 }
+
+/// Extended attributes as they are kept: `(name, value)`, sorted by name.
+pub type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryKind {

@@ -5,9 +5,9 @@
 //! manifest's entry order and two walks can be merged without sorting. It never follows
 //! symlinks and never crosses into a path the caller excludes.
 //!
-//! A caller that knows a regular file has no extended attributes (its quick-check index
-//! vouches for that, see [`crate::index`]) says so through [`walk_with`]'s hook, and the walk
-//! skips listing them: by full path, that listing was a sixth of a cold walk's time.
+//! A caller that knows a regular file's extended attributes (its quick-check index vouches
+//! for them, see [`crate::index`]) hands them over through [`walk_with`]'s hook, and the walk
+//! does not list them: by full path, that listing was a sixth of a cold walk's time.
 
 use std::ffi::OsStr;
 use std::io;
@@ -19,7 +19,7 @@ use rustix::fs::{self as rfs, AtFlags, Dir, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::{S_IFLNK, StatInfo, xattr};
-use crate::manifest::RelPath;
+use crate::manifest::{RelPath, Xattrs};
 
 /// One entry as found on disk.
 #[derive(Clone, Debug)]
@@ -110,21 +110,21 @@ pub fn scan_one(
 /// The visitor of a walk: called for every entry, in volume order.
 pub type Visit<'v> = dyn FnMut(Scanned) -> Result<(), WalkError> + 'v;
 
-/// Asked for each regular file below the root: true if it is known to have no extended
-/// attributes, so the walk does not list them (the entry then has none).
-pub type KnownBare<'k> = dyn FnMut(&RelPath, &StatInfo) -> bool + 'k;
+/// Asked for each regular file below the root, after its stat: its extended attributes if
+/// they are known, so the walk does not list them.
+pub type KnownXattrs<'k> = dyn FnMut(&RelPath, &StatInfo) -> Option<Xattrs> + 'k;
 
 /// Walks `root` in volume order, calling `visit` for every entry (the root first).
 /// Entries that vanish during the walk are skipped: the source may be live.
 pub fn walk(root: &Path, opts: WalkOptions, visit: &mut Visit<'_>) -> Result<(), WalkError> {
-    walk_with(root, opts, &mut |_, _| false, visit)
+    walk_with(root, opts, &mut |_, _| None, visit)
 }
 
-/// [`walk`], not listing the attributes of the regular files `known_bare` vouches for.
+/// [`walk`], taking the attributes of the regular files `known_xattrs` vouches for from it.
 pub fn walk_with(
     root: &Path,
     opts: WalkOptions,
-    known_bare: &mut KnownBare<'_>,
+    known_xattrs: &mut KnownXattrs<'_>,
     visit: &mut Visit<'_>,
 ) -> Result<(), WalkError> {
     let Some(top) = scan_one(root, &RelPath::root(), opts)? else {
@@ -144,7 +144,7 @@ pub fn walk_with(
         let mut walker = Walker {
             root,
             opts,
-            known_bare,
+            known_xattrs,
             visit,
         };
         walker.walk_fd(&RelPath::root(), &fd)?;
@@ -171,13 +171,11 @@ fn xattrs_of(full: &Path, opts: WalkOptions) -> Result<Option<Xattrs>, WalkError
     }
 }
 
-type Xattrs = Vec<(Vec<u8>, Vec<u8>)>;
-
 /// A walk below the root, directory by directory.
 struct Walker<'w, 'k, 'v> {
     root: &'w Path,
     opts: WalkOptions,
-    known_bare: &'w mut KnownBare<'k>,
+    known_xattrs: &'w mut KnownXattrs<'k>,
     visit: &'w mut Visit<'v>,
 }
 
@@ -218,13 +216,16 @@ impl Walker<'_, '_, '_> {
                 None
             };
             // No `*xattrat` calls before Linux 6.13: these go by path.
-            let opts = if stat.is_file() && (self.known_bare)(&path, &stat) {
-                WalkOptions { xattrs: false }
-            } else {
-                self.opts
+            let known = match stat.is_file() && self.opts.xattrs {
+                true => (self.known_xattrs)(&path, &stat),
+                false => None,
             };
-            let Some(xattrs) = xattrs_of(&full_path(root, &path), opts)? else {
-                continue;
+            let xattrs = match known {
+                Some(x) => x,
+                None => match xattrs_of(&full_path(root, &path), self.opts)? {
+                    Some(x) => x,
+                    None => continue,
+                },
             };
             let is_dir = stat.is_dir();
             (self.visit)(Scanned {
@@ -311,34 +312,43 @@ mod tests {
         assert_eq!(visited, 50);
     }
 
-    /// The hook is asked about regular files only, after their stat; the attributes of a
-    /// file it vouches for are not listed (so none are reported), the others' are.
+    /// The hook is asked about regular files only, after their stat; the attributes it
+    /// vouches for are reported without listing the file's own, the others' are listed.
     #[test]
-    fn attributes_are_not_listed_for_files_the_hook_vouches_for() {
+    fn attributes_the_hook_vouches_for_are_taken_from_it() {
         let dir = tempfile::tempdir().unwrap();
         let r = dir.path();
         std::fs::create_dir(r.join("d")).unwrap();
-        for f in ["d/skipped", "d/listed"] {
+        for f in ["d/bare", "d/listed", "d/vouched"] {
             std::fs::write(r.join(f), b"x").unwrap();
             rfs::lsetxattr(r.join(f), "user.a", b"1", rfs::XattrFlags::empty()).unwrap();
         }
         std::os::unix::fs::symlink("listed", r.join("d/link")).unwrap();
         let mut asked = Vec::new();
         let mut found = Vec::new();
+        let kept = vec![(b"user.kept".to_vec(), b"2".to_vec())];
         let mut hook = |p: &RelPath, st: &StatInfo| {
             assert!(st.is_file() && st.size == 1, "{p}");
             asked.push(p.to_string());
-            p.as_bytes() == b"d/skipped"
+            match p.as_bytes() {
+                b"d/bare" => Some(Vec::new()),
+                b"d/vouched" => Some(kept.clone()),
+                _ => None,
+            }
         };
         walk_with(r, WalkOptions::default(), &mut hook, &mut |s| {
-            found.push((s.path.to_string(), s.xattrs.len()));
+            found.push((s.path.to_string(), s.xattrs));
             Ok(())
         })
         .unwrap();
-        assert_eq!(asked, ["d/listed", "d/skipped"]);
-        let listed = |name: &str| found.iter().find(|(p, _)| p == name).unwrap().1;
-        assert_eq!(listed("d/listed"), 1);
-        assert_eq!(listed("d/skipped"), 0);
+        assert_eq!(asked, ["d/bare", "d/listed", "d/vouched"]);
+        let xattrs = |name: &str| found.iter().find(|(p, _)| p == name).unwrap().1.clone();
+        assert_eq!(xattrs("d/bare"), vec![]);
+        assert_eq!(
+            xattrs("d/listed"),
+            vec![(b"user.a".to_vec(), b"1".to_vec())]
+        );
+        assert_eq!(xattrs("d/vouched"), kept);
     }
 
     /// The walk stats relative to directory handles, `scan_one` by path: both must record
