@@ -18,9 +18,10 @@
 //! ([`XattrsSeen`]). Setting or removing an attribute stamps the file's ctime, so while a
 //! file's fingerprint is unchanged and its record not racy, the walk need not list them
 //! again ([`IndexEntry::vouched_xattrs`]): a sixth of a cold walk's time in a sync that
-//! changes little, and more where every file has attributes (SELinux labels). Linux's filesystems all stamp it (the quick-check already
-//! trusts ctime for content); on a source where that cannot be relied on, `--checksum`
-//! makes the sender list every file's attributes again, as it re-reads every file.
+//! changes little, and more where every file has attributes (SELinux labels). Linux's
+//! filesystems all stamp the ctime so (the quick-check already trusts it for content); on a
+//! source where that cannot be relied on, `--checksum` makes the sender list every file's
+//! attributes again, as it re-reads every file.
 //!
 //! The file holds records in volume order, an end mark and a BLAKE3 checksum. Syncs read it
 //! ([`IndexReader`]) and write it ([`IndexWriter`]) as streams, in step with the walk or the
