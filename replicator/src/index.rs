@@ -398,10 +398,10 @@ fn decode_item(r: &mut Reader<'_>, version: u64) -> Result<Item, DecodeError> {
             tag: u64::from(flags),
         });
     } else {
-        let listed = flags & FLAG_XATTRS != 0;
-        let xattrs = match listed {
-            true => Some(manifest::decode_xattrs(r, &Limits::default())?),
-            false => None,
+        let xattrs = if flags & FLAG_XATTRS != 0 {
+            Some(manifest::decode_xattrs(r, &Limits::default())?)
+        } else {
+            None
         };
         (flags & FLAG_RACY != 0, xattrs)
     };
@@ -503,6 +503,13 @@ impl IndexReader {
         self.get(path)?;
         let (_, e) = self.ahead.take()?;
         e.vouches(stat).then_some(e.segments)
+    }
+
+    /// The attributes recorded for `path` if its record vouches for the file `stat` shows
+    /// ([`IndexEntry::vouched_xattrs`]; paths in volume order, as for [`IndexReader::get`]):
+    /// what a walk takes instead of listing them.
+    pub fn vouched_xattrs(&mut self, path: &RelPath, stat: &StatInfo) -> Option<Xattrs> {
+        self.get(path)?.vouched_xattrs(stat).map(<[_]>::to_vec)
     }
 
     /// The number of records in the whole index (reading what is left of it).

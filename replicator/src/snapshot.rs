@@ -543,7 +543,7 @@ pub fn scan_tree(
         let mut known_xattrs = |path: &RelPath, st: &StatInfo| {
             let mut reuse = reuse.borrow_mut();
             let index = reuse.as_deref_mut().filter(|_| !opts.checksum)?;
-            index.get(path)?.vouched_xattrs(st).map(<[_]>::to_vec)
+            index.vouched_xattrs(path, st)
         };
         let walked = walk_with(
             root,

@@ -331,12 +331,7 @@ impl Destination {
                 // asked just before the file is visited.
                 let records = RefCell::new(IndexReader::open(&index_file, header.chunker));
                 let mut known_xattrs = |p: &RelPath, st: &StatInfo| {
-                    let mut records = records.borrow_mut();
-                    records
-                        .as_mut()?
-                        .get(p)?
-                        .vouched_xattrs(st)
-                        .map(<[_]>::to_vec)
+                    records.borrow_mut().as_mut()?.vouched_xattrs(p, st)
                 };
                 walk_with(path, WalkOptions::default(), &mut known_xattrs, &mut |s| {
                     found_below_root |= !s.path.is_root();

@@ -191,7 +191,7 @@ impl Verifier<'_> {
             let size = segments.iter().map(Segment::len).sum();
             if s.stat.is_file() && size == s.stat.size {
                 // Every entry here was walked or scanned with its attributes listed after its
-                // stat (or vouched for as having none).
+                // stat (or taken from an index record that vouched for them).
                 let xattrs = XattrsSeen::Listed(&s.xattrs);
                 self.index
                     .record(&s.path, &s.stat, xattrs, &segments, seen_at);

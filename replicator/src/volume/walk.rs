@@ -216,9 +216,10 @@ impl Walker<'_, '_, '_> {
                 None
             };
             // No `*xattrat` calls before Linux 6.13: these go by path.
-            let known = match stat.is_file() && self.opts.xattrs {
-                true => (self.known_xattrs)(&path, &stat),
-                false => None,
+            let known = if stat.is_file() && self.opts.xattrs {
+                (self.known_xattrs)(&path, &stat)
+            } else {
+                None
             };
             let xattrs = match known {
                 Some(x) => x,
