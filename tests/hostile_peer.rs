@@ -168,6 +168,7 @@ fn hello_with_bases(bases: Vec<RootDigest>) -> Message {
         compress: false,
         stream: false,
         bases,
+        dry_run: false,
     })
 }
 

@@ -64,6 +64,30 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// The sync as a user sees it: no `--json`.
+    fn shown(&self, src: &str, dst: &str, extra: &[&str]) -> Output {
+        client_command_shown(
+            &self.client,
+            &self.server.ident.fingerprint,
+            src,
+            dst,
+            &self.state,
+            extra,
+        )
+        .output()
+        .unwrap()
+    }
+}
+
+/// The lines a dry run printed, checked to have succeeded.
+fn listing(out: &Output) -> Vec<String> {
+    assert!(out.status.success(), "{}", stderr(out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("dry run, nothing changed"), "{text}");
+    text.lines().map(str::to_string).collect()
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -554,4 +578,71 @@ fn device_nodes_cross_only_to_a_server_told_to_allow_them() {
     assert_mirrors(src.path(), &back);
     let rdev = rustix::fs::stat(back.join("null")).unwrap().st_rdev;
     assert_eq!(rdev, null);
+}
+
+/// `replicator sync -n` lists what a push or a pull would change, in either direction the
+/// receiving end plans it, and nothing changes at either end: not even an absent
+/// destination is created. The sync that follows does what the dry run said.
+#[test]
+fn dry_runs_of_a_push_and_a_pull_list_the_changes_and_change_nothing() {
+    let t = Setup::new(&[]);
+    let src = t.path("src");
+    make_sample_tree(&src).unwrap();
+    settle();
+    let lines = listing(&t.shown(s(&src), &t.remote("data"), &["--dry-run"]));
+    assert_eq!(lines[0], "create  .", "{lines:?}");
+    assert!(lines.contains(&"create  dir1/sub1/file0.txt".to_string()));
+    assert!(!t.volume("data").exists(), "a dry run created the volume");
+    summary(&t.sync(s(&src), &t.remote("data"), &[]));
+
+    edit_sample_tree(&src).unwrap();
+    settle();
+    let before = describe(&t.volume("data"));
+    let lines = listing(&t.shown(s(&src), &t.remote("data"), &["-n"]));
+    for line in [
+        "update  data.bin",
+        "update  dir1/sub1/file0.txt",
+        "delete  dir2/sub2/file3.txt",
+        "delete  dir3/sub0/file4.txt",
+        "create  dir3/file4-renamed.txt",
+    ] {
+        assert!(lines.contains(&line.to_string()), "{line} not in {lines:?}");
+    }
+    let dry = summary(&t.sync(s(&src), &t.remote("data"), &["-n"]));
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(
+        describe(&t.volume("data")),
+        before,
+        "a dry run changed the volume"
+    );
+    let real = summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    assert_eq!(real["dry_run"], false);
+    for field in ["files_written", "deleted", "chunks_sent", "root"] {
+        assert_eq!(dry[field], real[field], "{field}: {dry} vs {real}");
+    }
+    assert_mirrors(&src, &t.volume("data"));
+
+    let back = t.path("back");
+    let lines = listing(&t.shown(&t.remote("data"), s(&back), &["-n"]));
+    assert_eq!(lines[0], "create  .", "{lines:?}");
+    assert!(!back.exists(), "a dry run created the destination");
+    summary(&t.sync(&t.remote("data"), s(&back), &[]));
+    fs::write(src.join("dir3/sub0/new-file"), bytes(78, 50_000)).unwrap();
+    settle();
+    summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    let before = describe(&back);
+    let lines = listing(&t.shown(&t.remote("data"), s(&back), &["-n"]));
+    assert!(
+        lines.contains(&"create  dir3/sub0/new-file".to_string()),
+        "{lines:?}"
+    );
+    let dry = summary(&t.sync(&t.remote("data"), s(&back), &["-n"]));
+    assert_eq!(describe(&back), before, "a dry run changed the destination");
+    let real = summary(&t.sync(&t.remote("data"), s(&back), &[]));
+    for field in ["files_written", "deleted", "chunks_sent", "root"] {
+        assert_eq!(dry[field], real[field], "{field}: {dry} vs {real}");
+    }
+    assert_mirrors(&src, &back);
+    let log = t.server.log();
+    assert!(log.contains("ok (dry run: nothing changed)"), "{log}");
 }

@@ -710,3 +710,98 @@ fn a_state_directory_that_cannot_be_written_fails_the_sync_and_changes_nothing()
     summary(&run_sync(&src, &dst, &state, &[]));
     assert_mirrors(&src, &dst);
 }
+
+/// Every kind of change, as `replicator sync --dry-run` prints it (volume order, one line
+/// each, then the summary), with the destination, its state and the source's state left
+/// byte for byte as they were; the sync that follows does what the dry run said.
+#[test]
+fn a_dry_run_prints_each_change_and_changes_nothing() {
+    let (tmp, src, dst, state) = volumes();
+    fs::create_dir_all(src.join("dir/gone")).unwrap();
+    fs::write(src.join("dir/gone/old"), b"old").unwrap();
+    fs::write(src.join("edited"), bytes(1, 100_000)).unwrap();
+    fs::write(src.join("kept"), b"kept").unwrap();
+    fs::write(src.join("mode"), b"mode").unwrap();
+    fs::write(src.join("was-file"), b"file").unwrap();
+    symlink("kept", src.join("link")).unwrap();
+    let absent = tmp.path().join("absent");
+    let out = sync_command(&src, &absent, &state, &[])
+        .arg("-n")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!absent.exists(), "a dry run created its destination");
+    summary(&run_sync(&src, &dst, &state, &[]));
+
+    fs::remove_dir_all(src.join("dir/gone")).unwrap();
+    fs::write(src.join("edited"), bytes(2, 100_000)).unwrap();
+    fs::set_permissions(src.join("mode"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(src.join("was-file")).unwrap();
+    fs::create_dir(src.join("was-file")).unwrap();
+    fs::remove_file(src.join("link")).unwrap();
+    symlink("mode", src.join("link")).unwrap();
+    fs::write(src.join("new"), b"new").unwrap();
+    // The directories' times as the destination has them: their listing alone changed.
+    for d in ["", "dir"] {
+        let t = fs::metadata(dst.join(d)).unwrap().modified().unwrap();
+        let secs = t.duration_since(UNIX_EPOCH).unwrap();
+        set_mtime(&src.join(d), secs.as_secs(), secs.subsec_nanos());
+    }
+    settle();
+    let (dst_before, state_before) = (describe(&dst), describe(&state));
+    let out = Command::new(replicator_bin())
+        .args(["sync", "--dry-run", "--state-dir"])
+        .arg(&state)
+        .arg(&src)
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[..lines.len() - 1],
+        [
+            "delete  dir/gone/",
+            "delete  dir/gone/old",
+            "update  edited",
+            "update  link",
+            "attrs   mode",
+            "create  new",
+            "update  was-file/",
+        ],
+        "{text}"
+    );
+    assert!(
+        lines[lines.len() - 1].starts_with(&format!(
+            "dry run, nothing changed: {} would write 2 files and delete 2 paths",
+            dst.canonicalize().unwrap().display()
+        )),
+        "{text}"
+    );
+    let dry = summary(&run_sync(&src, &dst, &state, &["--dry-run"]));
+    assert_eq!(
+        describe(&dst),
+        dst_before,
+        "a dry run changed the destination"
+    );
+    assert_eq!(
+        describe(&state),
+        state_before,
+        "a dry run changed the state"
+    );
+    assert_eq!(dry["dry_run"], true);
+    let real = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+    for field in ["files_written", "deleted", "chunks_sent", "root"] {
+        assert_eq!(dry[field], real[field], "{field}: {dry} vs {real}");
+    }
+}

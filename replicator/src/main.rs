@@ -18,8 +18,9 @@ use replicator::net::endpoint::NetOptions;
 use replicator::net::identity::{Fingerprint, Identity, TrustList};
 use replicator::net::open::{MAX_LANES, RemoteSpec, resolve};
 use replicator::net::server::{ServeOptions, Server};
-use replicator::progress::{NoProgress, Progress};
+use replicator::progress::Progress;
 use replicator::protocol::compression::Compression;
+use replicator::protocol::dry_run::Change;
 use replicator::protocol::message::PROTOCOL_VERSION;
 use replicator::protocol::receiver::DEFAULT_MAX_ENTRIES;
 use replicator::state::StateDir;
@@ -187,6 +188,10 @@ struct SyncArgs {
     /// Print one JSON summary object on stdout at the end.
     #[arg(long)]
     json: bool,
+    /// Change nothing: print what the sync would create, update, set attributes of and
+    /// delete (one line each, then a summary; with --json the summary alone).
+    #[arg(long, short = 'n')]
+    dry_run: bool,
     /// Where sync state and indexes live (default: $REPLICATOR_STATE_DIR, else the XDG state dir).
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -342,11 +347,15 @@ fn init_logging(level: &str) {
         .init();
 }
 
-/// Renders progress with indicatif when stderr is a terminal.
-struct Bar(ProgressBar);
+/// Renders progress with indicatif when stderr is a terminal, and a dry run's changes on
+/// stdout, one per line.
+struct Shown {
+    bar: Option<ProgressBar>,
+    list_changes: bool,
+}
 
-impl Bar {
-    fn new() -> Self {
+impl Shown {
+    fn bar() -> ProgressBar {
         let bar = ProgressBar::new(0);
         bar.set_style(
             ProgressStyle::with_template(
@@ -356,25 +365,42 @@ impl Bar {
             .progress_chars("=> "),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
-        Bar(bar)
+        bar
     }
 }
 
-impl Progress for Bar {
+impl Progress for Shown {
     fn set_total(&self, bytes: u64) {
-        self.0.set_length(bytes);
+        if let Some(bar) = &self.bar {
+            bar.set_length(bytes);
+        }
     }
     fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
+        if let Some(bar) = &self.bar {
+            bar.inc(bytes);
+        }
     }
     fn phase(&self, name: &str) {
-        self.0.set_message(name.to_string());
+        if let Some(bar) = &self.bar {
+            bar.set_message(name.to_string());
+        }
     }
     fn restart(&self, name: &str, total: u64) {
-        self.0.set_message(name.to_string());
-        self.0.set_length(total);
-        self.0.set_position(0);
-        self.0.reset_eta();
+        if let Some(bar) = &self.bar {
+            bar.set_message(name.to_string());
+            bar.set_length(total);
+            bar.set_position(0);
+            bar.reset_eta();
+        }
+    }
+    fn change(&self, change: &Change) {
+        if !self.list_changes {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.suspend(|| println!("{change}")),
+            None => println!("{change}"),
+        }
     }
 }
 
@@ -394,6 +420,7 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
             Some(c) => c,
             None => return Err(Failure::Usage(format!("bad --compress {}", a.compress))),
         },
+        dry_run: a.dry_run,
         ..SyncOptions::default()
     };
     if let Some(dir) = &a.state_dir {
@@ -402,8 +429,9 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
     if let Some(t) = a.threads {
         opts.threads = t.max(1);
     }
+    let list = a.dry_run && !a.json;
     let summary = match (remote_src, remote_dst) {
-        (None, None) => with_progress(|p| sync_local(&a.src, &a.dst, &opts, p))?,
+        (None, None) => with_progress(list, |p| sync_local(&a.src, &a.dst, &opts, p))?,
         (Some(_), Some(_)) => {
             return Err(Failure::Usage(
                 "both ends are remote; run the sync on one of the hosts".into(),
@@ -411,11 +439,11 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
         }
         (None, Some(remote)) => {
             let client = client_options(&a.peer)?;
-            with_progress(|p| push(&a.src, &remote, &opts, &client, p))?
+            with_progress(list, |p| push(&a.src, &remote, &opts, &client, p))?
         }
         (Some(remote), None) => {
             let client = client_options(&a.peer)?;
-            with_progress(|p| pull(&remote, &a.dst, &opts, &client, p))?
+            with_progress(list, |p| pull(&remote, &a.dst, &opts, &client, p))?
         }
     };
     print_summary(&summary, a.json);
@@ -574,20 +602,40 @@ fn run_serve(a: ServeArgs) -> Result<(), Failure> {
     })
 }
 
-fn with_progress<T>(f: impl FnOnce(&dyn Progress) -> Result<T, SyncError>) -> Result<T, SyncError> {
-    if std::io::stderr().is_terminal() {
-        let bar = Bar::new();
-        let r = f(&bar);
-        bar.0.finish_and_clear();
-        r
-    } else {
-        f(&NoProgress)
+/// Runs `f` with a progress bar when stderr is a terminal; `list_changes` prints a dry
+/// run's changes.
+fn with_progress<T>(
+    list_changes: bool,
+    f: impl FnOnce(&dyn Progress) -> Result<T, SyncError>,
+) -> Result<T, SyncError> {
+    let shown = Shown {
+        bar: std::io::stderr().is_terminal().then(Shown::bar),
+        list_changes,
+    };
+    let r = f(&shown);
+    if let Some(bar) = &shown.bar {
+        bar.finish_and_clear();
     }
+    r
 }
 
 fn print_summary(s: &Summary, json: bool) {
     if json {
         println!("{}", serde_json::to_string(s).unwrap_or_default());
+        return;
+    }
+    if s.dry_run {
+        // Asked for explicitly: printed even when piped.
+        println!(
+            "dry run, nothing changed: {} would write {} files and delete {} paths; {} chunks of {} to send ({} copied locally); root {}",
+            s.destination,
+            s.files_written,
+            s.deleted,
+            s.chunks_sent,
+            human(s.bytes_sent_raw),
+            human(s.bytes_copied_locally),
+            s.root
+        );
         return;
     }
     if !std::io::stdout().is_terminal() && !std::io::stderr().is_terminal() {
@@ -676,9 +724,9 @@ fn run_demo(a: DemoArgs) -> Result<(), Failure> {
         // Timestamps within a second of a scan are not trusted by the quick check (a write in
         // the same clock tick would go unnoticed); let the fresh tree age past that.
         std::thread::sleep(Duration::from_millis(1100));
-        let first = with_progress(|p| sync_local(&src, &dst, &opts, p))?;
+        let first = with_progress(false, |p| sync_local(&src, &dst, &opts, p))?;
         replicator::demo::edit_sample_tree(&src).map_err(|e| Failure::Failed(Box::new(e)))?;
-        let second = with_progress(|p| sync_local(&src, &dst, &opts, p))?;
+        let second = with_progress(false, |p| sync_local(&src, &dst, &opts, p))?;
         let (a_root, _) = replicator::digest::digest_volume(&src, opts.chunker, opts.threads)
             .map_err(|e| Failure::Failed(Box::new(e)))?;
         let (b_root, _) = replicator::digest::digest_volume(&dst, opts.chunker, opts.threads)

@@ -2,6 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::protocol::dry_run::Change;
+
 /// Receives progress from a sync. Implementations must be cheap: called per chunk.
 pub trait Progress: Send + Sync {
     /// Total bytes the receiver will account for (known once the manifest is in).
@@ -16,6 +18,8 @@ pub trait Progress: Send + Sync {
         self.phase(name);
         self.set_total(total);
     }
+    /// A dry run's planned change (shown by whichever end the user runs).
+    fn change(&self, _change: &Change) {}
 }
 
 /// Reports nothing.

@@ -32,6 +32,8 @@ pub struct SyncOptions {
     pub compress: Compression,
     pub state_dir: PathBuf,
     pub threads: usize,
+    /// Only report what the sync would change (`--dry-run`); see [`crate::protocol::dry_run`].
+    pub dry_run: bool,
 }
 
 impl Default for SyncOptions {
@@ -42,6 +44,7 @@ impl Default for SyncOptions {
             compress: Compression::Never,
             state_dir: StateDir::default_location(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            dry_run: false,
         }
     }
 }
@@ -71,6 +74,10 @@ pub struct Summary {
     pub deleted: u64,
     pub duration_ms: u64,
     pub root: String,
+    /// Nothing was changed: `chunks_sent`, `bytes_sent_raw`, `bytes_copied_locally`,
+    /// `files_written` and `deleted` say what the sync would do, `root` what the destination
+    /// would become.
+    pub dry_run: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +186,7 @@ pub fn sync_local(
                 // Both ends are this user's: devices are copied as `cp -a` copies them.
                 ReceiverOptions {
                     allow_devices: true,
+                    dry_run: opts.dry_run,
                     ..ReceiverOptions::default()
                 },
             )?;
@@ -239,6 +247,7 @@ pub fn run_source(
         },
         compress: opts.compress,
         state,
+        dry_run: opts.dry_run,
     };
     run_sender(src, sender_opts, now_ns(), tx, rx, progress)
 }
@@ -274,6 +283,7 @@ impl Ends {
             deleted: r.receiver.deleted,
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),
+            dry_run: r.dry_run,
         }
     }
 
@@ -300,6 +310,7 @@ impl Ends {
             deleted: r.stats.deleted,
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),
+            dry_run: r.dry_run,
         }
     }
 }

@@ -202,9 +202,22 @@ pub fn client_command(
     state: &Path,
     extra: &[&str],
 ) -> Command {
+    let mut cmd = client_command_shown(client, server_fp, src, dst, state, extra);
+    cmd.arg("--json");
+    cmd
+}
+
+/// `replicator sync` without `--json`: its stdout is what a user reads.
+pub fn client_command_shown(
+    client: &Ident,
+    server_fp: &str,
+    src: &str,
+    dst: &str,
+    state: &Path,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(replicator_bin());
     cmd.arg("sync")
-        .arg("--json")
         .arg("--identity")
         .arg(&client.dir)
         .arg("--peer-id")

@@ -236,7 +236,11 @@ impl Destination {
                         d.stale_temps.push(name);
                         continue;
                     }
-                    let Ok(d) = vol.dir(&parent) else { continue }; // parent gone or replaced
+                    let Ok(d) = vol.dir(&parent) else {
+                        // Its parent was replaced by a non-directory: it went with it.
+                        self.stats.deleted += 1;
+                        continue;
+                    };
                     self.retired.hold(&s.stat, d, &name);
                     let retired = &mut self.retired;
                     fsops::remove_any_with(d, &name, &mut |d, n| retired.hold_unseen(d, n))

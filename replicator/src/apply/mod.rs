@@ -27,6 +27,7 @@
 //! connection broke). See docs/architecture.md for the crash-safety argument.
 
 mod behind;
+mod changes;
 mod commit;
 mod durable;
 pub mod flusher;
@@ -297,6 +298,22 @@ impl Found {
 impl Destination {
     /// Phase 1: look at the destination and mark it incomplete.
     pub fn prepare(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
+        Self::prepare_with(path, header, state, false)
+    }
+
+    /// Phase 1 of a dry run: look at the destination and change nothing, neither it (an
+    /// absent one is planned as empty, not created) nor its state. Only [`Self::plan`],
+    /// [`Self::end_manifest`] and [`Self::changes`] may follow.
+    pub fn look(path: &Path, header: Header, state: TargetState) -> Result<Self, ApplyError> {
+        Self::prepare_with(path, header, state, true)
+    }
+
+    fn prepare_with(
+        path: &Path,
+        header: Header,
+        state: TargetState,
+        dry_run: bool,
+    ) -> Result<Self, ApplyError> {
         let prepared_at = now_ns();
         let index_file = state.index_file();
         let scratch = state.dir.clone();
@@ -318,6 +335,7 @@ impl Destination {
                         return Err(ApplyError::NotADirectory(path.to_path_buf()));
                     }
                     Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound && dry_run => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
                         std::fs::create_dir_all(path)
                             .map_err(io_err("cannot create", &path.display()))?;
@@ -326,6 +344,7 @@ impl Destination {
                     }
                     Err(e) => return Err(io_err("cannot stat", &path.display())(e)),
                 }
+                let absent = dry_run && std::fs::symlink_metadata(path).is_err();
                 // The index is in volume order too: it is read in step with the walk.
                 // It also vouches for files' attributes, which the walk then does not list:
                 // asked just before the file is visited.
@@ -333,7 +352,7 @@ impl Destination {
                 let mut known_xattrs = |p: &RelPath, st: &StatInfo| {
                     records.borrow_mut().as_mut()?.vouched_xattrs(p, st)
                 };
-                walk_with(path, WalkOptions::default(), &mut known_xattrs, &mut |s| {
+                let visit = &mut |s: Scanned| {
                     found_below_root |= !s.path.is_root();
                     if let Some(r) = located(&mut records.borrow_mut(), &s) {
                         for seg in &r.segments {
@@ -343,9 +362,14 @@ impl Destination {
                         }
                     }
                     found.push(&s).map_err(|e| WalkError::io(&scratch, e))
-                })
-                .map_err(|e| ApplyError::Manifest(e.to_string()))?;
-                vol = Some(VolumeDir::open(path).map_err(io_err("cannot open", &path.display()))?);
+                };
+                if !absent {
+                    walk_with(path, WalkOptions::default(), &mut known_xattrs, visit)
+                        .map_err(|e| ApplyError::Manifest(e.to_string()))?;
+                    vol = Some(
+                        VolumeDir::open(path).map_err(io_err("cannot open", &path.display()))?,
+                    );
+                }
             }
             VolumeMode::Block => {
                 if let Ok(m) = std::fs::metadata(path)
@@ -360,9 +384,11 @@ impl Destination {
                 }
             }
         }
-        state
-            .mark_incomplete(path)
-            .map_err(io_err("cannot write state of", &path.display()))?;
+        if !dry_run {
+            state
+                .mark_incomplete(path)
+                .map_err(io_err("cannot write state of", &path.display()))?;
+        }
         let mut walked = found;
         let mut found = Found {
             reader: walked.read().map_err(scratch_err())?,
@@ -380,9 +406,12 @@ impl Destination {
                 .unwrap_or_default(),
             _ => HashMap::new(),
         };
-        let store = StoreWriter::create(&state.manifest_file(), &header)
-            .map_err(|e| tracing::warn!("cannot keep this manifest for the next delta: {e}"))
-            .ok();
+        let store = match dry_run {
+            true => None,
+            false => StoreWriter::create(&state.manifest_file(), &header)
+                .map_err(|e| tracing::warn!("cannot keep this manifest for the next delta: {e}"))
+                .ok(),
+        };
         Ok(Destination {
             path: path.to_path_buf(),
             digest: DigestBuilder::new(&header),

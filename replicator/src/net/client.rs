@@ -347,6 +347,7 @@ pub fn pull(
         // A pull writes what the user asked for, from a server the user pinned.
         ReceiverOptions {
             allow_devices: true,
+            dry_run: opts.dry_run,
             ..ReceiverOptions::default()
         },
     );

@@ -460,10 +460,11 @@ async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
         ),
     };
     let spoke_last = match &result {
-        Ok(spoke_last) => *spoke_last,
+        Ok(ended) => ended.spoke_last,
         Err(e) => !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)),
     };
     let verdict = match &result {
+        Ok(Ended { dry_run: true, .. }) => "ok (dry run: nothing changed)".to_string(),
         Ok(_) => "ok".to_string(),
         Err(e @ SessionError::Transport(TransportError::Malformed(_))) => format!("failed: {e}"),
         Err(e @ SessionError::Transport(_)) => match conn.close_reason() {
@@ -601,14 +602,22 @@ async fn read_open(stream: &mut RecvStream) -> Result<Open, (CloseCode, String)>
     Open::decode(&body).map_err(|e| bad(format!("bad session request: {e}")))
 }
 
-/// Runs the engine for one session. `Ok(true)` when this side sent the last message.
+/// How a session that did not fail ended.
+struct Ended {
+    /// This side sent the last message.
+    spoke_last: bool,
+    /// The client asked for a dry run: nothing was written.
+    dry_run: bool,
+}
+
+/// Runs the engine for one session.
 fn run_session(
     shared: &Shared,
     open: &Open,
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
     guard: Option<LockGuard>,
-) -> Result<bool, SessionError> {
+) -> Result<Ended, SessionError> {
     let path = shared.root.join(&open.volume);
     match open.direction {
         Direction::Push => {
@@ -616,8 +625,10 @@ fn run_session(
                 max_entries: shared.opts.max_entries,
                 allow_devices: shared.opts.allow_devices,
                 on_done: guard.as_ref().map(|g| Box::new(g.finisher()) as _),
+                // The client's hello asks for a dry run if it wants one.
+                dry_run: false,
             };
-            run_receiver(
+            let report = run_receiver(
                 &path,
                 shared.states.target(&path),
                 tx,
@@ -625,7 +636,10 @@ fn run_session(
                 &NoProgress,
                 opts,
             )?;
-            Ok(true)
+            Ok(Ended {
+                spoke_last: true,
+                dry_run: report.dry_run,
+            })
         }
         Direction::Pull => {
             let mode = volume::detect_mode(&path).map_err(|e| {
@@ -641,11 +655,19 @@ fn run_session(
                 compress: open.compress,
                 state_dir: shared.states.root().to_path_buf(),
                 threads: shared.opts.threads,
+                // The client's hello asks for a dry run if it wants one.
+                dry_run: false,
             };
-            run_source(&path, mode, &opts, tx, rx, &crate::progress::NoProgress)?;
-            Ok(false)
+            let report = run_source(&path, mode, &opts, tx, rx, &crate::progress::NoProgress)?;
+            Ok(Ended {
+                spoke_last: false,
+                dry_run: report.dry_run,
+            })
         }
-        Direction::Bench => bench_sink(tx, rx).map(|_| true),
+        Direction::Bench => bench_sink(tx, rx).map(|_| Ended {
+            spoke_last: true,
+            dry_run: false,
+        }),
     }
 }
 

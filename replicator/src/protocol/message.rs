@@ -7,13 +7,14 @@
 use bytes::Bytes;
 
 use super::compression::FAST;
+use super::dry_run::{self, Change, Outcome};
 use crate::chunk::{ChunkId, ChunkerParams};
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::manifest::delta::FilePatch;
 use crate::manifest::{self, Entry, Limits, RelPath, RootDigest, VolumeMode};
 
 /// Version of the session protocol (also carried in the QUIC ALPN).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame either side accepts (a maximal chunk plus headers fits comfortably).
 pub const MAX_FRAME: usize = 17 << 20;
 /// Most chunk ids in one `Want` message.
@@ -37,6 +38,8 @@ pub struct Hello {
     /// receiver holding one of them echoes that one alone, and the sender then sends only
     /// changes against it. Anything else (none, or a root not offered) means a full manifest.
     pub bases: Vec<RootDigest>,
+    /// A dry run ([`super::dry_run`]): asked by either side, echoed by the receiver.
+    pub dry_run: bool,
 }
 
 /// Most delta bases a hello may offer.
@@ -48,6 +51,7 @@ mod hello_flags {
     pub const STREAM: u8 = 2;
     /// A count (1 to [`super::MAX_BASES`]) and that many base roots follow the flags.
     pub const BASE: u8 = 4;
+    pub const DRY_RUN: u8 = 8;
 }
 
 /// How a chunk's payload is encoded on the wire.
@@ -130,6 +134,10 @@ pub enum Message {
     ChunksEnd { bytes_read: u64 },
     /// Receiver: the volume is durable and its digest is `root`; what applying it took.
     Done { root: RootDigest, stats: DoneStats },
+    /// Receiver, dry runs only, in place of wants: what the sync would change.
+    Changes(Vec<Change>),
+    /// Receiver, dry runs only: the last message; what the sync would move.
+    DryRunEnd(Outcome),
     /// Either side: the session failed; the text says why.
     Error { message: String },
     /// Bench sessions only: what the sink verified and the CPU time it spent.
@@ -151,6 +159,8 @@ mod ty {
     pub const PATCH: u8 = 12;
     pub const WANT_HINTS: u8 = 13;
     pub const SUFFIX: u8 = 14;
+    pub const CHANGES: u8 = 15;
+    pub const DRY_RUN_END: u8 = 16;
 }
 
 impl Message {
@@ -168,6 +178,8 @@ impl Message {
             Message::Chunk(_) => "chunk",
             Message::ChunksEnd { .. } => "chunks-end",
             Message::Done { .. } => "done",
+            Message::Changes(_) => "changes",
+            Message::DryRunEnd(_) => "dry-run-end",
             Message::BenchResult { .. } => "bench-result",
             Message::Error { .. } => "error",
         }
@@ -200,6 +212,9 @@ impl Message {
                 }
                 if !h.bases.is_empty() {
                     flags |= hello_flags::BASE;
+                }
+                if h.dry_run {
+                    flags |= hello_flags::DRY_RUN;
                 }
                 w.u8(flags);
                 if !h.bases.is_empty() {
@@ -268,6 +283,14 @@ impl Message {
                 w.varint(stats.files_written);
                 w.varint(stats.deleted);
                 w.varint(stats.bytes_copied_locally);
+            }
+            Message::Changes(changes) => {
+                w.u8(ty::CHANGES);
+                dry_run::encode_changes(&mut w, changes);
+            }
+            Message::DryRunEnd(outcome) => {
+                w.u8(ty::DRY_RUN_END);
+                dry_run::encode_outcome(&mut w, outcome);
             }
             Message::Error { message } => {
                 w.u8(ty::ERROR);
@@ -347,7 +370,11 @@ impl Message {
                     });
                 }
                 let flags = r.u8()?;
-                if flags & !(hello_flags::COMPRESS | hello_flags::STREAM | hello_flags::BASE) != 0 {
+                let known = hello_flags::COMPRESS
+                    | hello_flags::STREAM
+                    | hello_flags::BASE
+                    | hello_flags::DRY_RUN;
+                if flags & !known != 0 {
                     return Err(DecodeError::Invalid {
                         what: "hello",
                         why: "unknown flags",
@@ -374,6 +401,7 @@ impl Message {
                                 .collect::<Result<_, _>>()?
                         }
                     },
+                    dry_run: flags & hello_flags::DRY_RUN != 0,
                 })
             }
             ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
@@ -445,6 +473,8 @@ impl Message {
                     bytes_copied_locally: r.varint()?,
                 },
             },
+            ty::CHANGES => Message::Changes(dry_run::decode_changes(&mut r)?),
+            ty::DRY_RUN_END => Message::DryRunEnd(dry_run::decode_outcome(&mut r)?),
             ty::ERROR => Message::Error {
                 message: String::from_utf8_lossy(r.bytes("error text", MAX_ERROR)?).into_owned(),
             },
@@ -683,6 +713,7 @@ mod tests {
                 compress: true,
                 stream: true,
                 bases: Vec::new(),
+                dry_run: false,
             }),
             Message::Hello(Hello {
                 version: 3,
@@ -691,6 +722,28 @@ mod tests {
                 compress: false,
                 stream: false,
                 bases: vec![RootDigest([7; 32]), RootDigest([8; 32])],
+                dry_run: true,
+            }),
+            Message::Changes(vec![
+                Change {
+                    action: super::dry_run::Action::Delete,
+                    dir: true,
+                    path: RelPath::new(b"old".to_vec()).unwrap(),
+                },
+                Change {
+                    action: super::dry_run::Action::Attrs,
+                    dir: true,
+                    path: RelPath::root(),
+                },
+            ]),
+            Message::DryRunEnd(Outcome {
+                chunks_wanted: 3,
+                bytes_wanted: 70_000,
+                stats: DoneStats {
+                    files_written: 2,
+                    deleted: 1,
+                    bytes_copied_locally: 9,
+                },
             }),
             Message::Removed(RelPath::new(b"a/b c".to_vec()).unwrap()),
             Message::WantHints(vec![WantHint {

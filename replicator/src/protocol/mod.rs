@@ -9,11 +9,14 @@
 //!   Chunk* ChunksEnd ────────────────▶  (verifies, writes, commits, re-digests)
 //!          ◀──────────────────────────  Done{root} | Error
 //! ```
+//! A dry run ([`dry_run`]) ends after the manifest: the receiver answers `Changes*
+//! DryRunEnd` in place of its wants, and nothing is written.
 //! [`message`] defines the messages and their framing; [`phase`] is the I/O-free rulebook of
 //! which message may come next; [`sender`] and [`receiver`] drive a session over any
 //! [`crate::transport`].
 
 pub mod compression;
+pub mod dry_run;
 pub mod message;
 pub mod phase;
 pub mod receiver;

@@ -25,6 +25,8 @@ pub enum ReceiverPhase {
 pub enum SenderPhase {
     Hello,
     Wants,
+    /// A dry run's changes, instead of wants ([`super::dry_run`]).
+    Changes,
     Outcome,
     Finished,
 }
@@ -63,11 +65,17 @@ impl SenderPhase {
         use SenderPhase::*;
         match (self, msg) {
             (_, Message::Error { .. }) => Ok(Finished),
+            (Hello, Message::Hello(h)) if h.dry_run && h.stream => {
+                Err("a dry run cannot be a streamed session".into())
+            }
+            (Hello, Message::Hello(h)) if h.dry_run => Ok(Changes),
             // A streamed session has no want phase: chunks went out with the manifest.
             (Hello, Message::Hello(h)) if h.stream => Ok(Outcome),
             (Hello, Message::Hello(_)) => Ok(Wants),
             (Wants, Message::Want(_) | Message::WantHints(_)) => Ok(Wants),
             (Wants, Message::WantEnd) => Ok(Outcome),
+            (Changes, Message::Changes(_)) => Ok(Changes),
+            (Changes, Message::DryRunEnd(_)) => Ok(Finished),
             (Outcome, Message::Done { .. }) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),
         }
@@ -122,6 +130,7 @@ mod tests {
                 compress: false,
                 stream,
                 bases: Vec::new(),
+                dry_run: false,
             })
         };
         assert_eq!(
@@ -186,6 +195,43 @@ mod tests {
             })
             .unwrap(),
             SenderPhase::Finished
+        );
+    }
+
+    #[test]
+    fn a_dry_run_answers_changes_then_its_end_and_never_streams() {
+        let hello = |stream, dry_run| {
+            Message::Hello(crate::protocol::message::Hello {
+                version: 5,
+                mode: crate::manifest::VolumeMode::Tree,
+                chunker: Default::default(),
+                compress: false,
+                stream,
+                bases: Vec::new(),
+                dry_run,
+            })
+        };
+        assert!(SenderPhase::Hello.accept(&hello(true, true)).is_err());
+        let p = SenderPhase::Hello.accept(&hello(false, true)).unwrap();
+        assert_eq!(p, SenderPhase::Changes);
+        assert_eq!(p.accept(&Message::Changes(Vec::new())).unwrap(), p);
+        for refused in [
+            Message::Want(vec![]),
+            Message::WantEnd,
+            Message::Done {
+                root: RootDigest([0; 32]),
+                stats: Default::default(),
+            },
+        ] {
+            assert!(p.accept(&refused).is_err(), "{}", refused.name());
+        }
+        let end = Message::DryRunEnd(Default::default());
+        assert_eq!(p.accept(&end).unwrap(), SenderPhase::Finished);
+        assert!(SenderPhase::Wants.accept(&end).is_err());
+        assert!(
+            SenderPhase::Wants
+                .accept(&Message::Changes(Vec::new()))
+                .is_err()
         );
     }
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::SessionError;
+use super::dry_run::ChangeBatch;
 use super::message::{
     ChunkData, DoneStats, Hello, MAX_WANT, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
 };
@@ -27,6 +28,8 @@ pub struct ReceiverReport {
     pub manifest: ManifestSent,
     /// Source bytes the sender had to read (from `ChunksEnd`).
     pub sender_bytes_read: u64,
+    /// A dry run: `stats` say what the sync would do; nothing was changed.
+    pub dry_run: bool,
 }
 
 /// Most manifest entries a receiver accepts unless told otherwise: a peer cannot make it
@@ -47,6 +50,8 @@ pub struct ReceiverOptions {
     /// out the racy margin): a server marks the volume as finishing here, so that a new
     /// session waits for the index instead of being refused as busy.
     pub on_done: Option<Box<dyn FnOnce() + Send>>,
+    /// Ask for a dry run ([`super::dry_run`]); the sender may ask for one too.
+    pub dry_run: bool,
 }
 
 impl Default for ReceiverOptions {
@@ -55,6 +60,7 @@ impl Default for ReceiverOptions {
             max_entries: DEFAULT_MAX_ENTRIES,
             allow_devices: false,
             on_done: None,
+            dry_run: false,
         }
     }
 }
@@ -71,11 +77,7 @@ pub fn run_receiver(
     opts: ReceiverOptions,
 ) -> Result<ReceiverReport, SessionError> {
     let mut dest: Option<Destination> = None;
-    let limits = EntryLimits {
-        max_entries: opts.max_entries,
-        allow_devices: opts.allow_devices,
-    };
-    let result = session(dst, state, tx, rx, progress, limits, &mut dest);
+    let result = session(dst, state, tx, rx, progress, &opts, &mut dest);
     if let Err(e) = &result {
         if !matches!(e, SessionError::Peer(_) | SessionError::Transport(_)) {
             let _ = tx.send(Message::Error {
@@ -96,7 +98,9 @@ pub fn run_receiver(
     if let Some(done) = opts.on_done {
         done();
     }
-    committed.save_index();
+    if let Some(committed) = committed {
+        committed.save_index();
+    }
     Ok(report)
 }
 
@@ -185,9 +189,13 @@ fn session(
     tx: &mut dyn MessageTx,
     rx: &mut dyn MessageRx,
     progress: &dyn Progress,
-    limits: EntryLimits,
+    opts: &ReceiverOptions,
     slot: &mut Option<Destination>,
-) -> Result<(ReceiverReport, Committed), SessionError> {
+) -> Result<(ReceiverReport, Option<Committed>), SessionError> {
+    let limits = EntryLimits {
+        max_entries: opts.max_entries,
+        allow_devices: opts.allow_devices,
+    };
     let mut feed = Feed {
         rx,
         phase: ReceiverPhase::Hello,
@@ -197,7 +205,8 @@ fn session(
     };
     // An empty destination will want every chunk: asking for them would only cost a round
     // trip and a second pass over the source, so the sender streams them with the manifest.
-    let stream = hello.mode == VolumeMode::Tree && is_empty_dir(dst);
+    let dry_run = opts.dry_run || hello.dry_run;
+    let stream = !dry_run && hello.mode == VolumeMode::Tree && is_empty_dir(dst);
     let header = header(hello.mode, hello.chunker);
     // A delta needs the manifest the sender offers, intact. It only shortens the wire: the
     // merged manifest is checked against the sender's root and planned against what the
@@ -210,6 +219,7 @@ fn session(
         version: PROTOCOL_VERSION,
         stream,
         bases: base.iter().map(StoredManifest::root).collect(),
+        dry_run,
         ..hello.clone()
     }))?;
     if hello.version != PROTOCOL_VERSION {
@@ -223,7 +233,10 @@ fn session(
     }
     progress.phase("scanning");
     let started = std::time::Instant::now();
-    let dest = slot.insert(Destination::prepare(dst, header, state)?);
+    let dest = slot.insert(match dry_run {
+        true => Destination::look(dst, header, state)?,
+        false => Destination::prepare(dst, header, state)?,
+    });
     tracing::debug!(
         ms = started.elapsed().as_millis(),
         stream,
@@ -259,15 +272,18 @@ fn session(
         entries = count,
         "manifest received and planned"
     );
-    progress.set_total(dest.progress_total());
-    let wants = dest.take_wants();
-    let hints = dest.want_hints();
     let start = SessionStart {
         root,
         mode: hello.mode,
         manifest,
         started,
     };
+    if dry_run {
+        return report_changes(dest, tx, start, progress).map(|report| (report, None));
+    }
+    progress.set_total(dest.progress_total());
+    let wants = dest.take_wants();
+    let hints = dest.want_hints();
     if stream {
         return finish(feed, tx, slot, start, progress);
     }
@@ -304,6 +320,39 @@ fn session(
     written?;
     sent?;
     finish(feed, tx, slot, start, progress)
+}
+
+/// A dry run's end: the planned changes go to the sender (and to this end's progress), then
+/// what the sync would move; nothing is written.
+fn report_changes(
+    dest: &mut Destination,
+    tx: &mut dyn MessageTx,
+    start: SessionStart,
+    progress: &dyn Progress,
+) -> Result<ReceiverReport, SessionError> {
+    progress.phase("dry run");
+    let mut batch = ChangeBatch::default();
+    let outcome = dest.changes(|change| -> Result<(), SessionError> {
+        progress.change(&change);
+        if let Some(full) = batch.push(change) {
+            tx.send(Message::Changes(full))?;
+        }
+        Ok(())
+    })?;
+    if let Some(rest) = batch.rest() {
+        tx.send(Message::Changes(rest))?;
+    }
+    tx.send(Message::DryRunEnd(outcome))?;
+    tx.flush()?;
+    tracing::debug!(ms = start.started.elapsed().as_millis(), "dry run planned");
+    Ok(ReceiverReport {
+        mode: start.mode,
+        root: start.root,
+        stats: dest.stats,
+        manifest: start.manifest,
+        sender_bytes_read: 0,
+        dry_run: true,
+    })
 }
 
 /// What the end of a session needs to know about its start.
@@ -393,7 +442,7 @@ fn finish(
     slot: &mut Option<Destination>,
     start: SessionStart,
     progress: &dyn Progress,
-) -> Result<(ReceiverReport, Committed), SessionError> {
+) -> Result<(ReceiverReport, Option<Committed>), SessionError> {
     let SessionStart {
         root,
         mode,
@@ -429,8 +478,9 @@ fn finish(
         stats,
         manifest,
         sender_bytes_read,
+        dry_run: false,
     };
-    Ok((report, committed))
+    Ok((report, Some(committed)))
 }
 
 /// The manifest `state`'s destination was last completed at, if it is one of those `offered`

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use super::SessionError;
 use super::compression::{CompressPolicy, Compression};
+use super::dry_run::Outcome;
 use super::message::{
     ChunkData, DoneStats, Hello, MAX_BASES, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
 };
@@ -37,6 +38,8 @@ pub struct SenderOptions {
     /// the receiver's verdict. The manifest is kept once the receiver confirms it, as the
     /// base the next session may send a delta against.
     pub state: SourceState,
+    /// Ask for a dry run ([`super::dry_run`]): nothing is sent, nothing saved.
+    pub dry_run: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +51,9 @@ pub struct SenderReport {
     pub manifest: ManifestSent,
     /// What the receiver reported with `Done`.
     pub receiver: DoneStats,
+    /// A dry run: `chunks_sent`, `bytes_sent_raw` and `receiver` say what the sync would
+    /// send and do; nothing was sent or changed.
+    pub dry_run: bool,
 }
 
 pub fn header(mode: VolumeMode, chunker: ChunkerParams) -> Header {
@@ -108,9 +114,10 @@ fn session(
         compress: opts.compress != Compression::Never,
         stream: false,
         bases: offered.clone(),
+        dry_run: opts.dry_run,
     }))?;
     let mut phase = SenderPhase::Hello;
-    let (stream, agreed) = match next(&mut phase, rx)? {
+    let (stream, agreed, dry_run) = match next(&mut phase, rx)? {
         Message::Hello(h) if h.version != PROTOCOL_VERSION => {
             return Err(SessionError::Version {
                 ours: PROTOCOL_VERSION,
@@ -131,7 +138,12 @@ fn session(
                 "the receiver asked for a delta against a manifest that was not offered".into(),
             ));
         }
-        Message::Hello(h) => (h.stream, h.bases.first().copied()),
+        Message::Hello(h) if opts.dry_run && !h.dry_run => {
+            return Err(SessionError::Protocol(
+                "the receiver did not agree to a dry run".into(),
+            ));
+        }
+        Message::Hello(h) => (h.stream, h.bases.first().copied(), h.dry_run),
         _ => unreachable!("the phase machine admits only hello first"),
     };
     let mut manifest = Manifest {
@@ -143,13 +155,21 @@ fn session(
             None => None,
         },
         removed: Vec::new(),
-        store: shelf.writer(&header).map_err(ServeError::Spool)?,
+        // A dry run keeps nothing and is asked for no chunks.
+        store: match dry_run {
+            true => None,
+            false => Some(shelf.writer(&header).map_err(ServeError::Spool)?),
+        },
         sent: 0,
     };
     let mut reuse = IndexReader::open(&opts.state.index, chunker);
-    let mut record = IndexWriter::create(&opts.state.index, chunker, scan_start_ns)
-        .map_err(|e| tracing::warn!("cannot refresh the source index: {e}"))
-        .ok();
+    // A dry run leaves the source's state as it found it.
+    let mut record = match dry_run {
+        true => None,
+        false => IndexWriter::create(&opts.state.index, chunker, scan_start_ns)
+            .map_err(|e| tracing::warn!("cannot refresh the source index: {e}"))
+            .ok(),
+    };
     let mut reader = ChunkReader::new(src);
 
     let started = std::time::Instant::now();
@@ -218,8 +238,20 @@ fn session(
         }
     };
     drop(reuse);
-    let (root, entries, sent, mut store) = manifest.finish(tx)?;
+    let (root, entries, sent, store) = manifest.finish(tx)?;
     tracing::debug!(ms = started.elapsed().as_millis(), entries, "manifest sent");
+    let Some(mut store) = store else {
+        let outcome = receive_changes(&mut phase, rx, progress)?;
+        return Ok(SenderReport {
+            root,
+            scan,
+            chunks_sent: outcome.chunks_wanted,
+            bytes_sent_raw: outcome.bytes_wanted,
+            manifest: sent,
+            receiver: outcome.stats,
+            dry_run: true,
+        });
+    };
     if !stream {
         let mut wanted = WantedChunks::new(
             store
@@ -241,6 +273,7 @@ fn session(
         bytes_sent_raw: out.bytes,
         manifest: sent,
         receiver: DoneStats::default(),
+        dry_run: false,
     };
     tracing::debug!(
         ms = started.elapsed().as_millis(),
@@ -281,8 +314,8 @@ struct Manifest {
     differ: Option<Differ<StoredEntries>>,
     removed: Vec<RelPath>,
     /// The manifest as sent, kept on disk: the next delta's base once the receiver confirms
-    /// it, and where this session finds the chunks the receiver asks for.
-    store: StoreWriter,
+    /// it, and where this session finds the chunks the receiver asks for. None in a dry run.
+    store: Option<StoreWriter>,
     /// Entries, patches and removals sent.
     sent: u64,
 }
@@ -293,7 +326,9 @@ impl Manifest {
         self.digest
             .add_encoded(&entry, &encoded)
             .map_err(|e| SessionError::Protocol(e.to_string()))?;
-        self.store.add(&encoded).map_err(ServeError::Spool)?;
+        if let Some(store) = &mut self.store {
+            store.add(&encoded).map_err(ServeError::Spool)?;
+        }
         let sending = match &mut self.differ {
             Some(d) => d
                 .entry(&entry, &mut self.removed)
@@ -329,7 +364,7 @@ impl Manifest {
     fn finish(
         mut self,
         tx: &mut dyn MessageTx,
-    ) -> Result<(RootDigest, u64, ManifestSent, StoreWriter), SessionError> {
+    ) -> Result<(RootDigest, u64, ManifestSent, Option<StoreWriter>), SessionError> {
         let delta = self.differ.is_some();
         if let Some(d) = self.differ.take() {
             d.finish(&mut self.removed).map_err(DeltaError::Base)?;
@@ -463,6 +498,26 @@ fn send_new_chunks(
 }
 
 /// The next message from the receiver, checked against the session's order.
+/// A dry run's answer to the manifest: each change is shown as it comes.
+fn receive_changes(
+    phase: &mut SenderPhase,
+    rx: &mut dyn MessageRx,
+    progress: &dyn Progress,
+) -> Result<Outcome, SessionError> {
+    loop {
+        match next(phase, rx)? {
+            Message::Changes(changes) => changes.iter().for_each(|c| progress.change(c)),
+            Message::DryRunEnd(outcome) => return Ok(outcome),
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "unexpected {} in a dry run",
+                    other.name()
+                )));
+            }
+        }
+    }
+}
+
 fn next(phase: &mut SenderPhase, rx: &mut dyn MessageRx) -> Result<Message, SessionError> {
     let msg = rx.recv()?;
     *phase = phase.accept(&msg).map_err(SessionError::Protocol)?;
