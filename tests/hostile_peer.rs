@@ -564,6 +564,19 @@ fn hostile_server_answers_to_a_pull_are_rejected() {
     let escaped_target = escaped.to_str().unwrap().as_bytes().to_vec();
     let cases: Vec<(&str, Script)> = vec![
         (
+            // A dry run the client did not ask for would be reported as a finished pull.
+            "asked for a dry run",
+            Box::new(|tx, rx| {
+                let Message::Hello(h) = hello() else {
+                    unreachable!()
+                };
+                tx.send(Message::Hello(Hello { dry_run: true, ..h }))
+                    .unwrap();
+                assert!(matches!(rx.recv().unwrap(), Message::Hello(_)));
+                until_client_gives_up(rx);
+            }),
+        ),
+        (
             "invalid entry path",
             Box::new(|tx, rx| {
                 greet(tx, rx);

@@ -15,7 +15,7 @@ use integration_tests::edits::{apply, op};
 use integration_tests::*;
 use proptest::prelude::*;
 use replicator::progress::{NoProgress, Progress};
-use replicator::protocol::dry_run::{Action, Change};
+use replicator::protocol::dry_run::{Action, Change, DryRun};
 use replicator::sync::{Summary, SyncOptions, sync_local};
 
 /// Keeps a dry run's changes.
@@ -52,7 +52,7 @@ fn dry_run(src: &Path, dst: &Path, opts: &SyncOptions) -> Result<Summary, TestCa
     let state_before = files_under(&opts.state_dir);
     let changes = Changes::default();
     let dry = SyncOptions {
-        dry_run: true,
+        dry_run: DryRun::Ask,
         ..opts.clone()
     };
     let s = sync_local(src, dst, &dry, &changes).unwrap();

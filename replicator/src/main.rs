@@ -20,7 +20,7 @@ use replicator::net::open::{MAX_LANES, RemoteSpec, resolve};
 use replicator::net::server::{ServeOptions, Server};
 use replicator::progress::Progress;
 use replicator::protocol::compression::Compression;
-use replicator::protocol::dry_run::Change;
+use replicator::protocol::dry_run::{Change, DryRun};
 use replicator::protocol::message::PROTOCOL_VERSION;
 use replicator::protocol::receiver::DEFAULT_MAX_ENTRIES;
 use replicator::state::StateDir;
@@ -420,7 +420,7 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
             Some(c) => c,
             None => return Err(Failure::Usage(format!("bad --compress {}", a.compress))),
         },
-        dry_run: a.dry_run,
+        dry_run: DryRun::asked(a.dry_run),
         ..SyncOptions::default()
     };
     if let Some(dir) = &a.state_dir {

@@ -15,6 +15,7 @@ use crate::manifest::VolumeMode;
 use crate::progress::{NoProgress, Progress};
 use crate::protocol::SessionError;
 use crate::protocol::compression::Compression;
+use crate::protocol::dry_run::DryRun;
 use crate::protocol::receiver::{ReceiverOptions, ReceiverReport, run_receiver};
 use crate::protocol::sender::{SenderOptions, SenderReport, run_sender};
 use crate::snapshot::SnapshotOptions;
@@ -32,8 +33,9 @@ pub struct SyncOptions {
     pub compress: Compression,
     pub state_dir: PathBuf,
     pub threads: usize,
-    /// Only report what the sync would change (`--dry-run`); see [`crate::protocol::dry_run`].
-    pub dry_run: bool,
+    /// Only report what the sync would change (`--dry-run`: [`DryRun::Ask`]); see
+    /// [`crate::protocol::dry_run`].
+    pub dry_run: DryRun,
 }
 
 impl Default for SyncOptions {
@@ -44,7 +46,7 @@ impl Default for SyncOptions {
             compress: Compression::Never,
             state_dir: StateDir::default_location(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            dry_run: false,
+            dry_run: DryRun::Refuse,
         }
     }
 }
@@ -371,5 +373,81 @@ mod tests {
         let again = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
         assert_eq!(again.chunks_sent, 0);
         assert_eq!(again.root, first.root);
+    }
+
+    /// Only the end the user runs may make a sync a dry run: a receiver that answers a
+    /// real sync's hello with one is refused by the sender, which sends it nothing, and a
+    /// sender asking a receiver that was not told to is refused too.
+    #[test]
+    fn a_peer_cannot_turn_a_real_sync_into_a_dry_run() {
+        use crate::protocol::message::{Hello, Message};
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), b"data").unwrap();
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            ..SyncOptions::default()
+        };
+        let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
+        let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
+        let liar = std::thread::spawn(move || {
+            let Ok(Message::Hello(h)) = r_rx.recv() else {
+                panic!("no hello")
+            };
+            assert!(!h.dry_run);
+            r_tx.send(Message::Hello(Hello { dry_run: true, ..h }))
+                .unwrap();
+            match r_rx.recv() {
+                Ok(Message::Error { message }) => message,
+                Ok(m) => panic!("the sender went on with {}", m.name()),
+                Err(e) => e.to_string(),
+            }
+        });
+        let sent = run_source(
+            &src,
+            VolumeMode::Tree,
+            &opts,
+            &mut s_tx,
+            &mut s_rx,
+            &NoProgress,
+        );
+        drop((s_tx, s_rx));
+        let err = sent.unwrap_err().to_string();
+        assert!(err.contains("asked for a dry run"), "{err}");
+        assert!(liar.join().unwrap().contains("asked for a dry run"));
+
+        let dst = tmp.path().join("dst");
+        let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
+        let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
+        let receiver = std::thread::spawn(move || {
+            let target = StateDir::new(tmp.path().join("state")).target(&dst);
+            let got = run_receiver(
+                &dst,
+                target,
+                &mut r_tx,
+                &mut r_rx,
+                &NoProgress,
+                ReceiverOptions::default(),
+            );
+            (got.map(|_| ()).unwrap_err().to_string(), dst.exists(), tmp)
+        });
+        let asking = SyncOptions {
+            dry_run: DryRun::Ask,
+            ..opts
+        };
+        let sent = run_source(
+            &src,
+            VolumeMode::Tree,
+            &asking,
+            &mut s_tx,
+            &mut s_rx,
+            &NoProgress,
+        );
+        drop((s_tx, s_rx));
+        assert!(sent.is_err());
+        let (err, created, _tmp) = receiver.join().unwrap();
+        assert!(err.contains("asked for a dry run"), "{err}");
+        assert!(!created, "the refused dry run created the destination");
     }
 }

@@ -25,6 +25,7 @@ use crate::apply::fsops::stale_temps;
 use crate::manifest::Limits;
 use crate::progress::NoProgress;
 use crate::protocol::SessionError;
+use crate::protocol::dry_run::DryRun;
 use crate::protocol::message::Message;
 use crate::protocol::receiver::{ReceiverOptions, run_receiver};
 use crate::state::{StateDir, SyncStatus, unix_now};
@@ -626,7 +627,7 @@ fn run_session(
                 allow_devices: shared.opts.allow_devices,
                 on_done: guard.as_ref().map(|g| Box::new(g.finisher()) as _),
                 // The client's hello asks for a dry run if it wants one.
-                dry_run: false,
+                dry_run: DryRun::PeerDecides,
             };
             let report = run_receiver(
                 &path,
@@ -656,7 +657,7 @@ fn run_session(
                 state_dir: shared.states.root().to_path_buf(),
                 threads: shared.opts.threads,
                 // The client's hello asks for a dry run if it wants one.
-                dry_run: false,
+                dry_run: DryRun::PeerDecides,
             };
             let report = run_source(&path, mode, &opts, tx, rx, &crate::progress::NoProgress)?;
             Ok(Ended {

@@ -14,6 +14,38 @@ use super::message::DoneStats;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::manifest::{self, RelPath};
 
+/// Whether a session may be a dry run, as one end sees it. Only the end the user runs
+/// decides: a peer that could turn a real sync into a dry run would have its client report
+/// a copy as done that never happened (a migration would then move to an empty volume).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DryRun {
+    /// A real sync; a peer asking for a dry run is refused.
+    #[default]
+    Refuse,
+    /// This end asks for one.
+    Ask,
+    /// The peer decides (a server: its client chose).
+    PeerDecides,
+}
+
+impl DryRun {
+    /// The user's `--dry-run`.
+    pub fn asked(yes: bool) -> DryRun {
+        if yes { DryRun::Ask } else { DryRun::Refuse }
+    }
+
+    /// Whether the session is a dry run, given whether the peer asked for one.
+    pub fn agree(self, peer_asks: bool) -> Result<bool, String> {
+        match (self, peer_asks) {
+            (DryRun::Refuse, true) => {
+                Err("the peer asked for a dry run, which this end did not".into())
+            }
+            (DryRun::Ask, _) => Ok(true),
+            (_, peer_asks) => Ok(peer_asks),
+        }
+    }
+}
+
 /// Most changes in one `Changes` message.
 pub const MAX_CHANGES: usize = 1024;
 /// A `Changes` message is sent once its paths reach this many bytes.
@@ -184,6 +216,18 @@ mod tests {
         assert_eq!(c(Action::Delete, true, "old").to_string(), "delete  old/");
         assert_eq!(c(Action::Attrs, true, "").to_string(), "attrs   .");
         assert_eq!(c(Action::Update, false, "x").to_string(), "update  x");
+    }
+
+    #[test]
+    fn only_the_end_that_asks_or_lets_its_peer_decide_agrees_to_a_dry_run() {
+        assert_eq!(DryRun::Ask.agree(false), Ok(true));
+        assert_eq!(DryRun::Ask.agree(true), Ok(true));
+        assert_eq!(DryRun::PeerDecides.agree(true), Ok(true));
+        assert_eq!(DryRun::PeerDecides.agree(false), Ok(false));
+        assert_eq!(DryRun::Refuse.agree(false), Ok(false));
+        assert!(DryRun::Refuse.agree(true).is_err());
+        assert_eq!(DryRun::asked(true), DryRun::Ask);
+        assert_eq!(DryRun::default(), DryRun::Refuse);
     }
 
     #[test]

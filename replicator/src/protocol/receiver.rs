@@ -5,7 +5,7 @@ use std::path::Path;
 use bytes::Bytes;
 
 use super::SessionError;
-use super::dry_run::ChangeBatch;
+use super::dry_run::{ChangeBatch, DryRun};
 use super::message::{
     ChunkData, DoneStats, Hello, MAX_WANT, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
 };
@@ -50,8 +50,8 @@ pub struct ReceiverOptions {
     /// out the racy margin): a server marks the volume as finishing here, so that a new
     /// session waits for the index instead of being refused as busy.
     pub on_done: Option<Box<dyn FnOnce() + Send>>,
-    /// Ask for a dry run ([`super::dry_run`]); the sender may ask for one too.
-    pub dry_run: bool,
+    /// Whether this is a dry run ([`super::dry_run`]).
+    pub dry_run: DryRun,
 }
 
 impl Default for ReceiverOptions {
@@ -60,7 +60,7 @@ impl Default for ReceiverOptions {
             max_entries: DEFAULT_MAX_ENTRIES,
             allow_devices: false,
             on_done: None,
-            dry_run: false,
+            dry_run: DryRun::Refuse,
         }
     }
 }
@@ -203,9 +203,11 @@ fn session(
     let Message::Hello(hello) = feed.next()? else {
         unreachable!("the phase machine admits only hello first")
     };
+    // A refused dry run is reported after our hello, as a version mismatch is.
+    let agreed = opts.dry_run.agree(hello.dry_run);
+    let dry_run = agreed == Ok(true);
     // An empty destination will want every chunk: asking for them would only cost a round
     // trip and a second pass over the source, so the sender streams them with the manifest.
-    let dry_run = opts.dry_run || hello.dry_run;
     let stream = !dry_run && hello.mode == VolumeMode::Tree && is_empty_dir(dst);
     let header = header(hello.mode, hello.chunker);
     // A delta needs the manifest the sender offers, intact. It only shortens the wire: the
@@ -231,6 +233,7 @@ fn session(
     if let Err(why) = hello.chunker.validate() {
         return Err(SessionError::Protocol(why));
     }
+    agreed.map_err(SessionError::Protocol)?;
     progress.phase("scanning");
     let started = std::time::Instant::now();
     let dest = slot.insert(match dry_run {

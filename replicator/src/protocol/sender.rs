@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::SessionError;
 use super::compression::{CompressPolicy, Compression};
-use super::dry_run::Outcome;
+use super::dry_run::{DryRun, Outcome};
 use super::message::{
     ChunkData, DoneStats, Hello, MAX_BASES, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
 };
@@ -38,8 +38,8 @@ pub struct SenderOptions {
     /// the receiver's verdict. The manifest is kept once the receiver confirms it, as the
     /// base the next session may send a delta against.
     pub state: SourceState,
-    /// Ask for a dry run ([`super::dry_run`]): nothing is sent, nothing saved.
-    pub dry_run: bool,
+    /// Whether this is a dry run ([`super::dry_run`]): nothing is sent, nothing saved.
+    pub dry_run: DryRun,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -114,7 +114,7 @@ fn session(
         compress: opts.compress != Compression::Never,
         stream: false,
         bases: offered.clone(),
-        dry_run: opts.dry_run,
+        dry_run: opts.dry_run == DryRun::Ask,
     }))?;
     let mut phase = SenderPhase::Hello;
     let (stream, agreed, dry_run) = match next(&mut phase, rx)? {
@@ -138,12 +138,19 @@ fn session(
                 "the receiver asked for a delta against a manifest that was not offered".into(),
             ));
         }
-        Message::Hello(h) if opts.dry_run && !h.dry_run => {
+        Message::Hello(h) if opts.dry_run == DryRun::Ask && !h.dry_run => {
             return Err(SessionError::Protocol(
                 "the receiver did not agree to a dry run".into(),
             ));
         }
-        Message::Hello(h) => (h.stream, h.bases.first().copied(), h.dry_run),
+        Message::Hello(h) => {
+            let dry_run = opts.dry_run.agree(h.dry_run);
+            (
+                h.stream,
+                h.bases.first().copied(),
+                dry_run.map_err(SessionError::Protocol)?,
+            )
+        }
         _ => unreachable!("the phase machine admits only hello first"),
     };
     let mut manifest = Manifest {
