@@ -5,7 +5,7 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -52,31 +52,22 @@ impl Setup {
         self.server.root.join(name)
     }
 
-    fn sync(&self, src: &str, dst: &str, extra: &[&str]) -> Output {
-        client_sync(
-            &self.client,
-            &self.server.ident.fingerprint,
-            src,
-            dst,
-            &self.state,
-            extra,
-        )
+    /// `replicator sync` from the client, without `--json`.
+    fn command(&self, src: &str, dst: &str, extra: &[&str]) -> Command {
+        let server = &self.server.ident.fingerprint;
+        client_command_shown(&self.client, server, src, dst, &self.state, extra)
     }
-}
 
-impl Setup {
+    fn sync(&self, src: &str, dst: &str, extra: &[&str]) -> Output {
+        self.command(src, dst, extra)
+            .arg("--json")
+            .output()
+            .unwrap()
+    }
+
     /// The sync as a user sees it: no `--json`.
     fn shown(&self, src: &str, dst: &str, extra: &[&str]) -> Output {
-        client_command_shown(
-            &self.client,
-            &self.server.ident.fingerprint,
-            src,
-            dst,
-            &self.state,
-            extra,
-        )
-        .output()
-        .unwrap()
+        self.command(src, dst, extra).output().unwrap()
     }
 }
 

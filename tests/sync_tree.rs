@@ -725,15 +725,7 @@ fn a_dry_run_prints_each_change_and_changes_nothing() {
     fs::write(src.join("was-file"), b"file").unwrap();
     symlink("kept", src.join("link")).unwrap();
     let absent = tmp.path().join("absent");
-    let out = sync_command(&src, &absent, &state, &[])
-        .arg("-n")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    stdout_of(&mut sync_command(&src, &absent, &state, &["-n"]));
     assert!(!absent.exists(), "a dry run created its destination");
     summary(&run_sync(&src, &dst, &state, &[]));
 
@@ -753,19 +745,9 @@ fn a_dry_run_prints_each_change_and_changes_nothing() {
     }
     settle();
     let (dst_before, state_before) = (describe(&dst), describe(&state));
-    let out = Command::new(replicator_bin())
-        .args(["sync", "--dry-run", "--state-dir"])
-        .arg(&state)
-        .arg(&src)
-        .arg(&dst)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let mut shown = Command::new(replicator_bin());
+    shown.args(["sync", "--dry-run", "--state-dir"]);
+    let text = stdout_of(shown.arg(&state).arg(&src).arg(&dst));
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(
         lines[..lines.len() - 1],
@@ -804,4 +786,12 @@ fn a_dry_run_prints_each_change_and_changes_nothing() {
     for field in ["files_written", "deleted", "chunks_sent", "root"] {
         assert_eq!(dry[field], real[field], "{field}: {dry} vs {real}");
     }
+}
+
+/// What a successful command printed on stdout.
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
