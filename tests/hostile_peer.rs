@@ -169,6 +169,7 @@ fn hello_with_bases(bases: Vec<RootDigest>) -> Message {
         stream: false,
         bases,
         dry_run: false,
+        inplace: false,
     })
 }
 
@@ -549,6 +550,68 @@ fn until_client_gives_up(rx: &mut LaneRx) -> String {
             Err(e) => return e.to_string(),
         }
     }
+}
+
+/// A forged chunk for a big file the server would patch at its final name (`--inplace`
+/// asked in the hello) fails the session before the commit copies anything: the file is as
+/// it was and no temp file is left.
+#[test]
+fn a_forged_chunk_for_a_file_being_patched_in_place_changes_nothing() {
+    let mut t = Setup::new();
+    let src = t.tmp.path().join("honest");
+    let big = bytes(20, 2 << 20);
+    std::fs::write(src.join("big"), &big).unwrap();
+    summary(&t.honest_push(&src));
+    t.sessions += 1;
+    let before = describe(&t.server.root.join(VOLUME));
+    // The file's real chunk list after a 1,000-byte change in its middle.
+    let mut changed = big.clone();
+    changed[1 << 20..(1 << 20) + 1000].copy_from_slice(&bytes(21, 1000));
+    let (segments, size) = replicator::chunk::Chunker::new(ChunkerParams::default())
+        .segments(&changed[..], |_, _, _| Ok(()))
+        .unwrap();
+    let entry = Entry {
+        path: RelPath::new(b"big".to_vec()).unwrap(),
+        kind: EntryKind::File { size, segments },
+        meta: meta(),
+    };
+    let mut sess = t.session();
+    let Message::Hello(h) = hello() else {
+        unreachable!()
+    };
+    sess.tx
+        .send(Message::Hello(Hello { inplace: true, ..h }))
+        .unwrap();
+    let Message::Hello(answer) = sess.rx.recv().unwrap() else {
+        panic!("no hello back")
+    };
+    assert!(answer.inplace, "the server did not agree to patch");
+    send_manifest(
+        &mut sess,
+        &[
+            root(),
+            entry,
+            dir("sub"),
+            file("sub/kept", &bytes(1, 100_000)),
+        ],
+    );
+    let wanted = wants(&mut sess.rx);
+    assert!(
+        (1..=3).contains(&wanted.len()),
+        "a small change wants a chunk or two, not {}",
+        wanted.len()
+    );
+    sess.tx
+        .send(Message::Chunk(ChunkData {
+            id: wanted[0],
+            encoding: Encoding::Raw,
+            raw_len: 5000,
+            payload: Bytes::from(bytes(22, 5000)),
+        }))
+        .unwrap();
+    sess.tx.send(Message::ChunksEnd { bytes_read: 0 }).unwrap();
+    assert!(outcome(sess).contains("hashes to"));
+    check_intact(&mut t, &before, "hashes to");
 }
 
 #[test]

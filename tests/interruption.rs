@@ -116,3 +116,58 @@ fn killed_block_sync_resumes_in_place() {
     let total = s["chunks_total"].as_u64().unwrap();
     assert!(s["chunks_sent"].as_u64().unwrap() <= total - 100);
 }
+
+/// A kill while `--inplace` copies a patch into a file leaves that file part old, part new
+/// under its final name, with the destination marked incomplete; the rerun finds it no
+/// longer matches its index record, checks it chunk by chunk, and finishes it from what the
+/// killed run had already received.
+#[test]
+fn killed_while_patching_in_place_then_resumed() {
+    use std::os::unix::fs::FileExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("src"),
+        tmp.path().join("dst"),
+        tmp.path().join("state"),
+    );
+    make_source(&src);
+    summary(&run_sync(&src, &dst, &state, &[]));
+    settle();
+    // Three changes far apart: three ranges to copy.
+    let big = fs::File::options()
+        .write(true)
+        .open(src.join("big.bin"))
+        .unwrap();
+    for (i, at) in [2u64 << 20, 10 << 20, 20 << 20].into_iter().enumerate() {
+        big.write_all_at(&bytes(50 + i as u64, 100_000), at)
+            .unwrap();
+    }
+    drop(big);
+    let out = crash_sync_with(&src, &dst, &state, "patch:2", &["--inplace"]);
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "expected a kill while patching: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(state_says_incomplete(&state));
+    let mixed = fs::read(dst.join("big.bin")).unwrap();
+    let (old, new) = (bytes(1, 24 << 20), fs::read(src.join("big.bin")).unwrap());
+    assert!(
+        mixed != old && mixed != new,
+        "two of three ranges were copied"
+    );
+    assert_eq!(
+        mixed[(20 << 20)..(20 << 20) + 100_000],
+        old[(20 << 20)..(20 << 20) + 100_000]
+    );
+
+    let s = summary(&run_sync(&src, &dst, &state, &["--inplace"]));
+    assert_mirrors(&src, &dst);
+    assert_eq!(
+        s["chunks_sent"], 0,
+        "the killed run had received every chunk: {s}"
+    );
+    assert!(!state_says_incomplete(&state));
+}

@@ -637,3 +637,49 @@ fn dry_runs_of_a_push_and_a_pull_list_the_changes_and_change_nothing() {
     let log = t.server.log();
     assert!(log.contains("ok (dry run: nothing changed)"), "{log}");
 }
+
+/// `--inplace` reaches the server's receiver through the hello of a push, and a pull's own
+/// receiver: either way a big file with a small change keeps its inode, and without the flag
+/// the server rebuilds it as before.
+#[test]
+fn a_push_and_a_pull_with_inplace_patch_the_far_end_and_only_when_asked() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let t = Setup::new(&[]);
+    let src = t.path("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("db"), bytes(1, 4 << 20)).unwrap();
+    summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    let back = t.path("back");
+    summary(&t.sync(&t.remote("data"), s(&back), &[]));
+    let inode = |p: PathBuf| fs::metadata(p.join("db")).unwrap().ino();
+    let (served, pulled) = (inode(t.volume("data")), inode(back.clone()));
+    settle();
+    let change = |seed: u64| {
+        let db = fs::File::options()
+            .write(true)
+            .open(src.join("db"))
+            .unwrap();
+        db.write_all_at(&bytes(seed, 64 << 10), 1 << 20).unwrap();
+    };
+
+    change(2);
+    let push = summary(&t.sync(s(&src), &t.remote("data"), &["--inplace"]));
+    assert_eq!(push["files_patched"], 1, "{push}");
+    assert_eq!(inode(t.volume("data")), served);
+    assert_mirrors(&src, &t.volume("data"));
+    let pull = summary(&t.sync(&t.remote("data"), s(&back), &["--inplace"]));
+    assert_eq!(pull["files_patched"], 1, "{pull}");
+    assert_eq!(inode(back.clone()), pulled);
+    assert_mirrors(&src, &back);
+
+    settle();
+    change(3);
+    let push = summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    assert_eq!(push["files_patched"], 0, "{push}");
+    assert_ne!(
+        inode(t.volume("data")),
+        served,
+        "patched without being asked"
+    );
+    assert_mirrors(&src, &t.volume("data"));
+}

@@ -234,6 +234,94 @@ fn incremental_sync_reads_and_sends_only_what_changed() {
     assert_eq!(c["chunks_sent"], 0);
 }
 
+/// `--inplace` patches a big file with a small change at its final name (same inode, only
+/// the change written) and rebuilds, as without it, a small file, a file mostly rewritten and
+/// a file with a second name (which must keep seeing the old content).
+#[test]
+fn inplace_patches_a_big_file_with_a_small_change_and_rebuilds_the_rest() {
+    use std::os::unix::fs::MetadataExt;
+    let (tmp, src, dst, state) = volumes();
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("db"), bytes(1, 8 << 20)).unwrap();
+    fs::write(src.join("rewritten"), bytes(2, 2 << 20)).unwrap();
+    fs::write(src.join("small"), bytes(3, 100_000)).unwrap();
+    fs::write(src.join("linked"), bytes(4, 2 << 20)).unwrap();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    let outside = tmp.path().join("second-name");
+    fs::hard_link(dst.join("linked"), &outside).unwrap();
+    // A sync that changes nothing records the new name's stat: the index vouches again.
+    settle();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    let inode = |name: &str| fs::metadata(dst.join(name)).unwrap().ino();
+    let before: Vec<u64> = ["db", "rewritten", "small", "linked"].map(inode).to_vec();
+    settle();
+
+    let db = File::options().write(true).open(src.join("db")).unwrap();
+    db.write_all_at(&bytes(10, 64 << 10), 3 << 20).unwrap();
+    db.write_all_at(&bytes(11, 10_000), 8 << 20).unwrap();
+    // A run of zeros is a hole in the manifest: the patch must clear it in the old file.
+    db.write_all_at(&vec![0; 1 << 20], 6 << 20).unwrap();
+    fs::write(src.join("rewritten"), bytes(12, 2 << 20)).unwrap();
+    fs::write(src.join("small"), bytes(13, 100_000)).unwrap();
+    let linked = File::options()
+        .write(true)
+        .open(src.join("linked"))
+        .unwrap();
+    linked.write_all_at(&bytes(14, 64 << 10), 1 << 20).unwrap();
+    drop((db, linked));
+
+    let dry = summary(&run_sync(&src, &dst, &state, &["--inplace", "-n"]));
+    assert_eq!(
+        (dry["files_written"].as_u64(), dry["files_patched"].as_u64()),
+        (Some(4), Some(1)),
+        "{dry}"
+    );
+    assert_eq!(
+        before,
+        ["db", "rewritten", "small", "linked"].map(inode).to_vec()
+    );
+
+    let s = summary(&run_sync(&src, &dst, &state, &["--inplace"]));
+    assert_mirrors(&src, &dst);
+    assert_eq!(
+        (s["files_written"].as_u64(), s["files_patched"].as_u64()),
+        (Some(4), Some(1)),
+        "{s}"
+    );
+    assert_eq!(
+        s["bytes_copied_locally"], dry["bytes_copied_locally"],
+        "the dry run counts what the sync copies"
+    );
+    let after: Vec<u64> = ["db", "rewritten", "small", "linked"].map(inode).to_vec();
+    assert_eq!(after[0], before[0], "db was patched where it is");
+    for (i, name) in ["rewritten", "small", "linked"].iter().enumerate() {
+        assert_ne!(
+            after[i + 1],
+            before[i + 1],
+            "{name} was rebuilt under a temp name"
+        );
+    }
+    assert_eq!(
+        fs::read(&outside).unwrap(),
+        bytes(4, 2 << 20),
+        "a second name saw the change"
+    );
+    // Only the changed chunks came: a patch needs nothing the rebuild would not.
+    assert!(
+        s["bytes_sent_raw"].as_u64().unwrap() < (2 << 20) + 100_000 + (1 << 20),
+        "{s}"
+    );
+
+    // Without the flag the same kind of change rebuilds the file.
+    settle();
+    let db = File::options().write(true).open(src.join("db")).unwrap();
+    db.write_all_at(&bytes(15, 64 << 10), 5 << 20).unwrap();
+    let s = summary(&run_sync(&src, &dst, &state, &[]));
+    assert_mirrors(&src, &dst);
+    assert_eq!(s["files_patched"], 0, "{s}");
+    assert_ne!(inode("db"), before[0]);
+}
+
 /// A first sync sends a repeated chunk once while it holds its slot in the window both ends
 /// keep (docs/protocol.md, streamed sessions), and again after another chunk took the slot.
 #[test]

@@ -61,6 +61,10 @@ struct Cli {
     /// Keep the workloads and destinations afterwards.
     #[arg(long)]
     keep: bool,
+    /// Patch changed files in place: `replicator sync --inplace` against `rsync --inplace`
+    /// (the image is always patched in place by both).
+    #[arg(long)]
+    inplace: bool,
 }
 
 fn main() -> ExitCode {
@@ -113,8 +117,9 @@ fn run(cli: &Cli) -> Result<bool, String> {
     }
     let work = cli.work_dir.clone();
     fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
-    let tools = Tools::new(&work, &replicator, &cli.compress, cli.port)
+    let mut tools = Tools::new(&work, &replicator, &cli.compress, cli.port)
         .map_err(|e| format!("setting up the tools: {e}"))?;
+    tools.inplace = cli.inplace;
     let mut report = Report {
         command: std::env::args()
             .map(|a| a.rsplit('/').next().unwrap_or(&a).to_string())

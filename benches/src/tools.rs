@@ -99,6 +99,9 @@ pub struct Tools {
     compress: String,
     port: u16,
     server_fingerprint: String,
+    /// Patch files in place: `replicator sync --inplace`, and `rsync --inplace` for trees
+    /// too (it always is for the image).
+    pub inplace: bool,
 }
 
 impl Tools {
@@ -121,6 +124,7 @@ impl Tools {
             compress: compress.to_string(),
             port,
             server_fingerprint,
+            inplace: false,
         })
     }
 
@@ -209,6 +213,7 @@ impl Tools {
             .arg("--identity")
             .arg(self.work.join("ident-client"))
             .args(["--peer-id", &self.server_fingerprint])
+            .args(self.inplace.then_some("--inplace"))
             .arg(&w.source)
             .arg(format!("{listen}/{}", base_name(&w.source)))
             .stdout(Stdio::piped())
@@ -263,6 +268,7 @@ impl Tools {
                 .arg(format!("rsync://{addr}/bench/{name}"));
         } else {
             cmd.args(["-aHAXS", "--delete"])
+                .args(self.inplace.then_some("--inplace"))
                 .arg(format!("{}/", w.source.display()))
                 .arg(format!("rsync://{addr}/bench/{name}/"));
         }

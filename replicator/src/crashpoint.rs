@@ -1,6 +1,6 @@
 //! Deterministic crash points for the interruption tests.
 //!
-//! When `REPLICATOR_CRASH_AT` names a point (`chunk:N`, `rename:N`, `commit-sync`), the process
+//! When `REPLICATOR_CRASH_AT` names a point (`chunk:N`, `rename:N`, `patch:N`, `commit-sync`), the process
 //! sends itself SIGKILL on reaching it: a real kill -9, no unwinding and no cleanup, at an exact
 //! place instead of a random moment. Unset (always, outside tests) it costs one relaxed check.
 
@@ -20,7 +20,8 @@ fn target() -> &'static Option<(String, u64)> {
 
 static COUNTS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
 
-/// Marks that the process passed point `name` (one of `chunk`, `rename`, `commit-sync`).
+/// Marks that the process passed point `name` (one of `chunk`, `rename`, `patch`,
+/// `commit-sync`).
 pub fn reached(name: &str) {
     let Some((want, n)) = target() else { return };
     if want != name {

@@ -16,7 +16,7 @@ use crate::progress::{NoProgress, Progress};
 use crate::protocol::SessionError;
 use crate::protocol::compression::Compression;
 use crate::protocol::dry_run::DryRun;
-use crate::protocol::receiver::{ReceiverOptions, ReceiverReport, run_receiver};
+use crate::protocol::receiver::{Patching, ReceiverOptions, ReceiverReport, run_receiver};
 use crate::protocol::sender::{SenderOptions, SenderReport, run_sender};
 use crate::snapshot::SnapshotOptions;
 use crate::state::StateDir;
@@ -36,6 +36,10 @@ pub struct SyncOptions {
     /// Only report what the sync would change (`--dry-run`: [`DryRun::Ask`]); see
     /// [`crate::protocol::dry_run`].
     pub dry_run: DryRun,
+    /// Patch large files with small changes at their final name instead of rebuilding them
+    /// under a temp name (`--inplace`, see `apply/patch.rs`): a crash in the commit may
+    /// leave such a file part old, part new until the rerun.
+    pub inplace: bool,
 }
 
 impl Default for SyncOptions {
@@ -47,6 +51,7 @@ impl Default for SyncOptions {
             state_dir: StateDir::default_location(),
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             dry_run: DryRun::Refuse,
+            inplace: false,
         }
     }
 }
@@ -73,6 +78,8 @@ pub struct Summary {
     pub bytes_received_wire: u64,
     pub bytes_copied_locally: u64,
     pub files_written: u64,
+    /// Of `files_written`, those patched at their final name (`--inplace`).
+    pub files_patched: u64,
     pub deleted: u64,
     pub duration_ms: u64,
     pub root: String,
@@ -189,6 +196,7 @@ pub fn sync_local(
                 ReceiverOptions {
                     allow_devices: true,
                     dry_run: opts.dry_run,
+                    inplace: Patching::when(opts.inplace),
                     ..ReceiverOptions::default()
                 },
             )?;
@@ -250,6 +258,7 @@ pub fn run_source(
         compress: opts.compress,
         state,
         dry_run: opts.dry_run,
+        inplace: opts.inplace,
     };
     run_sender(src, sender_opts, now_ns(), tx, rx, progress)
 }
@@ -282,6 +291,7 @@ impl Ends {
             bytes_received_wire: wire_back,
             bytes_copied_locally: r.receiver.bytes_copied_locally,
             files_written: r.receiver.files_written,
+            files_patched: r.receiver.files_patched,
             deleted: r.receiver.deleted,
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),
@@ -309,6 +319,7 @@ impl Ends {
             bytes_received_wire: wire_back,
             bytes_copied_locally: r.stats.bytes_copied_locally,
             files_written: r.stats.files_written,
+            files_patched: r.stats.files_patched,
             deleted: r.stats.deleted,
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),

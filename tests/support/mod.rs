@@ -236,11 +236,17 @@ pub fn run_sync(src: &Path, dst: &Path, state: &Path, extra: &[&str]) -> Output 
 /// Runs `replicator sync SRC DST` with `REPLICATOR_CRASH_AT=at`: the process kills itself
 /// (SIGKILL) on reaching that point.
 pub fn crash_sync(src: &Path, dst: &Path, state: &Path, at: &str) -> Output {
+    crash_sync_with(src, dst, state, at, &[])
+}
+
+/// [`crash_sync`] with more arguments for `sync`.
+pub fn crash_sync_with(src: &Path, dst: &Path, state: &Path, at: &str, extra: &[&str]) -> Output {
     Command::new(replicator_bin())
         .env("REPLICATOR_CRASH_AT", at)
         .arg("sync")
         .arg("--state-dir")
         .arg(state)
+        .args(extra)
         .arg(src)
         .arg(dst)
         .output()

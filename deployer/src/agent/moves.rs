@@ -78,6 +78,11 @@ impl Agent {
             compress: replicator::protocol::compression::Compression::Auto,
             state_dir: self.opts.state.0.join("replicator"),
             threads: 2,
+            // Nothing uses the volume at the new node until the move is over, and a
+            // database's final delta is a few changed ranges of big files: patching them
+            // in place shortens the pause. A crash mid-patch leaves the copy incomplete,
+            // and the move does not hand over an incomplete copy.
+            inplace: true,
             ..SyncOptions::default()
         };
         let src = self.opts.state.volume(app);

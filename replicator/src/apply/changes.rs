@@ -41,13 +41,19 @@ impl Destination {
                     })
                 }
                 Planned::Entry { entry, have, plan } => {
-                    if let Plan::Build { sources, .. } = &plan {
+                    if let Plan::Build { sources, patch, .. } = &plan {
                         outcome.stats.files_written += 1;
+                        outcome.stats.files_patched += u64::from(*patch);
+                        // A patch leaves what it keeps where it is.
                         outcome.stats.bytes_copied_locally += entry
                             .segments()
                             .iter()
                             .zip(sources)
-                            .filter(|(_, s)| matches!(s, Src::Local(_) | Src::Clone(_)))
+                            .filter(|(_, s)| match s {
+                                Src::Local(_) => true,
+                                Src::Clone(_) => !*patch,
+                                _ => false,
+                            })
                             .map(|(seg, _)| seg.len())
                             .sum::<u64>();
                     }
@@ -77,6 +83,7 @@ impl Destination {
         self.stats.chunks_wanted = outcome.chunks_wanted;
         self.stats.bytes_wanted = outcome.bytes_wanted;
         self.stats.files_written = outcome.stats.files_written;
+        self.stats.files_patched = outcome.stats.files_patched;
         self.stats.deleted = outcome.stats.deleted;
         self.stats.bytes_copied_locally = outcome.stats.bytes_copied_locally;
         Ok(outcome)

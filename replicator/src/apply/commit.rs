@@ -12,6 +12,7 @@
 use rustix::fs::{self as rfs, AtFlags, Mode};
 
 use super::fsops::{self, os, temp_name};
+use super::patch;
 use super::plan::{self, Plan};
 use super::spool::Planned;
 use super::{ApplyError, Committed, Destination, io_err, split};
@@ -254,6 +255,26 @@ impl Destination {
                     let shown = &entry.path;
                     let replaced = have.as_ref().map(|s| &s.stat);
                     match &plan {
+                        Plan::Build {
+                            sources,
+                            patch: true,
+                            ..
+                        } => {
+                            let (Some(was), EntryKind::File { segments, .. }) =
+                                (replaced, &entry.kind)
+                            else {
+                                unreachable!("patches are planned for files the walk found")
+                            };
+                            let d = vol
+                                .dir(&parent)
+                                .map_err(io_err("cannot open directory", &parent))?;
+                            let patched =
+                                patch::apply(d, &name, segments, sources, &entry.meta, was)
+                                    .map_err(io_err("cannot patch", shown))?;
+                            self.durable.add(patched);
+                            // Its temp file is gone.
+                            changes_parent = true;
+                        }
                         Plan::Build { .. } | Plan::Special if !entry.path.is_root() => {
                             self.rename_into_place(&parent, &name, replaced, shown)?;
                             crate::crashpoint::reached("rename");

@@ -33,6 +33,7 @@ mod durable;
 pub mod flusher;
 pub mod fsops;
 mod local;
+mod patch;
 pub mod plan;
 mod planning;
 mod readahead;
@@ -127,6 +128,8 @@ pub struct ApplyStats {
     pub bytes_wanted: u64,
     pub bytes_copied_locally: u64,
     pub files_written: u64,
+    /// Of `files_written`, those patched at their final name ([`patch`]).
+    pub files_patched: u64,
     pub deleted: u64,
 }
 
@@ -228,6 +231,8 @@ pub struct Destination {
     commit_work: bool,
     /// Destination inodes with several names that one of them keeps (see `plan_entry`).
     kept_inodes: HashSet<(u64, u64)>,
+    /// Large files with small changes are patched at their final name ([`patch`]).
+    patching: bool,
     /// Bytes of every file in the manifest: what the progress bar covers.
     bytes_planned: u64,
     /// What the write phase will read of the destination, in write order (a delta only).
@@ -440,6 +445,7 @@ impl Destination {
             created: false,
             commit_work: false,
             kept_inodes: HashSet::new(),
+            patching: false,
             bytes_planned: 0,
             read_runs: None,
             read_ahead: None,
@@ -492,6 +498,12 @@ impl Destination {
     pub fn stream(&mut self) {
         self.want.unasked = true;
         self.local = ChunkPlaces::Recent(ChunkWindow::default());
+    }
+
+    /// Patch large files with small changes at their final name instead of rebuilding them
+    /// under a temp name (`--inplace`, see [`patch`]). A streamed session has nothing to patch.
+    pub fn patch_in_place(&mut self) {
+        self.patching = self.header.mode == VolumeMode::Tree;
     }
 
     /// The ordered list of chunks to request from the sender.

@@ -257,8 +257,15 @@ pub enum Src {
 pub enum Plan {
     /// Already right; only metadata may need setting.
     Keep { meta: bool },
-    /// Build a regular file in its temp file, then rename it into place.
-    Build { sources: Vec<Src>, resume: bool },
+    /// Build a regular file in its temp file, then rename it into place. With `patch`, the
+    /// temp file holds only what differs from the file at the final name (sparse, at the
+    /// same offsets: [`Src::Clone`] of the old file at the same offset marks what is left
+    /// as it is), and the commit copies those ranges into that file ([`super::patch`]).
+    Build {
+        sources: Vec<Src>,
+        resume: bool,
+        patch: bool,
+    },
     /// (Re)create a hard link to an earlier entry.
     Link,
     /// Create a symlink, FIFO, socket or device node under a temp name, then rename it.

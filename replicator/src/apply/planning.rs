@@ -5,11 +5,13 @@
 //! skips are removals), planned ([`Plan`]) and written to the spool of planned steps. Hard
 //! links are checked once the manifest has ended, by one more pass over that spool.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 
 use super::fsops::temp_name;
 use super::local::{range_has, range_is_zero};
+use super::patch;
 use super::plan::{self, ChunkPlaces, Loc, Plan, Src, chunks_by_offset, first_offsets, offsets};
 use super::readahead::{self, ReadRun};
 use super::spool::{Planned, Spool};
@@ -93,10 +95,10 @@ impl Destination {
             });
         }
         let plan = self.plan_entry(&entry, have.as_ref())?;
-        if let (Plan::Build { sources, .. }, EntryKind::File { segments, .. }) =
+        if let (Plan::Build { sources, patch, .. }, EntryKind::File { segments, .. }) =
             (&plan, &entry.kind)
         {
-            self.note_read_runs(segments, sources)?;
+            self.note_read_runs(segments, sources, *patch)?;
         }
         self.stats.entries += 1;
         if let EntryKind::File { size, segments } = &entry.kind {
@@ -130,13 +132,29 @@ impl Destination {
 
     /// Notes what building a file will read of the destination, for the write phase's
     /// read-ahead. Only a delta into a tree has one: a streamed session copies what it has
-    /// just written, and a block volume's local copies are rare.
-    fn note_read_runs(&mut self, segments: &[Segment], sources: &[Src]) -> Result<(), ApplyError> {
+    /// just written, and a block volume's local copies are rare. A patch reads nothing of
+    /// what it leaves as it is.
+    fn note_read_runs(
+        &mut self,
+        segments: &[Segment],
+        sources: &[Src],
+        patch: bool,
+    ) -> Result<(), ApplyError> {
         if self.want.unasked || self.header.mode == VolumeMode::Block {
             return Ok(());
         }
+        let read: Cow<'_, [Src]> = match patch {
+            true => sources
+                .iter()
+                .map(|s| match s {
+                    Src::Clone(_) => Src::Zero,
+                    s => s.clone(),
+                })
+                .collect(),
+            false => Cow::Borrowed(sources),
+        };
         let bases = &self.suffix_bases;
-        let runs = readahead::local_runs(segments, sources, |id| {
+        let runs = readahead::local_runs(segments, &read, |id| {
             bases.get(id).map(|&(at, len, _)| (at, len))
         });
         if runs.is_empty() {
@@ -467,7 +485,15 @@ impl Destination {
                 meta: plan::meta_differs(have, &e.meta, false),
             });
         }
-        Ok(Plan::Build { sources, resume })
+        let patch = self.patching
+            && have.is_some_and(|h| patch::worth_patching(h, e.size()))
+            && vouched.is_some()
+            && patch::changed_bytes(segments, &sources) <= e.size() / 2;
+        Ok(Plan::Build {
+            sources,
+            resume,
+            patch,
+        })
     }
 }
 

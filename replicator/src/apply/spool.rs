@@ -240,9 +240,13 @@ fn encode_plan(w: &mut Writer, plan: &Plan) {
             w.u8(tag::KEEP);
             w.u8(u8::from(*meta));
         }
-        Plan::Build { sources, resume } => {
+        Plan::Build {
+            sources,
+            resume,
+            patch,
+        } => {
             w.u8(tag::BUILD);
-            w.u8(u8::from(*resume));
+            w.u8(u8::from(*resume) | u8::from(*patch) << 1);
             w.varint(sources.len() as u64);
             for src in sources {
                 let (t, loc) = match src {
@@ -273,7 +277,8 @@ fn decode_plan(r: &mut Reader<'_>) -> Result<Plan, DecodeError> {
     Ok(match r.u8()? {
         tag::KEEP => Plan::Keep { meta: flag(r)? },
         tag::BUILD => {
-            let resume = flag(r)?;
+            let bits = r.u8()?;
+            let (resume, patch) = (bits & 1 != 0, bits & 2 != 0);
             let n = r.varint_max("source count", ANY as u64)?;
             let mut sources = Vec::new();
             for _ in 0..n {
@@ -297,7 +302,11 @@ fn decode_plan(r: &mut Reader<'_>) -> Result<Plan, DecodeError> {
                     }
                 });
             }
-            Plan::Build { sources, resume }
+            Plan::Build {
+                sources,
+                resume,
+                patch,
+            }
         }
         tag::LINK => Plan::Link,
         tag::SPECIAL => Plan::Special,
@@ -437,8 +446,13 @@ mod tests {
         ];
         prop_oneof![
             any::<bool>().prop_map(|meta| Plan::Keep { meta }),
-            (proptest::collection::vec(src, 0..6), any::<bool>())
-                .prop_map(|(sources, resume)| Plan::Build { sources, resume }),
+            (proptest::collection::vec(src, 0..6), any::<(bool, bool)>()).prop_map(
+                |(sources, (resume, patch))| Plan::Build {
+                    sources,
+                    resume,
+                    patch
+                }
+            ),
             Just(Plan::Link),
             Just(Plan::Special),
             any::<(bool, bool)>().prop_map(|(create, replace)| Plan::Dir { create, replace }),
@@ -547,6 +561,7 @@ mod tests {
             plan: Plan::Build {
                 sources: vec![Src::Wire],
                 resume: false,
+                patch: false,
             },
         };
         spool.push(&entry(b"a")).unwrap();

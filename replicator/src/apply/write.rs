@@ -151,7 +151,14 @@ impl Destination {
                 }
                 self.created = true;
             }
-            (Plan::Build { sources, resume }, EntryKind::File { size, segments }) => {
+            (
+                Plan::Build {
+                    sources,
+                    resume,
+                    patch,
+                },
+                EntryKind::File { size, segments },
+            ) => {
                 let (parent, name) = split(&e.path);
                 let temp = temp_name(&name);
                 let vol = self.vol.as_mut().expect("tree");
@@ -168,6 +175,11 @@ impl Destination {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
                     };
+                    if *patch && matches!(src, Src::Clone(_)) {
+                        // Left as it is in the file being patched.
+                        progress.advance(u64::from(len));
+                        continue;
+                    }
                     if let Src::Clone(loc) = src
                         && clone.extend(loc, off, len)
                     {
@@ -236,9 +248,15 @@ impl Destination {
                         .map(Segment::len)
                         .sum(),
                 );
+                self.stats.files_written += 1;
+                if *patch {
+                    // The commit copies what it holds into the file and removes it: a crash
+                    // before then loses nothing the rerun cannot check and fetch again.
+                    self.stats.files_patched += 1;
+                    return Ok(());
+                }
                 fsops::apply_meta_fd(&file, &e.meta)
                     .map_err(io_err("cannot set attributes of", &shown))?;
-                self.stats.files_written += 1;
                 if !behind.active() {
                     self.recent.wrote(&file, *size);
                 }

@@ -19,7 +19,7 @@ use crate::manifest::Limits;
 use crate::progress::Progress;
 use crate::protocol::SessionError;
 use crate::protocol::message::PROTOCOL_VERSION;
-use crate::protocol::receiver::{ReceiverOptions, run_receiver};
+use crate::protocol::receiver::{Patching, ReceiverOptions, run_receiver};
 use crate::state::StateDir;
 use crate::sync::{
     Ends, Summary, SyncError, SyncOptions, canonical_target, run_source, source_volume,
@@ -348,6 +348,7 @@ pub fn pull(
         ReceiverOptions {
             allow_devices: true,
             dry_run: opts.dry_run,
+            inplace: Patching::when(opts.inplace),
             ..ReceiverOptions::default()
         },
     );

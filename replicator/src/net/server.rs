@@ -27,7 +27,7 @@ use crate::progress::NoProgress;
 use crate::protocol::SessionError;
 use crate::protocol::dry_run::DryRun;
 use crate::protocol::message::Message;
-use crate::protocol::receiver::{ReceiverOptions, run_receiver};
+use crate::protocol::receiver::{Patching, ReceiverOptions, run_receiver};
 use crate::state::{StateDir, SyncStatus, unix_now};
 use crate::sync::{SyncOptions, run_source};
 use crate::transport::{MessageRx, MessageTx, TransportError};
@@ -626,8 +626,9 @@ fn run_session(
                 max_entries: shared.opts.max_entries,
                 allow_devices: shared.opts.allow_devices,
                 on_done: guard.as_ref().map(|g| Box::new(g.finisher()) as _),
-                // The client's hello asks for a dry run if it wants one.
+                // The client's hello asks for a dry run or patching if it wants one.
                 dry_run: DryRun::PeerDecides,
+                inplace: Patching::AsAsked,
             };
             let report = run_receiver(
                 &path,
@@ -658,6 +659,7 @@ fn run_session(
                 threads: shared.opts.threads,
                 // The client's hello asks for a dry run if it wants one.
                 dry_run: DryRun::PeerDecides,
+                inplace: false,
             };
             let report = run_source(&path, mode, &opts, tx, rx, &crate::progress::NoProgress)?;
             Ok(Ended {

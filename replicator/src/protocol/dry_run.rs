@@ -152,6 +152,7 @@ pub(super) fn encode_outcome(w: &mut Writer, o: &Outcome) {
     w.varint(o.chunks_wanted);
     w.varint(o.bytes_wanted);
     w.varint(o.stats.files_written);
+    w.varint(o.stats.files_patched);
     w.varint(o.stats.deleted);
     w.varint(o.stats.bytes_copied_locally);
 }
@@ -162,6 +163,7 @@ pub(super) fn decode_outcome(r: &mut Reader<'_>) -> Result<Outcome, DecodeError>
         bytes_wanted: r.varint()?,
         stats: DoneStats {
             files_written: r.varint()?,
+            files_patched: r.varint()?,
             deleted: r.varint()?,
             bytes_copied_locally: r.varint()?,
         },

@@ -14,7 +14,7 @@ use crate::manifest::delta::FilePatch;
 use crate::manifest::{self, Entry, Limits, RelPath, RootDigest, VolumeMode};
 
 /// Version of the session protocol (also carried in the QUIC ALPN).
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame either side accepts (a maximal chunk plus headers fits comfortably).
 pub const MAX_FRAME: usize = 17 << 20;
 /// Most chunk ids in one `Want` message.
@@ -40,6 +40,9 @@ pub struct Hello {
     pub bases: Vec<RootDigest>,
     /// A dry run ([`super::dry_run`]): asked by either side, echoed by the receiver.
     pub dry_run: bool,
+    /// Sender: the receiver should patch large files with small changes at their final
+    /// name (a pushing client's `--inplace`); receiver: whether it will.
+    pub inplace: bool,
 }
 
 /// Most delta bases a hello may offer.
@@ -52,6 +55,7 @@ mod hello_flags {
     /// A count (1 to [`super::MAX_BASES`]) and that many base roots follow the flags.
     pub const BASE: u8 = 4;
     pub const DRY_RUN: u8 = 8;
+    pub const INPLACE: u8 = 16;
 }
 
 /// How a chunk's payload is encoded on the wire.
@@ -104,6 +108,8 @@ pub struct SuffixData {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DoneStats {
     pub files_written: u64,
+    /// Of `files_written`, those patched at their final name (`--inplace`).
+    pub files_patched: u64,
     pub deleted: u64,
     pub bytes_copied_locally: u64,
 }
@@ -216,6 +222,9 @@ impl Message {
                 if h.dry_run {
                     flags |= hello_flags::DRY_RUN;
                 }
+                if h.inplace {
+                    flags |= hello_flags::INPLACE;
+                }
                 w.u8(flags);
                 if !h.bases.is_empty() {
                     w.varint(h.bases.len() as u64);
@@ -281,6 +290,7 @@ impl Message {
                 w.u8(ty::DONE);
                 w.hash(&root.0);
                 w.varint(stats.files_written);
+                w.varint(stats.files_patched);
                 w.varint(stats.deleted);
                 w.varint(stats.bytes_copied_locally);
             }
@@ -373,7 +383,8 @@ impl Message {
                 let known = hello_flags::COMPRESS
                     | hello_flags::STREAM
                     | hello_flags::BASE
-                    | hello_flags::DRY_RUN;
+                    | hello_flags::DRY_RUN
+                    | hello_flags::INPLACE;
                 if flags & !known != 0 {
                     return Err(DecodeError::Invalid {
                         what: "hello",
@@ -402,6 +413,7 @@ impl Message {
                         }
                     },
                     dry_run: flags & hello_flags::DRY_RUN != 0,
+                    inplace: flags & hello_flags::INPLACE != 0,
                 })
             }
             ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
@@ -469,6 +481,7 @@ impl Message {
                 root: RootDigest(r.hash()?),
                 stats: DoneStats {
                     files_written: r.varint()?,
+                    files_patched: r.varint()?,
                     deleted: r.varint()?,
                     bytes_copied_locally: r.varint()?,
                 },
@@ -714,6 +727,7 @@ mod tests {
                 stream: true,
                 bases: Vec::new(),
                 dry_run: false,
+                inplace: true,
             }),
             Message::Hello(Hello {
                 version: 3,
@@ -723,6 +737,7 @@ mod tests {
                 stream: false,
                 bases: vec![RootDigest([7; 32]), RootDigest([8; 32])],
                 dry_run: true,
+                inplace: false,
             }),
             Message::Changes(vec![
                 Change {
@@ -741,6 +756,7 @@ mod tests {
                 bytes_wanted: 70_000,
                 stats: DoneStats {
                     files_written: 2,
+                    files_patched: 1,
                     deleted: 1,
                     bytes_copied_locally: 9,
                 },
@@ -791,6 +807,7 @@ mod tests {
                 root: RootDigest([2; 32]),
                 stats: DoneStats {
                     files_written: 3,
+                    files_patched: 2,
                     deleted: 1,
                     bytes_copied_locally: 99,
                 },

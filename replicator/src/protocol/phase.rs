@@ -131,6 +131,7 @@ mod tests {
                 stream,
                 bases: Vec::new(),
                 dry_run: false,
+                inplace: false,
             })
         };
         assert_eq!(
@@ -209,6 +210,7 @@ mod tests {
                 stream,
                 bases: Vec::new(),
                 dry_run,
+                inplace: false,
             })
         };
         assert!(SenderPhase::Hello.accept(&hello(true, true)).is_err());

@@ -52,6 +52,32 @@ pub struct ReceiverOptions {
     pub on_done: Option<Box<dyn FnOnce() + Send>>,
     /// Whether this is a dry run ([`super::dry_run`]).
     pub dry_run: DryRun,
+    /// Whether large files with small changes are patched at their final name
+    /// ([`crate::apply::Destination::patch_in_place`]).
+    pub inplace: Patching,
+}
+
+/// Whether a receiver patches large files in place (`--inplace`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Patching {
+    /// Every file is rebuilt under a temp name and renamed into place.
+    #[default]
+    Off,
+    /// Asked for at this end (a local sync, a pull).
+    On,
+    /// As the sender's hello asks: a server's pushing client owns that choice, as it owns
+    /// what the volume holds.
+    AsAsked,
+}
+
+impl Patching {
+    /// [`Patching::On`] if `asked`.
+    pub fn when(asked: bool) -> Self {
+        match asked {
+            true => Patching::On,
+            false => Patching::Off,
+        }
+    }
 }
 
 impl Default for ReceiverOptions {
@@ -61,6 +87,7 @@ impl Default for ReceiverOptions {
             allow_devices: false,
             on_done: None,
             dry_run: DryRun::Refuse,
+            inplace: Patching::Off,
         }
     }
 }
@@ -209,6 +236,13 @@ fn session(
     // An empty destination will want every chunk: asking for them would only cost a round
     // trip and a second pass over the source, so the sender streams them with the manifest.
     let stream = !dry_run && hello.mode == VolumeMode::Tree && is_empty_dir(dst);
+    let inplace = hello.mode == VolumeMode::Tree
+        && !stream
+        && match opts.inplace {
+            Patching::Off => false,
+            Patching::On => true,
+            Patching::AsAsked => hello.inplace,
+        };
     let header = header(hello.mode, hello.chunker);
     // A delta needs the manifest the sender offers, intact. It only shortens the wire: the
     // merged manifest is checked against the sender's root and planned against what the
@@ -222,6 +256,7 @@ fn session(
         stream,
         bases: base.iter().map(StoredManifest::root).collect(),
         dry_run,
+        inplace,
         ..hello.clone()
     }))?;
     if hello.version != PROTOCOL_VERSION {
@@ -240,6 +275,9 @@ fn session(
         true => Destination::look(dst, header, state)?,
         false => Destination::prepare(dst, header, state)?,
     });
+    if inplace {
+        dest.patch_in_place();
+    }
     tracing::debug!(
         ms = started.elapsed().as_millis(),
         stream,
@@ -470,6 +508,7 @@ fn finish(
         root: got,
         stats: DoneStats {
             files_written: stats.files_written,
+            files_patched: stats.files_patched,
             deleted: stats.deleted,
             bytes_copied_locally: stats.bytes_copied_locally,
         },

@@ -40,6 +40,8 @@ pub struct SenderOptions {
     pub state: SourceState,
     /// Whether this is a dry run ([`super::dry_run`]): nothing is sent, nothing saved.
     pub dry_run: DryRun,
+    /// Ask the receiver to patch large files in place (a pushing client's `--inplace`).
+    pub inplace: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,6 +117,7 @@ fn session(
         stream: false,
         bases: offered.clone(),
         dry_run: opts.dry_run == DryRun::Ask,
+        inplace: opts.inplace,
     }))?;
     let mut phase = SenderPhase::Hello;
     let (stream, agreed, dry_run) = match next(&mut phase, rx)? {
