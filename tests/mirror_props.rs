@@ -3,7 +3,8 @@
 //! did not touch. Hard links come and go between syncs, to files the same round changed
 //! and to files it left alone. Before each sync a dry run must change nothing, list exactly
 //! the paths that would appear and disappear, list as changed every path that differs,
-//! and predict the sync's counts.
+//! and predict the sync's counts. Half the cases sync `--inplace`, and their edits overwrite
+//! ranges of big files in place, so that patches at the final name are mirrors too.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -132,11 +133,16 @@ proptest! {
     fn syncs_mirror_and_move_only_new_data(
         initial in proptest::collection::vec(op(), 1..12),
         rounds in proptest::collection::vec(proptest::collection::vec(op(), 1..6), 1..4),
+        inplace in any::<bool>(),
     ) {
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         fs::create_dir(&src).unwrap();
-        let opts = SyncOptions { state_dir: tmp.path().join("state"), ..SyncOptions::default() };
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            inplace,
+            ..SyncOptions::default()
+        };
         for o in &initial {
             apply(&src, o);
         }
@@ -148,10 +154,12 @@ proptest! {
             let s = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
             assert_mirrors(&src, &dst);
             prop_assert_eq!(
-                (dry.files_written, dry.deleted, dry.chunks_sent, &dry.root),
-                (s.files_written, s.deleted, s.chunks_sent, &s.root),
+                (dry.files_written, dry.files_patched, dry.deleted, dry.chunks_sent, &dry.root),
+                (s.files_written, s.files_patched, s.deleted, s.chunks_sent, &s.root),
                 "the dry run's counts and root are the sync's"
             );
+            prop_assert_eq!(dry.bytes_copied_locally, s.bytes_copied_locally);
+            prop_assert!(inplace || s.files_patched == 0);
             prop_assert!(dry.bytes_sent_raw >= s.bytes_sent_raw);
             prop_assert!(
                 s.bytes_sent_raw <= written,

@@ -24,6 +24,20 @@ pub enum Op {
         name: u8,
         seed: u64,
     },
+    /// A file big enough for `--inplace` to patch (1.5 MB).
+    Big {
+        dir: u8,
+        name: u8,
+        seed: u64,
+    },
+    /// 5,000 bytes written at `at` (modulo its size) over the `pick`-th (modulo their count)
+    /// regular file of at least 1 MiB, or of any size if there is none, in place: the same
+    /// inode, its other bytes kept.
+    Overwrite {
+        pick: u8,
+        seed: u64,
+        at: u32,
+    },
     Remove {
         dir: u8,
         name: u8,
@@ -86,6 +100,9 @@ pub fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..4, 0u8..6, 0u64..6, 0usize..300_000).prop_map(|(dir, name, seed, len)| Op::Write { dir, name, seed, len }),
         2 => (0u8..4, 0u8..6, 0u64..1000).prop_map(|(dir, name, seed)| Op::Append { dir, name, seed }),
+        2 => (0u8..4, 0u8..6, 0u64..6).prop_map(|(dir, name, seed)| Op::Big { dir, name, seed }),
+        2 => (any::<u8>(), 0u64..1000, any::<u32>())
+            .prop_map(|(pick, seed, at)| Op::Overwrite { pick, seed, at }),
         1 => (0u8..4, 0u8..6).prop_map(|(dir, name)| Op::Remove { dir, name }),
         1 => (0u8..4, 0u8..6, 0u8..6).prop_map(|(dir, name, target)| Op::Symlink { dir, name, target }),
         2 => (0u8..4, 0u8..6, any::<u8>()).prop_map(|(dir, name, pick)| Op::HardLink { dir, name, pick }),
@@ -148,6 +165,36 @@ pub fn apply(root: &Path, op: &Op) -> u64 {
                 }
                 _ => 0,
             }
+        }
+        Op::Big { dir, name, seed } => apply(
+            root,
+            &Op::Write {
+                dir,
+                name,
+                seed,
+                len: 1_500_000,
+            },
+        ),
+        Op::Overwrite { pick, seed, at } => {
+            use std::os::unix::fs::FileExt;
+            let files = regular_files(root);
+            let big: Vec<&PathBuf> = files
+                .iter()
+                .filter(|f| fs::metadata(f).unwrap().len() >= 1 << 20)
+                .collect();
+            let pool: Vec<&PathBuf> = match big.is_empty() {
+                true => files.iter().collect(),
+                false => big,
+            };
+            let Some(p) = pool.get(usize::from(pick) % pool.len().max(1)) else {
+                return 0;
+            };
+            let len = fs::metadata(p).unwrap().len();
+            let at = u64::from(at) % len.max(1);
+            let f = fs::OpenOptions::new().write(true).open(p).unwrap();
+            f.write_all_at(&bytes(seed, 5000), at).unwrap();
+            // The chunks around the change may move whole.
+            len.max(at + 5000)
         }
         Op::Remove { dir, name } => {
             clear(&file(dir, name));
