@@ -35,9 +35,21 @@ pub const MIN_SIZE: u64 = 1 << 20;
 
 /// Whether the file the destination has (`have`) may be patched into one of `size` bytes:
 /// a regular file with one name (a patch would reach every name), both sizes at least
-/// [`MIN_SIZE`].
+/// [`MIN_SIZE`], that this process may open for writing as it is.
 pub fn worth_patching(have: &Scanned, size: u64) -> bool {
-    have.stat.is_file() && have.stat.nlink == 1 && have.stat.size >= MIN_SIZE && size >= MIN_SIZE
+    let s = &have.stat;
+    s.is_file()
+        && s.nlink == 1
+        && s.size >= MIN_SIZE
+        && size >= MIN_SIZE
+        && writable(s, rustix::process::geteuid().as_raw())
+}
+
+/// Whether a process of `euid` may open the file for writing: root may, its owner if its
+/// mode lets the owner write. A rebuild needs neither (its temp file is its own), so a
+/// read-only file is rebuilt rather than failing the commit.
+fn writable(s: &StatInfo, euid: u32) -> bool {
+    euid == 0 || (s.uid == euid && s.mode & 0o200 != 0)
 }
 
 /// Bytes of a file's data that a patch writes: all but what it leaves as it is (a
@@ -116,6 +128,22 @@ mod tests {
     use super::*;
     use crate::apply::plan::Loc;
     use crate::chunk::ChunkId;
+
+    #[test]
+    fn only_files_this_process_may_open_for_writing_are_patched() {
+        let stat = |uid, mode| StatInfo {
+            uid,
+            mode: 0o100_000u32 | mode,
+            ..StatInfo::default()
+        };
+        assert!(writable(&stat(1000, 0o644), 1000));
+        assert!(
+            !writable(&stat(1000, 0o444), 1000),
+            "read-only to its owner"
+        );
+        assert!(!writable(&stat(1001, 0o666), 1000), "another user's");
+        assert!(writable(&stat(1001, 0o444), 0), "root writes anything");
+    }
 
     #[test]
     fn a_patch_copies_every_range_but_what_it_keeps_and_the_holes() {
