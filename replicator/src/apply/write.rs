@@ -170,7 +170,9 @@ impl Destination {
                 self.created = true;
                 let mut reader = LocalReader::default();
                 let mut clone = PendingClone::default();
-                let mut behind = WriteBehind::for_size(*size);
+                // A patch's temp file is read back by the commit and removed unsynced: its
+                // pages should stay in the cache, and need never reach the disk.
+                let mut behind = WriteBehind::for_size(if *patch { 0 } else { *size });
                 for ((off, seg), src) in offsets(segments).zip(sources) {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
