@@ -16,7 +16,11 @@ fn make_source(src: &Path) {
 }
 
 fn crash_run(src: &Path, dst: &Path, state: &Path, point: &str) {
-    let out = crash_sync(src, dst, state, point);
+    crash_run_with(src, dst, state, point, &[]);
+}
+
+fn crash_run_with(src: &Path, dst: &Path, state: &Path, point: &str, extra: &[&str]) {
+    let out = crash_sync_with(src, dst, state, point, extra);
     assert_eq!(
         out.status.signal(),
         Some(9),
@@ -170,4 +174,50 @@ fn killed_while_patching_in_place_then_resumed() {
         "the killed run had received every chunk: {s}"
     );
     assert!(!state_says_incomplete(&state));
+}
+
+/// Killed while receiving the chunks of a file it would patch, an `--inplace` sync has not
+/// touched the file under its final name; the rerun patches it, taking what had arrived from
+/// the staged temp file instead of asking for it again.
+#[test]
+fn killed_while_staging_a_patch_leaves_the_file_alone_and_resumes() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let (src, dst, state) = (
+        tmp.path().join("src"),
+        tmp.path().join("dst"),
+        tmp.path().join("state"),
+    );
+    make_source(&src);
+    summary(&run_sync(&src, &dst, &state, &[]));
+    let inode = fs::metadata(dst.join("big.bin")).unwrap().ino();
+    settle();
+    let big = fs::File::options()
+        .write(true)
+        .open(src.join("big.bin"))
+        .unwrap();
+    for (i, at) in [2u64 << 20, 10 << 20, 20 << 20].into_iter().enumerate() {
+        big.write_all_at(&bytes(60 + i as u64, 400_000), at)
+            .unwrap();
+    }
+    drop(big);
+    let dry = summary(&run_sync(&src, &dst, &state, &["--inplace", "-n"]));
+    let wanted = dry["chunks_sent"].as_u64().unwrap();
+    assert!(wanted > 4, "{dry}");
+    crash_run_with(&src, &dst, &state, "chunk:4", &["--inplace"]);
+    assert!(state_says_incomplete(&state));
+    assert_eq!(
+        fs::read(dst.join("big.bin")).unwrap(),
+        bytes(1, 24 << 20),
+        "the file changed before the commit"
+    );
+    let s = summary(&run_sync(&src, &dst, &state, &["--inplace"]));
+    assert_mirrors(&src, &dst);
+    assert_eq!(s["files_patched"], 1, "{s}");
+    assert_eq!(fs::metadata(dst.join("big.bin")).unwrap().ino(), inode);
+    let sent = s["chunks_sent"].as_u64().unwrap();
+    assert!(
+        sent <= wanted - 4,
+        "the rerun sent {sent} of {wanted} chunks; 4 had arrived"
+    );
 }
