@@ -3,7 +3,7 @@
 
 use std::fs;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use integration_tests::*;
 
@@ -12,6 +12,37 @@ fn make_source(src: &Path) {
     fs::write(src.join("big.bin"), bytes(1, 24 << 20)).unwrap();
     for i in 0..40 {
         fs::write(src.join(format!("sub/f{i}")), bytes(10 + i, 40_000)).unwrap();
+    }
+}
+
+/// A scratch directory holding a source made by [`make_source`], and the paths of a
+/// destination and a state directory beside it.
+fn sourced() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |name| tmp.path().join(name);
+    let (src, dst, state) = (path("src"), path("dst"), path("state"));
+    make_source(&src);
+    (tmp, src, dst, state)
+}
+
+/// Syncs, waits out the racy margin (so the index vouches for the copy), then writes `len`
+/// new bytes over `big.bin` at three places far apart.
+fn synced_then_changed_in_three_places(
+    src: &Path,
+    dst: &Path,
+    state: &Path,
+    seed: u64,
+    len: usize,
+) {
+    use std::os::unix::fs::FileExt;
+    summary(&run_sync(src, dst, state, &[]));
+    settle();
+    let big = fs::File::options()
+        .write(true)
+        .open(src.join("big.bin"))
+        .unwrap();
+    for (i, at) in [2u64 << 20, 10 << 20, 20 << 20].into_iter().enumerate() {
+        big.write_all_at(&bytes(seed + i as u64, len), at).unwrap();
     }
 }
 
@@ -44,13 +75,7 @@ fn state_says_incomplete(state: &Path) -> bool {
 
 #[test]
 fn killed_while_receiving_chunks_then_resumed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
-    make_source(&src);
+    let (_tmp, src, dst, state) = sourced();
     // About 24 MiB / 64 KiB ≈ 400 chunks in big.bin: die after 150 written.
     crash_run(&src, &dst, &state, "chunk:150");
     assert!(state_says_incomplete(&state));
@@ -69,13 +94,7 @@ fn killed_while_receiving_chunks_then_resumed() {
 
 #[test]
 fn killed_during_renames_then_resumed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
-    make_source(&src);
+    let (_tmp, src, dst, state) = sourced();
     crash_run(&src, &dst, &state, "rename:10");
     assert!(state_says_incomplete(&state));
     let s = summary(&run_sync(&src, &dst, &state, &[]));
@@ -88,13 +107,7 @@ fn killed_during_renames_then_resumed() {
 
 #[test]
 fn killed_before_the_final_sync_then_resumed() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
-    make_source(&src);
+    let (_tmp, src, dst, state) = sourced();
     crash_run(&src, &dst, &state, "commit-sync");
     assert!(
         state_says_incomplete(&state),
@@ -127,34 +140,10 @@ fn killed_block_sync_resumes_in_place() {
 /// killed run had already received.
 #[test]
 fn killed_while_patching_in_place_then_resumed() {
-    use std::os::unix::fs::FileExt;
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
-    make_source(&src);
-    summary(&run_sync(&src, &dst, &state, &[]));
-    settle();
-    // Three changes far apart: three ranges to copy.
-    let big = fs::File::options()
-        .write(true)
-        .open(src.join("big.bin"))
-        .unwrap();
-    for (i, at) in [2u64 << 20, 10 << 20, 20 << 20].into_iter().enumerate() {
-        big.write_all_at(&bytes(50 + i as u64, 100_000), at)
-            .unwrap();
-    }
-    drop(big);
-    let out = crash_sync_with(&src, &dst, &state, "patch:2", &["--inplace"]);
-    assert_eq!(
-        out.status.signal(),
-        Some(9),
-        "expected a kill while patching: {:?} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_tmp, src, dst, state) = sourced();
+    // Three ranges to copy.
+    synced_then_changed_in_three_places(&src, &dst, &state, 50, 100_000);
+    crash_run_with(&src, &dst, &state, "patch:2", &["--inplace"]);
     assert!(state_says_incomplete(&state));
     let mixed = fs::read(dst.join("big.bin")).unwrap();
     let (old, new) = (bytes(1, 24 << 20), fs::read(src.join("big.bin")).unwrap());
@@ -181,26 +170,10 @@ fn killed_while_patching_in_place_then_resumed() {
 /// the staged temp file instead of asking for it again.
 #[test]
 fn killed_while_staging_a_patch_leaves_the_file_alone_and_resumes() {
-    use std::os::unix::fs::{FileExt, MetadataExt};
-    let tmp = tempfile::tempdir().unwrap();
-    let (src, dst, state) = (
-        tmp.path().join("src"),
-        tmp.path().join("dst"),
-        tmp.path().join("state"),
-    );
-    make_source(&src);
-    summary(&run_sync(&src, &dst, &state, &[]));
+    use std::os::unix::fs::MetadataExt;
+    let (_tmp, src, dst, state) = sourced();
+    synced_then_changed_in_three_places(&src, &dst, &state, 60, 400_000);
     let inode = fs::metadata(dst.join("big.bin")).unwrap().ino();
-    settle();
-    let big = fs::File::options()
-        .write(true)
-        .open(src.join("big.bin"))
-        .unwrap();
-    for (i, at) in [2u64 << 20, 10 << 20, 20 << 20].into_iter().enumerate() {
-        big.write_all_at(&bytes(60 + i as u64, 400_000), at)
-            .unwrap();
-    }
-    drop(big);
     let dry = summary(&run_sync(&src, &dst, &state, &["--inplace", "-n"]));
     let wanted = dry["chunks_sent"].as_u64().unwrap();
     assert!(wanted > 4, "{dry}");
