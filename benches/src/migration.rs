@@ -10,6 +10,7 @@
 //! cargo build --release -p deployer -p benches
 //! target/release/migration-bench            # --volume-mib 256 for a quick run
 //! target/release/migration-bench --neighbour-mb-per-s 300   # on a busy host
+//! target/release/migration-bench --volume-mib 256 --table-mib 768   # a database's table
 //! ```
 
 use std::fmt::Write as _;
@@ -60,6 +61,11 @@ struct Cli {
     /// the moves (a busy host: its dirty pages are there when the final delta commits).
     #[arg(long, default_value_t = 0.0)]
     neighbour_mb_per_s: f64,
+    /// A table of this many MiB in the volume besides it (`table.db`), over which each
+    /// write of the store also writes one page, as a database does: a big file with
+    /// scattered changes for the final delta to carry.
+    #[arg(long, default_value_t = 0)]
+    table_mib: u64,
 }
 
 fn main() -> ExitCode {
@@ -179,9 +185,14 @@ fn run(cli: &Cli) -> Result<(), String> {
     );
     let t = Instant::now();
     fill(&volume.join("bulk"), cli.volume_mib << 20, cli.seed)?;
+    if cli.table_mib > 0 {
+        let mut rng = Rng::derive(cli.seed, "migration-table");
+        fill_file(&volume.join("table.db"), cli.table_mib << 20, &mut rng)?;
+    }
     eprintln!(
-        "filled the volume with {} MiB in {:.1} s",
+        "filled the volume with {} MiB and a table of {} MiB in {:.1} s",
         cli.volume_mib,
+        cli.table_mib,
         t.elapsed().as_secs_f64()
     );
 
@@ -208,6 +219,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         rows.push(serde_json::json!({
             "method": method,
             "volume_mib": cli.volume_mib,
+            "table_mib": cli.table_mib,
             "write_mb_per_s": cli.write_mb_per_s,
             "total_seconds": total.as_secs_f64(),
             "downtime_ms": m["downtime_ms"],
@@ -264,33 +276,36 @@ fn fill(dir: &Path, bytes: u64, seed: u64) -> Result<(), String> {
     let mut rng = Rng::derive(seed, "migration-volume");
     let mut left = bytes;
     let mut i = 0;
-    let mut buf = Vec::with_capacity(1 << 20);
     while left > 0 {
         let len = left.min(64 << 20);
-        let path = dir.join(format!("blob{i:03}.bin"));
-        let mut f =
-            std::io::BufWriter::new(std::fs::File::create(&path).map_err(|e| e.to_string())?);
-        let mut written = 0;
-        while written < len {
-            buf.clear();
-            let n = (len - written).min(1 << 20) as usize;
-            if (written >> 20) % 2 == 0 {
-                text(&mut rng, n, &mut buf);
-            } else {
-                buf.resize(n, 0);
-                rng.fill(&mut buf);
-            }
-            f.write_all(&buf).map_err(|e| e.to_string())?;
-            written += n as u64;
-        }
-        f.into_inner()
-            .map_err(|e| e.to_string())?
-            .sync_all()
-            .map_err(|e| e.to_string())?;
+        fill_file(&dir.join(format!("blob{i:03}.bin")), len, &mut rng)?;
         left -= len;
         i += 1;
     }
     Ok(())
+}
+
+/// Writes a file of `len` bytes, alternating MiBs of text-like and random data, and syncs it.
+fn fill_file(path: &Path, len: u64, rng: &mut Rng) -> Result<(), String> {
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| e.to_string())?);
+    let mut written = 0;
+    while written < len {
+        buf.clear();
+        let n = (len - written).min(1 << 20) as usize;
+        if (written >> 20) % 2 == 0 {
+            text(rng, n, &mut buf);
+        } else {
+            buf.resize(n, 0);
+            rng.fill(&mut buf);
+        }
+        f.write_all(&buf).map_err(|e| e.to_string())?;
+        written += n as u64;
+    }
+    f.into_inner()
+        .map_err(|e| e.to_string())?
+        .sync_all()
+        .map_err(|e| e.to_string())
 }
 
 /// A client writing at a steady rate through a routing proxy, reconnecting when cut.
@@ -454,9 +469,18 @@ fn markdown(rows: &[serde_json::Value], cli: &Cli) -> String {
     let _ = writeln!(
         md,
         "Moving the example key-value store with a {} MiB volume under {} MB/s of acknowledged \
-         writes (each fsynced), three agents on loopback.{}\n",
+         writes (each fsynced), three agents on loopback.{}{}\n",
         cli.volume_mib,
         cli.write_mb_per_s,
+        if cli.table_mib > 0 {
+            format!(
+                " Besides it a {} MiB table, one page of which each write also overwrites \
+                 (`--table-mib`).",
+                cli.table_mib
+            )
+        } else {
+            String::new()
+        },
         if cli.neighbour_mb_per_s > 0.0 {
             format!(
                 " Another program writes {} MB/s without fsync on the same filesystem \

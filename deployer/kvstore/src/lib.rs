@@ -6,6 +6,12 @@
 //! On start it replays the log (a torn last line from a crash is ignored), so every
 //! acknowledged write survives a restart — and a move to another node.
 //!
+//! If `DATA/table.db` exists, each `SET` also writes its value over one page of it (the
+//! key's hash picks the page), without syncing, as a database writes its table pages
+//! beside its log: the log stays the record that counts, and the table is a big file with
+//! scattered small changes, which is what a migration's final delta of a real database
+//! carries. The migration bench creates one (`--table-mib`).
+//!
 //! Where it listens and keeps data: `--listen` / `--data`, defaulting to what the deployer's
 //! runtimes provide (`DEPLOYER_LISTEN_7000`, `DEPLOYER_VOLUME`), else `0.0.0.0:7000` and `/data`.
 
@@ -19,6 +25,27 @@ use std::sync::{Arc, Mutex};
 struct Store {
     map: HashMap<String, String>,
     log: File,
+    dir: PathBuf,
+    /// `DATA/table.db`, once there is one (looked for at each `SET` until then).
+    table: Option<File>,
+}
+
+/// Bytes of one table page.
+pub const PAGE: u64 = 16 * 1024;
+
+/// Writes `value` (cut or padded to a page) over the page of `table` that `key` picks.
+fn write_page(table: &File, key: &str, value: &str) -> std::io::Result<()> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::FileExt;
+    let pages = table.metadata()?.len() / PAGE;
+    if pages == 0 {
+        return Ok(());
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    let mut page = value.as_bytes().to_vec();
+    page.resize(PAGE as usize, b' ');
+    table.write_all_at(&page, h.finish() % pages * PAGE)
 }
 
 fn open(dir: &Path) -> std::io::Result<Store> {
@@ -46,7 +73,12 @@ fn open(dir: &Path) -> std::io::Result<Store> {
         }
     }
     let log = OpenOptions::new().create(true).append(true).open(&path)?;
-    Ok(Store { map, log })
+    Ok(Store {
+        map,
+        log,
+        dir: dir.to_path_buf(),
+        table: None,
+    })
 }
 
 fn serve(stream: TcpStream, store: Arc<Mutex<Store>>) -> std::io::Result<()> {
@@ -62,6 +94,15 @@ fn serve(stream: TcpStream, store: Arc<Mutex<Store>>) -> std::io::Result<()> {
                     .map_err(|_| std::io::Error::other("poisoned"))?;
                 s.log.write_all(format!("{k} {v}\n").as_bytes())?;
                 s.log.sync_data()?;
+                if s.table.is_none() {
+                    s.table = OpenOptions::new()
+                        .write(true)
+                        .open(s.dir.join("table.db"))
+                        .ok();
+                }
+                if let Some(table) = &s.table {
+                    write_page(table, k, v)?;
+                }
                 s.map.insert(k.to_string(), v.to_string());
                 "OK".to_string()
             }
@@ -122,4 +163,30 @@ pub fn settings(args: &[String]) -> Result<(String, PathBuf), String> {
         }
     }
     Ok((listen, data))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+    use super::*;
+
+    #[test]
+    fn a_set_writes_its_value_over_one_page_of_the_table() {
+        let dir = std::env::temp_dir().join(format!("kvstore-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("table.db");
+        std::fs::write(&path, vec![0u8; 8 * PAGE as usize]).unwrap();
+        let table = OpenOptions::new().write(true).open(&path).unwrap();
+        write_page(&table, "k", "value").unwrap();
+        write_page(&table, "k", "again").unwrap();
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), 8 * PAGE as usize, "the table keeps its size");
+        let written: Vec<&[u8]> = data
+            .chunks(PAGE as usize)
+            .filter(|p| p.iter().any(|&b| b != 0))
+            .collect();
+        assert_eq!(written.len(), 1, "one key, one page");
+        assert!(written[0].starts_with(b"again "));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
