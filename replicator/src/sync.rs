@@ -461,4 +461,89 @@ mod tests {
         assert!(err.contains("asked for a dry run"), "{err}");
         assert!(!created, "the refused dry run created the destination");
     }
+
+    /// A file an application writes while it is being sent (a migration's pre-copy of a
+    /// live database) fails the sync, but the source index stays: the write moved the file's
+    /// ctime past the scan, so its record cannot vouch for it, and the next sync reads the
+    /// files that changed, not the whole volume again.
+    #[test]
+    fn a_file_changed_while_it_is_sent_fails_the_sync_and_keeps_the_source_index() {
+        use crate::chunk::Segment;
+        use crate::manifest::EntryKind;
+        use crate::protocol::message::{Hello, Message};
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let data = |seed: u8| {
+            (0..300_000u32)
+                .map(|i| (i % 251) as u8 ^ seed)
+                .collect::<Vec<_>>()
+        };
+        fs::write(src.join("a"), data(1)).unwrap();
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            ..SyncOptions::default()
+        };
+        sync_local(&src, &tmp.path().join("first"), &opts, &NoProgress).unwrap();
+        let index = StateDir::new(opts.state_dir.clone())
+            .source(&src.canonicalize().unwrap())
+            .index;
+        assert!(index.exists());
+
+        let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
+        let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
+        let file = src.join("a");
+        let receiver = std::thread::spawn(move || {
+            let Ok(Message::Hello(h)) = r_rx.recv() else {
+                panic!("no hello")
+            };
+            r_tx.send(Message::Hello(Hello {
+                bases: Vec::new(),
+                ..h
+            }))
+            .unwrap();
+            let mut wanted = None;
+            loop {
+                match r_rx.recv().unwrap() {
+                    Message::Entry(e) => {
+                        if let EntryKind::File { segments, .. } = e.kind
+                            && let Some(Segment::Chunk { id, .. }) = segments.first()
+                        {
+                            wanted = Some(*id);
+                        }
+                    }
+                    Message::ManifestEnd { .. } => break,
+                    _ => {}
+                }
+            }
+            // The application writes the file after the scan, before its chunks are read.
+            fs::write(&file, data(2)).unwrap();
+            r_tx.send(Message::Want(vec![wanted.expect("a chunk of a")]))
+                .unwrap();
+            r_tx.send(Message::WantEnd).unwrap();
+            loop {
+                match r_rx.recv() {
+                    Ok(Message::Error { message }) => return message,
+                    Ok(_) => {}
+                    Err(e) => return e.to_string(),
+                }
+            }
+        });
+        let sent = run_source(
+            &src,
+            VolumeMode::Tree,
+            &opts,
+            &mut s_tx,
+            &mut s_rx,
+            &NoProgress,
+        );
+        drop((s_tx, s_rx));
+        let err = sent.unwrap_err().to_string();
+        assert!(err.contains("source changed during the sync"), "{err}");
+        assert!(receiver.join().unwrap().contains("source changed"));
+        assert!(
+            index.exists(),
+            "the index was dropped for a change made during the sync"
+        );
+    }
 }

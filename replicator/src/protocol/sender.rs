@@ -67,6 +67,14 @@ pub fn header(mode: VolumeMode, chunker: ChunkerParams) -> Header {
 }
 
 /// Runs a whole session as the sender of `src`. Its quick-check index is read and refreshed.
+/// Whether `path`'s inode changed (its ctime) after `since_ns`, or it is gone.
+fn changed_since(path: &Path, since_ns: i128) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map_or(true, |m| {
+        i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()) > since_ns
+    })
+}
+
 pub fn run_sender(
     src: &Path,
     opts: SenderOptions,
@@ -77,11 +85,13 @@ pub fn run_sender(
 ) -> Result<SenderReport, SessionError> {
     let index = opts.state.index.clone();
     let result = session(src, opts, scan_start_ns, tx, rx, progress);
-    if let Err(SessionError::Serve(ServeError::Changed { .. })) = &result {
-        // A chunk read back does not match what the scan recorded: the file changed since, or
-        // the index named wrong chunks for a file that looked unchanged (its stat restored by
-        // a tool, say). Either way the next run reads every file again.
-        if std::fs::remove_file(&index).is_ok() {
+    if let Err(SessionError::Serve(ServeError::Changed { path, .. })) = &result {
+        // A chunk read back does not match what the scan recorded: the file changed since (a
+        // running application wrote it), or the index named wrong chunks for a file that
+        // looked unchanged (its stat restored by a tool, say). A change since the scan moved
+        // the file's ctime, which no tool can set back, and its stale record will not vouch
+        // for it; otherwise the index lied, and the next run reads every file again.
+        if !changed_since(path, scan_start_ns) && std::fs::remove_file(&index).is_ok() {
             tracing::info!(path = %index.display(), "dropped the source index after a mismatch");
         }
     }
