@@ -148,6 +148,12 @@ pub enum Response {
         detail: String,
     },
     Pushed(PushReport),
+    /// A push failed because the application changed what was being copied (a database
+    /// writing its pages while it serves): a pre-copy round may end there, the final delta
+    /// copies it with the application stopped.
+    SourceChanged {
+        message: String,
+    },
     Error {
         message: String,
     },
@@ -157,6 +163,9 @@ pub enum Response {
 pub enum ApiError {
     #[error("{node}: {message}")]
     Node { node: String, message: String },
+    /// [`Response::SourceChanged`].
+    #[error("{node}: {message}")]
+    SourceChanged { node: String, message: String },
 }
 
 pub async fn write_frame<T: Serialize>(s: &mut SendStream, v: &T) -> Result<(), String> {
@@ -252,6 +261,10 @@ impl AgentClient {
         write_frame(&mut s, req).await.map_err(fail)?;
         match read_frame::<Response>(&mut r).await.map_err(fail)? {
             Response::Error { message } => Err(fail(message)),
+            Response::SourceChanged { message } => Err(ApiError::SourceChanged {
+                node: self.node.clone(),
+                message,
+            }),
             ok => Ok(ok),
         }
     }

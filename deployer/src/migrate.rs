@@ -71,6 +71,9 @@ pub struct MigrationReport {
     /// Where the downtime went.
     pub downtime_parts: DowntimeParts,
     pub predicted_downtime_ms: u64,
+    /// A pre-copy round failed because the application changed data while it was copied;
+    /// pre-copy ended there (`rounds` has the rounds before it).
+    pub pre_copy_ended_by_change: bool,
     pub epoch: u64,
     pub root: String,
 }
@@ -339,12 +342,28 @@ pub async fn migrate(
 
     // 2. Pre-copy while A serves.
     let mut rounds: Vec<Round> = Vec::new();
+    let mut pre_copy_ended_by_change = false;
     loop {
         // Without pre-copy (stop–copy–start) everything goes in the final delta.
         if !opts.pre_copy {
             break;
         }
-        let r = push(a, app, b_state).await?;
+        let r = match push(a, app, b_state).await {
+            Ok(r) => r,
+            // The application changed what the round was copying (a database writing its
+            // pages in place): a copy taken while it serves cannot be consistent, and the
+            // next round would meet the same. The final delta, with it stopped, can.
+            Err(ApiError::SourceChanged { message, .. }) => {
+                say(format!(
+                    "  pre-copy round {}: ended, {app} changed data while it was copied \
+                     ({message}); the final delta carries the rest",
+                    rounds.len() + 1
+                ));
+                pre_copy_ended_by_change = true;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let secs = (r.duration_ms as f64 / 1000.0).max(1e-3);
         let round = Round {
             round: rounds.len() as u32 + 1,
@@ -472,6 +491,7 @@ pub async fn migrate(
         downtime_ms: downtime,
         downtime_parts: parts,
         predicted_downtime_ms: predicted,
+        pre_copy_ended_by_change,
         epoch,
         root: last.root,
     })

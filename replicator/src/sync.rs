@@ -89,6 +89,20 @@ pub struct Summary {
     pub dry_run: bool,
 }
 
+impl SyncError {
+    /// Whether the sync failed because the source changed while it was read (a running
+    /// application wrote a file after the scan): rerunning it may succeed, and a copy taken
+    /// with the application stopped will.
+    pub fn source_changed(&self) -> bool {
+        matches!(
+            self,
+            SyncError::Session(SessionError::Serve(
+                crate::snapshot::ServeError::Changed { .. }
+            ))
+        )
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
     #[error("{path}: {source}")]

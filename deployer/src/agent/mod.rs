@@ -8,6 +8,7 @@
 
 pub mod docker;
 mod moves;
+use moves::PushFailed;
 pub mod process;
 pub mod proxy;
 pub mod runtime;
@@ -292,7 +293,8 @@ impl Agent {
             } => {
                 return match self.push(&application, &to, &peer).await {
                     Ok(r) => Response::Pushed(r),
-                    Err(message) => Response::Error { message },
+                    Err(PushFailed::SourceChanged(message)) => Response::SourceChanged { message },
+                    Err(PushFailed::Other(message)) => Response::Error { message },
                 };
             }
             Request::Release {

@@ -19,6 +19,19 @@ use super::Agent;
 use super::state::{Persisted, VolumeRecord};
 use crate::api::PushReport;
 
+/// Why a push failed.
+pub(super) enum PushFailed {
+    /// The application changed what was being copied (see [`crate::api::Response`]).
+    SourceChanged(String),
+    Other(String),
+}
+
+impl From<String> for PushFailed {
+    fn from(message: String) -> Self {
+        PushFailed::Other(message)
+    }
+}
+
 impl Agent {
     /// Saves the state durably and refreshes the fencing set.
     pub(super) fn save(&self, p: &Persisted) -> std::io::Result<()> {
@@ -45,15 +58,20 @@ impl Agent {
     }
 
     /// Syncs the application's volume to the peer agent's volume server.
-    pub(super) async fn push(&self, app: &str, to: &str, peer: &str) -> Result<PushReport, String> {
+    pub(super) async fn push(
+        &self,
+        app: &str,
+        to: &str,
+        peer: &str,
+    ) -> Result<PushReport, PushFailed> {
         {
             let core = self.core.lock().await;
             match core.persisted.volumes.get(app) {
                 Some(v) if v.owner => {}
                 _ => {
-                    return Err(format!(
+                    return Err(PushFailed::Other(format!(
                         "this node does not own volume {app}; it cannot push it"
-                    ));
+                    )));
                 }
             }
         }
@@ -97,7 +115,13 @@ impl Agent {
         })
         .await
         .map_err(|e| e.to_string())?
-        .map_err(|e| format!("pushing volume {app} to {to}: {e}"))?;
+        .map_err(|e| {
+            let message = format!("pushing volume {app} to {to}: {e}");
+            match e.source_changed() {
+                true => PushFailed::SourceChanged(message),
+                false => PushFailed::Other(message),
+            }
+        })?;
         Ok(PushReport {
             bytes_sent_wire: summary.bytes_sent_wire,
             bytes_sent_raw: summary.bytes_sent_raw,
