@@ -71,7 +71,11 @@ pub fn header(mode: VolumeMode, chunker: ChunkerParams) -> Header {
 fn changed_since(path: &Path, since_ns: i128) -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(path).map_or(true, |m| {
-        i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()) > since_ns
+        // The kernel stamps ctime from a coarse clock, a tick behind `since_ns`'s. Any
+        // margin is safe: an index record vouches only for an unchanged ctime, so the index
+        // that lied holds one from before its own, earlier sync.
+        i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec())
+            > since_ns - crate::index::RACY_MARGIN_COARSE_NS
     })
 }
 
