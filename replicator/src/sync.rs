@@ -400,6 +400,29 @@ mod tests {
         assert_eq!(again.root, first.root);
     }
 
+    /// Runs the source side of a sync of `src` against `peer`, a test receiver on its own
+    /// thread holding the other ends of the pipes; the sync must fail. Returns the sender's
+    /// error and what `peer` returned.
+    fn source_failing_against<T: Send + 'static>(
+        src: &Path,
+        opts: &SyncOptions,
+        peer: impl FnOnce(inproc::InprocTx, inproc::InprocRx) -> T + Send + 'static,
+    ) -> (String, T) {
+        let (mut s_tx, r_rx, _) = inproc::pipe(64);
+        let (r_tx, mut s_rx, _) = inproc::pipe(64);
+        let peer = std::thread::spawn(move || peer(r_tx, r_rx));
+        let sent = run_source(
+            src,
+            VolumeMode::Tree,
+            opts,
+            &mut s_tx,
+            &mut s_rx,
+            &NoProgress,
+        );
+        drop((s_tx, s_rx));
+        (sent.unwrap_err().to_string(), peer.join().unwrap())
+    }
+
     /// Only the end the user runs may make a sync a dry run: a receiver that answers a
     /// real sync's hello with one is refused by the sender, which sends it nothing, and a
     /// sender asking a receiver that was not told to is refused too.
@@ -414,9 +437,7 @@ mod tests {
             state_dir: tmp.path().join("state"),
             ..SyncOptions::default()
         };
-        let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
-        let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
-        let liar = std::thread::spawn(move || {
+        let (err, said) = source_failing_against(&src, &opts, move |mut r_tx, mut r_rx| {
             let Ok(Message::Hello(h)) = r_rx.recv() else {
                 panic!("no hello")
             };
@@ -429,18 +450,8 @@ mod tests {
                 Err(e) => e.to_string(),
             }
         });
-        let sent = run_source(
-            &src,
-            VolumeMode::Tree,
-            &opts,
-            &mut s_tx,
-            &mut s_rx,
-            &NoProgress,
-        );
-        drop((s_tx, s_rx));
-        let err = sent.unwrap_err().to_string();
         assert!(err.contains("asked for a dry run"), "{err}");
-        assert!(liar.join().unwrap().contains("asked for a dry run"));
+        assert!(said.contains("asked for a dry run"));
 
         let dst = tmp.path().join("dst");
         let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
@@ -504,10 +515,8 @@ mod tests {
             .index;
         assert!(index.exists());
 
-        let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
-        let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
         let file = src.join("a");
-        let receiver = std::thread::spawn(move || {
+        let (err, said) = source_failing_against(&src, &opts, move |mut r_tx, mut r_rx| {
             let Ok(Message::Hello(h)) = r_rx.recv() else {
                 panic!("no hello")
             };
@@ -543,18 +552,8 @@ mod tests {
                 }
             }
         });
-        let sent = run_source(
-            &src,
-            VolumeMode::Tree,
-            &opts,
-            &mut s_tx,
-            &mut s_rx,
-            &NoProgress,
-        );
-        drop((s_tx, s_rx));
-        let err = sent.unwrap_err().to_string();
         assert!(err.contains("source changed during the sync"), "{err}");
-        assert!(receiver.join().unwrap().contains("source changed"));
+        assert!(said.contains("source changed"));
         assert!(
             index.exists(),
             "the index was dropped for a change made during the sync"

@@ -5,6 +5,7 @@
 //! write and commit phases.
 
 use super::fsops::is_temp_name;
+use super::patch;
 use super::plan::{Plan, Src};
 use super::spool::Planned;
 use super::{ApplyError, Destination, plan};
@@ -49,10 +50,9 @@ impl Destination {
                             .segments()
                             .iter()
                             .zip(sources)
-                            .filter(|(_, s)| match s {
-                                Src::Local(_) => true,
-                                Src::Clone(_) => !*patch,
-                                _ => false,
+                            .filter(|(_, s)| {
+                                matches!(s, Src::Local(_) | Src::Clone(_))
+                                    && !(*patch && patch::keeps(s))
                             })
                             .map(|(seg, _)| seg.len())
                             .sum::<u64>();

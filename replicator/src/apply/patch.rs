@@ -52,13 +52,23 @@ fn writable(s: &StatInfo, euid: u32) -> bool {
     euid == 0 || (s.uid == euid && s.mode & 0o200 != 0)
 }
 
-/// Bytes of a file's data that a patch writes: all but what it leaves as it is (a
-/// [`Src::Clone`] of the old file at the same offset) and its holes.
+/// Whether a patch leaves the file's bytes at this source as they are: a [`Src::Clone`]
+/// of the old file is planned only at the same offset, for a chunk the index says is there.
+pub fn keeps(src: &Src) -> bool {
+    matches!(src, Src::Clone(_))
+}
+
+/// Whether a patch writes this segment: data, not a hole, and not kept.
+fn writes(seg: &Segment, src: &Src) -> bool {
+    matches!(seg, Segment::Chunk { .. }) && !keeps(src)
+}
+
+/// Bytes of a file's data that a patch writes: all but what it keeps and its holes.
 pub fn changed_bytes(segments: &[Segment], sources: &[Src]) -> u64 {
     segments
         .iter()
         .zip(sources)
-        .filter(|(seg, src)| matches!(seg, Segment::Chunk { .. }) && !matches!(src, Src::Clone(_)))
+        .filter(|(seg, src)| writes(seg, src))
         .map(|(seg, _)| seg.len())
         .sum()
 }
@@ -67,7 +77,7 @@ pub fn changed_bytes(segments: &[Segment], sources: &[Src]) -> u64 {
 fn copied_runs(segments: &[Segment], sources: &[Src]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for ((off, seg), src) in offsets(segments).zip(sources) {
-        if !matches!(seg, Segment::Chunk { .. }) || matches!(src, Src::Clone(_)) {
+        if !writes(seg, src) {
             continue;
         }
         match runs.last_mut() {

@@ -146,9 +146,9 @@ impl Destination {
         let read: Cow<'_, [Src]> = match patch {
             true => sources
                 .iter()
-                .map(|s| match s {
-                    Src::Clone(_) => Src::Zero,
-                    s => s.clone(),
+                .map(|s| match patch::keeps(s) {
+                    true => Src::Zero,
+                    false => s.clone(),
                 })
                 .collect(),
             false => Cow::Borrowed(sources),

@@ -14,6 +14,7 @@ use rustix::fs::{self as rfs, FileType, Mode};
 use super::behind::WriteBehind;
 use super::fsops::{self, os, temp_name};
 use super::local::{LocalReader, PendingClone, range_has, range_is_zero};
+use super::patch;
 use super::plan::{ChunkPlaces, Plan, Src, offsets};
 use super::readahead::{Consumed, ReadAhead};
 use super::spool::Planned;
@@ -177,7 +178,7 @@ impl Destination {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
                     };
-                    if *patch && matches!(src, Src::Clone(_)) {
+                    if *patch && patch::keeps(src) {
                         // Left as it is in the file being patched.
                         progress.advance(u64::from(len));
                         continue;
