@@ -170,6 +170,7 @@ fn hello_with_bases(bases: Vec<RootDigest>) -> Message {
         bases,
         dry_run: false,
         inplace: false,
+        live: false,
     })
 }
 
@@ -319,7 +320,7 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
         "root of a tree manifest is not a directory",
     );
 
-    // A chunk whose data does not hash to its name, and one sent as the tail of a chunk the
+    // A chunk whose data does not hash to its name, one sent as the tail of a chunk the
     // server never said it holds.
     let honest = bytes(9, 5000);
     let forged = |id: ChunkId| {
@@ -339,9 +340,13 @@ fn hostile_client_pushes_are_rejected_and_the_server_keeps_serving() {
             None,
         ))
     };
-    let cases: [(&dyn Fn(ChunkId) -> Message, &str); 2] = [
+    // And a chunk said to be stale in a session whose hello did not say the source is live:
+    // the receiver would keep partial files and report the sync unfinished for nothing.
+    let stale = Message::Stale;
+    let cases: [(&dyn Fn(ChunkId) -> Message, &str); 3] = [
         (&forged, "hashes to"),
         (&unoffered, "which this receiver did not offer"),
+        (&stale, "a stale chunk in a session that is not live"),
     ];
     for (bad, needle) in cases {
         let mut sess = t.greeted();

@@ -199,6 +199,13 @@ struct SyncArgs {
     /// the sync, as in a migration.
     #[arg(long)]
     inplace: bool,
+    /// The source is in use (a database, say, writing while it serves): a chunk that
+    /// changes or vanishes after the scan is skipped instead of failing the sync. Such a
+    /// sync commits nothing and exits 5 ("unfinished"); its partial files are kept, and a
+    /// rerun sends only what changed since and what was skipped. Stop the writer for the
+    /// last run, without --live, to get a complete copy.
+    #[arg(long)]
+    live: bool,
     /// Where sync state and indexes live (default: $REPLICATOR_STATE_DIR, else the XDG state dir).
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -306,6 +313,10 @@ fn main() -> ExitCode {
             eprintln!("replicator: {msg}");
             ExitCode::from(4)
         }
+        Err(Failure::Unfinished(msg)) => {
+            eprintln!("replicator: {msg}");
+            ExitCode::from(5)
+        }
     }
 }
 
@@ -314,6 +325,8 @@ enum Failure {
     Failed(Box<dyn std::error::Error>),
     Refused(String),
     Connection(String),
+    /// A `--live` sync ended before the destination was complete (exit code 5).
+    Unfinished(String),
 }
 
 impl From<SyncError> for Failure {
@@ -429,6 +442,7 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
         },
         dry_run: DryRun::asked(a.dry_run),
         inplace: a.inplace,
+        live: a.live,
         ..SyncOptions::default()
     };
     if let Some(dir) = &a.state_dir {
@@ -455,7 +469,14 @@ fn run_sync(a: SyncArgs) -> Result<(), Failure> {
         }
     };
     print_summary(&summary, a.json);
-    Ok(())
+    match summary.complete {
+        true => Ok(()),
+        false => Err(Failure::Unfinished(format!(
+            "unfinished: {} chunks changed at the source while they were sent ({} files \
+             incomplete); nothing was committed, partial files are kept: rerun to finish",
+            summary.chunks_stale, summary.files_unfinished
+        ))),
+    }
 }
 
 fn remote_spec(p: &std::path::Path) -> Result<Option<RemoteSpec>, Failure> {
@@ -651,7 +672,8 @@ fn print_summary(s: &Summary, json: bool) {
         return;
     }
     println!(
-        "synced {} ({}): {} files, {} total, {} read, {} chunks sent of {} ({} on the wire), {} copied locally, {} written{}, {} deleted, {:.2}s\nmanifest: {} of {} entries sent{}\nroot {}",
+        "{} {} ({}): {} files, {} total, {} read, {} chunks sent of {} ({} on the wire), {} copied locally, {} written{}, {} deleted, {:.2}s\nmanifest: {} of {} entries sent{}\nroot {}",
+        if s.complete { "synced" } else { "unfinished" },
         s.destination,
         s.mode,
         s.files,

@@ -40,6 +40,12 @@ pub struct SyncOptions {
     /// under a temp name (`--inplace`, see `apply/patch.rs`): a crash in the commit may
     /// leave such a file part old, part new until the rerun.
     pub inplace: bool,
+    /// The source is in use (`--live`): a chunk that changes or vanishes after the scan is
+    /// skipped instead of failing the sync, which then ends unfinished ([`Summary::complete`]
+    /// false): nothing is committed, the partial files are kept, and a rerun resumes them.
+    /// Pre-copy rounds of a move use it; the final round, with the application stopped,
+    /// must not.
+    pub live: bool,
 }
 
 impl Default for SyncOptions {
@@ -52,6 +58,7 @@ impl Default for SyncOptions {
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             dry_run: DryRun::Refuse,
             inplace: false,
+            live: false,
         }
     }
 }
@@ -87,6 +94,12 @@ pub struct Summary {
     /// `files_written` and `deleted` say what the sync would do, `root` what the destination
     /// would become.
     pub dry_run: bool,
+    /// The destination matches the source (`root`) and is durable. False only for a `--live`
+    /// sync in which chunks changed while they were sent: nothing was committed, and
+    /// `files_unfinished` files miss some of the `chunks_stale` chunks until the next run.
+    pub complete: bool,
+    pub files_unfinished: u64,
+    pub chunks_stale: u64,
 }
 
 impl SyncError {
@@ -273,6 +286,7 @@ pub fn run_source(
         state,
         dry_run: opts.dry_run,
         inplace: opts.inplace,
+        live: opts.live,
     };
     run_sender(src, sender_opts, now_ns(), tx, rx, progress)
 }
@@ -310,6 +324,9 @@ impl Ends {
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),
             dry_run: r.dry_run,
+            complete: r.unfinished.is_none(),
+            files_unfinished: r.unfinished.map_or(0, |u| u.files),
+            chunks_stale: r.unfinished.map_or(0, |u| u.chunks),
         }
     }
 
@@ -332,12 +349,24 @@ impl Ends {
             bytes_sent_wire: wire_sent,
             bytes_received_wire: wire_back,
             bytes_copied_locally: r.stats.bytes_copied_locally,
-            files_written: r.stats.files_written,
-            files_patched: r.stats.files_patched,
+            // An unfinished run committed nothing (what it wrote waits as partial files).
+            files_written: if r.unfinished.is_some() {
+                0
+            } else {
+                r.stats.files_written
+            },
+            files_patched: if r.unfinished.is_some() {
+                0
+            } else {
+                r.stats.files_patched
+            },
             deleted: r.stats.deleted,
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),
             dry_run: r.dry_run,
+            complete: r.unfinished.is_none(),
+            files_unfinished: r.unfinished.map_or(0, |u| u.files),
+            chunks_stale: r.unfinished.map_or(0, |u| u.chunks),
         }
     }
 }
@@ -543,7 +572,8 @@ mod tests {
             fs::write(&file, data(2)).unwrap();
             r_tx.send(Message::Want(vec![wanted.expect("a chunk of a")]))
                 .unwrap();
-            r_tx.send(Message::WantEnd).unwrap();
+            // The sender may have failed on the want and hung up already.
+            let _ = r_tx.send(Message::WantEnd);
             loop {
                 match r_rx.recv() {
                     Ok(Message::Error { message }) => return message,
@@ -558,5 +588,206 @@ mod tests {
             index.exists(),
             "the index was dropped for a change made during the sync"
         );
+    }
+
+    /// Runs `f` once: when the sender starts serving wants (the scan is over), or with
+    /// `at_size`, when the scan reports an entry of that size (hashed, its chunks not yet
+    /// read back). The application writing its files at the worst moment.
+    struct Meddler<F: Fn() + Send + Sync> {
+        once: std::sync::Once,
+        at_size: Option<u64>,
+        f: F,
+    }
+
+    impl<F: Fn() + Send + Sync> Progress for Meddler<F> {
+        fn restart(&self, name: &str, _total: u64) {
+            if name == "sending" && self.at_size.is_none() {
+                self.once.call_once(&self.f);
+            }
+        }
+
+        fn advance(&self, bytes: u64) {
+            if self.at_size == Some(bytes) {
+                self.once.call_once(&self.f);
+            }
+        }
+    }
+
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn overwrite(path: &Path, at: u64, data: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .write_all_at(data, at)
+            .unwrap();
+    }
+
+    const BIG: usize = 3_000_017;
+
+    /// A local sync as [`sync_local`] runs it, with `progress` given to the sender (whose
+    /// phases say when the scan is over).
+    fn sync_watching_sender(
+        src: &Path,
+        dst: &Path,
+        opts: &SyncOptions,
+        progress: &dyn Progress,
+    ) -> Result<Summary, SessionError> {
+        let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
+        let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
+        let (src, dst) = (src.canonicalize().unwrap(), canonical_target(dst));
+        let target = StateDir::new(opts.state_dir.clone()).target(&dst);
+        let receiver_opts = ReceiverOptions {
+            inplace: Patching::when(opts.inplace),
+            ..ReceiverOptions::default()
+        };
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            let receiver = s.spawn(|| {
+                run_receiver(
+                    &dst,
+                    target,
+                    &mut r_tx,
+                    &mut r_rx,
+                    &NoProgress,
+                    receiver_opts,
+                )
+            });
+            let sent = run_source(&src, VolumeMode::Tree, opts, &mut s_tx, &mut s_rx, progress);
+            drop((s_tx, s_rx));
+            let _ = receiver.join().unwrap();
+            let ends = Ends {
+                mode: VolumeMode::Tree,
+                source: src.display().to_string(),
+                destination: dst.display().to_string(),
+                started,
+            };
+            sent.map(|r| ends.seen_by_sender(&r, 0, 0))
+        })
+    }
+
+    /// A database writes a page of a file after the scan and removes another file: without
+    /// `--live` that fails the sync; with it the stale chunks are skipped, nothing under a
+    /// final name changes, and the rerun sends only the chunks that changed since.
+    #[test]
+    fn a_live_sync_skips_what_changed_while_it_was_sent_and_the_rerun_finishes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fs::create_dir(&src).unwrap();
+        for (name, seed, len) in [("big", 1, BIG), ("small", 2, 10_000), ("gone", 3, 20_000)] {
+            fs::write(src.join(name), noise(seed, len)).unwrap();
+        }
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            live: true,
+            ..SyncOptions::default()
+        };
+        let first = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        assert!(first.complete);
+        let before: Vec<Vec<u8>> = ["big", "small", "gone"]
+            .iter()
+            .map(|n| fs::read(dst.join(n)).unwrap())
+            .collect();
+        for (name, seed, len) in [
+            ("big", 11, BIG),
+            ("small", 12, 10_000),
+            ("gone", 13, 20_000),
+        ] {
+            fs::write(src.join(name), noise(seed, len)).unwrap();
+        }
+        let (big, gone) = (src.join("big"), src.join("gone"));
+        let meddler = Meddler {
+            once: std::sync::Once::new(),
+            at_size: None,
+            f: move || {
+                overwrite(&big, 1_500_000, &[0xAA; 1000]);
+                fs::remove_file(&gone).unwrap();
+            },
+        };
+        let live = sync_watching_sender(&src, &dst, &opts, &meddler).unwrap();
+        assert!(!live.complete);
+        assert_eq!(live.files_unfinished, 2, "big and gone");
+        assert!(live.chunks_stale >= 2, "{live:?}");
+        assert_eq!(live.files_written, 0);
+        for (name, old) in ["big", "small", "gone"].iter().zip(&before) {
+            assert_eq!(&fs::read(dst.join(name)).unwrap(), old, "{name} changed");
+        }
+        use crate::state::SyncStatus;
+        let state = StateDir::new(opts.state_dir.clone()).target(&dst.canonicalize().unwrap());
+        let status = || state.read().unwrap().status;
+        assert!(matches!(status(), SyncStatus::Incomplete { .. }));
+
+        let rerun = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        assert!(rerun.complete);
+        assert!(!dst.join("gone").exists());
+        for name in ["big", "small"] {
+            assert_eq!(
+                fs::read(src.join(name)).unwrap(),
+                fs::read(dst.join(name)).unwrap()
+            );
+        }
+        // The chunk or two around the page written; the rest was kept from the live run.
+        assert!(rerun.chunks_sent <= 3, "{rerun:?}");
+        assert!(rerun.bytes_sent_raw < live.bytes_sent_raw / 4, "{rerun:?}");
+        let names: Vec<_> = fs::read_dir(&dst)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "no partial file left: {names:?}");
+        assert!(matches!(status(), SyncStatus::Complete { .. }));
+    }
+
+    /// A first (streamed) sync of a big file written while its chunks are read back, and
+    /// the same without `--live`: it fails, and the destination keeps nothing.
+    #[test]
+    fn a_live_first_sync_of_a_file_written_meanwhile_ends_unfinished_and_resumes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("big"), noise(1, BIG)).unwrap();
+        fs::write(src.join("small"), noise(2, 5_000)).unwrap();
+        let big = src.join("big");
+        let meddler = |seed: u8| Meddler {
+            once: std::sync::Once::new(),
+            at_size: Some(BIG as u64),
+            f: {
+                let big = big.clone();
+                move || overwrite(&big, 2_000_000, &[seed; 4096])
+            },
+        };
+        let mut opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            ..SyncOptions::default()
+        };
+        let err = sync_watching_sender(&src, &dst, &opts, &meddler(1)).unwrap_err();
+        assert!(SyncError::from(err).source_changed());
+        assert!(!dst.join("big").exists() && !dst.join("small").exists());
+
+        opts.live = true;
+        let live = sync_watching_sender(&src, &dst, &opts, &meddler(2)).unwrap();
+        assert!(!live.complete);
+        assert_eq!(live.files_unfinished, 1);
+        assert!(!dst.join("big").exists() && !dst.join("small").exists());
+        let rerun = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        assert!(rerun.complete, "{rerun:?}");
+        assert!(rerun.chunks_sent <= 3, "{rerun:?}");
+        for name in ["big", "small"] {
+            assert_eq!(
+                fs::read(src.join(name)).unwrap(),
+                fs::read(dst.join(name)).unwrap()
+            );
+        }
     }
 }

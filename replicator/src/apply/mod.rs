@@ -110,11 +110,12 @@ fn io_err(
 pub trait ChunkFeed {
     /// The next chunk from the sender, which must be `expect`. `base` is the chunk this
     /// receiver hinted `expect` starts with, and its bytes: the sender may send only the rest.
+    /// `None`: the chunk went stale at a live source (see [`Destination::unfinished`]).
     fn next_chunk(
         &mut self,
         expect: ChunkId,
         base: Option<(ChunkId, &[u8])>,
-    ) -> Result<Bytes, ApplyError>;
+    ) -> Result<Option<Bytes>, ApplyError>;
 }
 
 /// Counters of the receiving side.
@@ -249,6 +250,11 @@ pub struct Destination {
     recent: behind::RecentFiles,
     /// Large old files the commit replaced or removed, freed once the sync is done.
     retired: retired::Retired,
+    /// Chunks a live source no longer held when they were due: every place they were
+    /// planned at stays unwritten.
+    stale: HashSet<ChunkId>,
+    /// Files (or the block volume) left missing a stale chunk.
+    unfinished_files: u64,
     pub stats: ApplyStats,
 }
 
@@ -454,6 +460,8 @@ impl Destination {
             unsynced: 0,
             recent: behind::RecentFiles::default(),
             retired: retired::Retired::default(),
+            stale: HashSet::new(),
+            unfinished_files: 0,
             stats: ApplyStats::default(),
         })
     }
@@ -491,6 +499,17 @@ impl Destination {
     /// The digest of the manifest received so far.
     pub fn manifest_digest(&self) -> RootDigest {
         self.digest.finish()
+    }
+
+    /// After the write phase of a live session in which chunks went stale: what is left
+    /// unfinished. Such a run must not commit: it keeps its partial files
+    /// ([`Destination::keep_for_resume`]), and the next run resumes them (chunks at their
+    /// offsets are hash-checked), so it sends only what changed since and what went stale.
+    pub fn unfinished(&self) -> Option<crate::protocol::message::Unfinished> {
+        (!self.stale.is_empty()).then_some(crate::protocol::message::Unfinished {
+            files: self.unfinished_files,
+            chunks: self.stale.len() as u64,
+        })
     }
 
     /// A streamed session: the sender sends every chunk new to the destination unasked, so

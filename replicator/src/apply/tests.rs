@@ -26,7 +26,7 @@ impl ChunkFeed for Chunks {
         &mut self,
         expect: ChunkId,
         _base: Option<(ChunkId, &[u8])>,
-    ) -> Result<Bytes, ApplyError> {
+    ) -> Result<Option<Bytes>, ApplyError> {
         if self.fail_at.is_some_and(|n| self.served >= n) {
             return Err(ApplyError::MissingChunks);
         }
@@ -34,6 +34,7 @@ impl ChunkFeed for Chunks {
         self.offered
             .get(&expect)
             .cloned()
+            .map(Some)
             .ok_or(ApplyError::MissingChunks)
     }
 }

@@ -174,6 +174,8 @@ impl Destination {
                 // A patch's temp file is read back by the commit and removed unsynced: its
                 // pages should stay in the cache, and need never reach the disk.
                 let mut behind = WriteBehind::for_size(if *patch { 0 } else { *size });
+                // A stale chunk at a live source left a range unwritten.
+                let mut missing = false;
                 for ((off, seg), src) in offsets(segments).zip(sources) {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
@@ -205,6 +207,12 @@ impl Destination {
                             continue;
                         }
                         Src::Zero | Src::InPlace => None,
+                        Src::Local(_) if self.stale.contains(&id) => {
+                            // Planned as a copy of where the stale chunk was to be written.
+                            missing = true;
+                            self.read_ahead.consumed(u64::from(len));
+                            None
+                        }
                         Src::Local(loc) => {
                             let d = reader.read(vol, &self.sources, loc, len, &id)?;
                             self.stats.bytes_copied_locally += u64::from(len);
@@ -221,7 +229,12 @@ impl Destination {
                                 None => None,
                             };
                             let base = base.as_ref().map(|(id, b)| (*id, &b[..]));
-                            Some(feed.next_chunk(id, base)?)
+                            let got = feed.next_chunk(id, base)?;
+                            if got.is_none() {
+                                self.stale.insert(id);
+                                missing = true;
+                            }
+                            got
                         }
                     };
                     if let Some(data) = data {
@@ -251,6 +264,11 @@ impl Destination {
                         .map(Segment::len)
                         .sum(),
                 );
+                if missing {
+                    // Kept as a partial file for the next run; this run commits nothing.
+                    self.unfinished_files += 1;
+                    return Ok(());
+                }
                 self.stats.files_written += 1;
                 if *patch {
                     // The commit copies what it holds into the file and removes it: a crash
@@ -356,6 +374,7 @@ impl Destination {
             let mut buf = Vec::new();
             let mut unsynced = 0;
             let mut behind = WriteBehind::for_size(size);
+            let mut missing = false;
             for ((off, seg), src) in offsets(e.segments()).zip(sources) {
                 if unsynced >= flusher::EARLY_SYNC_EVERY {
                     // Let the disk work through what is written so far while more arrives.
@@ -365,13 +384,21 @@ impl Destination {
                 }
                 match (*seg, src) {
                     (Segment::Chunk { id, .. }, Src::Wire) => {
-                        let data = feed.next_chunk(id, None)?;
+                        let Some(data) = feed.next_chunk(id, None)? else {
+                            self.stale.insert(id);
+                            missing = true;
+                            progress.advance(seg.len());
+                            continue;
+                        };
                         file.write_all_at(&data, off)
                             .map_err(io_err("cannot write", &shown))?;
                         behind.wrote_to(&file, off + data.len() as u64);
                         crate::crashpoint::reached("chunk");
                         self.stats.files_written = 1;
                         unsynced += data.len() as u64;
+                    }
+                    (Segment::Chunk { id, .. }, Src::Local(_)) if self.stale.contains(&id) => {
+                        missing = true;
                     }
                     (Segment::Chunk { id, len }, Src::Local(loc)) => {
                         if !range_has(&file, loc.offset, len, &id, &mut buf) {
@@ -397,6 +424,7 @@ impl Destination {
             if !is_device {
                 file.set_len(size).map_err(io_err("cannot size", &shown))?;
             }
+            self.unfinished_files = u64::from(missing);
         }
         self.flusher.finish()?;
         file.sync_all().map_err(io_err("cannot sync", &shown))?;

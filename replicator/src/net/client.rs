@@ -191,6 +191,7 @@ pub fn open_session(
             chunker: opts.chunker,
             compress: opts.compress,
             checksum: opts.checksum,
+            live: opts.live,
         };
         let mut sends = Vec::new();
         let mut recvs = Vec::new();

@@ -133,6 +133,8 @@ pub struct Open {
     pub chunker: ChunkerParams,
     pub compress: Compression,
     pub checksum: bool,
+    /// The source is in use (`--live`): stale chunks end the pull unfinished, not failed.
+    pub live: bool,
 }
 
 impl Open {
@@ -151,7 +153,7 @@ impl Open {
             Compression::Always => 1,
             Compression::Auto => 1 | 4,
         };
-        w.u8(compress | (u8::from(self.checksum) << 1));
+        w.u8(compress | (u8::from(self.checksum) << 1) | (u8::from(self.live) << 3));
         frame(w.buf)
     }
 
@@ -192,7 +194,7 @@ impl Open {
             max: size("chunk max")?,
         };
         let flags = r.u8()?;
-        if flags > 7 || flags & 5 == 4 {
+        if flags > 15 || flags & 5 == 4 {
             return Err(DecodeError::Invalid {
                 what: "open",
                 why: "unknown option flags",
@@ -211,6 +213,7 @@ impl Open {
                 (true, true) => Compression::Auto,
             },
             checksum: flags & 2 != 0,
+            live: flags & 8 != 0,
         })
     }
 }
@@ -362,6 +365,7 @@ mod tests {
             chunker: ChunkerParams::default(),
             compress: Compression::Auto,
             checksum: false,
+            live: false,
         };
         let f = o.encode();
         assert_eq!(Open::decode(&f[4..]).unwrap(), o);

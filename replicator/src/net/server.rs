@@ -660,6 +660,7 @@ fn run_session(
                 // The client's hello asks for a dry run if it wants one.
                 dry_run: DryRun::PeerDecides,
                 inplace: false,
+                live: open.live,
             };
             let report = run_source(&path, mode, &opts, tx, rx, &crate::progress::NoProgress)?;
             Ok(Ended {

@@ -14,7 +14,7 @@ use crate::manifest::delta::FilePatch;
 use crate::manifest::{self, Entry, Limits, RelPath, RootDigest, VolumeMode};
 
 /// Version of the session protocol (also carried in the QUIC ALPN).
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest frame either side accepts (a maximal chunk plus headers fits comfortably).
 pub const MAX_FRAME: usize = 17 << 20;
 /// Most chunk ids in one `Want` message.
@@ -43,6 +43,9 @@ pub struct Hello {
     /// Sender: the receiver should patch large files with small changes at their final
     /// name (a pushing client's `--inplace`); receiver: whether it will.
     pub inplace: bool,
+    /// Sender: the source is in use (`--live`), so a chunk may change after the scan; it may
+    /// then send `Stale` in place of that chunk. Receiver: echoed, it will take `Stale`.
+    pub live: bool,
 }
 
 /// Most delta bases a hello may offer.
@@ -56,6 +59,7 @@ mod hello_flags {
     pub const BASE: u8 = 4;
     pub const DRY_RUN: u8 = 8;
     pub const INPLACE: u8 = 16;
+    pub const LIVE: u8 = 32;
 }
 
 /// How a chunk's payload is encoded on the wire.
@@ -104,6 +108,15 @@ pub struct SuffixData {
     pub payload: Bytes,
 }
 
+/// What a receiver left unfinished after a live session in which chunks went stale.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Unfinished {
+    /// Files (or the block volume) that miss at least one chunk.
+    pub files: u64,
+    /// Distinct chunks the sender reported stale.
+    pub chunks: u64,
+}
+
 /// What the receiver reports with `Done`, so both ends can print the same summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DoneStats {
@@ -140,6 +153,12 @@ pub enum Message {
     ChunksEnd { bytes_read: u64 },
     /// Receiver: the volume is durable and its digest is `root`; what applying it took.
     Done { root: RootDigest, stats: DoneStats },
+    /// Sender, live sessions only, in place of a `Chunk` or `Suffix`: the wanted chunk is no
+    /// longer in the source (the application changed or removed the file since the scan).
+    Stale(ChunkId),
+    /// Receiver, in place of `Done`, after one or more `Stale`: nothing was committed; the
+    /// files still missing chunks and the rest are kept for the next run to finish.
+    Unfinished(Unfinished),
     /// Receiver, dry runs only, in place of wants: what the sync would change.
     Changes(Vec<Change>),
     /// Receiver, dry runs only: the last message; what the sync would move.
@@ -167,6 +186,8 @@ mod ty {
     pub const SUFFIX: u8 = 14;
     pub const CHANGES: u8 = 15;
     pub const DRY_RUN_END: u8 = 16;
+    pub const STALE: u8 = 17;
+    pub const UNFINISHED: u8 = 18;
 }
 
 impl Message {
@@ -184,6 +205,8 @@ impl Message {
             Message::Chunk(_) => "chunk",
             Message::ChunksEnd { .. } => "chunks-end",
             Message::Done { .. } => "done",
+            Message::Stale(_) => "stale",
+            Message::Unfinished(_) => "unfinished",
             Message::Changes(_) => "changes",
             Message::DryRunEnd(_) => "dry-run-end",
             Message::BenchResult { .. } => "bench-result",
@@ -224,6 +247,9 @@ impl Message {
                 }
                 if h.inplace {
                     flags |= hello_flags::INPLACE;
+                }
+                if h.live {
+                    flags |= hello_flags::LIVE;
                 }
                 w.u8(flags);
                 if !h.bases.is_empty() {
@@ -293,6 +319,15 @@ impl Message {
                 w.varint(stats.files_patched);
                 w.varint(stats.deleted);
                 w.varint(stats.bytes_copied_locally);
+            }
+            Message::Stale(id) => {
+                w.u8(ty::STALE);
+                w.hash(&id.0);
+            }
+            Message::Unfinished(u) => {
+                w.u8(ty::UNFINISHED);
+                w.varint(u.files);
+                w.varint(u.chunks);
             }
             Message::Changes(changes) => {
                 w.u8(ty::CHANGES);
@@ -384,7 +419,8 @@ impl Message {
                     | hello_flags::STREAM
                     | hello_flags::BASE
                     | hello_flags::DRY_RUN
-                    | hello_flags::INPLACE;
+                    | hello_flags::INPLACE
+                    | hello_flags::LIVE;
                 if flags & !known != 0 {
                     return Err(DecodeError::Invalid {
                         what: "hello",
@@ -414,6 +450,7 @@ impl Message {
                     },
                     dry_run: flags & hello_flags::DRY_RUN != 0,
                     inplace: flags & hello_flags::INPLACE != 0,
+                    live: flags & hello_flags::LIVE != 0,
                 })
             }
             ty::ENTRY => Message::Entry(manifest::decode_entry(&mut r, limits)?),
@@ -486,6 +523,11 @@ impl Message {
                     bytes_copied_locally: r.varint()?,
                 },
             },
+            ty::STALE => Message::Stale(ChunkId(r.hash()?)),
+            ty::UNFINISHED => Message::Unfinished(Unfinished {
+                files: r.varint()?,
+                chunks: r.varint()?,
+            }),
             ty::CHANGES => Message::Changes(dry_run::decode_changes(&mut r)?),
             ty::DRY_RUN_END => Message::DryRunEnd(dry_run::decode_outcome(&mut r)?),
             ty::ERROR => Message::Error {
@@ -728,6 +770,7 @@ mod tests {
                 bases: Vec::new(),
                 dry_run: false,
                 inplace: true,
+                live: true,
             }),
             Message::Hello(Hello {
                 version: 3,
@@ -738,6 +781,12 @@ mod tests {
                 bases: vec![RootDigest([7; 32]), RootDigest([8; 32])],
                 dry_run: true,
                 inplace: false,
+                live: false,
+            }),
+            Message::Stale(ChunkId([9; 32])),
+            Message::Unfinished(Unfinished {
+                files: 2,
+                chunks: 300,
             }),
             Message::Changes(vec![
                 Change {

@@ -47,13 +47,16 @@ impl ReceiverPhase {
             (Hello, Message::Hello(_)) => Ok(Manifest),
             (Manifest, Message::Entry(_)) => Ok(Manifest),
             (Manifest, Message::ManifestEnd { .. }) => Ok(Chunks),
-            (StreamedManifest, Message::Entry(_) | Message::Chunk(_)) => Ok(StreamedManifest),
+            // A `Stale` stands in for a chunk (the receiver refuses it outside live sessions).
+            (StreamedManifest, Message::Entry(_) | Message::Chunk(_) | Message::Stale(_)) => {
+                Ok(StreamedManifest)
+            }
             (StreamedManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
             (DeltaManifest, Message::Entry(_) | Message::Removed(_) | Message::Patch(_)) => {
                 Ok(DeltaManifest)
             }
             (DeltaManifest, Message::ManifestEnd { .. }) => Ok(Chunks),
-            (Chunks, Message::Chunk(_) | Message::Suffix(_)) => Ok(Chunks),
+            (Chunks, Message::Chunk(_) | Message::Suffix(_) | Message::Stale(_)) => Ok(Chunks),
             (Chunks, Message::ChunksEnd { .. }) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),
         }
@@ -76,7 +79,7 @@ impl SenderPhase {
             (Wants, Message::WantEnd) => Ok(Outcome),
             (Changes, Message::Changes(_)) => Ok(Changes),
             (Changes, Message::DryRunEnd(_)) => Ok(Finished),
-            (Outcome, Message::Done { .. }) => Ok(Finished),
+            (Outcome, Message::Done { .. } | Message::Unfinished(_)) => Ok(Finished),
             (phase, msg) => Err(unexpected(phase, msg)),
         }
     }
@@ -132,6 +135,7 @@ mod tests {
                 bases: Vec::new(),
                 dry_run: false,
                 inplace: false,
+                live: false,
             })
         };
         assert_eq!(
@@ -211,6 +215,7 @@ mod tests {
                 bases: Vec::new(),
                 dry_run,
                 inplace: false,
+                live: false,
             })
         };
         assert!(SenderPhase::Hello.accept(&hello(true, true)).is_err());

@@ -8,6 +8,7 @@ use super::SessionError;
 use super::dry_run::{ChangeBatch, DryRun};
 use super::message::{
     ChunkData, DoneStats, Hello, MAX_WANT, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
+    Unfinished,
 };
 use super::phase::ReceiverPhase;
 use super::sender::header;
@@ -30,6 +31,9 @@ pub struct ReceiverReport {
     pub sender_bytes_read: u64,
     /// A dry run: `stats` say what the sync would do; nothing was changed.
     pub dry_run: bool,
+    /// A live session in which chunks went stale: nothing was committed, partial files are
+    /// kept for the next run.
+    pub unfinished: Option<Unfinished>,
 }
 
 /// Most manifest entries a receiver accepts unless told otherwise: a peer cannot make it
@@ -183,6 +187,8 @@ impl Feed<'_> {
 struct ChunkStream<'a, 'b> {
     feed: &'a mut Feed<'b>,
     error: Option<SessionError>,
+    /// A live session: the sender may send `Stale` in place of a chunk.
+    live: bool,
 }
 
 impl ChunkFeed for ChunkStream<'_, '_> {
@@ -190,13 +196,21 @@ impl ChunkFeed for ChunkStream<'_, '_> {
         &mut self,
         expect: ChunkId,
         base: Option<(ChunkId, &[u8])>,
-    ) -> Result<Bytes, ApplyError> {
+    ) -> Result<Option<Bytes>, ApplyError> {
         match self.feed.next() {
-            Ok(Message::Chunk(c)) if c.id == expect => Ok(c.decode_verified()?),
-            Ok(Message::Suffix(c)) if c.id == expect => Ok(c.decode_verified(base)?),
+            Ok(Message::Chunk(c)) if c.id == expect => Ok(Some(c.decode_verified()?)),
+            Ok(Message::Suffix(c)) if c.id == expect => Ok(Some(c.decode_verified(base)?)),
+            Ok(Message::Stale(id)) if id == expect && self.live => Ok(None),
+            Ok(Message::Stale(_)) if !self.live => {
+                self.error = Some(SessionError::Protocol(
+                    "a stale chunk in a session that is not live".into(),
+                ));
+                Err(ApplyError::MissingChunks)
+            }
             Ok(
                 Message::Chunk(ChunkData { id: got, .. })
-                | Message::Suffix(SuffixData { id: got, .. }),
+                | Message::Suffix(SuffixData { id: got, .. })
+                | Message::Stale(got),
             ) => Err(ApplyError::UnexpectedChunk { got, want: expect }),
             Ok(other) => Err(ApplyError::NotAChunk {
                 got: other.name(),
@@ -251,12 +265,15 @@ fn session(
         false => stored_base(&state, &header, &hello.bases),
         true => None,
     };
+    // Any receiver of this version takes stale chunks from a live source.
+    let live = hello.live && !dry_run;
     tx.send(Message::Hello(Hello {
         version: PROTOCOL_VERSION,
         stream,
         bases: base.iter().map(StoredManifest::root).collect(),
         dry_run,
         inplace,
+        live,
         ..hello.clone()
     }))?;
     if hello.version != PROTOCOL_VERSION {
@@ -302,7 +319,7 @@ fn session(
         None => None,
     };
     let (count, root, manifest) =
-        receive_manifest(&mut feed, dest, merger, stream, limits, progress)?;
+        receive_manifest(&mut feed, dest, merger, stream, live, limits, progress)?;
     if dest.manifest_digest() != root || dest.stats.entries != count {
         return Err(SessionError::Protocol(format!(
             "manifest digest or entry count does not match what was announced ({count} entries, root {root})"
@@ -331,6 +348,7 @@ fn session(
     let mut chunks = ChunkStream {
         feed: &mut feed,
         error: None,
+        live,
     };
     let (sent, written) = std::thread::scope(|s| {
         let sender = s.spawn(|| -> Result<(), SessionError> {
@@ -393,6 +411,7 @@ fn report_changes(
         manifest: start.manifest,
         sender_bytes_read: 0,
         dry_run: true,
+        unfinished: None,
     })
 }
 
@@ -412,6 +431,7 @@ fn receive_manifest(
     dest: &mut Destination,
     mut merger: Option<Merger<StoredEntries>>,
     stream: bool,
+    live: bool,
     limits: EntryLimits,
     progress: &dyn Progress,
 ) -> Result<(u64, RootDigest, ManifestSent), SessionError> {
@@ -434,7 +454,11 @@ fn receive_manifest(
         match msg {
             Message::Entry(e) if stream => {
                 plan(dest, e)?;
-                let mut chunks = ChunkStream { feed, error: None };
+                let mut chunks = ChunkStream {
+                    feed,
+                    error: None,
+                    live,
+                };
                 let written = dest.write_planned(&mut chunks, progress);
                 if let Some(e) = chunks.error.take() {
                     return Err(e);
@@ -453,10 +477,9 @@ fn receive_manifest(
                 Some(m) => m.patch(patch, &mut |e| plan(dest, e))?,
                 None => unreachable!("the phase machine admits patches in delta sessions only"),
             },
-            Message::Chunk(c) => {
+            Message::Chunk(ChunkData { id, .. }) | Message::Stale(id) => {
                 return Err(SessionError::Protocol(format!(
-                    "chunk {} arrived where no chunk was due",
-                    c.id
+                    "chunk {id} arrived where no chunk was due"
                 )));
             }
             Message::ManifestEnd { entries, root } => {
@@ -500,6 +523,31 @@ fn finish(
         }
     };
     tracing::debug!(ms = started.elapsed().as_millis(), "chunks received");
+    if let Some(unfinished) = slot.as_ref().and_then(Destination::unfinished) {
+        // Every file that got all its chunks is kept with the rest: the next run finds them
+        // complete, and commits the volume as a whole.
+        if let Some(dest) = slot.as_mut() {
+            dest.keep_for_resume();
+        }
+        tracing::info!(
+            files = unfinished.files,
+            chunks = unfinished.chunks,
+            "chunks changed at the source while they were sent: partial files kept, nothing committed"
+        );
+        tx.send(Message::Unfinished(unfinished))?;
+        tx.flush()?;
+        let stats = slot.as_ref().map(|d| d.stats).unwrap_or_default();
+        let report = ReceiverReport {
+            mode,
+            root,
+            stats,
+            manifest,
+            sender_bytes_read,
+            dry_run: false,
+            unfinished: Some(unfinished),
+        };
+        return Ok((report, None));
+    }
     let dest = slot.take().expect("destination prepared above");
     let committed = dest.commit(root, progress)?;
     let (got, stats) = (committed.root, committed.stats);
@@ -521,6 +569,7 @@ fn finish(
         manifest,
         sender_bytes_read,
         dry_run: false,
+        unfinished: None,
     };
     Ok((report, Some(committed)))
 }

@@ -8,6 +8,7 @@ use super::compression::{CompressPolicy, Compression};
 use super::dry_run::{DryRun, Outcome};
 use super::message::{
     ChunkData, DoneStats, Hello, MAX_BASES, ManifestSent, Message, PROTOCOL_VERSION, SuffixData,
+    Unfinished,
 };
 use super::phase::SenderPhase;
 use crate::chunk::window::ChunkWindow;
@@ -42,6 +43,9 @@ pub struct SenderOptions {
     pub dry_run: DryRun,
     /// Ask the receiver to patch large files in place (a pushing client's `--inplace`).
     pub inplace: bool,
+    /// The source is in use (`--live`): a chunk that changed or vanished since the scan is
+    /// reported `Stale` and the session goes on, ending unfinished, instead of failing.
+    pub live: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -56,6 +60,8 @@ pub struct SenderReport {
     /// A dry run: `chunks_sent`, `bytes_sent_raw` and `receiver` say what the sync would
     /// send and do; nothing was sent or changed.
     pub dry_run: bool,
+    /// A live session in which chunks went stale: what the receiver left unfinished.
+    pub unfinished: Option<Unfinished>,
 }
 
 pub fn header(mode: VolumeMode, chunker: ChunkerParams) -> Header {
@@ -132,9 +138,10 @@ fn session(
         bases: offered.clone(),
         dry_run: opts.dry_run == DryRun::Ask,
         inplace: opts.inplace,
+        live: opts.live,
     }))?;
     let mut phase = SenderPhase::Hello;
-    let (stream, agreed, dry_run) = match next(&mut phase, rx)? {
+    let (stream, agreed, dry_run, live) = match next(&mut phase, rx)? {
         Message::Hello(h) if h.version != PROTOCOL_VERSION => {
             return Err(SessionError::Version {
                 ours: PROTOCOL_VERSION,
@@ -166,6 +173,7 @@ fn session(
                 h.stream,
                 h.bases.first().copied(),
                 dry_run.map_err(SessionError::Protocol)?,
+                opts.live && h.live,
             )
         }
         _ => unreachable!("the phase machine admits only hello first"),
@@ -205,6 +213,10 @@ fn session(
         },
         chunks: 0,
         bytes: 0,
+        live,
+        stale: 0,
+        index_lied: false,
+        scan_start_ns,
     };
     progress.restart(if stream { "sending" } else { "scanning" }, 0);
     // A transport failure inside the scan's callback, kept as it was (the scan only carries
@@ -274,6 +286,7 @@ fn session(
             manifest: sent,
             receiver: outcome.stats,
             dry_run: true,
+            unfinished: None,
         });
     };
     if !stream {
@@ -298,6 +311,7 @@ fn session(
         manifest: sent,
         receiver: DoneStats::default(),
         dry_run: false,
+        unfinished: None,
     };
     tracing::debug!(
         ms = started.elapsed().as_millis(),
@@ -307,7 +321,13 @@ fn session(
     tx.send(Message::ChunksEnd {
         bytes_read: report.scan.bytes_read,
     })?;
-    if let Some(Err(e)) = record.map(IndexWriter::finish) {
+    if out.index_lied {
+        // See `run_sender`: a chunk of a file that did not change since the scan was wrong.
+        drop(record);
+        if std::fs::remove_file(&opts.state.index).is_ok() {
+            tracing::info!(path = %opts.state.index.display(), "dropped the source index after a mismatch");
+        }
+    } else if let Some(Err(e)) = record.map(IndexWriter::finish) {
         let path = opts.state.index.display();
         tracing::warn!(path = %path, "cannot save the source index: {e}");
     }
@@ -324,6 +344,20 @@ fn session(
             })
         }
         Message::Done { root: got, .. } => Err(SessionError::DigestMismatch { got, want: root }),
+        Message::Unfinished(u) if out.stale > 0 => {
+            tracing::info!(
+                files = u.files,
+                chunks = u.chunks,
+                "the receiver kept its partial files: chunks changed while they were sent"
+            );
+            Ok(SenderReport {
+                unfinished: Some(u),
+                ..report
+            })
+        }
+        Message::Unfinished(_) => Err(SessionError::Protocol(
+            "the receiver reported the sync unfinished, yet no chunk went stale".into(),
+        )),
         other => Err(SessionError::Protocol(format!(
             "unexpected {}",
             other.name()
@@ -414,9 +448,45 @@ struct Outgoing {
     policy: CompressPolicy,
     chunks: u64,
     bytes: u64,
+    /// A live session: a chunk no longer in the source goes as `Stale`.
+    live: bool,
+    /// `Stale` messages sent.
+    stale: u64,
+    /// A chunk of a file whose ctime did not move since the scan was wrong.
+    index_lied: bool,
+    scan_start_ns: i128,
 }
 
 impl Outgoing {
+    /// Sends the chunk `read` gave, or in a live session, `Stale` if the source no longer
+    /// holds it (changed or removed since the scan); `send` sends a chunk read intact.
+    fn send_read(
+        &mut self,
+        tx: &mut dyn MessageTx,
+        id: ChunkId,
+        read: Result<Vec<u8>, ServeError>,
+        send: impl FnOnce(&mut Self, &mut dyn MessageTx, Vec<u8>) -> Result<(), SessionError>,
+    ) -> Result<(), SessionError> {
+        let gone = match &read {
+            Err(ServeError::Changed { path, .. }) => {
+                self.index_lied |= !changed_since(path, self.scan_start_ns);
+                true
+            }
+            Err(ServeError::Read { source, .. }) => source.kind() == std::io::ErrorKind::NotFound,
+            _ => false,
+        };
+        match read {
+            Err(e) if gone && self.live => {
+                tracing::debug!(chunk = %id, "stale: {e}");
+                self.stale += 1;
+                tx.send(Message::Stale(id))?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+            Ok(data) => send(self, tx, data),
+        }
+    }
+
     fn send(
         &mut self,
         tx: &mut dyn MessageTx,
@@ -506,14 +576,14 @@ fn send_new_chunks(
         if let Segment::Chunk { id, len } = *seg {
             let cut = kept.as_mut().and_then(Iterator::next);
             if seen.first(&id) {
-                let data = match cut {
-                    Some(data) => data,
+                let read = match cut {
+                    Some(data) => Ok(data),
                     None => {
                         (at.id, at.len) = (id, len);
-                        reader.read(&at)?
+                        reader.read(&at)
                     }
                 };
-                out.send(tx, id, data)?;
+                out.send_read(tx, id, read, |out, tx, data| out.send(tx, id, data))?;
             }
         }
         at.offset += seg.len();
@@ -591,15 +661,16 @@ impl Serve<'_> {
                     wanted += found.iter().map(|at| u64::from(at.len)).sum::<u64>();
                     progress.set_total(wanted);
                     for at in &found {
-                        let data = self.reader.read(at)?;
-                        let len = data.len() as u64;
-                        match hints.remove(&at.id) {
-                            Some((base, base_len)) if starts_with(&data, base, base_len) => {
-                                self.out.send_suffix(tx, at.id, base, base_len, &data)?;
-                            }
-                            _ => self.out.send(tx, at.id, data)?,
-                        }
-                        progress.advance(len);
+                        let read = self.reader.read(at);
+                        let hint = hints.remove(&at.id);
+                        self.out
+                            .send_read(tx, at.id, read, |out, tx, data| match hint {
+                                Some((base, base_len)) if starts_with(&data, base, base_len) => {
+                                    out.send_suffix(tx, at.id, base, base_len, &data)
+                                }
+                                _ => out.send(tx, at.id, data),
+                            })?;
+                        progress.advance(u64::from(at.len));
                     }
                     // The receiver may be waiting for the last of these.
                     tx.flush()?;
