@@ -70,10 +70,14 @@ pub enum Request {
     Check { application: Application },
     /// Sync `application`'s volume to the agent whose volume server is `to` (`host:port`)
     /// and whose fingerprint is `peer`. Used for pre-copy rounds and the final delta.
+    /// `live`: the application still runs (a pre-copy round): chunks it changes while they
+    /// are sent are skipped and the push may end unfinished ([`PushReport::complete`]).
     Push {
         application: String,
         to: String,
         peer: String,
+        #[serde(default)]
+        live: bool,
     },
     /// Give up ownership of the (stopped) application's volume to `to` at `epoch`; `root` is
     /// the digest of the final sync, recorded so that a rerun can finish the handoff.
@@ -100,6 +104,20 @@ pub struct PushReport {
     pub bytes_read: u64,
     pub duration_ms: u64,
     pub root: String,
+    /// A live push in which the application changed chunks while they were sent: the
+    /// receiving node keeps what came as partial files, commits nothing, and the next push
+    /// sends only what is still missing or changed since.
+    #[serde(default)]
+    pub files_unfinished: u64,
+    #[serde(default)]
+    pub chunks_stale: u64,
+}
+
+impl PushReport {
+    /// The receiving node holds the volume exactly as `root` says, durably.
+    pub fn complete(&self) -> bool {
+        self.files_unfinished == 0 && self.chunks_stale == 0
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

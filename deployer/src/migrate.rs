@@ -56,6 +56,9 @@ pub struct Round {
     pub megabytes_per_second: f64,
     /// What the final delta would take if it were like this round.
     pub predicted_downtime_ms: u64,
+    /// Chunks the application changed while this round sent them: skipped, left to the
+    /// next round (the round committed nothing, and the next resumes what it brought).
+    pub chunks_stale: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -118,12 +121,19 @@ fn node_err(node: &NodeAddr, message: String) -> DeployError {
     })
 }
 
-async fn push(a: &AgentClient, app: &str, b: &AgentState) -> Result<PushReport, ApiError> {
+/// Pushes `app`'s volume from `a` to `b`; `live` while the application still runs there.
+async fn push(
+    a: &AgentClient,
+    app: &str,
+    b: &AgentState,
+    live: bool,
+) -> Result<PushReport, ApiError> {
     match a
         .call(&Request::Push {
             application: app.to_string(),
             to: b.volume_server.clone(),
             peer: b.fingerprint.clone(),
+            live,
         })
         .await?
     {
@@ -295,7 +305,8 @@ impl HandBack<'_> {
         })
         .await
         .map_err(|e| format!("stopping it on {}: {e}", self.to))?;
-        let r = push(b, &app, &self.states[self.from])
+        // Stopped on B: a complete copy or a failure.
+        let r = push(b, &app, &self.states[self.from], false)
             .await
             .map_err(|e| format!("copying the volume back: {e}"))?;
         b.call(&Request::Release {
@@ -348,11 +359,13 @@ pub async fn migrate(
         if !opts.pre_copy {
             break;
         }
-        let r = match push(a, app, b_state).await {
+        // Live: chunks the application changes while the round sends them are skipped, and
+        // the next round (at last the final delta, with it stopped) brings them.
+        let r = match push(a, app, b_state, true).await {
             Ok(r) => r,
-            // The application changed what the round was copying (a database writing its
-            // pages in place): a copy taken while it serves cannot be consistent, and the
-            // next round would meet the same. The final delta, with it stopped, can.
+            // The application changed what the round was copying in a way a live push does
+            // not skip (an agent of an older version): the final delta, with it stopped,
+            // carries the rest.
             Err(ApiError::SourceChanged { message, .. }) => {
                 say(format!(
                     "  pre-copy round {}: ended, {app} changed data while it was copied \
@@ -371,14 +384,22 @@ pub async fn migrate(
             duration_ms: r.duration_ms,
             megabytes_per_second: r.bytes_sent_wire as f64 / secs / 1e6,
             predicted_downtime_ms: r.duration_ms,
+            chunks_stale: r.chunks_stale,
         };
         say(format!(
-            "  pre-copy round {}: {} bytes in {} ms ({}), predicted downtime {} ms",
+            "  pre-copy round {}: {} bytes in {} ms ({}), predicted downtime {} ms{}",
             round.round,
             round.bytes,
             round.duration_ms,
             shown_rate(round.megabytes_per_second * 1e6),
-            round.predicted_downtime_ms
+            round.predicted_downtime_ms,
+            match r.complete() {
+                true => String::new(),
+                false => format!(
+                    "; {} chunks changed while sent, left for the next round",
+                    r.chunks_stale
+                ),
+            }
         ));
         let fits = round.duration_ms <= opts.downtime_budget.as_millis() as u64;
         let shrank = rounds.last().is_none_or(|p| round.bytes < p.bytes);
@@ -421,8 +442,15 @@ pub async fn migrate(
             format!("moving {app}: {why}; {note}; B's partial copy is kept for the next try"),
         )
     };
-    let last = match push(a, app, b_state).await {
-        Ok(r) => r,
+    let last = match push(a, app, b_state, false).await {
+        Ok(r) if r.complete() => r,
+        Ok(r) => {
+            let why = format!(
+                "final delta unfinished ({} chunks stale with the application stopped)",
+                r.chunks_stale
+            );
+            return Err(rollback(why).await);
+        }
         Err(e) => return Err(rollback(format!("final delta failed: {e}")).await),
     };
     parts.final_delta_ms = split();

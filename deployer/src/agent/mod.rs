@@ -290,8 +290,9 @@ impl Agent {
                 application,
                 to,
                 peer,
+                live,
             } => {
-                return match self.push(&application, &to, &peer).await {
+                return match self.push(&application, &to, &peer, live).await {
                     Ok(r) => Response::Pushed(r),
                     Err(PushFailed::SourceChanged(message)) => Response::SourceChanged { message },
                     Err(PushFailed::Other(message)) => Response::Error { message },

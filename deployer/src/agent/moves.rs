@@ -63,6 +63,7 @@ impl Agent {
         app: &str,
         to: &str,
         peer: &str,
+        live: bool,
     ) -> Result<PushReport, PushFailed> {
         {
             let core = self.core.lock().await;
@@ -101,6 +102,7 @@ impl Agent {
             // in place shortens the pause. A crash mid-patch leaves the copy incomplete,
             // and the move does not hand over an incomplete copy.
             inplace: true,
+            live,
             ..SyncOptions::default()
         };
         let src = self.opts.state.volume(app);
@@ -129,6 +131,8 @@ impl Agent {
             bytes_read: summary.bytes_read,
             duration_ms: summary.duration_ms,
             root: summary.root,
+            files_unfinished: summary.files_unfinished,
+            chunks_stale: summary.chunks_stale,
         })
     }
 
