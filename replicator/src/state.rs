@@ -204,6 +204,12 @@ impl TargetState {
     }
 
     /// The manifest the volume was last completed at: the base of the next delta.
+    /// What the last run that stopped before its commit recorded of its big temp files
+    /// (`apply/partials.rs`).
+    pub fn partials_file(&self) -> PathBuf {
+        self.dir.join("partials")
+    }
+
     pub fn manifest_file(&self) -> PathBuf {
         self.dir.join("manifest")
     }

@@ -728,6 +728,8 @@ mod tests {
         let state = StateDir::new(opts.state_dir.clone()).target(&dst.canonicalize().unwrap());
         let status = || state.read().unwrap().status;
         assert!(matches!(status(), SyncStatus::Incomplete { .. }));
+        // The big temp file's chunks are recorded, so the rerun need not read them back.
+        assert!(state.partials_file().exists());
 
         let rerun = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
         assert!(rerun.complete);
@@ -747,6 +749,10 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 2, "no partial file left: {names:?}");
         assert!(matches!(status(), SyncStatus::Complete { .. }));
+        assert!(
+            !state.partials_file().exists(),
+            "a run believes only its last run"
+        );
     }
 
     /// A first (streamed) sync of a big file written while its chunks are read back, and

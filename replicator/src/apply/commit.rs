@@ -146,10 +146,15 @@ impl Destination {
                 _ => Ok(()),
             });
         match kept {
-            Ok(()) => tracing::debug!(
-                ms = started.elapsed().as_millis(),
-                "partial files kept for the rerun"
-            ),
+            Ok(()) => {
+                // Only synced temp files are worth vouching for.
+                self.partials
+                    .save(&self.path, &self.state, self.header.chunker);
+                tracing::debug!(
+                    ms = started.elapsed().as_millis(),
+                    "partial files kept for the rerun"
+                );
+            }
             Err(e) => tracing::warn!("partial files kept for the rerun, not synced: {e}"),
         }
     }

@@ -33,6 +33,7 @@ mod durable;
 pub mod flusher;
 pub mod fsops;
 mod local;
+mod partials;
 mod patch;
 pub mod plan;
 mod planning;
@@ -255,6 +256,8 @@ pub struct Destination {
     stale: HashSet<ChunkId>,
     /// Files (or the block volume) left missing a stale chunk.
     unfinished_files: u64,
+    /// What the last run recorded of its temp files, and what this one writes.
+    partials: partials::Partials,
     pub stats: ApplyStats,
 }
 
@@ -400,6 +403,10 @@ impl Destination {
                 .mark_incomplete(path)
                 .map_err(io_err("cannot write state of", &path.display()))?;
         }
+        let partials = match (dry_run, header.mode) {
+            (false, VolumeMode::Tree) => partials::Partials::take(&state, header.chunker),
+            _ => partials::Partials::default(),
+        };
         let mut walked = found;
         let mut found = Found {
             reader: walked.read().map_err(scratch_err())?,
@@ -462,6 +469,7 @@ impl Destination {
             retired: retired::Retired::default(),
             stale: HashSet::new(),
             unfinished_files: 0,
+            partials,
             stats: ApplyStats::default(),
         })
     }

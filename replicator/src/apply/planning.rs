@@ -20,6 +20,7 @@ use crate::chunk::{ChunkId, Segment};
 use crate::index::IndexReader;
 use crate::manifest::store::StoreWriter;
 use crate::manifest::{Entry, EntryKind, RelPath, VolumeMode, encode_entry};
+use crate::volume::StatInfo;
 use crate::volume::walk::Scanned;
 
 /// Hard links wait for the end of the manifest to be checked: whether a target is an
@@ -382,6 +383,13 @@ impl Destination {
         } else {
             self.partial_temp(&dir, &temp)
         };
+        // What the run that left the temp file recorded it holds, if it is as it was then.
+        let held = match &partial {
+            Some(f) if !block => rustix::fs::fstat(f)
+                .ok()
+                .and_then(|st| self.partials.held(&e.path, &StatInfo::from(&st))),
+            _ => None,
+        };
         // The old file at this path: what the index vouches it holds at each offset, or else
         // the file itself, to check by hash.
         let have = have.filter(|h| !block && h.stat.is_file());
@@ -408,9 +416,12 @@ impl Destination {
             };
             let src = if block && self.in_place.get(&off) == Some(&(id, len)) {
                 Src::InPlace
-            } else if partial
+            } else if held
                 .as_ref()
-                .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
+                .is_some_and(|at| at.get(&off) == Some(&(id, len)))
+                || partial
+                    .as_ref()
+                    .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
             {
                 resume = true;
                 Src::InPlace

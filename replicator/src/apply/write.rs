@@ -174,8 +174,8 @@ impl Destination {
                 // A patch's temp file is read back by the commit and removed unsynced: its
                 // pages should stay in the cache, and need never reach the disk.
                 let mut behind = WriteBehind::for_size(if *patch { 0 } else { *size });
-                // A stale chunk at a live source left a range unwritten.
-                let mut missing = false;
+                // Offsets a stale chunk at a live source left unwritten.
+                let mut unwritten: Vec<u64> = Vec::new();
                 for ((off, seg), src) in offsets(segments).zip(sources) {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
@@ -209,7 +209,7 @@ impl Destination {
                         Src::Zero | Src::InPlace => None,
                         Src::Local(_) if self.stale.contains(&id) => {
                             // Planned as a copy of where the stale chunk was to be written.
-                            missing = true;
+                            unwritten.push(off);
                             self.read_ahead.consumed(u64::from(len));
                             None
                         }
@@ -232,7 +232,7 @@ impl Destination {
                             let got = feed.next_chunk(id, base)?;
                             if got.is_none() {
                                 self.stale.insert(id);
-                                missing = true;
+                                unwritten.push(off);
                             }
                             got
                         }
@@ -264,7 +264,11 @@ impl Destination {
                         .map(Segment::len)
                         .sum(),
                 );
-                if missing {
+                if !*patch {
+                    // A patch's temp file holds only the changed ranges: not recorded.
+                    self.partials.wrote(&e.path, *size, segments, &unwritten);
+                }
+                if !unwritten.is_empty() {
                     // Kept as a partial file for the next run; this run commits nothing.
                     self.unfinished_files += 1;
                     return Ok(());
