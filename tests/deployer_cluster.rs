@@ -215,6 +215,11 @@ fn move_under_write_load_with_fenced_handoff() {
         "version: 1\nnodes:\n  127.0.0.7: []\n  127.0.0.8: [kv]\n",
     );
     c.deploy(&on7, &application);
+    // A table the store writes a page of at each SET, as a database writes its pages in
+    // place: pre-copy rounds are live, so the move neither fails nor leaves it all to the
+    // final delta.
+    let table = |agent: usize| c.agents[agent].state.join("volumes/kv/table.db");
+    std::fs::write(table(0), integration_tests::bytes(5, 8 << 20)).unwrap();
     for i in 0..50 {
         assert_eq!(kv("127.0.0.8:17090", &format!("SET before{i} {i}")), "OK");
     }
@@ -230,6 +235,7 @@ fn move_under_write_load_with_fenced_handoff() {
     assert!(!m["rounds"].as_array().unwrap().is_empty(), "{report}");
     assert!(m["downtime_ms"].as_u64().is_some(), "{report}");
     assert!(!acked.is_empty());
+    assert_eq!(std::fs::metadata(table(1)).unwrap().len(), 8 << 20);
     for i in 0..50 {
         assert_eq!(
             kv("127.0.0.7:17090", &format!("GET before{i}")),
