@@ -683,3 +683,101 @@ fn a_push_and_a_pull_with_inplace_patch_the_far_end_and_only_when_asked() {
     );
     assert_mirrors(&src, &t.volume("data"));
 }
+
+/// Overwrites random 16 KiB pages of the 1 MiB at `path`'s middle in a loop until dropped,
+/// as a database writes its hot pages while it serves.
+struct PageWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PageWriter {
+    fn start(path: PathBuf) -> PageWriter {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let f = fs::File::options().write(true).open(&path).unwrap();
+            let hot = f.metadata().unwrap().len() / 2;
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            while !flag.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                f.write_all_at(&x.to_le_bytes().repeat(2048), hot + (x % 64) * (16 << 10))
+                    .unwrap();
+            }
+        });
+        PageWriter {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PageWriter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs a `--live` sync until one ends unfinished (exit code 5, at most 5 tries: a run
+/// in which no page changed between the scan and the read-back finishes), checking that
+/// such a run changed nothing at the destination's file `db`; returns its JSON summary.
+fn live_until_unfinished(t: &Setup, src: &str, dst: &str, dst_db: &Path) -> serde_json::Value {
+    for _ in 0..5 {
+        let before = fs::read(dst_db).unwrap();
+        let out = t.sync(src, dst, &["--live"]);
+        match out.status.code() {
+            Some(0) => continue,
+            Some(5) => {
+                assert!(stderr(&out).contains("unfinished"), "{}", stderr(&out));
+                assert!(
+                    fs::read(dst_db).unwrap() == before,
+                    "an unfinished sync changed db"
+                );
+                return serde_json::from_slice(&out.stdout).unwrap();
+            }
+            code => panic!("live sync exited {code:?}: {}", stderr(&out)),
+        }
+    }
+    panic!("no live sync met a page written while it was sent");
+}
+
+#[test]
+fn live_push_and_pull_of_a_file_being_written_end_unfinished_then_complete() {
+    let t = Setup::new(&[]);
+    let src = t.path("src");
+    fs::create_dir(&src).unwrap();
+    fs::write(src.join("db"), bytes(1, 32 << 20)).unwrap();
+    fs::write(src.join("log"), bytes(2, 100_000)).unwrap();
+    summary(&t.sync(s(&src), &t.remote("data"), &[]));
+
+    // Push: the client's source is written while it is sent.
+    let writer = PageWriter::start(src.join("db"));
+    let live = live_until_unfinished(&t, s(&src), &t.remote("data"), &t.volume("data").join("db"));
+    assert_eq!(live["complete"], false, "{live}");
+    assert!(live["chunks_stale"].as_u64().unwrap() > 0, "{live}");
+    assert_eq!(live["files_written"], 0, "{live}");
+    drop(writer);
+    let last = summary(&t.sync(s(&src), &t.remote("data"), &[]));
+    assert_eq!(last["complete"], true, "{last}");
+    assert!(
+        last["bytes_sent_raw"].as_u64().unwrap() < 8 << 20,
+        "the rerun resumed what the live run brought: {last}"
+    );
+    assert_mirrors(&src, &t.volume("data"));
+    no_staging_left(&t.volume("data"));
+
+    // Pull: the server's volume is written while the server sends it.
+    let back = t.path("back");
+    summary(&t.sync(&t.remote("data"), s(&back), &[]));
+    let writer = PageWriter::start(t.volume("data").join("db"));
+    let live = live_until_unfinished(&t, &t.remote("data"), s(&back), &back.join("db"));
+    assert!(live["chunks_stale"].as_u64().unwrap() > 0, "{live}");
+    drop(writer);
+    summary(&t.sync(&t.remote("data"), s(&back), &[]));
+    assert_mirrors(&t.volume("data"), &back);
+}

@@ -647,7 +647,8 @@ mod tests {
     ) -> Result<Summary, SessionError> {
         let (mut s_tx, mut r_rx, _) = inproc::pipe(64);
         let (mut r_tx, mut s_rx, _) = inproc::pipe(64);
-        let (src, dst) = (src.canonicalize().unwrap(), canonical_target(dst));
+        let (src, mode) = source_volume(src).unwrap();
+        let dst = canonical_target(dst);
         let target = StateDir::new(opts.state_dir.clone()).target(&dst);
         let receiver_opts = ReceiverOptions {
             inplace: Patching::when(opts.inplace),
@@ -665,11 +666,11 @@ mod tests {
                     receiver_opts,
                 )
             });
-            let sent = run_source(&src, VolumeMode::Tree, opts, &mut s_tx, &mut s_rx, progress);
+            let sent = run_source(&src, mode, opts, &mut s_tx, &mut s_rx, progress);
             drop((s_tx, s_rx));
             let _ = receiver.join().unwrap();
             let ends = Ends {
-                mode: VolumeMode::Tree,
+                mode,
                 source: src.display().to_string(),
                 destination: dst.display().to_string(),
                 started,
@@ -795,5 +796,43 @@ mod tests {
                 fs::read(dst.join(name)).unwrap()
             );
         }
+    }
+
+    /// A disk image written while it is sent: the block receiver writes in place, so an
+    /// unfinished run leaves the image part new (as an interrupted one does) and marked
+    /// incomplete; the rerun sends what changed since and what went stale.
+    #[test]
+    fn a_live_block_sync_of_an_image_written_meanwhile_ends_unfinished_and_resumes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("disk.img"), tmp.path().join("copy.img"));
+        fs::write(&src, noise(1, BIG)).unwrap();
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            live: true,
+            ..SyncOptions::default()
+        };
+        assert!(sync_local(&src, &dst, &opts, &NoProgress).unwrap().complete);
+        overwrite(&src, 100_000, &noise(2, 300_000));
+        let meddler = Meddler {
+            once: std::sync::Once::new(),
+            at_size: None,
+            f: {
+                let src = src.clone();
+                move || overwrite(&src, 200_000, &[9; 4096])
+            },
+        };
+        let live = sync_watching_sender(&src, &dst, &opts, &meddler).unwrap();
+        assert!(!live.complete, "{live:?}");
+        assert_eq!(live.files_unfinished, 1);
+        let state = StateDir::new(opts.state_dir.clone()).target(&dst.canonicalize().unwrap());
+        let incomplete = matches!(
+            state.read().unwrap().status,
+            crate::state::SyncStatus::Incomplete { .. }
+        );
+        assert!(incomplete);
+        let rerun = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        assert!(rerun.complete);
+        assert!(rerun.chunks_sent <= 3, "{rerun:?}");
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
     }
 }
