@@ -761,6 +761,8 @@ fn live_push_and_pull_of_a_file_being_written_end_unfinished_then_complete() {
     assert_eq!(live["complete"], false, "{live}");
     assert!(live["chunks_stale"].as_u64().unwrap() > 0, "{live}");
     assert_eq!(live["files_written"], 0, "{live}");
+    let log = t.server.wait_log("result=unfinished");
+    assert!(log.contains("partial files kept"), "{log}");
     drop(writer);
     let last = summary(&t.sync(s(&src), &t.remote("data"), &[]));
     assert_eq!(last["complete"], true, "{last}");

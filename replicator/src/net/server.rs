@@ -26,7 +26,7 @@ use crate::manifest::Limits;
 use crate::progress::NoProgress;
 use crate::protocol::SessionError;
 use crate::protocol::dry_run::DryRun;
-use crate::protocol::message::Message;
+use crate::protocol::message::{Message, Unfinished};
 use crate::protocol::receiver::{Patching, ReceiverOptions, run_receiver};
 use crate::state::{StateDir, SyncStatus, unix_now};
 use crate::sync::{SyncOptions, run_source};
@@ -466,6 +466,14 @@ async fn handle(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     let verdict = match &result {
         Ok(Ended { dry_run: true, .. }) => "ok (dry run: nothing changed)".to_string(),
+        Ok(Ended {
+            unfinished: Some(u),
+            ..
+        }) => format!(
+            "unfinished ({} chunks changed at the source while sent, {} files incomplete; \
+             partial files kept)",
+            u.chunks, u.files
+        ),
         Ok(_) => "ok".to_string(),
         Err(e @ SessionError::Transport(TransportError::Malformed(_))) => format!("failed: {e}"),
         Err(e @ SessionError::Transport(_)) => match conn.close_reason() {
@@ -609,6 +617,8 @@ struct Ended {
     spoke_last: bool,
     /// The client asked for a dry run: nothing was written.
     dry_run: bool,
+    /// A live session in which chunks went stale: stale chunks and unfinished files.
+    unfinished: Option<Unfinished>,
 }
 
 /// Runs the engine for one session.
@@ -641,6 +651,7 @@ fn run_session(
             Ok(Ended {
                 spoke_last: true,
                 dry_run: report.dry_run,
+                unfinished: report.unfinished,
             })
         }
         Direction::Pull => {
@@ -666,11 +677,13 @@ fn run_session(
             Ok(Ended {
                 spoke_last: false,
                 dry_run: report.dry_run,
+                unfinished: report.unfinished,
             })
         }
         Direction::Bench => bench_sink(tx, rx).map(|_| Ended {
             spoke_last: true,
             dry_run: false,
+            unfinished: None,
         }),
     }
 }
