@@ -613,18 +613,6 @@ mod tests {
         }
     }
 
-    fn noise(seed: u64, len: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     fn overwrite(path: &Path, at: u64, data: &[u8]) {
         use std::os::unix::fs::FileExt;
         fs::OpenOptions::new()
@@ -688,7 +676,7 @@ mod tests {
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         fs::create_dir(&src).unwrap();
         for (name, seed, len) in [("big", 1, BIG), ("small", 2, 10_000), ("gone", 3, 20_000)] {
-            fs::write(src.join(name), noise(seed, len)).unwrap();
+            fs::write(src.join(name), crate::demo::seeded_bytes(seed, len)).unwrap();
         }
         let opts = SyncOptions {
             state_dir: tmp.path().join("state"),
@@ -706,7 +694,7 @@ mod tests {
             ("small", 12, 10_000),
             ("gone", 13, 20_000),
         ] {
-            fs::write(src.join(name), noise(seed, len)).unwrap();
+            fs::write(src.join(name), crate::demo::seeded_bytes(seed, len)).unwrap();
         }
         let (big, gone) = (src.join("big"), src.join("gone"));
         let meddler = Meddler {
@@ -763,8 +751,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
         fs::create_dir(&src).unwrap();
-        fs::write(src.join("big"), noise(1, BIG)).unwrap();
-        fs::write(src.join("small"), noise(2, 5_000)).unwrap();
+        fs::write(src.join("big"), crate::demo::seeded_bytes(1, BIG)).unwrap();
+        fs::write(src.join("small"), crate::demo::seeded_bytes(2, 5_000)).unwrap();
         let big = src.join("big");
         let meddler = |seed: u8| Meddler {
             once: std::sync::Once::new(),
@@ -805,14 +793,14 @@ mod tests {
     fn a_live_block_sync_of_an_image_written_meanwhile_ends_unfinished_and_resumes() {
         let tmp = tempfile::tempdir().unwrap();
         let (src, dst) = (tmp.path().join("disk.img"), tmp.path().join("copy.img"));
-        fs::write(&src, noise(1, BIG)).unwrap();
+        fs::write(&src, crate::demo::seeded_bytes(1, BIG)).unwrap();
         let opts = SyncOptions {
             state_dir: tmp.path().join("state"),
             live: true,
             ..SyncOptions::default()
         };
         assert!(sync_local(&src, &dst, &opts, &NoProgress).unwrap().complete);
-        overwrite(&src, 100_000, &noise(2, 300_000));
+        overwrite(&src, 100_000, &crate::demo::seeded_bytes(2, 300_000));
         let meddler = Meddler {
             once: std::sync::Once::new(),
             at_size: None,
@@ -834,5 +822,87 @@ mod tests {
         assert!(rerun.complete);
         assert!(rerun.chunks_sent <= 3, "{rerun:?}");
         assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+    }
+
+    /// The names under `dir` and their contents, temp files apart.
+    fn contents(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+        fs::read_dir(dir)
+            .map(|items| {
+                items
+                    .map(|e| e.unwrap())
+                    .filter(|e| {
+                        !crate::apply::fsops::is_temp_name(e.file_name().as_encoded_bytes())
+                    })
+                    .map(|e| {
+                        (
+                            e.file_name().into_string().unwrap(),
+                            fs::read(e.path()).unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(12))]
+
+        /// Whatever the application writes while a live sync runs, and wherever: the sync
+        /// either finishes or changes nothing under a final name, and a plain rerun mirrors
+        /// the source and leaves no temp file behind.
+        #[test]
+        fn a_live_sync_finishes_or_changes_nothing_and_a_rerun_mirrors(
+            files in proptest::collection::vec((0usize..2_500_000, 0u64..1000), 1..5),
+            synced_before in proptest::prelude::any::<bool>(),
+            rewrite in proptest::collection::vec(proptest::prelude::any::<bool>(), 5),
+            writes in proptest::collection::vec((0usize..5, 0.0f64..1.0, 1usize..40_000), 0..6),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+            fs::create_dir(&src).unwrap();
+            let name = |i: usize| src.join(format!("f{i}"));
+            for (i, &(len, seed)) in files.iter().enumerate() {
+                fs::write(name(i), crate::demo::seeded_bytes(seed, len)).unwrap();
+            }
+            let opts = SyncOptions {
+                state_dir: tmp.path().join("state"),
+                live: true,
+                ..SyncOptions::default()
+            };
+            if synced_before {
+                sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+                for (i, &(len, seed)) in files.iter().enumerate() {
+                    if rewrite[i] {
+                        fs::write(name(i), crate::demo::seeded_bytes(seed + 7, len)).unwrap();
+                    }
+                }
+            }
+            let sizes: Vec<usize> = files.iter().map(|f| f.0).collect();
+            let paths: Vec<PathBuf> = (0..files.len()).map(name).collect();
+            let meddler = Meddler {
+                once: std::sync::Once::new(),
+                // A first sync is streamed: meddle once the largest file is hashed.
+                at_size: (!synced_before).then(|| *sizes.iter().max().unwrap() as u64),
+                f: move || {
+                    for &(i, at, len) in &writes {
+                        let Some(path) = paths.get(i) else { continue };
+                        let at = (at * sizes[i] as f64) as u64;
+                        overwrite(path, at, &vec![0xA5; len]);
+                    }
+                },
+            };
+            let before = contents(&dst);
+            let live = sync_watching_sender(&src, &dst, &opts, &meddler).unwrap();
+            if !live.complete {
+                proptest::prop_assert_eq!(contents(&dst), before);
+                proptest::prop_assert!(live.chunks_stale > 0);
+            }
+            let plain = SyncOptions { live: false, ..opts };
+            let rerun = sync_local(&src, &dst, &plain, &NoProgress).unwrap();
+            proptest::prop_assert!(rerun.complete);
+            proptest::prop_assert_eq!(contents(&dst), contents(&src));
+            let left = fs::read_dir(&dst).unwrap().count();
+            proptest::prop_assert_eq!(left, files.len(), "temp files left");
+        }
     }
 }
