@@ -27,6 +27,11 @@ use crate::volume::walk::{WalkOptions, scan_one};
 /// Smallest temp file recorded: hash-checking smaller ones costs little.
 pub const RECORD_MIN: u64 = 1 << 20;
 
+/// Most segments held for the record (~40 bytes each; every sync keeps them until it
+/// commits, not knowing whether it will): 64 GiB of temp files at the average chunk size.
+/// Files past that are hash-checked by the rerun as before.
+const MAX_SEGMENTS: usize = 1 << 20;
+
 /// The id recorded for a chunk left unwritten (stale at a live source): no chunk's id, so
 /// nothing is trusted there.
 const UNWRITTEN: ChunkId = ChunkId([0; 32]);
@@ -36,6 +41,8 @@ const UNWRITTEN: ChunkId = ChunkId([0; 32]);
 pub struct Partials {
     loaded: Option<FileIndex>,
     written: Vec<(RelPath, Vec<Segment>)>,
+    /// Segments in `written`.
+    held: usize,
 }
 
 impl Partials {
@@ -53,7 +60,7 @@ impl Partials {
         }
         Partials {
             loaded: Some(loaded),
-            written: Vec::new(),
+            ..Partials::default()
         }
     }
 
@@ -65,19 +72,22 @@ impl Partials {
     }
 
     /// Notes that the temp file of `path`, `size` bytes, holds `segments` except the chunks
-    /// at the offsets `unwritten`.
+    /// at the offsets `unwritten` (in increasing order).
     pub fn wrote(&mut self, path: &RelPath, size: u64, segments: &[Segment], unwritten: &[u64]) {
-        if size < RECORD_MIN {
+        if size < RECORD_MIN || self.held + segments.len() > MAX_SEGMENTS {
             return;
         }
+        self.held += segments.len();
+        let mut unwritten = unwritten.iter().peekable();
         let mut off = 0;
         let held = segments
             .iter()
             .map(|seg| {
                 let here = off;
                 off += seg.len();
+                while unwritten.next_if(|&&at| at < here).is_some() {}
                 match *seg {
-                    Segment::Chunk { len, .. } if unwritten.contains(&here) => {
+                    Segment::Chunk { len, .. } if unwritten.next_if_eq(&&here).is_some() => {
                         Segment::Chunk { id: UNWRITTEN, len }
                     }
                     seg => seg,
@@ -98,6 +108,7 @@ impl Partials {
         ));
         let recorded_at = now_ns();
         let mut index = FileIndex::new(params);
+        self.held = 0;
         for (path, segments) in self.written.drain(..) {
             let (dir, name) = split(&path);
             let Ok(temp) = dir.join(&temp_name(&name)) else {
