@@ -452,6 +452,51 @@ mod tests {
         (sent.unwrap_err().to_string(), peer.join().unwrap())
     }
 
+    /// A receiver that answers `Unfinished` though no chunk went stale (a live session or
+    /// not) is refused: the sender would otherwise report a copy that is there as unfinished,
+    /// or, worse, a deployer would take it for a round that made progress.
+    #[test]
+    fn a_receiver_cannot_call_a_sync_unfinished_that_sent_every_chunk() {
+        use crate::protocol::message::{Message, Unfinished};
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), b"data").unwrap();
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            live: true,
+            ..SyncOptions::default()
+        };
+        let (err, _) = source_failing_against(&src, &opts, move |mut r_tx, mut r_rx| {
+            let Ok(Message::Hello(h)) = r_rx.recv() else {
+                panic!("no hello")
+            };
+            assert!(h.live);
+            r_tx.send(Message::Hello(h)).unwrap();
+            while !matches!(r_rx.recv().unwrap(), Message::ManifestEnd { .. }) {}
+            r_tx.send(Message::WantEnd).unwrap();
+            while !matches!(r_rx.recv().unwrap(), Message::ChunksEnd { .. }) {}
+            r_tx.send(Message::Unfinished(Unfinished {
+                files: 1,
+                chunks: 1,
+            }))
+            .unwrap();
+            let _ = r_rx.recv();
+        });
+        assert!(err.contains("yet no chunk went stale"), "{err}");
+        let kept = StateDir::new(opts.state_dir.clone()).source(&src.canonicalize().unwrap());
+        let shelf = crate::manifest::store::Shelf::new(kept.manifests);
+        assert!(
+            shelf
+                .open_all(&crate::protocol::sender::header(
+                    VolumeMode::Tree,
+                    opts.chunker
+                ))
+                .is_empty(),
+            "a manifest was kept as confirmed"
+        );
+    }
+
     /// Only the end the user runs may make a sync a dry run: a receiver that answers a
     /// real sync's hello with one is refused by the sender, which sends it nothing, and a
     /// sender asking a receiver that was not told to is refused too.
