@@ -783,3 +783,42 @@ fn live_push_and_pull_of_a_file_being_written_end_unfinished_then_complete() {
     summary(&t.sync(&t.remote("data"), s(&back), &[]));
     assert_mirrors(&t.volume("data"), &back);
 }
+
+/// A dry-run push only reads the volume: it runs beside a pull (a reader) that is stalled
+/// mid-transfer, where a real push is refused as busy.
+#[test]
+fn a_dry_run_push_reads_beside_a_stalled_pull_where_a_real_push_is_busy() {
+    let t = Setup::new(&["--timeout", "30"]);
+    let src = big_source(&t);
+    summary(&t.sync(s(&src), &t.remote("shared"), &[]));
+    let relay = Relay::start(t.server.addr);
+    let pull = client_command(
+        &t.client,
+        &t.server.ident.fingerprint,
+        &format!("{}/shared", relay.addr),
+        s(&t.path("reader")),
+        &t.state,
+        &["--timeout", "30"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relay.downstream_bytes.load(Ordering::Relaxed) < 4 << 20 {
+        assert!(Instant::now() < deadline, "pull never got going");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    relay.faults.blackhole.store(true, Ordering::Relaxed);
+    fs::write(src.join("small"), b"changed").unwrap();
+    let dry = summary(&t.sync(s(&src), &t.remote("shared"), &["-n"]));
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["files_written"], 1, "{dry}");
+    let out = t.sync(s(&src), &t.remote("shared"), &[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("busy"), "{}", stderr(&out));
+    relay.faults.blackhole.store(false, Ordering::Relaxed);
+    summary(&pull.wait_with_output().unwrap());
+    summary(&t.sync(s(&src), &t.remote("shared"), &[]));
+    assert_mirrors(&src, &t.volume("shared"));
+}

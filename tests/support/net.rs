@@ -250,6 +250,8 @@ pub struct Relay {
     pub faults: Arc<Faults>,
     /// Bytes relayed from clients to the server (after faults).
     pub upstream_bytes: Arc<AtomicU64>,
+    /// Bytes relayed from the server to clients (after faults).
+    pub downstream_bytes: Arc<AtomicU64>,
     /// The largest datagram a client sent (before faults).
     pub largest_upstream: Arc<AtomicUsize>,
     /// The largest datagram the server sent (before faults).
@@ -317,6 +319,8 @@ impl Relay {
         let faults = Arc::new(Faults::default());
         let stop = Arc::new(AtomicBool::new(false));
         let upstream_bytes = Arc::new(AtomicU64::new(0));
+        let downstream_bytes = Arc::new(AtomicU64::new(0));
+        let down = downstream_bytes.clone();
         let largest_upstream = Arc::new(AtomicUsize::new(0));
         let largest_downstream = Arc::new(AtomicUsize::new(0));
         let (f, s, up) = (faults.clone(), stop.clone(), upstream_bytes.clone());
@@ -340,7 +344,7 @@ impl Relay {
                     u.set_read_timeout(Some(Duration::from_millis(100)))
                         .expect("timeout");
                     let (u2, front2, f2, s2) = (u.clone(), front.clone(), f.clone(), s.clone());
-                    let big_down = big_down.clone();
+                    let (big_down, down) = (big_down.clone(), down.clone());
                     back_threads.push(std::thread::spawn(move || {
                         let mut m = Mangler {
                             faults: f2,
@@ -351,7 +355,8 @@ impl Relay {
                         while !s2.load(Ordering::Relaxed) {
                             if let Ok((n, _)) = u2.recv_from(&mut buf) {
                                 big_down.fetch_max(n, Ordering::Relaxed);
-                                m.send(&front2, client, &buf[..n]);
+                                let sent = m.send(&front2, client, &buf[..n]);
+                                down.fetch_add(sent, Ordering::Relaxed);
                             }
                         }
                     }));
@@ -369,6 +374,7 @@ impl Relay {
             addr,
             faults,
             upstream_bytes,
+            downstream_bytes,
             largest_upstream,
             largest_downstream,
             stop,

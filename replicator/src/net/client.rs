@@ -192,6 +192,7 @@ pub fn open_session(
             compress: opts.compress,
             checksum: opts.checksum,
             live: opts.live,
+            dry_run: opts.dry_run == crate::protocol::dry_run::DryRun::Ask,
         };
         let mut sends = Vec::new();
         let mut recvs = Vec::new();

@@ -135,6 +135,9 @@ pub struct Open {
     pub checksum: bool,
     /// The source is in use (`--live`): stale chunks end the pull unfinished, not failed.
     pub live: bool,
+    /// A dry run (`--dry-run`): a push then only reads the volume, so the server takes a
+    /// reader's lock and makes its receiver insist on the dry run.
+    pub dry_run: bool,
 }
 
 impl Open {
@@ -153,7 +156,10 @@ impl Open {
             Compression::Always => 1,
             Compression::Auto => 1 | 4,
         };
-        w.u8(compress | (u8::from(self.checksum) << 1) | (u8::from(self.live) << 3));
+        w.u8(compress
+            | (u8::from(self.checksum) << 1)
+            | (u8::from(self.live) << 3)
+            | (u8::from(self.dry_run) << 4));
         frame(w.buf)
     }
 
@@ -194,7 +200,7 @@ impl Open {
             max: size("chunk max")?,
         };
         let flags = r.u8()?;
-        if flags > 15 || flags & 5 == 4 {
+        if flags > 31 || flags & 5 == 4 {
             return Err(DecodeError::Invalid {
                 what: "open",
                 why: "unknown option flags",
@@ -214,6 +220,7 @@ impl Open {
             },
             checksum: flags & 2 != 0,
             live: flags & 8 != 0,
+            dry_run: flags & 16 != 0,
         })
     }
 }
@@ -366,6 +373,7 @@ mod tests {
             compress: Compression::Auto,
             checksum: false,
             live: false,
+            dry_run: false,
         };
         let f = o.encode();
         assert_eq!(Open::decode(&f[4..]).unwrap(), o);

@@ -521,7 +521,8 @@ async fn accept_session(
             if let Some(policy) = &shared.opts.policy {
                 (policy.0)(name.as_str(), open.direction).map_err(bad)?;
             }
-            let write = open.direction == Direction::Push;
+            // A dry-run push only reads the volume (its receiver insists on the dry run).
+            let write = open.direction == Direction::Push && !open.dry_run;
             let guard = lock_volume(shared, name.as_str(), write).await;
             Some(guard.map_err(|why| (CloseCode::Busy, why))?)
         }
@@ -636,8 +637,13 @@ fn run_session(
                 max_entries: shared.opts.max_entries,
                 allow_devices: shared.opts.allow_devices,
                 on_done: guard.as_ref().map(|g| Box::new(g.finisher()) as _),
-                // The client's hello asks for a dry run or patching if it wants one.
-                dry_run: DryRun::PeerDecides,
+                // The open request said whether this is a dry run, and the lock was taken
+                // accordingly: the hello must agree (the client's hello asks for patching if
+                // it wants it).
+                dry_run: match open.dry_run {
+                    true => DryRun::Ask,
+                    false => DryRun::Refuse,
+                },
                 inplace: Patching::AsAsked,
             };
             let report = run_receiver(
