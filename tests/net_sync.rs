@@ -236,7 +236,7 @@ fn refusals_name_the_fingerprints_and_versions() {
     assert!(!t.volume("v").exists(), "a refused session wrote something");
 }
 
-/// A push through `relay`, stalled by a blackhole once `after` bytes went through.
+/// A push through `relay`, stalled by a blackhole once 10 MiB went through.
 fn stalled_push(
     t: &Setup,
     relay: &Relay,
@@ -245,21 +245,35 @@ fn stalled_push(
     extra: &[&str],
 ) -> std::process::Child {
     let remote = format!("{}/{volume}", relay.addr);
-    let child = client_command(
-        &t.client,
-        &t.server.ident.fingerprint,
-        s(src),
-        &remote,
-        &t.state,
+    stalled(
+        t,
+        relay,
+        (s(src), &remote),
         extra,
+        &relay.upstream_bytes,
+        10 << 20,
     )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+}
+
+/// A sync from `ends.0` to `ends.1` (one of them through `relay`), stalled by a blackhole
+/// once `moved` counts `after` bytes.
+fn stalled(
+    t: &Setup,
+    relay: &Relay,
+    ends: (&str, &str),
+    extra: &[&str],
+    moved: &std::sync::atomic::AtomicU64,
+    after: u64,
+) -> std::process::Child {
+    let server = &t.server.ident.fingerprint;
+    let child = client_command(&t.client, server, ends.0, ends.1, &t.state, extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while relay.upstream_bytes.load(Ordering::Relaxed) < 10 << 20 {
-        assert!(Instant::now() < deadline, "push never got going");
+    while moved.load(Ordering::Relaxed) < after {
+        assert!(Instant::now() < deadline, "the sync never got going");
         std::thread::sleep(Duration::from_millis(5));
     }
     relay.faults.blackhole.store(true, Ordering::Relaxed);
@@ -792,24 +806,11 @@ fn a_dry_run_push_reads_beside_a_stalled_pull_where_a_real_push_is_busy() {
     let src = big_source(&t);
     summary(&t.sync(s(&src), &t.remote("shared"), &[]));
     let relay = Relay::start(t.server.addr);
-    let pull = client_command(
-        &t.client,
-        &t.server.ident.fingerprint,
-        &format!("{}/shared", relay.addr),
-        s(&t.path("reader")),
-        &t.state,
-        &["--timeout", "30"],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while relay.downstream_bytes.load(Ordering::Relaxed) < 4 << 20 {
-        assert!(Instant::now() < deadline, "pull never got going");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    relay.faults.blackhole.store(true, Ordering::Relaxed);
+    let remote = format!("{}/shared", relay.addr);
+    let reader = t.path("reader");
+    let ends = (remote.as_str(), s(&reader));
+    let timeout = ["--timeout", "30"];
+    let pull = stalled(&t, &relay, ends, &timeout, &relay.downstream_bytes, 4 << 20);
     fs::write(src.join("small"), b"changed").unwrap();
     let dry = summary(&t.sync(s(&src), &t.remote("shared"), &["-n"]));
     assert_eq!(dry["dry_run"], true, "{dry}");

@@ -452,6 +452,18 @@ mod tests {
         (sent.unwrap_err().to_string(), peer.join().unwrap())
     }
 
+    /// A source of one small file `f`, and options keeping state beside it in `tmp`.
+    fn one_file_source(tmp: &Path) -> (PathBuf, SyncOptions) {
+        let src = tmp.join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), b"data").unwrap();
+        let opts = SyncOptions {
+            state_dir: tmp.join("state"),
+            ..SyncOptions::default()
+        };
+        (src, opts)
+    }
+
     /// A receiver that answers `Unfinished` though no chunk went stale (a live session or
     /// not) is refused: the sender would otherwise report a copy that is there as unfinished,
     /// or, worse, a deployer would take it for a round that made progress.
@@ -459,14 +471,8 @@ mod tests {
     fn a_receiver_cannot_call_a_sync_unfinished_that_sent_every_chunk() {
         use crate::protocol::message::{Message, Unfinished};
         let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
-        fs::create_dir(&src).unwrap();
-        fs::write(src.join("f"), b"data").unwrap();
-        let opts = SyncOptions {
-            state_dir: tmp.path().join("state"),
-            live: true,
-            ..SyncOptions::default()
-        };
+        let (src, mut opts) = one_file_source(tmp.path());
+        opts.live = true;
         let (err, _) = source_failing_against(&src, &opts, move |mut r_tx, mut r_rx| {
             let Ok(Message::Hello(h)) = r_rx.recv() else {
                 panic!("no hello")
@@ -504,13 +510,7 @@ mod tests {
     fn a_peer_cannot_turn_a_real_sync_into_a_dry_run() {
         use crate::protocol::message::{Hello, Message};
         let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
-        fs::create_dir(&src).unwrap();
-        fs::write(src.join("f"), b"data").unwrap();
-        let opts = SyncOptions {
-            state_dir: tmp.path().join("state"),
-            ..SyncOptions::default()
-        };
+        let (src, opts) = one_file_source(tmp.path());
         let (err, said) = source_failing_against(&src, &opts, move |mut r_tx, mut r_rx| {
             let Ok(Message::Hello(h)) = r_rx.recv() else {
                 panic!("no hello")
