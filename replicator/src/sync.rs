@@ -950,4 +950,59 @@ mod tests {
             proptest::prop_assert_eq!(left, files.len(), "temp files left");
         }
     }
+
+    /// A live `--inplace` sync of a big file changed in place, written again while it is
+    /// sent: the patch waits staged (the file keeps its old contents and inode), and the
+    /// rerun patches it, resuming the staged ranges from the record.
+    #[test]
+    fn a_live_patch_in_place_ends_unfinished_leaving_the_file_and_the_rerun_patches_it() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (src, dst) = (tmp.path().join("src"), tmp.path().join("dst"));
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("db"), crate::demo::seeded_bytes(1, 4 * BIG)).unwrap();
+        let opts = SyncOptions {
+            state_dir: tmp.path().join("state"),
+            live: true,
+            inplace: true,
+            ..SyncOptions::default()
+        };
+        sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        let (old, inode) = (
+            fs::read(dst.join("db")).unwrap(),
+            fs::metadata(dst.join("db")).unwrap().ino(),
+        );
+        overwrite(
+            &src.join("db"),
+            1_000_000,
+            &crate::demo::seeded_bytes(2, 200_000),
+        );
+        overwrite(
+            &src.join("db"),
+            9_000_000,
+            &crate::demo::seeded_bytes(3, 200_000),
+        );
+        let db = src.join("db");
+        let meddler = Meddler {
+            once: std::sync::Once::new(),
+            at_size: None,
+            f: move || overwrite(&db, 9_050_000, &[7; 4096]),
+        };
+        let live = sync_watching_sender(&src, &dst, &opts, &meddler).unwrap();
+        assert!(!live.complete, "{live:?}");
+        assert_eq!(
+            fs::read(dst.join("db")).unwrap(),
+            old,
+            "patched while unfinished"
+        );
+        let rerun = sync_local(&src, &dst, &opts, &NoProgress).unwrap();
+        assert!(rerun.complete);
+        assert_eq!(rerun.files_patched, 1, "{rerun:?}");
+        assert!(rerun.chunks_sent <= 3, "{rerun:?}");
+        assert_eq!(fs::metadata(dst.join("db")).unwrap().ino(), inode);
+        assert_eq!(
+            fs::read(src.join("db")).unwrap(),
+            fs::read(dst.join("db")).unwrap()
+        );
+    }
 }

@@ -5,10 +5,11 @@
 //! full read: the write phase asked the temp file's pages out of the cache as it wrote them,
 //! so a 1 GiB volume meant 1 GiB read back from the disk, once per pre-copy round of a live
 //! database. So the run records, for each temp file of 1 MiB or more it finished writing
-//! (with or without its stale chunks), the chunks it holds at each offset and the temp file's
-//! stat, once the racy margin has passed. The next run trusts a chunk of that list while the
-//! temp file's stat is unchanged, as the receiver index is trusted for finished files, and
-//! hash-checks the rest. The record is removed when a run starts, so only the run that wrote
+//! (with or without its stale chunks; a patch's too, whose unchanged ranges are holes), the
+//! chunks it holds at each offset and the temp file's stat, once the racy margin has passed.
+//! While the temp file's stat is unchanged, the next run takes that list as exact, as the
+//! receiver index is trusted for finished files: a listed chunk is there, any other is not,
+//! and nothing is read back. The record is removed when a run starts, so only the run that wrote
 //! it is believed; a run killed without writing one leaves hashing as before.
 
 use std::collections::HashMap;

@@ -416,13 +416,14 @@ impl Destination {
             };
             let src = if block && self.in_place.get(&off) == Some(&(id, len)) {
                 Src::InPlace
-            } else if held
-                .as_ref()
-                .is_some_and(|at| at.get(&off) == Some(&(id, len)))
-                || partial
+            } else if match &held {
+                // Exact about the temp file while its stat holds: what it does not list
+                // (a stale chunk, a patch's hole) is not there, and need not be read.
+                Some(at) => at.get(&off) == Some(&(id, len)),
+                None => partial
                     .as_ref()
-                    .is_some_and(|f| range_has(f, off, len, &id, &mut buf))
-            {
+                    .is_some_and(|f| range_has(f, off, len, &id, &mut buf)),
+            } {
                 resume = true;
                 Src::InPlace
             } else if vouched

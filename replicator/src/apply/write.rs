@@ -174,14 +174,17 @@ impl Destination {
                 // A patch's temp file is read back by the commit and removed unsynced: its
                 // pages should stay in the cache, and need never reach the disk.
                 let mut behind = WriteBehind::for_size(if *patch { 0 } else { *size });
-                // Offsets a stale chunk at a live source left unwritten.
-                let mut unwritten: Vec<u64> = Vec::new();
+                // Offsets of chunks the temp file does not hold: left as they are by a patch,
+                // or stale at a live source (then `missing`: the file is not finished).
+                let mut not_held: Vec<u64> = Vec::new();
+                let mut missing = false;
                 for ((off, seg), src) in offsets(segments).zip(sources) {
                     let Segment::Chunk { id, len } = *seg else {
                         continue;
                     };
                     if *patch && patch::keeps(src) {
                         // Left as it is in the file being patched.
+                        not_held.push(off);
                         progress.advance(u64::from(len));
                         continue;
                     }
@@ -209,7 +212,8 @@ impl Destination {
                         Src::Zero | Src::InPlace => None,
                         Src::Local(_) if self.stale.contains(&id) => {
                             // Planned as a copy of where the stale chunk was to be written.
-                            unwritten.push(off);
+                            not_held.push(off);
+                            missing = true;
                             self.read_ahead.consumed(u64::from(len));
                             None
                         }
@@ -232,7 +236,8 @@ impl Destination {
                             let got = feed.next_chunk(id, base)?;
                             if got.is_none() {
                                 self.stale.insert(id);
-                                unwritten.push(off);
+                                not_held.push(off);
+                                missing = true;
                             }
                             got
                         }
@@ -264,11 +269,8 @@ impl Destination {
                         .map(Segment::len)
                         .sum(),
                 );
-                if !*patch {
-                    // A patch's temp file holds only the changed ranges: not recorded.
-                    self.partials.wrote(&e.path, *size, segments, &unwritten);
-                }
-                if !unwritten.is_empty() {
+                self.partials.wrote(&e.path, *size, segments, &not_held);
+                if missing {
                     // Kept as a partial file for the next run; this run commits nothing.
                     self.unfinished_files += 1;
                     return Ok(());
