@@ -16,6 +16,7 @@ use crate::progress::{NoProgress, Progress};
 use crate::protocol::SessionError;
 use crate::protocol::compression::Compression;
 use crate::protocol::dry_run::DryRun;
+use crate::protocol::message::Unfinished;
 use crate::protocol::receiver::{Patching, ReceiverOptions, ReceiverReport, run_receiver};
 use crate::protocol::sender::{SenderOptions, SenderReport, run_sender};
 use crate::snapshot::SnapshotOptions;
@@ -291,6 +292,14 @@ pub fn run_source(
     run_sender(src, sender_opts, now_ns(), tx, rx, progress)
 }
 
+/// A summary's `complete`, `files_unfinished` and `chunks_stale`.
+fn ending(unfinished: Option<Unfinished>) -> (bool, u64, u64) {
+    match unfinished {
+        None => (true, 0, 0),
+        Some(u) => (false, u.files, u.chunks),
+    }
+}
+
 /// What a summary says about the two ends, whichever side this process played.
 pub struct Ends {
     pub mode: VolumeMode,
@@ -302,6 +311,7 @@ pub struct Ends {
 impl Ends {
     /// Summary as seen by the sending side (the receiver's figures come with `Done`).
     pub fn seen_by_sender(self, r: &SenderReport, wire_sent: u64, wire_back: u64) -> Summary {
+        let (complete, files_unfinished, chunks_stale) = ending(r.unfinished);
         Summary {
             mode: self.mode,
             source: self.source,
@@ -324,15 +334,16 @@ impl Ends {
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),
             dry_run: r.dry_run,
-            complete: r.unfinished.is_none(),
-            files_unfinished: r.unfinished.map_or(0, |u| u.files),
-            chunks_stale: r.unfinished.map_or(0, |u| u.chunks),
+            complete,
+            files_unfinished,
+            chunks_stale,
         }
     }
 
     /// Summary as seen by the receiving side (the sender's read figure comes with
     /// `ChunksEnd`). `wire_sent` is what the source sent, `wire_back` what went back to it.
     pub fn seen_by_receiver(self, r: &ReceiverReport, wire_sent: u64, wire_back: u64) -> Summary {
+        let (complete, files_unfinished, chunks_stale) = ending(r.unfinished);
         Summary {
             mode: self.mode,
             source: self.source,
@@ -349,24 +360,15 @@ impl Ends {
             bytes_sent_wire: wire_sent,
             bytes_received_wire: wire_back,
             bytes_copied_locally: r.stats.bytes_copied_locally,
-            // An unfinished run committed nothing (what it wrote waits as partial files).
-            files_written: if r.unfinished.is_some() {
-                0
-            } else {
-                r.stats.files_written
-            },
-            files_patched: if r.unfinished.is_some() {
-                0
-            } else {
-                r.stats.files_patched
-            },
+            files_written: r.stats.files_written,
+            files_patched: r.stats.files_patched,
             deleted: r.stats.deleted,
             duration_ms: self.started.elapsed().as_millis() as u64,
             root: r.root.to_hex(),
             dry_run: r.dry_run,
-            complete: r.unfinished.is_none(),
-            files_unfinished: r.unfinished.map_or(0, |u| u.files),
-            chunks_stale: r.unfinished.map_or(0, |u| u.chunks),
+            complete,
+            files_unfinished,
+            chunks_stale,
         }
     }
 }

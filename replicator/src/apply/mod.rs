@@ -512,7 +512,8 @@ impl Destination {
     /// After the write phase of a live session in which chunks went stale: what is left
     /// unfinished. Such a run must not commit: it keeps its partial files
     /// ([`Destination::keep_for_resume`]), and the next run resumes them (chunks at their
-    /// offsets are hash-checked), so it sends only what changed since and what went stale.
+    /// offsets trusted from the run's record, see `partials.rs`, or else hash-checked), so it
+    /// sends only what changed since and what went stale.
     pub fn unfinished(&self) -> Option<crate::protocol::message::Unfinished> {
         (!self.stale.is_empty()).then_some(crate::protocol::message::Unfinished {
             files: self.unfinished_files,

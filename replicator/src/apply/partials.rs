@@ -33,9 +33,9 @@ pub const RECORD_MIN: u64 = 1 << 20;
 /// Files past that are hash-checked by the rerun as before.
 const MAX_SEGMENTS: usize = 1 << 20;
 
-/// The id recorded for a chunk left unwritten (stale at a live source): no chunk's id, so
-/// nothing is trusted there.
-const UNWRITTEN: ChunkId = ChunkId([0; 32]);
+/// The id recorded for a chunk the temp file does not hold (stale at a live source, or left
+/// as it is by a patch): no chunk's id, so nothing is trusted there.
+const NOT_HELD: ChunkId = ChunkId([0; 32]);
 
 /// The records the last run left, and those this run makes.
 #[derive(Default)]
@@ -43,7 +43,7 @@ pub struct Partials {
     loaded: Option<FileIndex>,
     written: Vec<(RelPath, Vec<Segment>)>,
     /// Segments in `written`.
-    held: usize,
+    segments: usize,
 }
 
 impl Partials {
@@ -73,23 +73,23 @@ impl Partials {
     }
 
     /// Notes that the temp file of `path`, `size` bytes, holds `segments` except the chunks
-    /// at the offsets `unwritten` (in increasing order).
-    pub fn wrote(&mut self, path: &RelPath, size: u64, segments: &[Segment], unwritten: &[u64]) {
-        if size < RECORD_MIN || self.held + segments.len() > MAX_SEGMENTS {
+    /// at the offsets `not_held` (in increasing order).
+    pub fn wrote(&mut self, path: &RelPath, size: u64, segments: &[Segment], not_held: &[u64]) {
+        if size < RECORD_MIN || self.segments + segments.len() > MAX_SEGMENTS {
             return;
         }
-        self.held += segments.len();
-        let mut unwritten = unwritten.iter().peekable();
+        self.segments += segments.len();
+        let mut not_held = not_held.iter().peekable();
         let mut off = 0;
         let held = segments
             .iter()
             .map(|seg| {
                 let here = off;
                 off += seg.len();
-                while unwritten.next_if(|&&at| at < here).is_some() {}
+                while not_held.next_if(|&&at| at < here).is_some() {}
                 match *seg {
-                    Segment::Chunk { len, .. } if unwritten.next_if_eq(&&here).is_some() => {
-                        Segment::Chunk { id: UNWRITTEN, len }
+                    Segment::Chunk { len, .. } if not_held.next_if_eq(&&here).is_some() => {
+                        Segment::Chunk { id: NOT_HELD, len }
                     }
                     seg => seg,
                 }
@@ -109,7 +109,7 @@ impl Partials {
         ));
         let recorded_at = now_ns();
         let mut index = FileIndex::new(params);
-        self.held = 0;
+        self.segments = 0;
         for (path, segments) in self.written.drain(..) {
             let (dir, name) = split(&path);
             let Ok(temp) = dir.join(&temp_name(&name)) else {
@@ -172,7 +172,7 @@ mod tests {
         assert!(!state.partials_file().exists(), "taken once");
         let held = taken.held(&path, &stat(&temp)).unwrap();
         assert_eq!(held.get(&0), Some(&(a, 1 << 20)));
-        assert_ne!(held.get(&(1 << 20)), Some(&(b, 1 << 20)), "left unwritten");
+        assert_ne!(held.get(&(1 << 20)), Some(&(b, 1 << 20)), "not held");
         assert!(
             taken
                 .held(&RelPath::new(b"small".to_vec()).unwrap(), &stat(&temp))

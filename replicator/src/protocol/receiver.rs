@@ -523,12 +523,11 @@ fn finish(
         }
     };
     tracing::debug!(ms = started.elapsed().as_millis(), "chunks received");
-    if let Some(unfinished) = slot.as_ref().and_then(Destination::unfinished) {
+    let dest = slot.as_mut().expect("destination prepared above");
+    if let Some(unfinished) = dest.unfinished() {
         // Every file that got all its chunks is kept with the rest: the next run finds them
         // complete, and commits the volume as a whole.
-        if let Some(dest) = slot.as_mut() {
-            dest.keep_for_resume();
-        }
+        dest.keep_for_resume();
         tracing::info!(
             files = unfinished.files,
             chunks = unfinished.chunks,
@@ -536,7 +535,12 @@ fn finish(
         );
         tx.send(Message::Unfinished(unfinished))?;
         tx.flush()?;
-        let stats = slot.as_ref().map(|d| d.stats).unwrap_or_default();
+        // Nothing was committed: the files the write phase finished wait as temp files.
+        let stats = ApplyStats {
+            files_written: 0,
+            files_patched: 0,
+            ..dest.stats
+        };
         let report = ReceiverReport {
             mode,
             root,

@@ -85,6 +85,13 @@ fn changed_since(path: &Path, since_ns: i128) -> bool {
     })
 }
 
+/// Removes an index that named wrong chunks for a file that looked unchanged.
+fn drop_index(index: &Path) {
+    if std::fs::remove_file(index).is_ok() {
+        tracing::info!(path = %index.display(), "dropped the source index after a mismatch");
+    }
+}
+
 pub fn run_sender(
     src: &Path,
     opts: SenderOptions,
@@ -101,8 +108,8 @@ pub fn run_sender(
         // looked unchanged (its stat restored by a tool, say). A change since the scan moved
         // the file's ctime, which no tool can set back, and its stale record will not vouch
         // for it; otherwise the index lied, and the next run reads every file again.
-        if !changed_since(path, scan_start_ns) && std::fs::remove_file(&index).is_ok() {
-            tracing::info!(path = %index.display(), "dropped the source index after a mismatch");
+        if !changed_since(path, scan_start_ns) {
+            drop_index(&index);
         }
     }
     if let Err(e) = &result
@@ -324,9 +331,7 @@ fn session(
     if out.index_lied {
         // See `run_sender`: a chunk of a file that did not change since the scan was wrong.
         drop(record);
-        if std::fs::remove_file(&opts.state.index).is_ok() {
-            tracing::info!(path = %opts.state.index.display(), "dropped the source index after a mismatch");
-        }
+        drop_index(&opts.state.index);
     } else if let Some(Err(e)) = record.map(IndexWriter::finish) {
         let path = opts.state.index.display();
         tracing::warn!(path = %path, "cannot save the source index: {e}");
@@ -468,15 +473,16 @@ impl Outgoing {
         send: impl FnOnce(&mut Self, &mut dyn MessageTx, Vec<u8>) -> Result<(), SessionError>,
     ) -> Result<(), SessionError> {
         let gone = match &read {
-            Err(ServeError::Changed { path, .. }) => {
-                self.index_lied |= !changed_since(path, self.scan_start_ns);
-                true
-            }
+            Err(ServeError::Changed { .. }) => true,
             Err(ServeError::Read { source, .. }) => source.kind() == std::io::ErrorKind::NotFound,
             _ => false,
         };
         match read {
             Err(e) if gone && self.live => {
+                // Outside a live session `run_sender` makes this check on the error.
+                if let ServeError::Changed { path, .. } = &e {
+                    self.index_lied |= !changed_since(path, self.scan_start_ns);
+                }
                 tracing::debug!(chunk = %id, "stale: {e}");
                 self.stale += 1;
                 tx.send(Message::Stale(id))?;
