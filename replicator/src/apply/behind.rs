@@ -19,6 +19,10 @@
 //!
 //! Smaller files (up to [`LAG`] windows) get the same two pieces of advice: when each is
 //! written, and again once [`RECENT_BYTES`] of later files have been ([`RecentFiles`]).
+//! Files under [`SMALL_ADVICE_MIN`] get none. Advice on a dirty file submits its write-out
+//! at once, one request per file, where the kernel's flusher would have merged the pages of
+//! many files written side by side into few: for a million files of 1 KiB that cost the
+//! receiver more system time (~40 µs per file, measured) than the few pages it recycles.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -78,6 +82,9 @@ impl WriteBehind {
 /// Bytes of small files written after one before it is asked out of the cache again.
 const RECENT_BYTES: u64 = LAG * WINDOW;
 
+/// Smallest file [`RecentFiles`] gives advice: 16 pages.
+pub const SMALL_ADVICE_MIN: u64 = 64 << 10;
+
 /// Most small files held open for their second piece of advice.
 const RECENT_FILES: usize = 128;
 
@@ -90,9 +97,10 @@ pub struct RecentFiles {
 
 impl RecentFiles {
     /// `file`, `size` bytes, is written: its write-out starts now; the files written
-    /// [`RECENT_BYTES`] or [`RECENT_FILES`] before it are asked to leave the cache.
+    /// [`RECENT_BYTES`] or [`RECENT_FILES`] before it are asked to leave the cache. A file
+    /// under [`SMALL_ADVICE_MIN`] is left to the kernel.
     pub fn wrote(&mut self, file: &File, size: u64) {
-        if size == 0 {
+        if size < SMALL_ADVICE_MIN {
             return;
         }
         let _ = fadvise(file, 0, None, Advice::DontNeed);
@@ -134,13 +142,14 @@ mod tests {
     fn recent_files_are_held_within_their_bounds() {
         let dir = tempfile::tempdir().unwrap();
         let mut recent = RecentFiles::default();
+        let small = vec![5u8; SMALL_ADVICE_MIN as usize];
         for n in 0..(RECENT_FILES + 10) {
             let path = dir.path().join(n.to_string());
-            std::fs::write(&path, b"small").unwrap();
-            recent.wrote(&File::open(&path).unwrap(), 5);
+            std::fs::write(&path, &small).unwrap();
+            recent.wrote(&File::open(&path).unwrap(), SMALL_ADVICE_MIN);
         }
         assert_eq!(recent.files.len(), RECENT_FILES);
-        assert_eq!(recent.bytes, 5 * RECENT_FILES as u64);
+        assert_eq!(recent.bytes, SMALL_ADVICE_MIN * RECENT_FILES as u64);
         let big = dir.path().join("big");
         std::fs::write(&big, vec![7u8; 1 << 20]).unwrap();
         for _ in 0..(RECENT_BYTES >> 20) + 1 {
@@ -150,7 +159,8 @@ mod tests {
         assert_eq!(std::fs::read(&big).unwrap(), vec![7u8; 1 << 20]);
         let held = recent.files.len();
         recent.wrote(&File::open(&big).unwrap(), 0);
-        assert_eq!(recent.files.len(), held, "empty files are not held");
+        recent.wrote(&File::open(&big).unwrap(), SMALL_ADVICE_MIN - 1);
+        assert_eq!(recent.files.len(), held, "files under 64 KiB are not held");
     }
 
     #[test]
