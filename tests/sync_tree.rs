@@ -494,18 +494,12 @@ fn a_sync_that_changes_nothing_still_notices_later_changes_to_the_destination() 
     assert_eq!(s["files_written"], 0, "{s}");
 }
 
-/// The paths whose attributes a sync under `strace` listed, from both ends (a local sync
-/// runs both in one process).
-fn attributes_listed(src: &Path, dst: &Path, state: &Path) -> Vec<String> {
-    let log = state.with_extension("xattr-trace");
+/// The system calls named in `calls` (strace's `trace=` list) that a sync made, one per
+/// line as strace prints them, from both ends (a local sync runs both in one process).
+fn traced(src: &Path, dst: &Path, state: &Path, calls: &str) -> String {
+    let log = state.with_extension("trace");
     let out = Command::new("strace")
-        .args([
-            "-f",
-            "-qq",
-            "-e",
-            "trace=llistxattr,listxattr,flistxattr",
-            "-o",
-        ])
+        .args(["-f", "-qq", "-e", &format!("trace={calls}"), "-o"])
         .arg(&log)
         .arg(replicator_bin())
         .args(sync_command(src, dst, state, &[]).get_args())
@@ -515,6 +509,11 @@ fn attributes_listed(src: &Path, dst: &Path, state: &Path) -> Vec<String> {
     let trace = fs::read_to_string(&log).unwrap();
     fs::remove_file(&log).unwrap();
     trace
+}
+
+/// The paths whose attributes a sync under `strace` listed, from both ends.
+fn attributes_listed(src: &Path, dst: &Path, state: &Path) -> Vec<String> {
+    traced(src, dst, state, "llistxattr,listxattr,flistxattr")
         .lines()
         .filter_map(|l| l.split('"').nth(1).map(str::to_owned))
         .collect()
@@ -582,6 +581,55 @@ fn attributes_are_listed_only_where_the_index_cannot_vouch_for_them() {
     let listed = attributes_listed(&src, &dst, &state);
     assert_eq!(files_listed(&listed), Vec::<String>::new());
     assert_mirrors(&src, &dst);
+}
+
+/// A first sync into an empty volume makes per file only the calls it needs: it looks for
+/// no partial temp file (its walk met none), sizes no file its writes already sized, and
+/// asks no file under 64 KiB out of the cache (advice on a dirty file submits its write-out
+/// on its own, where the kernel would merge many). A rerun after an interrupted sync does
+/// look for the temp files it left, and resumes them.
+#[test]
+fn a_first_sync_makes_no_call_per_file_it_can_do_without() {
+    let (_tmp, src, dst, state) = volumes();
+    small_files(&src, 20, 900, 3000);
+    // One file ends in a hole (its zero chunks after the first are not written), one is
+    // large enough for write-behind advice.
+    let holed = File::create(src.join("d/holed")).unwrap();
+    holed.write_all_at(&bytes(76, 5000), 0).unwrap();
+    holed.set_len(1 << 20).unwrap();
+    fs::write(src.join("d/big"), bytes(77, 256 << 10)).unwrap();
+    let trace = traced(&src, &dst, &state, "openat,ftruncate,fadvise64");
+    assert_mirrors(&src, &dst);
+    let lines = |has: &[&str]| -> Vec<String> {
+        trace
+            .lines()
+            .filter(|l| has.iter().all(|h| l.contains(h)))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(lines(&[".rpl-", "O_RDONLY"]), Vec::<String>::new());
+    assert_eq!(
+        lines(&["ftruncate("]).len(),
+        1,
+        "only the holed file: {trace}"
+    );
+    assert_eq!(
+        lines(&["fadvise64(", "DONTNEED"]).len(),
+        2,
+        "the two files of 64 KiB or more, once each: {trace}"
+    );
+    // Interrupted after a few chunks, the next sync finds the temp files it left.
+    let (_tmp2, src2, dst2, state2) = volumes();
+    small_files(&src2, 20, 900, 3000);
+    let out = crash_sync(&src2, &dst2, &state2, "chunk:5");
+    assert!(!out.status.success(), "the crash point was not reached");
+    let trace = traced(&src2, &dst2, &state2, "openat");
+    assert_mirrors(&src2, &dst2);
+    let looked = trace
+        .lines()
+        .filter(|l| l.contains(".rpl-") && l.contains("O_RDONLY"))
+        .count();
+    assert!(looked >= 5, "partial temp files not looked for: {trace}");
 }
 
 #[test]

@@ -332,6 +332,9 @@ fn sync_xattrs_path(path: &Path, want: &[(Vec<u8>, Vec<u8>)]) -> io::Result<()> 
 fn list_fd<Fd: AsFd>(fd: Fd) -> Result<Vec<u8>, Errno> {
     loop {
         let size = rfs::flistxattr_query(&fd)?;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
         let mut buf = vec![0u8; size];
         match rfs::flistxattr(&fd, &mut buf[..]) {
             Ok(n) => {

@@ -191,6 +191,9 @@ pub struct Destination {
     walked: Spool<Scanned>,
     /// The prepare walk found something below the root.
     found_below_root: bool,
+    /// The prepare walk found a temp file (one an interrupted run left): only then may a
+    /// file to build have a partial temp file to resume.
+    found_temp: bool,
     /// Every planned entry and every destination path the manifest lacks, in volume order.
     planned: Spool<Planned>,
     /// The entry planned last: a streamed session writes it at once; a block volume has
@@ -341,6 +344,7 @@ impl Destination {
         let index_len = std::fs::metadata(&index_file).map_or(0, |m| m.len());
         let mut filter = ChunkFilter::with_capacity(index_len / 34);
         let mut found_below_root = false;
+        let mut found_temp = false;
         let mut durable = durable::Durable::default();
         match header.mode {
             VolumeMode::Tree => {
@@ -368,6 +372,10 @@ impl Destination {
                 };
                 let visit = &mut |s: Scanned| {
                     found_below_root |= !s.path.is_root();
+                    found_temp |= s.stat.is_file()
+                        && s.path
+                            .split_last()
+                            .is_some_and(|(_, n)| fsops::is_temp_name(n));
                     if let Some(r) = located(&mut records.borrow_mut(), &s) {
                         for seg in &r.segments {
                             if let Segment::Chunk { id, .. } = seg {
@@ -440,6 +448,7 @@ impl Destination {
             found,
             walked,
             found_below_root,
+            found_temp,
             planned,
             last: None,
             ancestors: Vec::new(),

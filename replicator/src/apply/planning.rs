@@ -362,8 +362,12 @@ impl Destination {
     }
 
     /// A partial temp file for `name` in `dir` left by an interrupted run, if there is one
-    /// (`open_read` refuses anything but a regular file).
+    /// (`open_read` refuses anything but a regular file). Not looked for where the prepare
+    /// walk met none: a first sync into an empty volume makes no failed `open` per file.
     fn partial_temp(&mut self, dir: &RelPath, temp: &[u8]) -> Option<File> {
+        if !self.found_temp {
+            return None;
+        }
         self.vol.as_mut()?.open_read(dir, temp).ok()
     }
 

@@ -261,7 +261,16 @@ impl Destination {
                     &self.read_ahead,
                     &mut behind,
                 )?;
-                file.set_len(*size).map_err(io_err("cannot size", &shown))?;
+                // A new temp file whose last segment was written is `size` long already; a
+                // resumed or patched one, or one ending in a hole or a chunk not written, is
+                // sized here.
+                let sized = !*resume
+                    && !*patch
+                    && !missing
+                    && (*size == 0 || matches!(segments.last(), Some(Segment::Chunk { .. })));
+                if !sized {
+                    file.set_len(*size).map_err(io_err("cannot size", &shown))?;
+                }
                 progress.advance(
                     segments
                         .iter()
