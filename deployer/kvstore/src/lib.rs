@@ -14,6 +14,13 @@
 //!
 //! Where it listens and keeps data: `--listen` / `--data`, defaulting to what the deployer's
 //! runtimes provide (`DEPLOYER_LISTEN_7000`, `DEPLOYER_VOLUME`), else `0.0.0.0:7000` and `/data`.
+//!
+//! `kvstore ping` exits 0 once the store on this host answers (a health check).
+//!
+//! `KVSTORE_WARMUP_MS` makes it wait that long after replaying its log before it listens, as
+//! a database recovering its journal or a search engine opening its shards does: the time
+//! during which a port published by Docker already accepts connections and the application
+//! behind it does not.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -135,6 +142,13 @@ fn serve(stream: TcpStream, store: Arc<Mutex<Store>>) -> std::io::Result<()> {
 pub fn run(listen: &str, data: &Path) -> Result<(), String> {
     let store = open(data).map_err(|e| format!("{}: {e}", data.display()))?;
     let store = Arc::new(Mutex::new(store));
+    if let Some(ms) = std::env::var("KVSTORE_WARMUP_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        eprintln!("kvstore: warming up for {ms} ms");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let listener =
         TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     eprintln!("kvstore: listening on {listen}, data in {}", data.display());
@@ -145,6 +159,31 @@ pub fn run(listen: &str, data: &Path) -> Result<(), String> {
         });
     }
     Ok(())
+}
+
+/// `kvstore ping`: asks the store on this host (where [`settings`] says it listens) for
+/// `PONG`; what a container image's `HEALTHCHECK` runs.
+pub fn ping(args: &[String]) -> Result<(), String> {
+    use std::io::Read;
+    let (listen, _) = settings(args)?;
+    let port = listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .ok_or_else(|| format!("no port in {listen}"))?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let timeout = std::time::Duration::from_secs(1);
+    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.write_all(b"PING\n"))
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut answer = [0u8; 5];
+    s.read_exact(&mut answer)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    if &answer == b"PONG\n" {
+        Ok(())
+    } else {
+        Err(format!("{addr}: unexpected answer"))
+    }
 }
 
 /// Where to listen and keep data: flags, else the deployer runtimes' environment, else
