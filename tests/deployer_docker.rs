@@ -7,6 +7,7 @@
 use integration_tests::cluster::*;
 
 const IMAGE: &str = "deployer-kvstore:test";
+const HEALTH_IMAGE: &str = "deployer-kvstore:test-health";
 
 #[test]
 fn docker_runtime_runs_a_local_image_with_its_volume_ports_and_limits() {
@@ -92,6 +93,10 @@ fn docker_runtime_runs_a_local_image_with_its_volume_ports_and_limits() {
     assert!(log.exists());
 }
 
+/// The store warms up for 1.5 s before it listens (as a database replaying its journal
+/// does), while the port Docker publishes already accepts connections. The move waits until
+/// the store itself accepts them on B before it routes there: the first request after the
+/// deploy is served at once, and the measured downtime includes the warm-up.
 #[test]
 fn docker_application_moves_between_nodes_with_its_data() {
     if !docker_available() {
@@ -104,7 +109,7 @@ fn docker_application_moves_between_nodes_with_its_data() {
     let application = c.write(
         "application.yml",
         &format!(
-            "version: 1\napplications:\n  mkv:\n    image: {IMAGE}\n    volume:\n      mountpoint: /data\n    ports:\n      - internal: 7000\n        external: 17094\n"
+            "version: 1\napplications:\n  mkv:\n    image: {IMAGE}\n    volume:\n      mountpoint: /data\n    environment:\n      KVSTORE_WARMUP_MS: \"1500\"\n    ports:\n      - internal: 7000\n        external: 17094\n"
         ),
     );
     let on_a = c.write(
@@ -121,6 +126,12 @@ fn docker_application_moves_between_nodes_with_its_data() {
     }
     let report = c.deploy(&on_b, &application);
     assert_eq!(report["migrations"][0]["epoch"], 2, "{report}");
+    assert_eq!(
+        try_kv("127.0.0.14:17094", "GET k7").unwrap_or_else(|e| panic!("not served: {e}")),
+        "VALUE 7"
+    );
+    let started = report["migrations"][0]["downtime_parts"]["start_ms"].as_u64();
+    assert!(started >= Some(1500), "{report}");
     for i in [0, 42, 99] {
         assert_eq!(
             kv("127.0.0.14:17094", &format!("GET k{i}")),
@@ -146,4 +157,68 @@ fn docker_application_moves_between_nodes_with_its_data() {
         "version: 1\nnodes:\n  127.0.0.14: []\n  127.0.0.15: []\n",
     );
     c.deploy(&none, &application);
+}
+
+/// What the agent waits for before it calls a container serving: its image's own health
+/// check, reported starting until `kvstore ping` first passes (the store warms up for 1.5 s
+/// first), and the container's own address, where the store listens behind the published
+/// port. A stopped container is reported as not running.
+#[test]
+fn a_containers_health_check_and_own_address_say_when_it_serves() {
+    use deployer::agent::docker::DockerRuntime;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+    if !docker_available() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    build_kvstore_image(IMAGE, &tmp.path().join("image"));
+    build_kvstore_image_with_healthcheck(IMAGE, HEALTH_IMAGE, &tmp.path().join("health"));
+    let name = "deployer-test-health";
+    let docker = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    docker(&["rm", "-f", name]);
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mount = format!("{}:/data", data.display());
+    let id = docker(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-e",
+        "KVSTORE_WARMUP_MS=1500",
+        "-v",
+        &mount,
+        HEALTH_IMAGE,
+    ]);
+    assert!(!id.is_empty(), "docker run failed");
+    let started = Instant::now();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let runtime = rt.block_on(DockerRuntime::connect("test")).unwrap();
+    let first = rt.block_on(runtime.readiness(&id)).unwrap();
+    assert_eq!(
+        first.unhealthy.as_deref(),
+        Some("its image's health check says starting")
+    );
+    let ip = first.own_ip.expect("the container's own address");
+    let healthy = loop {
+        let r = rt.block_on(runtime.readiness(&id)).unwrap();
+        if r.unhealthy.is_none() {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "never healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(healthy >= Duration::from_millis(1500), "{healthy:?}");
+    assert_eq!(try_kv(&format!("{ip}:7000"), "PING").unwrap(), "PONG");
+    docker(&["stop", "-t", "1", name]);
+    let stopped = rt
+        .block_on(runtime.readiness(&id))
+        .err()
+        .unwrap_or_default();
+    assert!(stopped.contains("not running"), "{stopped}");
+    docker(&["rm", "-f", name]);
 }

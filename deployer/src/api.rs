@@ -68,6 +68,14 @@ pub enum Request {
     },
     /// Can this node run `application` (image present, command found)? Changes nothing.
     Check { application: Application },
+    /// Answer once `application` serves here: it runs, its image's health check (if any)
+    /// passed, and each of its ports accepts connections at the application itself (for a
+    /// container, its own address: the published port accepts before the application
+    /// does). An error once `timeout_ms` passed, or at once when it stopped running.
+    AwaitServing {
+        application: String,
+        timeout_ms: u64,
+    },
     /// Sync `application`'s volume to the agent whose volume server is `to` (`host:port`)
     /// and whose fingerprint is `peer`. Used for pre-copy rounds and the final delta.
     /// `live`: the application still runs (a pre-copy round): chunks it changes while they

@@ -15,7 +15,6 @@
 //! application that cannot serve on B after the handoff is moved back the same fenced way.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -170,19 +169,15 @@ async fn set_app_routes(
     Ok(())
 }
 
-/// Polls `addr` until it accepts a connection: from 1 ms up to 20 ms between tries, since
-/// the wait is downtime.
-async fn wait_serving(addr: SocketAddr, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    let mut pause = Duration::from_millis(1);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return true;
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(20));
-    }
-    false
+/// Asks `node`'s agent to answer once `app` serves there ([`Request::AwaitServing`]).
+async fn await_serving(node: &AgentClient, app: &str, timeout: Duration) -> Result<(), String> {
+    node.call(&Request::AwaitServing {
+        application: app.to_string(),
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    })
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
 }
 
 /// Points `app`'s routes on every node at `node`, where it runs as `node_state` says.
@@ -216,19 +211,18 @@ async fn restart_on(
     })
     .await
     .map_err(|e| e.to_string())?;
-    let state = c.state().await.map_err(|e| e.to_string())?;
-    if let Some(status) = state.applications.get(app) {
-        for (_, addr) in &status.ports {
-            wait_serving(*addr, opts.health_timeout).await;
-        }
+    // Routed there even if it does not serve in time: A is where it has to run now.
+    if let Err(e) = await_serving(c, app, opts.health_timeout).await {
+        tracing::warn!(app, node = %node, "{e}");
     }
+    let state = c.state().await.map_err(|e| e.to_string())?;
     route_to(cluster, clients, app, node, &state)
         .await
         .map_err(|e| e.to_string())
 }
 
-/// Starts the application on its new node and waits until every port accepts connections;
-/// returns that node's state.
+/// Starts the application on its new node and waits until it serves there (its agent
+/// checks every port at the application itself); returns that node's state.
 async fn start_serving(
     b: &AgentClient,
     config: &crate::config::Application,
@@ -240,20 +234,8 @@ async fn start_serving(
     })
     .await
     .map_err(|e| format!("starting it failed: {e}"))?;
-    let state = b.state().await.map_err(|e| e.to_string())?;
-    let status = state
-        .applications
-        .get(app)
-        .ok_or_else(|| format!("{app} did not start"))?;
-    for (_, addr) in &status.ports {
-        if !wait_serving(*addr, timeout).await {
-            return Err(format!(
-                "it did not accept connections on {addr} within {} s",
-                timeout.as_secs_f64()
-            ));
-        }
-    }
-    Ok(state)
+    await_serving(b, app, timeout).await?;
+    b.state().await.map_err(|e| e.to_string())
 }
 
 /// Undoes a move after the handoff, when the application cannot serve on B: stop it there,

@@ -296,11 +296,29 @@ pub fn build_kvstore_image(tag: &str, work: &Path) {
     let bin = target.join("x86_64-unknown-linux-gnu/release/kvstore");
     std::fs::create_dir_all(work).expect("image dir");
     std::fs::copy(&bin, work.join("kvstore")).expect("copy kvstore");
-    std::fs::write(
-        work.join("Dockerfile"),
+    docker_build(
+        tag,
+        work,
         "FROM scratch\nCOPY kvstore /kvstore\nENTRYPOINT [\"/kvstore\"]\n",
-    )
-    .expect("Dockerfile");
+    );
+}
+
+/// The image `base` (built by [`build_kvstore_image`]) with a `HEALTHCHECK` that runs
+/// `kvstore ping` every second, tagged `tag`.
+pub fn build_kvstore_image_with_healthcheck(base: &str, tag: &str, work: &Path) {
+    std::fs::create_dir_all(work).expect("image dir");
+    docker_build(
+        tag,
+        work,
+        &format!(
+            "FROM {base}\nHEALTHCHECK --interval=1s --timeout=1s --retries=30 CMD [\"/kvstore\", \"ping\"]\n"
+        ),
+    );
+}
+
+/// `docker build` of `work` with `dockerfile` written there, tagged `tag`.
+fn docker_build(tag: &str, work: &Path, dockerfile: &str) {
+    std::fs::write(work.join("Dockerfile"), dockerfile).expect("Dockerfile");
     let out = Command::new("docker")
         .args(["build", "-q", "-t", tag])
         .arg(work)

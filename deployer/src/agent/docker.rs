@@ -17,6 +17,14 @@ use bollard::query_parameters::{
 
 use super::process::{Launch, link_env};
 
+/// What [`DockerRuntime::readiness`] found of a running container.
+pub struct Readiness {
+    /// Why its image's own health check does not pass yet, if it has one that does not.
+    pub unhealthy: Option<String>,
+    /// The container's address on its network.
+    pub own_ip: Option<std::net::IpAddr>,
+}
+
 pub struct DockerRuntime {
     docker: Docker,
     node: String,
@@ -163,6 +171,42 @@ impl DockerRuntime {
             Ok(c) => c.state.and_then(|s| s.running).unwrap_or(false),
             Err(_) => false,
         }
+    }
+
+    /// Whether the container still runs and, if its image has a `HEALTHCHECK`, whether that
+    /// passed; and the container's own address, where its application listens behind the
+    /// published ports (Docker's userland proxy accepts on those before the application
+    /// does). `None` for a container without one (host networking).
+    pub async fn readiness(&self, handle: &str) -> Result<Readiness, String> {
+        use bollard::models::HealthStatusEnum;
+        let c = self
+            .docker
+            .inspect_container(handle, None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| format!("cannot inspect its container: {e}"))?;
+        let state = c.state.unwrap_or_default();
+        if state.running != Some(true) {
+            return Err(format!(
+                "its container is not running (exit code {})",
+                state.exit_code.unwrap_or(-1)
+            ));
+        }
+        let health = match state.health.and_then(|h| h.status) {
+            Some(HealthStatusEnum::STARTING) => Some("starting"),
+            Some(HealthStatusEnum::UNHEALTHY) => Some("unhealthy"),
+            _ => None,
+        };
+        let own_ip = c
+            .network_settings
+            .and_then(|n| n.networks)
+            .into_iter()
+            .flat_map(|nets| nets.into_values())
+            .filter_map(|net| net.ip_address)
+            .find_map(|ip| ip.parse().ok());
+        Ok(Readiness {
+            unhealthy: health.map(|h| format!("its image's health check says {h}")),
+            own_ip,
+        })
     }
 
     /// `docker stop` with the grace period, then removal.

@@ -286,6 +286,16 @@ impl Agent {
                 .check(&application)
                 .await
                 .map(|()| (false, "can run here".to_string())),
+            Request::AwaitServing {
+                application,
+                timeout_ms,
+            } => self
+                .await_serving(&application, Duration::from_millis(timeout_ms))
+                .await
+                .map(|waited| {
+                    let ms = waited.as_millis();
+                    (false, format!("serving after {ms} ms"))
+                }),
             Request::Push {
                 application,
                 to,
@@ -394,6 +404,37 @@ impl Agent {
                 })
                 .collect(),
             routes: p.routes.clone(),
+        }
+    }
+
+    /// Polls until `app` serves ([`Runtime::serving`]), from 1 ms up to 20 ms between tries
+    /// since during a move the wait is downtime; returns how long it took.
+    async fn await_serving(&self, app: &str, timeout: Duration) -> Result<Duration, String> {
+        let start = std::time::Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let rec = self.core.lock().await.persisted.apps.get(app).cloned();
+            let Some(rec) = rec else {
+                return Err(format!("{app} does not run on this node"));
+            };
+            let why = match rec.handle.as_deref() {
+                None => "it has not started".to_string(),
+                Some(handle) => match self.runtime.serving(handle, app, &rec.ports).await {
+                    Ok(()) => return Ok(start.elapsed()),
+                    Err(runtime::NotServing::Yet(why)) => why,
+                    Err(runtime::NotServing::Exited(why)) => {
+                        return Err(format!("{app} did not accept connections: {why}"));
+                    }
+                },
+            };
+            if start.elapsed() >= timeout {
+                let secs = timeout.as_secs_f64();
+                return Err(format!(
+                    "{app} did not accept connections within {secs} s: {why}"
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 

@@ -1,10 +1,24 @@
 //! The runtimes an agent can run applications with, behind one interface.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::docker::DockerRuntime;
 use super::process::{Launch, ProcessRuntime};
+
+/// How long one connection attempt of [`Runtime::serving`] may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why an application does not serve (yet).
+#[derive(Debug)]
+pub enum NotServing {
+    /// Starting: a port that refuses connections, a health check not passed yet.
+    Yet(String),
+    /// It stopped running: waiting longer will not help.
+    Exited(String),
+}
 
 pub enum Runtime {
     Process(Arc<ProcessRuntime>),
@@ -56,6 +70,53 @@ impl Runtime {
             }
             Runtime::Docker(d) => d.check_image(&app.image).await,
         }
+    }
+
+    /// Whether `app`, started as `handle` with `ports` (internal port → where this node
+    /// publishes it), serves: it still runs, its image's health check passed if it has one,
+    /// and every port accepts a connection at the application itself. For a container that
+    /// is its own address and internal port, not the published one, which Docker's proxy
+    /// accepts before the application listens. `Err` with the reason while it does not;
+    /// [`NotServing::Exited`] when it will not without a restart.
+    pub async fn serving(
+        &self,
+        handle: &str,
+        app: &str,
+        ports: &BTreeMap<u16, SocketAddr>,
+    ) -> Result<(), NotServing> {
+        let own_ip = match self {
+            Runtime::Process(p) => {
+                if !p.is_running(handle, app) {
+                    return Err(NotServing::Exited("its process exited".into()));
+                }
+                None
+            }
+            Runtime::Docker(d) => {
+                let r = d.readiness(handle).await.map_err(NotServing::Exited)?;
+                if let Some(why) = r.unhealthy {
+                    return Err(NotServing::Yet(why));
+                }
+                r.own_ip
+            }
+        };
+        for (&internal, &published) in ports {
+            let at = own_ip.map_or(published, |ip| SocketAddr::new(ip, internal));
+            let connect = tokio::net::TcpStream::connect(at);
+            match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    return Err(NotServing::Yet(format!(
+                        "its port {internal} ({at}) does not accept connections: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(NotServing::Yet(format!(
+                        "its port {internal} ({at}) does not answer"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Graceful stop (SIGTERM / `docker stop`), then kill after `grace`.
