@@ -526,6 +526,69 @@ fn deployer_killed_between_handoff_halves_then_rerun_finishes() {
     assert!(actions(&c.deploy(&on_b, &application)).is_empty());
 }
 
+/// The deployer dies in the middle of moving an application back (B handed the volume back
+/// to A, A has not adopted it): the application runs nowhere, neither node may start it but
+/// A once it adopts, and the rerun finishes the hand-back with every key.
+#[test]
+fn deployer_killed_during_a_hand_back_then_rerun_finishes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wrapper = refusing_kvstore(tmp.path());
+    let (c, application, on_a, on_b) = two_nodes_running(
+        tmp.path(),
+        ["127.0.0.20", "127.0.0.21"],
+        17098,
+        30,
+        50,
+        &wrapper,
+    );
+    let marker = c.agents[1].state.join("refuse-start");
+    std::fs::write(&marker, "").unwrap();
+    let out = std::process::Command::new(deployer_bin())
+        .args(["deploy", "--health-timeout", "3"])
+        .arg(&on_b)
+        .arg(&application)
+        .arg("--identity")
+        .arg(&c.identity)
+        .env("DEPLOYER_CRASH_AT", "hand-back-after-release")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    // B gave the volume back at epoch 3; A gave it away at 2 and has not taken it back.
+    let s = c.status(&on_a);
+    assert_eq!(s["127.0.0.21"]["volumes"]["kv"]["owner"], false, "{s}");
+    assert_eq!(s["127.0.0.21"]["volumes"]["kv"]["epoch"], 3, "{s}");
+    assert_eq!(s["127.0.0.20"]["volumes"]["kv"]["owner"], false, "{s}");
+    for node in ["127.0.0.20", "127.0.0.21"] {
+        let apps = s[node]["applications"].as_object().unwrap();
+        assert!(apps.values().all(|a| a["running"] == false), "{s}");
+    }
+    // The rerun, back to A, finishes the hand-back: A adopts at epoch 3 and serves it all.
+    let out = c.deployer(&[
+        "deploy",
+        "--break-lease",
+        "--json",
+        on_a.to_str().unwrap(),
+        application.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(actions(&report), vec!["finish_handoff kv"], "{report}");
+    assert_eq!(kv("127.0.0.21:17098", "COUNT"), "COUNT 30");
+    let s = c.status(&on_a);
+    assert_eq!(s["127.0.0.20"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(s["127.0.0.20"]["volumes"]["kv"]["epoch"], 3, "{s}");
+    assert!(actions(&c.deploy(&on_a, &application)).is_empty());
+    // Fixed on B, a move there goes ahead at the next epoch.
+    std::fs::remove_file(&marker).unwrap();
+    let report = c.deploy(&on_b, &application);
+    assert_eq!(report["migrations"][0]["epoch"], 4, "{report}");
+    assert_eq!(kv("127.0.0.20:17098", "COUNT"), "COUNT 30");
+}
+
 #[test]
 fn two_applications_move_in_one_deploy() {
     let tmp = tempfile::tempdir().unwrap();
@@ -574,11 +637,10 @@ fn two_applications_move_in_one_deploy() {
     assert!(actions(&c.deploy(&on_b, &application)).is_empty());
 }
 
-#[test]
-fn app_that_cannot_serve_on_the_new_node_is_moved_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    // The application refuses to start on a node whose state directory holds a marker.
-    let wrapper = tmp.path().join("kv-wrapper.sh");
+/// A wrapper around the example store that refuses to start (exits 1) on a node whose state
+/// directory holds a `refuse-start` marker.
+fn refusing_kvstore(tmp: &std::path::Path) -> std::path::PathBuf {
+    let wrapper = tmp.join("kv-wrapper.sh");
     std::fs::write(
         &wrapper,
         format!(
@@ -589,6 +651,13 @@ fn app_that_cannot_serve_on_the_new_node_is_moved_back() {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
+
+#[test]
+fn app_that_cannot_serve_on_the_new_node_is_moved_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wrapper = refusing_kvstore(tmp.path());
     let (c, application, _on_a, on_b) = two_nodes_running(
         tmp.path(),
         ["127.0.0.18", "127.0.0.19"],

@@ -96,7 +96,8 @@ pub struct DowntimeParts {
 }
 
 /// `DEPLOYER_CRASH_AT=STEP` aborts the deployer right after STEP (`after-stop`,
-/// `after-release`, `after-adopt`): the recovery tests kill it exactly there.
+/// `after-release`, `after-adopt`, `hand-back-after-release`): the recovery tests kill it
+/// exactly there.
 fn crashpoint(step: &str) {
     if std::env::var("DEPLOYER_CRASH_AT").as_deref() == Ok(step) {
         eprintln!("deployer: DEPLOYER_CRASH_AT={step}: aborting");
@@ -299,6 +300,7 @@ impl HandBack<'_> {
         })
         .await
         .map_err(|e| e.to_string())?;
+        crashpoint("hand-back-after-release");
         a.call(&Request::Adopt {
             application: app.clone(),
             epoch: self.epoch,
