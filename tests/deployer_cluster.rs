@@ -532,17 +532,8 @@ fn deployer_killed_between_handoff_halves_then_rerun_finishes() {
 #[test]
 fn deployer_killed_during_a_hand_back_then_rerun_finishes_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let wrapper = refusing_kvstore(tmp.path());
-    let (c, application, on_a, on_b) = two_nodes_running(
-        tmp.path(),
-        ["127.0.0.20", "127.0.0.21"],
-        17098,
-        30,
-        50,
-        &wrapper,
-    );
-    let marker = c.agents[1].state.join("refuse-start");
-    std::fs::write(&marker, "").unwrap();
+    let ((c, application, on_a, on_b), marker) =
+        two_nodes_refusing_on_b(tmp.path(), ["127.0.0.20", "127.0.0.21"], 17098, 30, 50);
     let out = std::process::Command::new(deployer_bin())
         .args(["deploy", "--health-timeout", "3"])
         .arg(&on_b)
@@ -637,9 +628,16 @@ fn two_applications_move_in_one_deploy() {
     assert!(actions(&c.deploy(&on_b, &application)).is_empty());
 }
 
-/// A wrapper around the example store that refuses to start (exits 1) on a node whose state
-/// directory holds a `refuse-start` marker.
-fn refusing_kvstore(tmp: &std::path::Path) -> std::path::PathBuf {
+/// [`two_nodes_running`] with a wrapper around the example store that refuses to start
+/// (exits 1) on a node whose state directory holds a `refuse-start` marker; that marker is
+/// set on B and its path returned.
+fn two_nodes_refusing_on_b(
+    tmp: &std::path::Path,
+    ips: [&str; 2],
+    port: u16,
+    keys: usize,
+    size: usize,
+) -> (TwoNodes, std::path::PathBuf) {
     let wrapper = tmp.join("kv-wrapper.sh");
     std::fs::write(
         &wrapper,
@@ -651,23 +649,17 @@ fn refusing_kvstore(tmp: &std::path::Path) -> std::path::PathBuf {
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-    wrapper
+    let nodes = two_nodes_running(tmp, ips, port, keys, size, &wrapper);
+    let marker = nodes.0.agents[1].state.join("refuse-start");
+    std::fs::write(&marker, "").unwrap();
+    (nodes, marker)
 }
 
 #[test]
 fn app_that_cannot_serve_on_the_new_node_is_moved_back() {
     let tmp = tempfile::tempdir().unwrap();
-    let wrapper = refusing_kvstore(tmp.path());
-    let (c, application, _on_a, on_b) = two_nodes_running(
-        tmp.path(),
-        ["127.0.0.18", "127.0.0.19"],
-        17097,
-        50,
-        100,
-        &wrapper,
-    );
-    let marker = c.agents[1].state.join("refuse-start");
-    std::fs::write(&marker, "").unwrap();
+    let ((c, application, _on_a, on_b), marker) =
+        two_nodes_refusing_on_b(tmp.path(), ["127.0.0.18", "127.0.0.19"], 17097, 50, 100);
     let out = c.deployer(&[
         "deploy",
         "--health-timeout",
