@@ -533,7 +533,7 @@ fn deployer_killed_between_handoff_halves_then_rerun_finishes() {
 fn deployer_killed_during_a_hand_back_then_rerun_finishes_it() {
     let tmp = tempfile::tempdir().unwrap();
     let ((c, application, on_a, on_b), marker) =
-        two_nodes_refusing_on_b(tmp.path(), ["127.0.0.20", "127.0.0.21"], 17098, 30, 50);
+        two_nodes_refusing_on_b(tmp.path(), ["127.0.0.26", "127.0.0.27"], 17101, 30, 50);
     let out = std::process::Command::new(deployer_bin())
         .args(["deploy", "--health-timeout", "3"])
         .arg(&on_b)
@@ -546,10 +546,10 @@ fn deployer_killed_during_a_hand_back_then_rerun_finishes_it() {
     assert!(!out.status.success());
     // B gave the volume back at epoch 3; A gave it away at 2 and has not taken it back.
     let s = c.status(&on_a);
-    assert_eq!(s["127.0.0.21"]["volumes"]["kv"]["owner"], false, "{s}");
-    assert_eq!(s["127.0.0.21"]["volumes"]["kv"]["epoch"], 3, "{s}");
-    assert_eq!(s["127.0.0.20"]["volumes"]["kv"]["owner"], false, "{s}");
-    for node in ["127.0.0.20", "127.0.0.21"] {
+    assert_eq!(s["127.0.0.27"]["volumes"]["kv"]["owner"], false, "{s}");
+    assert_eq!(s["127.0.0.27"]["volumes"]["kv"]["epoch"], 3, "{s}");
+    assert_eq!(s["127.0.0.26"]["volumes"]["kv"]["owner"], false, "{s}");
+    for node in ["127.0.0.26", "127.0.0.27"] {
         let apps = s[node]["applications"].as_object().unwrap();
         assert!(apps.values().all(|a| a["running"] == false), "{s}");
     }
@@ -568,16 +568,16 @@ fn deployer_killed_during_a_hand_back_then_rerun_finishes_it() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(actions(&report), vec!["finish_handoff kv"], "{report}");
-    assert_eq!(kv("127.0.0.21:17098", "COUNT"), "COUNT 30");
+    assert_eq!(kv("127.0.0.27:17101", "COUNT"), "COUNT 30");
     let s = c.status(&on_a);
-    assert_eq!(s["127.0.0.20"]["volumes"]["kv"]["owner"], true, "{s}");
-    assert_eq!(s["127.0.0.20"]["volumes"]["kv"]["epoch"], 3, "{s}");
+    assert_eq!(s["127.0.0.26"]["volumes"]["kv"]["owner"], true, "{s}");
+    assert_eq!(s["127.0.0.26"]["volumes"]["kv"]["epoch"], 3, "{s}");
     assert!(actions(&c.deploy(&on_a, &application)).is_empty());
     // Fixed on B, a move there goes ahead at the next epoch.
     std::fs::remove_file(&marker).unwrap();
     let report = c.deploy(&on_b, &application);
     assert_eq!(report["migrations"][0]["epoch"], 4, "{report}");
-    assert_eq!(kv("127.0.0.20:17098", "COUNT"), "COUNT 30");
+    assert_eq!(kv("127.0.0.26:17101", "COUNT"), "COUNT 30");
 }
 
 #[test]
