@@ -473,17 +473,14 @@ fn deployer_killed_between_handoff_halves_then_rerun_finishes() {
     let tmp = tempfile::tempdir().unwrap();
     let (c, application, _on_a, on_b) =
         two_nodes_with_data(tmp.path(), ["127.0.0.12", "127.0.0.13"], 17093, 20, 10);
-    let out = std::process::Command::new(deployer_bin())
-        .args([
+    let out = c.deployer_crashing_at(
+        "after-release",
+        &[
             "deploy",
             on_b.to_str().unwrap(),
             application.to_str().unwrap(),
-            "--identity",
-        ])
-        .arg(&c.identity)
-        .env("DEPLOYER_CRASH_AT", "after-release")
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(!out.status.success());
     // A gave the volume away and will never start kv again; B has not adopted it yet.
     let s = c.status(&on_b);
@@ -534,15 +531,16 @@ fn deployer_killed_during_a_hand_back_then_rerun_finishes_it() {
     let tmp = tempfile::tempdir().unwrap();
     let ((c, application, on_a, on_b), marker) =
         two_nodes_refusing_on_b(tmp.path(), ["127.0.0.26", "127.0.0.27"], 17101, 30, 50);
-    let out = std::process::Command::new(deployer_bin())
-        .args(["deploy", "--health-timeout", "3"])
-        .arg(&on_b)
-        .arg(&application)
-        .arg("--identity")
-        .arg(&c.identity)
-        .env("DEPLOYER_CRASH_AT", "hand-back-after-release")
-        .output()
-        .unwrap();
+    let out = c.deployer_crashing_at(
+        "hand-back-after-release",
+        &[
+            "deploy",
+            "--health-timeout",
+            "3",
+            on_b.to_str().unwrap(),
+            application.to_str().unwrap(),
+        ],
+    );
     assert!(!out.status.success());
     // B gave the volume back at epoch 3; A gave it away at 2 and has not taken it back.
     let s = c.status(&on_a);

@@ -169,13 +169,24 @@ impl Cluster {
     }
 
     pub fn deployer(&self, args: &[&str]) -> Output {
-        Command::new(deployer_bin())
-            .args(args)
-            .arg("--identity")
-            .arg(&self.identity)
-            .args(["--timeout", "3"])
+        self.deployer_command(args).output().expect("run deployer")
+    }
+
+    /// [`Cluster::deployer`] with `DEPLOYER_CRASH_AT=step`: it aborts right after that step.
+    pub fn deployer_crashing_at(&self, step: &str, args: &[&str]) -> Output {
+        self.deployer_command(args)
+            .env("DEPLOYER_CRASH_AT", step)
             .output()
             .expect("run deployer")
+    }
+
+    fn deployer_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(deployer_bin());
+        cmd.args(args)
+            .arg("--identity")
+            .arg(&self.identity)
+            .args(["--timeout", "3"]);
+        cmd
     }
 
     /// `deployer deploy --json`, which must succeed; returns the report.
