@@ -12,6 +12,7 @@ use std::process::{Command, Output};
 pub mod cluster;
 pub mod edits;
 pub mod net;
+pub mod power;
 
 /// Everything `rsync -aHAXS` mirrors about one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
