@@ -3,15 +3,17 @@
 //!
 //! `tests/durability.rs` checks the order of a sync's system calls; these check what that
 //! order is for. A volume declared complete is complete after a cut; a cut in a commit
-//! leaves every file under its final name whole, old or new; and a rerun finishes the job.
+//! leaves every file under its final name whole, old or new; a rerun finishes the job; and
+//! bytes a cut left under a file's old stat are never taken for what the index says.
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::symlink;
+use std::os::unix::fs::{FileExt, symlink};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
+use integration_tests::net::{Ident, ServerProc, client_sync};
 use integration_tests::power::PowerCutFs;
 use integration_tests::*;
 
@@ -153,4 +155,164 @@ fn a_power_cut_in_a_commit_leaves_each_file_whole_and_a_rerun_finishes() {
         summary(&run_sync(&src, &dst, &state, &[]));
         assert_mirrors(&src, &dst);
     }
+}
+
+/// Overwrites `len` bytes of `path` at `at` with `data`.
+fn write_at(path: &Path, at: u64, data: &[u8]) {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(data, at)
+        .unwrap();
+}
+
+/// Forces a file's data to the device without its new timestamps: `fdatasync` leaves a
+/// change of times alone. Write-behind and the first half of an `fsync` do the same.
+fn data_out(path: &Path) {
+    fs::File::open(path).unwrap().sync_data().unwrap();
+}
+
+/// A cut while a file is patched in place can leave new bytes in it under its old stat. The
+/// index must not vouch for that file afterwards. Here the source then goes back to what
+/// the index recorded (a restored backup, a page written back as it was).
+#[test]
+fn bytes_a_cut_left_in_a_patched_file_are_not_trusted_by_the_rerun() {
+    let Some(mut fs_) = PowerCutFs::new(64) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    fs::create_dir(&src).unwrap();
+    let table = bytes(1, 8 << 20);
+    fs::write(src.join("table.db"), &table).unwrap();
+    let dst = fs_.path().join("vol");
+    let state = fs_.path().join("state");
+    summary(&run_sync(&src, &dst, &state, &["--inplace"]));
+    settle();
+
+    let page = 3u64 << 20;
+    write_at(&src.join("table.db"), page, &bytes(2, 256 << 10));
+    let out = crash_sync_with(&src, &dst, &state, "patch:1", &["--inplace"]);
+    assert_eq!(out.status.signal(), Some(9), "expected a kill mid-patch");
+    data_out(&dst.join("table.db"));
+    fs_.cut_power();
+    let at_page = {
+        let mut b = vec![0; 256 << 10];
+        fs::File::open(dst.join("table.db"))
+            .unwrap()
+            .read_exact_at(&mut b, page)
+            .unwrap();
+        b
+    };
+    assert!(
+        at_page == bytes(2, 256 << 10),
+        "the cut kept the patched page"
+    );
+
+    // The source is back as it was at the last complete sync.
+    write_at(
+        &src.join("table.db"),
+        page,
+        &table[page as usize..][..256 << 10],
+    );
+    summary(&run_sync(&src, &dst, &state, &["--inplace"]));
+    assert_mirrors(&src, &dst);
+}
+
+/// The same for a disk image, which is always written in place. Here the cut sometimes
+/// finds the image's new times committed after all (the sender's state files are synced on
+/// the same filesystem, at a moment left to chance), and then the rerun would have read it
+/// anyway; before the index was dropped, it failed about one run in five.
+#[test]
+fn bytes_a_cut_left_in_a_block_image_are_not_trusted_by_the_rerun() {
+    let Some(mut fs_) = PowerCutFs::new(64) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("disk.img");
+    let image = bytes(3, 16 << 20);
+    fs::write(&src, &image).unwrap();
+    let dst = fs_.path().join("disk.img");
+    let state = fs_.path().join("state");
+    summary(&run_sync(&src, &dst, &state, &[]));
+    settle();
+
+    for (i, at) in [2u64 << 20, 9 << 20, 13 << 20].into_iter().enumerate() {
+        write_at(&src, at, &bytes(10 + i as u64, 64 << 10));
+    }
+    let out = crash_sync(&src, &dst, &state, "chunk:2");
+    assert_eq!(out.status.signal(), Some(9), "expected a kill mid-write");
+    data_out(&dst);
+    fs_.cut_power();
+    assert!(
+        fs::read(&dst).unwrap() != image,
+        "the cut kept some of the new chunks"
+    );
+
+    fs::write(&src, &image).unwrap();
+    summary(&run_sync(&src, &dst, &state, &[]));
+    assert!(
+        fs::read(&dst).unwrap() == image,
+        "the image differs from its source"
+    );
+}
+
+/// A disk image pushed to a server, as a migration moves one, cut off mid-write: the
+/// server's rerun finishes it from what the cut left.
+#[test]
+fn a_server_cut_off_while_writing_a_disk_image_finishes_it_on_the_rerun() {
+    let Some(mut fs_) = PowerCutFs::new(64) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let server_id = Ident::create(&tmp.path().join("server-id"));
+    let client = Ident::create(&tmp.path().join("client-id"));
+    let client_state = tmp.path().join("client-state");
+    let root = fs_.path().join("volumes");
+    fs::create_dir(&root).unwrap();
+    let src = tmp.path().join("disk.img");
+    let image = bytes(3, 16 << 20);
+    fs::write(&src, &image).unwrap();
+    let serve = |crash_at: Option<&str>| {
+        let mut cmd = ServerProc::command(&server_id, &root, &[&client], "127.0.0.1:0", &[]);
+        if let Some(point) = crash_at {
+            cmd.env("REPLICATOR_CRASH_AT", point);
+        }
+        ServerProc::spawn(cmd, &server_id, &root)
+    };
+    // A server killed mid-write stops answering: the client gives up after 2 s.
+    let push = |server: &ServerProc| {
+        client_sync(
+            &client,
+            &server_id.fingerprint,
+            src.to_str().unwrap(),
+            &format!("{}/disk.img", server.addr),
+            &client_state,
+            &["--timeout", "2"],
+        )
+    };
+    summary(&push(&serve(None)));
+    settle();
+
+    for (i, at) in [2u64 << 20, 9 << 20, 13 << 20].into_iter().enumerate() {
+        write_at(&src, at, &bytes(10 + i as u64, 64 << 10));
+    }
+    let mut dying = serve(Some("chunk:2"));
+    assert!(!push(&dying).status.success(), "the server died mid-write");
+    dying.kill();
+    let dst = root.join("disk.img");
+    data_out(&dst);
+    fs_.cut_power();
+    assert!(
+        fs::read(&dst).unwrap() != image,
+        "the cut kept some of the new chunks"
+    );
+
+    fs::write(&src, &image).unwrap();
+    summary(&push(&serve(None)));
+    assert!(
+        fs::read(&dst).unwrap() == image,
+        "the image differs from its source"
+    );
 }

@@ -203,15 +203,28 @@ impl TargetState {
         self.dir.join("index")
     }
 
-    /// The manifest the volume was last completed at: the base of the next delta.
     /// What the last run that stopped before its commit recorded of its big temp files
     /// (`apply/partials.rs`).
     pub fn partials_file(&self) -> PathBuf {
         self.dir.join("partials")
     }
 
+    /// The manifest the volume was last completed at: the base of the next delta.
     pub fn manifest_file(&self) -> PathBuf {
         self.dir.join("manifest")
+    }
+
+    /// Removes the receiver index, durably. Done before a run writes into a file at its
+    /// final name (a patch, a disk image): a power cut can leave such a file holding new
+    /// bytes under its old stat, which the index would go on vouching for. Without the
+    /// index, the next run reads the destination's files back; a run that completes writes
+    /// a new one.
+    pub fn drop_index(&self) -> io::Result<()> {
+        match fs::remove_file(self.index_file()) {
+            Ok(()) => fsync_dir(&self.dir),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub fn read(&self) -> Option<SyncStateFile> {

@@ -224,6 +224,13 @@ impl Destination {
             while let Some(d) = pop_outside(&mut open, path, |d| &d.path) {
                 touched |= self.close_dir(d)?;
             }
+            if let Planned::Entry {
+                plan: Plan::Build { patch: true, .. },
+                ..
+            } = &step
+            {
+                self.before_writing_in_place()?;
+            }
             let vol = self.vol.as_mut().expect("tree");
             let (parent, name) = split(path);
             // Whether this step changes its parent directory's entries.

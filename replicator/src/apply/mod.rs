@@ -238,6 +238,9 @@ pub struct Destination {
     kept_inodes: HashSet<(u64, u64)>,
     /// Large files with small changes are patched at their final name ([`patch`]).
     patching: bool,
+    /// The receiver index is gone: this run writes into files at their final names
+    /// ([`Destination::before_writing_in_place`]).
+    index_dropped: bool,
     /// Bytes of every file in the manifest: what the progress bar covers.
     bytes_planned: u64,
     /// What the write phase will read of the destination, in write order (a delta only).
@@ -468,6 +471,7 @@ impl Destination {
             commit_work: false,
             kept_inodes: HashSet::new(),
             patching: false,
+            index_dropped: false,
             bytes_planned: 0,
             read_runs: None,
             read_ahead: None,
@@ -500,6 +504,22 @@ impl Destination {
             reader,
             scratch: self.state.dir.clone(),
         })
+    }
+
+    /// Called before this run first writes into a file at its final name (a patch, a disk
+    /// image): the receiver index goes, durably, first. A power cut can leave new bytes in
+    /// such a file under its old stat, and the index would then vouch for old chunks there
+    /// (a file whose source went back to them would be kept as it is). The run that
+    /// completes writes a new index; one that does not leaves the next to read the files.
+    fn before_writing_in_place(&mut self) -> Result<(), ApplyError> {
+        if !self.index_dropped {
+            self.state.drop_index().map_err(io_err(
+                "cannot remove the receiver index in",
+                &self.state.dir.display(),
+            ))?;
+            self.index_dropped = true;
+        }
+        Ok(())
     }
 
     fn vol_mut(&mut self) -> &mut VolumeDir {

@@ -383,6 +383,9 @@ impl Destination {
         }
         if let Plan::Build { sources, .. } = &p {
             self.touched = sources.iter().any(|s| *s != Src::InPlace) || have != size;
+            if self.touched {
+                self.before_writing_in_place()?;
+            }
             if !is_device && have > size {
                 file.set_len(size).map_err(io_err("cannot size", &shown))?;
             }
