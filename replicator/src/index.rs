@@ -47,10 +47,36 @@ pub const RACY_MARGIN_FINE_NS: i128 = 50_000_000;
 
 const MAGIC: &[u8; 4] = b"RPLI";
 /// Version 2: records in volume order with an end mark, so the file can be written and read
-/// as a stream. Version 3: records keep the attributes they listed. Version 2 is still read;
-/// an index of another version is ignored (the next scan reads every file once).
-const VERSION: u64 = 3;
+/// as a stream. Version 3: records keep the attributes they listed. Version 4: the head names
+/// the boot the index was written in ([`this_boot`]). Versions 2 and 3 are still read, as
+/// written before this boot; an index of another version is ignored (the next scan reads
+/// every file once).
+const VERSION: u64 = 4;
+const VERSION_3: u64 = 3;
 const VERSION_2: u64 = 2;
+
+/// This boot of the host (16 bytes of a hash of the kernel's boot id).
+///
+/// A record written before the host last started vouches for nothing: a power cut can leave
+/// a file holding bytes written just before it under the stat the record has, because data
+/// can reach the disk before the journal records the file's new times (`fdatasync`,
+/// write-back, the first half of an `fsync`). A database replaying its log after the cut
+/// leaves pages already on disk alone, so their times stay old too. Such records are read as
+/// racy: the next scan reads the file, and chunks found through it are verified as always.
+/// `REPLICATOR_BOOT_ID` stands in for the kernel's id (tests play a reboot with it). Where
+/// neither can be read, every boot looks the same and records are trusted as before.
+pub fn this_boot() -> [u8; 16] {
+    static BOOT: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(|| {
+        let id = std::env::var("REPLICATOR_BOOT_ID")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok())
+            .unwrap_or_default();
+        let mut boot = [0u8; 16];
+        boot.copy_from_slice(&blake3::hash(id.trim().as_bytes()).as_bytes()[..16]);
+        boot
+    })
+}
 
 /// The stat fields that must be unchanged for a file's chunk list to be reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -238,11 +264,12 @@ impl FileIndex {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let body = checked_body(bytes)?;
         let mut r = Reader::new(body);
-        let (version, params) = decode_head(&mut r)?;
+        let head = decode_head(&mut r)?;
         let mut entries = PathMap::default();
         loop {
-            match decode_item(&mut r, version)? {
-                Item::Record(path, e) => {
+            match decode_item(&mut r, head.version)? {
+                Item::Record(path, mut e) => {
+                    e.racy |= head.earlier_boot;
                     entries.insert(path, e);
                 }
                 Item::End(n) if n == entries.len() as u64 => break,
@@ -256,7 +283,7 @@ impl FileIndex {
         }
         r.finish()?;
         Ok(FileIndex {
-            params: Some(params),
+            params: Some(head.params),
             entries,
         })
     }
@@ -321,20 +348,34 @@ fn check_file(file: &mut File) -> io::Result<bool> {
 fn encode_head(w: &mut Writer, p: ChunkerParams) {
     w.raw(MAGIC);
     w.varint(VERSION);
+    w.raw(&this_boot());
     p.encode(w);
 }
 
-/// The format version (2 or 3) and chunker parameters of an index.
-fn decode_head(r: &mut Reader<'_>) -> Result<(u64, ChunkerParams), DecodeError> {
+/// What the head of an index says.
+struct Head {
+    /// The format version (2 to 4).
+    version: u64,
+    /// Written before this boot (or by a version that did not say): no record vouches.
+    earlier_boot: bool,
+    params: ChunkerParams,
+}
+
+fn decode_head(r: &mut Reader<'_>) -> Result<Head, DecodeError> {
     let magic = r.take(4)?;
     let version = r.varint()?;
-    if magic != MAGIC || !(version == VERSION || version == VERSION_2) {
+    if magic != MAGIC || ![VERSION, VERSION_3, VERSION_2].contains(&version) {
         return Err(DecodeError::Invalid {
             what: "index",
             why: "unknown format",
         });
     }
-    Ok((version, ChunkerParams::decode(r)?))
+    let earlier_boot = version < VERSION || r.take(16)? != this_boot();
+    Ok(Head {
+        version,
+        earlier_boot,
+        params: ChunkerParams::decode(r)?,
+    })
 }
 
 /// A record's flag: too close to the file's last change to vouch for it.
@@ -437,6 +478,8 @@ pub struct IndexReader {
     read: u64,
     /// The file's format version.
     version: u64,
+    /// Written before this boot: every record is read as racy ([`this_boot`]).
+    earlier_boot: bool,
 }
 
 /// Every record, in volume order.
@@ -453,7 +496,7 @@ impl IndexReader {
     /// other chunk sizes): then every file is read.
     pub fn open(path: &Path, params: ChunkerParams) -> Option<Self> {
         let mut file = File::open(path).ok()?;
-        let mut head = [0u8; 32];
+        let mut head = [0u8; 64];
         let n = file.read(&mut head).ok()?;
         if decode_head(&mut Reader::new(&head[..n])).is_err() {
             tracing::info!(path = %path.display(), "quick-check index of another version; reading every file once");
@@ -466,13 +509,19 @@ impl IndexReader {
         }
         let mut input = StreamDecoder::new(file);
         match input.next(decode_head) {
-            Ok(Some((version, p))) if p == params => Some(IndexReader {
-                input,
-                ahead: None,
-                ended: false,
-                read: 0,
-                version,
-            }),
+            Ok(Some(head)) if head.params == params => {
+                if head.earlier_boot {
+                    tracing::info!(path = %path.display(), "quick-check index written before this boot; reading every file once");
+                }
+                Some(IndexReader {
+                    input,
+                    ahead: None,
+                    ended: false,
+                    read: 0,
+                    version: head.version,
+                    earlier_boot: head.earlier_boot,
+                })
+            }
             Ok(Some(_)) => {
                 tracing::info!(path = %path.display(), "index was built with other chunk sizes; ignoring it");
                 None
@@ -524,8 +573,9 @@ impl IndexReader {
         }
         let version = self.version;
         match self.input.next(|r| decode_item(r, version)) {
-            Ok(Some(Item::Record(p, e))) => {
+            Ok(Some(Item::Record(p, mut e))) => {
                 self.read += 1;
+                e.racy |= self.earlier_boot;
                 Some((p, e))
             }
             Ok(Some(Item::End(_)) | None) => {
@@ -706,6 +756,34 @@ mod tests {
         idx.record(p.clone(), &stat(990), XattrsSeen::Unknown, vec![], now);
         assert!(idx.lookup(&p, &stat(990)).is_some());
         assert!(idx.lookup(&p, &stat(991)).is_none());
+    }
+
+    #[test]
+    fn records_written_before_this_boot_do_not_vouch() {
+        let mut idx = FileIndex::new(ChunkerParams::default());
+        let p = path("f");
+        let now = 1_000 * 1_000_000_000i128;
+        idx.record(p.clone(), &stat(990), XattrsSeen::Unknown, segs(1), now);
+        let bytes = idx.encode();
+        let read = FileIndex::decode(&bytes).unwrap();
+        assert!(
+            read.lookup(&p, &stat(990)).is_some(),
+            "written in this boot"
+        );
+        // The same index written in another boot: its id follows the magic and version.
+        let mut other = bytes[..bytes.len() - 32].to_vec();
+        other[5] ^= 1;
+        let sum = blake3::hash(&other);
+        other.extend_from_slice(sum.as_bytes());
+        let read = FileIndex::decode(&other).unwrap();
+        assert!(
+            read.lookup(&p, &stat(990)).is_none(),
+            "written in another boot"
+        );
+        assert!(
+            read.locate(&p, &stat(990)).is_some(),
+            "its records still say where chunks may be"
+        );
     }
 
     #[test]
