@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::{FileExt, symlink};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use integration_tests::net::{Ident, ServerProc, client_sync};
 use integration_tests::power::PowerCutFs;
@@ -85,16 +85,43 @@ fn contents(root: &Path) -> BTreeMap<Vec<u8>, String> {
         .collect()
 }
 
-#[test]
-fn a_volume_declared_complete_is_complete_after_a_power_cut() {
-    let Some(mut fs_) = PowerCutFs::new(128) else {
-        return;
-    };
+/// A source made by [`make_source`], and a destination `vol` with its state directory on a
+/// filesystem whose power can be cut.
+struct Setup {
+    fs: PowerCutFs,
+    /// Holds the source: bind it, or the source goes.
+    _tmp: tempfile::TempDir,
+    src: PathBuf,
+    dst: PathBuf,
+    state: PathBuf,
+}
+
+fn setup() -> Option<Setup> {
+    let fs = PowerCutFs::new(128)?;
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
     make_source(&src);
-    let dst = fs_.path().join("vol");
-    let state = fs_.path().join("state");
+    Some(Setup {
+        dst: fs.path().join("vol"),
+        state: fs.path().join("state"),
+        fs,
+        _tmp: tmp,
+        src,
+    })
+}
+
+#[test]
+fn a_volume_declared_complete_is_complete_after_a_power_cut() {
+    let Some(Setup {
+        fs: mut fs_,
+        src,
+        dst,
+        state,
+        _tmp,
+    }) = setup()
+    else {
+        return;
+    };
 
     // A first sync makes its files durable with one `syncfs`.
     let first = summary(&run_sync(&src, &dst, &state, &[]));
@@ -120,14 +147,16 @@ fn a_volume_declared_complete_is_complete_after_a_power_cut() {
 #[test]
 fn a_power_cut_in_a_commit_leaves_each_file_whole_and_a_rerun_finishes() {
     for point in ["rename:1", "rename:9", "commit-sync"] {
-        let Some(mut fs_) = PowerCutFs::new(128) else {
+        let Some(Setup {
+            fs: mut fs_,
+            src,
+            dst,
+            state,
+            _tmp,
+        }) = setup()
+        else {
             return;
         };
-        let tmp = tempfile::tempdir().unwrap();
-        let src = tmp.path().join("src");
-        make_source(&src);
-        let dst = fs_.path().join("vol");
-        let state = fs_.path().join("state");
         summary(&run_sync(&src, &dst, &state, &[]));
         let old = contents(&src);
         settle();
