@@ -511,7 +511,7 @@ impl IndexReader {
         match input.next(decode_head) {
             Ok(Some(head)) if head.params == params => {
                 if head.earlier_boot {
-                    tracing::info!(path = %path.display(), "quick-check index written before this boot; reading every file once");
+                    tracing::debug!(path = %path.display(), "quick-check index written before this boot");
                 }
                 Some(IndexReader {
                     input,
@@ -528,6 +528,11 @@ impl IndexReader {
             }
             _ => None,
         }
+    }
+
+    /// Written before this boot (or by an older version): no record vouches for its file.
+    pub fn written_before_this_boot(&self) -> bool {
+        self.earlier_boot
     }
 
     /// The record of `path`, if there is one. Paths must come in volume order: records before

@@ -425,6 +425,12 @@ impl Destination {
         };
         // A second pass over the index goes along with the manifest.
         let mut index = IndexReader::open(&index_file, header.chunker);
+        if index
+            .as_ref()
+            .is_some_and(IndexReader::written_before_this_boot)
+        {
+            tracing::info!("receiver index written before this boot: every file is read back once");
+        }
         // A block image the index vouches for needs no reading to know what it holds.
         let in_place = match found.peek().map_err(scratch_err())? {
             Some(have) if header.mode == VolumeMode::Block && have.stat.is_file() => index

@@ -202,6 +202,12 @@ fn session(
         sent: 0,
     };
     let mut reuse = IndexReader::open(&opts.state.index, chunker);
+    if reuse
+        .as_ref()
+        .is_some_and(IndexReader::written_before_this_boot)
+    {
+        tracing::info!("source index written before this boot: every file is read once");
+    }
     // A dry run leaves the source's state as it found it.
     let mut record = match dry_run {
         true => None,
