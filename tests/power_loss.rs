@@ -175,7 +175,7 @@ fn a_power_cut_in_a_commit_leaves_each_file_whole_and_a_rerun_finishes() {
     }
 }
 
-/// Overwrites `len` bytes of `path` at `at` with `data`.
+/// Overwrites `path` with `data` from offset `at`.
 fn write_at(path: &Path, at: u64, data: &[u8]) {
     fs::File::options()
         .write(true)

@@ -354,11 +354,7 @@ pub fn docker_available() -> bool {
             Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
             Err(e) => e.to_string(),
         };
-        assert!(
-            std::env::var("DEPLOYER_REQUIRE_DOCKER").as_deref() != Ok("1"),
-            "the Docker engine is required (DEPLOYER_REQUIRE_DOCKER=1) but does not answer: {why}"
-        );
-        eprintln!("SKIPPED: the Docker engine does not answer: {why}");
+        super::skip_unless_required("DEPLOYER_REQUIRE_DOCKER", "the Docker engine", &why);
     }
     ok
 }

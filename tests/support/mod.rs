@@ -162,6 +162,17 @@ pub fn allocated(path: &Path) -> u64 {
     std::fs::metadata(path).expect("stat").blocks() * 512
 }
 
+/// What a test needs from this machine (`what`) is missing, for `why`: the test prints that
+/// it skipped, unless `require_var=1` (set by CI wherever the machine has it) makes the
+/// absence a failure.
+pub fn skip_unless_required(require_var: &str, what: &str, why: &str) {
+    assert!(
+        std::env::var(require_var).as_deref() != Ok("1"),
+        "{what} is required ({require_var}=1) but unavailable: {why}"
+    );
+    eprintln!("SKIPPED: {what} is unavailable: {why}");
+}
+
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }

@@ -52,16 +52,15 @@ impl PowerCutFs {
     /// A fresh ext4 filesystem of `mib` MiB, mounted; `None` (with the reason printed) where
     /// this machine cannot make one and CI does not require it.
     pub fn new(mib: u64) -> Option<Self> {
-        match Self::make(mib) {
-            Ok(fs) => Some(fs),
-            Err(e) if std::env::var("REPLICATOR_REQUIRE_LOOP").as_deref() == Ok("1") => {
-                panic!("REPLICATOR_REQUIRE_LOOP=1 but no loop-mounted filesystem: {e}")
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: no loop-mounted filesystem here ({e})");
-                None
-            }
-        }
+        Self::make(mib)
+            .map_err(|e| {
+                super::skip_unless_required(
+                    "REPLICATOR_REQUIRE_LOOP",
+                    "a loop-mounted filesystem",
+                    &e,
+                )
+            })
+            .ok()
     }
 
     fn make(mib: u64) -> Result<Self, String> {
